@@ -1,0 +1,1 @@
+"""Actors: one per device, agent (and later session), state rebuilt from the log."""

@@ -1,0 +1,48 @@
+"""AgentActor: drives one Agent stream (create, update, delete)."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from actors.agent.aggregate import Agent
+from actors.agent.config import AgentConfig
+from actors.agent.messages import CreateAgent, DeleteAgent, UpdateAgent
+from actors.base import AggregateActor, Key
+from actors.errors import AgentAlreadyExists, AgentNotFound, InvalidCommand
+
+
+class AgentActor(AggregateActor):
+    kind = "agent"
+
+    @classmethod
+    def stream_id(cls, key: Key) -> UUID:
+        return Agent.create_id(key[0])
+
+    def handle_CreateAgent(self, msg: CreateAgent) -> None:
+        agent = self.aggregate
+        if agent is None:
+            self.aggregate = Agent(agent_id=self.key[0], config=msg.config)
+        elif agent.deleted:
+            agent.recreate(msg.config)
+        else:
+            raise AgentAlreadyExists("has already been taken")
+        msg.reply.ok(self.commit()[-1])
+
+    def handle_UpdateAgent(self, msg: UpdateAgent) -> None:
+        agent = self._live()
+        merged = {**agent.config, **msg.changes, "agent_id": agent.agent_id}
+        try:
+            AgentConfig.model_validate(merged)  # the whole agent must stay valid
+        except Exception as exc:
+            raise InvalidCommand(str(exc)) from exc
+        agent.update(msg.changes)
+        msg.reply.ok(self.commit()[-1])
+
+    def handle_DeleteAgent(self, msg: DeleteAgent) -> None:
+        self._live().delete()
+        msg.reply.ok(self.commit()[-1])
+
+    def _live(self) -> Agent:
+        if self.aggregate is None or self.aggregate.deleted:
+            raise AgentNotFound("Agent not found")
+        return self.aggregate

@@ -1,0 +1,12 @@
+from actors.device.actor import DeviceActor
+from actors.device.aggregate import Device
+from actors.device.messages import (
+    DeviceResponded,
+    ExpireLiveness,
+    ReportEvent,
+    ReportTelemetry,
+    SendCommand,
+)
+
+__all__ = ["Device", "DeviceActor", "DeviceResponded", "ExpireLiveness", "ReportEvent",
+           "ReportTelemetry", "SendCommand"]

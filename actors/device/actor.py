@@ -1,0 +1,145 @@
+"""DeviceActor: drives one Device stream. Telemetry, events, and the command lifecycle
+(sent -> succeeded / failed / timed out), each committed before it is acknowledged."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+from uuid import UUID
+
+from actors.base import AggregateActor, Key
+from actors.device.aggregate import Device
+from actors.device.messages import (
+    CommandDeadline,
+    DeviceResponded,
+    ExpireLiveness,
+    ReportEvent,
+    ReportTelemetry,
+    SendCommand,
+)
+from actors.errors import CommandTimedOut, DeviceNotFound, DeviceOffline, Unavailable
+from actors.ports import Reply
+from actors.scheduler import Timer
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class DeviceActor(AggregateActor):
+    kind = "device"
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.waiters: dict[str, tuple[Reply, Timer]] = {}
+
+    @classmethod
+    def stream_id(cls, key: Key) -> UUID:
+        product_id, device_id = key
+        return Device.create_id(product_id, device_id)
+
+    def on_start(self) -> None:
+        super().on_start()
+        # Commands that were in flight when the previous actor (or process) ended still
+        # deserve their timeout event: arm their deadlines from the log.
+        if self.aggregate is not None:
+            for request_id, p in self.aggregate.pending.items():
+                remaining = p["sent_ms"] + p["timeout_ms"] - now_ms()
+                self._arm_deadline(request_id, max(remaining, 0) / 1000)
+
+    def _device(self) -> Device:
+        if self.aggregate is None:
+            self.aggregate = Device(product_id=self.key[0], device_id=self.key[1])
+        return self.aggregate
+
+    def handle_ReportTelemetry(self, msg: ReportTelemetry) -> None:
+        device = self._device()
+        if msg.kind == "status":
+            device.report_status(msg.status, msg.state, msg.device_ts, msg.received_ms, msg.metadata)
+        else:
+            device.report_state(msg.state or {}, msg.device_ts, msg.received_ms, msg.metadata)
+        positions = self.commit()
+        msg.reply.ok(positions[-1])
+
+    def handle_ReportEvent(self, msg: ReportEvent) -> None:
+        self._device().report_event(msg.name, msg.data, msg.device_ts, msg.received_ms, msg.metadata)
+        positions = self.commit()
+        msg.reply.ok(positions[-1])
+
+    def handle_ExpireLiveness(self, msg: ExpireLiveness) -> None:
+        device = self.aggregate
+        if device is not None and device.is_silent(msg.now_ms, msg.window_ms):
+            device.go_silent(device.last_seen_ms, msg.window_ms)
+            self.commit()
+            self.log.info("device.went_silent", last_seen_ms=device.last_seen_ms)
+
+    def handle_SendCommand(self, msg: SendCommand) -> None:
+        device = self.aggregate
+        if device is None:
+            raise DeviceNotFound(f"device {self.key[1]!r} not found in product {self.key[0]!r}")
+        if not device.online:
+            raise DeviceOffline(f"device {self.key[1]!r} is offline")
+        link = self.system.device_link
+        if link is None:
+            raise Unavailable("no MQTT link to devices")
+        sent = now_ms()
+        device.send_command(msg.request_id, msg.command, msg.params, msg.timeout_ms, sent)
+        self.commit()
+        # Arm before publishing: a fast device must find the waiter in place.
+        self.waiters[msg.request_id] = (msg.reply, self._arm_deadline(msg.request_id, msg.timeout_ms / 1000))
+        self.lease.pins += 1
+        link.publish_command(device.product_id, device.device_id, {
+            "cmd": msg.command, "params": msg.params, "requestId": msg.request_id, "ts": sent,
+        })
+
+    def handle_DeviceResponded(self, msg: DeviceResponded) -> None:
+        device = self.aggregate
+        if device is None or msg.request_id not in device.pending:
+            self.log.warning("device.response_unmatched", request_id=msg.request_id, code=msg.code)
+            msg.reply.ok(None)
+            return
+        command = device.pending[msg.request_id]["command"]
+        if msg.code == 0:
+            device.command_succeeded(msg.request_id, msg.code, msg.msg, msg.data, msg.received_ms)
+        else:
+            device.command_failed(msg.request_id, msg.code, msg.msg, msg.data, msg.received_ms)
+        positions = self.commit()
+        msg.reply.ok(positions[-1])
+        result = {"requestId": msg.request_id, "command": command, "code": msg.code,
+                  "msg": msg.msg, "data": msg.data}
+        waiter = self._take_waiter(msg.request_id)
+        if waiter is not None:
+            waiter.ok(result)
+
+    def handle_CommandDeadline(self, msg: CommandDeadline) -> None:
+        device = self.aggregate
+        if device is None or msg.request_id not in device.pending:
+            return
+        timeout_ms = device.pending[msg.request_id]["timeout_ms"]
+        device.command_timed_out(msg.request_id, timeout_ms)
+        self.commit()
+        self.log.info("device.command_timed_out", request_id=msg.request_id, timeout_ms=timeout_ms)
+        waiter = self._take_waiter(msg.request_id)
+        if waiter is not None:
+            waiter.fail(CommandTimedOut(f"device did not answer {msg.request_id} within {timeout_ms} ms"))
+
+    def _arm_deadline(self, request_id: str, delay: float) -> Timer:
+        system, key = self.system, self.key
+        return system.scheduler.call_later(
+            delay, lambda: system.tell(DeviceActor, key, CommandDeadline(request_id))
+        )
+
+    def _take_waiter(self, request_id: str) -> Reply | None:
+        entry = self.waiters.pop(request_id, None)
+        if entry is None:
+            return None
+        reply, timer = entry
+        timer.cancel()
+        self.lease.pins -= 1
+        return reply
+
+    def on_stop(self) -> None:
+        for request_id in list(self.waiters):
+            reply = self._take_waiter(request_id)
+            if reply is not None:
+                reply.fail(Unavailable("device actor stopped"))

@@ -1,0 +1,65 @@
+"""Commands for a DeviceActor (verbs), as the gateways send them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from actors.ports import NO_REPLY, Reply
+
+
+@dataclass(frozen=True, slots=True)
+class ReportTelemetry:
+    """A `v1/{p}/{d}/telemetry` message: kind is "status" or "state"."""
+
+    kind: str
+    status: str | None
+    state: dict[str, Any] | None
+    device_ts: int | None
+    received_ms: int
+    metadata: dict[str, Any] | None = None
+    reply: Reply = field(default=NO_REPLY, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ReportEvent:
+    name: str
+    data: dict[str, Any]
+    device_ts: int | None
+    received_ms: int
+    metadata: dict[str, Any] | None = None
+    reply: Reply = field(default=NO_REPLY, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class SendCommand:
+    request_id: str
+    command: str
+    params: dict[str, Any]
+    timeout_ms: int
+    reply: Reply = field(default=NO_REPLY, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceResponded:
+    """A `/responses` message, matched to its command by requestId."""
+
+    request_id: str
+    code: int
+    msg: str
+    data: Any
+    received_ms: int
+    reply: Reply = field(default=NO_REPLY, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class CommandDeadline:
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ExpireLiveness:
+    """Sent by the liveness sweep: go offline if silent for longer than the window."""
+
+    now_ms: int
+    window_ms: int

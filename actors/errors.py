@@ -1,0 +1,43 @@
+"""Named errors that actors reply with. Gateways map them to their API's error shape."""
+
+
+class ParleyError(Exception):
+    """Base of the errors a command can be refused with; `code` is machine-readable."""
+
+    code = "error"
+
+
+class DeviceNotFound(ParleyError):
+    code = "device_not_found"
+
+
+class DeviceOffline(ParleyError):
+    code = "device_offline"
+
+
+class InvalidCommand(ParleyError):
+    code = "invalid_command"
+
+
+class CommandTimedOut(ParleyError):
+    code = "command_timeout"
+
+
+class AgentNotFound(ParleyError):
+    code = "agent_not_found"
+
+
+class AgentAlreadyExists(ParleyError):
+    code = "agent_exists"
+
+
+class ActorCrashed(ParleyError):
+    """The actor failed on this command; it was restarted from the log."""
+
+    code = "internal_error"
+
+
+class Unavailable(ParleyError):
+    """The system is shutting down or a dependency (the journal) is gone."""
+
+    code = "unavailable"

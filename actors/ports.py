@@ -1,0 +1,51 @@
+"""What actors need from outside, as small interfaces (gateways implement them)."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from typing import Any, Protocol
+
+
+class Reply(Protocol):
+    """Where an actor sends the outcome of a command. Called on the actor's thread."""
+
+    def ok(self, value: Any = None) -> None: ...
+
+    def fail(self, error: Exception) -> None: ...
+
+
+class NoReply:
+    """For fire-and-forget messages (QoS 0 telemetry)."""
+
+    def ok(self, value: Any = None) -> None:
+        pass
+
+    def fail(self, error: Exception) -> None:
+        pass
+
+
+class FutureReply:
+    """A reply read by a thread that can block (tests, CLI, benchmarks)."""
+
+    def __init__(self) -> None:
+        self.future: Future[Any] = Future()
+
+    def ok(self, value: Any = None) -> None:
+        if not self.future.done():
+            self.future.set_result(value)
+
+    def fail(self, error: Exception) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+    def get(self, timeout: float | None = 10.0) -> Any:
+        return self.future.result(timeout)
+
+
+class DeviceLink(Protocol):
+    """The way to a device: the MQTT gateway publishes on the device's command topic."""
+
+    def publish_command(self, product_id: str, device_id: str, payload: dict[str, Any]) -> None: ...
+
+
+NO_REPLY = NoReply()

@@ -1,0 +1,60 @@
+"""One timer thread for all actors' deadlines (command timeouts), instead of a thread per timer."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Callable
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+
+class Timer:
+    __slots__ = ("cancelled",)
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Scheduler:
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Timer, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+        self._thread.start()
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> Timer:
+        timer = Timer()
+        with self._cond:
+            heapq.heappush(self._heap, (time.monotonic() + delay, next(self._seq), timer, fn))
+            self._cond.notify()
+        return timer
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped and (not self._heap or self._heap[0][0] > time.monotonic()):
+                    self._cond.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
+                if self._stopped:
+                    return
+                _, _, timer, fn = heapq.heappop(self._heap)
+            if not timer.cancelled:
+                try:
+                    fn()
+                except Exception:
+                    log.exception("scheduler.callback_failed")

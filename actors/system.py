@@ -1,0 +1,178 @@
+"""The actor system: activation from the log, passivation (idle and LRU), supervision.
+
+There is at most one live actor per stream in a process: `tell` and passivation both
+hold `_lock`, and a new actor for a key starts only after the old one has stopped.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import pykka
+import structlog
+
+from actors.base import AggregateActor, Key
+from actors.errors import Unavailable
+from actors.ports import DeviceLink
+from actors.scheduler import Scheduler
+from eventstore import EventLog, Journal
+
+log = structlog.get_logger(__name__)
+
+
+class Lease:
+    """Shared between an actor and the system: when it was last used, and whether it may
+    be passivated (an actor holding in-flight replies pins itself)."""
+
+    __slots__ = ("last_used", "pins")
+
+    def __init__(self) -> None:
+        self.last_used = time.monotonic()
+        self.pins = 0
+
+    def touch(self) -> None:
+        self.last_used = time.monotonic()
+
+
+@dataclass
+class _Entry:
+    ref: pykka.ActorRef[Any]
+    lease: Lease = field(default_factory=Lease)
+
+
+@dataclass
+class SystemSettings:
+    idle_timeout: float = 120.0
+    max_active: int = 50_000
+    sweep_interval: float = 5.0
+    liveness_window: float = 90.0  # 3 x 30 s heartbeats
+
+
+class ActorSystem:
+    def __init__(self, event_log: EventLog, journal: Journal, settings: SystemSettings | None = None,
+                 device_link: DeviceLink | None = None) -> None:
+        self.log = event_log
+        self.journal = journal
+        self.settings = settings or SystemSettings()
+        self.device_link = device_link
+        self.scheduler = Scheduler()
+        self._active: OrderedDict[tuple[type[AggregateActor], Key], _Entry] = OrderedDict()
+        # Passivated actors still draining their queue: a new actor for the same key
+        # waits for the old one to end, so two never run for one stream.
+        self._stopping: dict[tuple[type[AggregateActor], Key], pykka.ActorRef[Any]] = {}
+        self._lock = threading.RLock()
+        self._closed = False
+        self.activations = 0
+        self.passivations = 0
+        self._stop_sweeper = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="actor-sweeper", daemon=True)
+        self._sweeper.start()
+
+    # -- sending ---------------------------------------------------------------------
+    def tell(self, kind: type[AggregateActor], key: Key, message: Any) -> None:
+        """Deliver a message to the actor for `key`, activating it from the log if needed."""
+        k = (kind, key)
+        with self._lock:
+            if self._closed:
+                raise Unavailable("actor system is shutting down")
+            entry = self._active.get(k)
+            if entry is None or not entry.ref.is_alive():
+                entry = self._activate(kind, key)
+            else:
+                self._active.move_to_end(k)
+            entry.lease.touch()
+            try:
+                # Inside the lock: a passivation cannot slip between lookup and enqueue.
+                entry.ref.tell(message)
+            except pykka.ActorDeadError:
+                entry = self._activate(kind, key)
+                entry.ref.tell(message)
+
+    def active_count(self) -> int:
+        return len(self._active)
+
+    def is_active(self, kind: type[AggregateActor], key: Key) -> bool:
+        entry = self._active.get((kind, key))
+        return entry is not None and entry.ref.is_alive()
+
+    # -- lifecycle -------------------------------------------------------------------
+    def _activate(self, kind: type[AggregateActor], key: Key) -> _Entry:
+        k = (kind, key)
+        old = self._active.pop(k, None)
+        if old is not None:
+            # A crashed actor (pykka stopped it): make sure its thread is gone first.
+            old.ref.stop(block=True, timeout=10)
+        draining = self._stopping.pop(k, None)
+        if draining is not None:
+            # Rare: a message for an actor passivated a moment ago. An idle actor's queue
+            # is empty, so this wait is short.
+            draining.actor_stopped.wait(10)
+        lease = Lease()
+        ref = kind.start(self, key, lease)
+        entry = _Entry(ref, lease)
+        self._active[k] = entry
+        self.activations += 1
+        if len(self._active) > self.settings.max_active:
+            self._evict_lru(len(self._active) - self.settings.max_active)
+        return entry
+
+    def _evict_lru(self, count: int) -> None:
+        for k in list(self._active)[:-1]:
+            if count <= 0:
+                break
+            entry = self._active[k]
+            if entry.lease.pins:
+                continue
+            self._passivate(k, entry)
+            count -= 1
+
+    def _passivate(self, k: tuple[type[AggregateActor], Key], entry: _Entry) -> None:
+        # The stop message queues behind whatever was told before (we hold the lock), so
+        # nothing sent to this actor is lost; `_activate` waits for it to end.
+        del self._active[k]
+        entry.ref.stop(block=False)
+        self._stopping[k] = entry.ref
+        self.passivations += 1
+
+    def passivate_idle(self, now: float | None = None) -> int:
+        now = time.monotonic() if now is None else now
+        idle = self.settings.idle_timeout
+        n = 0
+        with self._lock:
+            for k, entry in list(self._active.items()):
+                if not entry.lease.pins and now - entry.lease.last_used > idle:
+                    self._passivate(k, entry)
+                    n += 1
+            for k, ref in list(self._stopping.items()):
+                if ref.actor_stopped.is_set():
+                    del self._stopping[k]
+        return n
+
+    def _sweep_loop(self) -> None:
+        while not self._stop_sweeper.wait(self.settings.sweep_interval):
+            try:
+                n = self.passivate_idle()
+                if n:
+                    log.debug("actors.passivated", count=n, active=len(self._active))
+            except Exception:
+                log.exception("actors.sweep_failed")
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._closed = True
+            refs = [e.ref for e in self._active.values()] + list(self._stopping.values())
+            self._active.clear()
+            self._stopping.clear()
+        self._stop_sweeper.set()
+        for ref in refs:
+            ref.stop(block=False)
+        for ref in refs:
+            try:
+                ref.actor_stopped.wait(10)
+            except Exception:
+                pass
+        self.scheduler.stop()

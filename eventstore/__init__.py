@@ -1,0 +1,10 @@
+"""The log: eventsourcing + msgpack on SQLite or PostgreSQL, snapshots, group commit.
+
+This room knows nothing of devices, agents or gateways.
+"""
+
+from eventstore.ids import stream_id
+from eventstore.journal import Journal, JournalClosed
+from eventstore.store import EventLog, LoggedEvent, StoreConfig
+
+__all__ = ["EventLog", "Journal", "JournalClosed", "LoggedEvent", "StoreConfig", "stream_id"]

@@ -1,0 +1,132 @@
+"""Group commit: one writer thread saves the pending events of many actors per transaction.
+
+Callers block on a Future (actors run on their own threads, so they may); a version
+conflict fails only the caller whose stream conflicted.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from eventsourcing.persistence import RecordConflictError
+
+from eventstore.store import EventLog
+
+log = structlog.get_logger(__name__)
+
+
+class JournalClosed(RuntimeError):
+    """The journal is shut down; nothing more can be committed."""
+
+
+@dataclass
+class _Batch:
+    events: Sequence[Any]
+    future: Future[list[int]] = field(default_factory=Future)
+
+
+class Journal:
+    def __init__(self, event_log: EventLog, max_batch_events: int = 1000) -> None:
+        self.log = event_log
+        self._max = max_batch_events
+        self._queue: queue.SimpleQueue[_Batch | Any | None] = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="journal-writer", daemon=True)
+        self._thread.start()
+        self.batches = 0
+        self.committed = 0
+
+    def submit(self, events: Sequence[Any]) -> Future[list[int]]:
+        if self._closed:
+            raise JournalClosed("journal is closed")
+        batch = _Batch(events)
+        self._queue.put(batch)
+        return batch.future
+
+    def commit(self, events: Sequence[Any], timeout: float = 30.0) -> list[int]:
+        """Commit and wait; returns the events' global positions."""
+        return self.submit(events).result(timeout)
+
+    def snapshot(self, aggregate: Any) -> None:
+        """Store a snapshot later, off the caller's path; losing one costs only replay time."""
+        if not self._closed:
+            self._queue.put(("snapshot", aggregate))
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batches: list[_Batch] = []
+            snapshots: list[Any] = []
+            n = 0
+            stop = False
+            while True:
+                if isinstance(item, _Batch):
+                    batches.append(item)
+                    n += len(item.events)
+                elif item is None:
+                    stop = True
+                    break
+                else:
+                    snapshots.append(item[1])
+                if n >= self._max:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batches:
+                self._write(batches)
+            for aggregate in snapshots:
+                try:
+                    self.log.put_snapshot(aggregate)
+                except Exception as exc:
+                    log.warning("journal.snapshot_failed", error=str(exc))
+            if stop:
+                return
+
+    def _write(self, batches: list[_Batch]) -> None:
+        events = [e for b in batches for e in b.events]
+        try:
+            positions = self.log.append(events)
+        except Exception:
+            # One stream conflicted (or one event could not be encoded): fall back to one
+            # transaction per caller so that only the guilty caller fails.
+            top = 0
+            for b in batches:
+                try:
+                    pos = self.log.append(b.events)
+                    top = max(top, *pos) if pos else top
+                    b.future.set_result(pos)
+                except RecordConflictError as exc:
+                    b.future.set_exception(exc)
+                except Exception as exc:
+                    log.error("journal.commit_failed", error=repr(exc), events=len(b.events))
+                    b.future.set_exception(exc)
+            self.batches += len(batches)
+            if top:
+                self.log.notify_committed(top)
+            return
+        self.batches += 1
+        self.committed += len(events)
+        i = 0
+        for b in batches:
+            k = len(b.events)
+            b.future.set_result(positions[i:i + k])
+            i += k
+        if positions:
+            self.log.notify_committed(positions[-1])

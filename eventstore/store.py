@@ -1,0 +1,171 @@
+"""The event log: one eventsourcing Application over SQLite or PostgreSQL.
+
+Actors never call `save()` here directly: they hand their pending events to the
+`Journal`, which commits many streams in one transaction (group commit).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+from uuid import UUID
+
+import structlog
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.domain import Snapshot
+from eventsourcing.persistence import Transcoder
+
+from eventstore.transcoder import MsgpackTranscoder
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where the log lives: `sqlite:///abs/path.sqlite` or `postgresql://user@host:port/db`."""
+
+    url: str
+
+    @classmethod
+    def resolve(cls, data_dir: str | Path, database_url: str | None) -> "StoreConfig":
+        if database_url:
+            return cls(database_url)
+        path = Path(data_dir).expanduser().resolve() / "events.sqlite"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return cls(f"sqlite:///{path}")
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.url.startswith(("postgres://", "postgresql://"))
+
+    @property
+    def sqlite_path(self) -> str:
+        return urlparse(self.url).path
+
+    def env(self) -> dict[str, str]:
+        """The eventsourcing environment for this URL."""
+        env = {"IS_SNAPSHOTTING_ENABLED": "y"}
+        if self.is_postgres:
+            u = urlparse(self.url)
+            env.update(
+                PERSISTENCE_MODULE="eventsourcing.postgres",
+                POSTGRES_DBNAME=u.path.lstrip("/") or "parley",
+                POSTGRES_HOST=u.hostname or "127.0.0.1",
+                POSTGRES_PORT=str(u.port or 5432),
+                POSTGRES_USER=unquote(u.username or "postgres"),
+                POSTGRES_PASSWORD=unquote(u.password or ""),
+                POSTGRES_POOL_SIZE="8",
+                POSTGRES_MAX_OVERFLOW="8",
+                POSTGRES_LOCK_TIMEOUT="5",
+            )
+        elif self.url.startswith("sqlite://"):
+            env.update(
+                PERSISTENCE_MODULE="eventsourcing.sqlite",
+                SQLITE_DBNAME=self.sqlite_path,
+                SQLITE_LOCK_TIMEOUT="10",
+            )
+        else:
+            raise ValueError(f"unsupported database URL {self.url!r}: use sqlite:/// or postgresql://")
+        return env
+
+
+class _ParleyApplication(Application[UUID]):
+    name = "parley"
+
+    def construct_transcoder(self) -> Transcoder:
+        return MsgpackTranscoder()
+
+
+@dataclass(frozen=True)
+class LoggedEvent:
+    """One event as it sits in the log: global position, stream, version, and the event."""
+
+    position: int
+    stream_id: UUID
+    version: int
+    topic: str
+    event: Any
+
+
+class EventLog:
+    """Read and write the one append-only log. Thread-safe (the eventsourcing recorders are)."""
+
+    def __init__(self, config: StoreConfig) -> None:
+        self.config = config
+        # Explicit env only: keep stray POSTGRES_*/SQLITE_* variables of the host out.
+        self._app = _ParleyApplication(env=config.env())
+        self._listeners: list[Callable[[int], None]] = []
+        self._listen_thread: threading.Thread | None = None
+        self._closed = threading.Event()
+
+    # -- writing (used by the Journal) -------------------------------------------------
+    def append(self, events: Sequence[Any]) -> list[int]:
+        """Commit events of any streams in one transaction; return their global positions."""
+        recordings = self._app.events.put(list(events))
+        return [r.notification.id for r in recordings]
+
+    def put_snapshot(self, aggregate: Any) -> None:
+        assert self._app.snapshots is not None  # enabled in StoreConfig.env
+        self._app.snapshots.put([Snapshot.take(aggregate)])
+
+    # -- reading ---------------------------------------------------------------------
+    def load(self, aggregate_id: UUID, version: int | None = None) -> Any | None:
+        """The aggregate from its latest snapshot plus the tail, or None if no stream."""
+        try:
+            return self._app.repository.get(aggregate_id, version=version)
+        except AggregateNotFoundError:
+            return None
+
+    def read_stream(self, aggregate_id: UUID, *, gt: int | None = None, lte: int | None = None,
+                    limit: int | None = None) -> Iterator[Any]:
+        return iter(self._app.events.get(aggregate_id, gt=gt, lte=lte, limit=limit))
+
+    def read_all(self, after: int, limit: int = 500) -> list[LoggedEvent]:
+        """Events with global position > after, in order."""
+        notifications = self._app.recorder.select_notifications(
+            start=after + 1, limit=limit, inclusive_of_start=True
+        )
+        mapper = self._app.mapper
+        return [
+            LoggedEvent(n.id, n.originator_id, n.originator_version, n.topic, mapper.to_domain_event(n))
+            for n in notifications
+        ]
+
+    def max_position(self) -> int:
+        return self._app.recorder.max_notification_id() or 0
+
+    # -- wake-ups --------------------------------------------------------------------
+    def on_commit(self, listener: Callable[[int], None]) -> None:
+        """Call `listener(position)` after commits: ours in-process, and on PostgreSQL
+        also other processes' commits (LISTEN/NOTIFY)."""
+        self._listeners.append(listener)
+        if self.config.is_postgres and self._listen_thread is None:
+            self._listen_thread = threading.Thread(target=self._listen, name="eventlog-listen", daemon=True)
+            self._listen_thread.start()
+
+    def notify_committed(self, position: int) -> None:
+        for listener in self._listeners:
+            listener(position)
+
+    def _listen(self) -> None:
+        import psycopg
+
+        channel = self._app.recorder.channel_name  # type: ignore[attr-defined]
+        while not self._closed.is_set():
+            try:
+                with psycopg.connect(self.config.url, autocommit=True) as conn:
+                    conn.execute(f'LISTEN "{channel}"')
+                    while not self._closed.is_set():
+                        for _ in conn.notifies(timeout=1.0, stop_after=1):
+                            self.notify_committed(-1)  # -1: "something new", position unknown
+            except Exception as exc:  # the database restarted or went away: retry
+                log.warning("eventlog.listen_failed", error=str(exc))
+                self._closed.wait(1.0)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._app.close()

@@ -1,0 +1,1 @@
+"""Edges (MQTT, HTTP, CLI) and the composition root. May use every other room."""

@@ -1,0 +1,220 @@
+"""Built-in MQTT broker for ``parley serve`` when no ``--mqtt-url`` is given.
+
+Parley's main loop is trio; amqtt is asyncio-based.  The broker therefore runs on
+its own daemon thread with its own asyncio event loop, and the rest of Parley talks
+to it over a real TCP socket exactly like it talks to Mosquitto (paho-mqtt client).
+
+    with BuiltinBroker(port=0) as broker:
+        print(broker.url)          # mqtt://127.0.0.1:54321
+
+amqtt 0.12 behaviour relevant to Parley (checked by tests/gateways/test_broker.py):
+
+* Works: MQTT 3.1.1 QoS 0 and QoS 1 publish/subscribe, ``+``/``#`` wildcard
+  subscriptions, persistent sessions (``clean_session=False``) that queue QoS 1
+  messages published while the subscriber is offline and deliver them on
+  reconnect, and paho's manual acknowledgement (``manual_ack=True`` +
+  ``client.ack(mid, qos)``) as long as the ack is sent within 5 seconds.
+* Does NOT work (amqtt limitations, not worked around here):
+  - A QoS 1 message delivered to a client but not yet PUBACKed when the client
+    disconnects is dropped, not redelivered on reconnect (MQTT-4.4.0-1).
+    ``ProtocolHandler._handle_qos1_message_flow`` pops the message from
+    ``session.inflight_out`` in a ``finally:`` when the PUBACK waiter is cancelled.
+  - The broker waits only 5 s for a PUBACK (hard-coded ``asyncio.wait_for(waiter,
+    timeout=5)``); a manual ack sent later is ignored and the message is dropped
+    (not resent, not redelivered on reconnect).  amqtt logs "Timeout waiting for
+    PUBACK for packet ID n" and "Received PUBACK for unknown pending message Id"
+    at WARNING and the failed delivery task with a traceback at ERROR.
+  - Messages queued for an offline persistent session are delivered with the
+    RETAIN flag set (``_publish_session_retained_messages`` uses ``retain=True``).
+  - Messages are delivered at the *subscription's* QoS, not min(publish QoS,
+    subscription QoS): a QoS 0 publish reaches a QoS 1 subscriber as QoS 1.
+  - Sessions and queued messages live in memory only (no persistence across
+    broker restarts); disconnected persistent sessions never expire unless
+    ``session_expiry_interval`` is given.
+* Worked around: amqtt's default ``AnonymousAuthPlugin`` (allow_anonymous=True)
+  marks every session anonymous, and amqtt discards anonymous sessions on
+  disconnect and never queues messages for them, i.e. persistent sessions silently
+  do not work with amqtt's stock anonymous config.  We use our own permit-all auth
+  plugin (``PermitAllAuthPlugin`` below) instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+from amqtt.broker import Broker
+from amqtt.plugins.base import BaseAuthPlugin
+from amqtt.session import Session
+
+__all__ = ["BuiltinBroker", "BuiltinBrokerError", "PermitAllAuthPlugin"]
+
+log = logging.getLogger(__name__)
+
+# Loggers that amqtt (and its state-machine dependency) log to at INFO/DEBUG on every
+# connection and packet.
+_NOISY_LOGGERS = ("amqtt", "transitions")
+
+
+class BuiltinBrokerError(RuntimeError):
+    """The built-in broker could not be started or stopped."""
+
+
+class PermitAllAuthPlugin(BaseAuthPlugin):
+    """Accept every client, with or without a username, without flagging it anonymous.
+
+    amqtt's AnonymousAuthPlugin sets ``session.is_anonymous = True`` on every client
+    when anonymous access is allowed, and amqtt neither keeps disconnected anonymous
+    sessions nor queues QoS 1 messages for them -- which breaks clean_session=False.
+    """
+
+    async def authenticate(self, *, session: Session) -> bool:  # noqa: ARG002
+        return True
+
+
+def broker_config(host: str, port: int, session_expiry_interval: int | None = None) -> dict[str, Any]:
+    """amqtt 0.12 BrokerConfig dictionary: one TCP listener, no file/auth/$SYS plugins."""
+    return {
+        "listeners": {
+            "default": {"type": "tcp", "bind": f"{host}:{port}", "max_connections": 0},
+        },
+        # An explicit plugins dict replaces amqtt's defaults (EventLoggerPlugin,
+        # PacketLoggerPlugin, AnonymousAuthPlugin, BrokerSysPlugin).  amqtt refuses
+        # every connection if no auth plugin answers, so one must be present.
+        "plugins": {f"{__name__}.PermitAllAuthPlugin": {}},
+        "session_expiry_interval": session_expiry_interval,
+    }
+
+
+class BuiltinBroker:
+    """An amqtt broker running on a private thread + asyncio loop."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 1883,
+        *,
+        log_level: int | None = logging.WARNING,
+        session_expiry_interval: int | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port  # replaced by the bound port once started
+        self._session_expiry_interval = session_expiry_interval
+        if log_level is not None:
+            for name in _NOISY_LOGGERS:
+                logging.getLogger(name).setLevel(log_level)
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._running = False
+
+    # -- public API -------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    def start(self, timeout: float = 10.0) -> int:
+        """Start the broker thread; block until it accepts connections; return the port."""
+        if self._thread is not None:
+            raise BuiltinBrokerError("BuiltinBroker already started")
+        self._ready.clear()
+        self._error = None
+        self._thread = threading.Thread(target=self._thread_main, name="parley-builtin-broker", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            self._request_stop()
+            self._thread.join(timeout)
+            self._thread = None
+            raise BuiltinBrokerError(f"built-in MQTT broker did not start within {timeout}s on {self.host}:{self.port}")
+        if self._error is not None:
+            self._thread.join(timeout)
+            self._thread = None
+            err = self._error
+            cause = err.__cause__ or err
+            raise BuiltinBrokerError(f"built-in MQTT broker failed to start on {self.host}:{self.port}: {cause}") from err
+        # broker.start() returned inside the thread, so asyncio.start_server() has
+        # bound and is listening.  (No TCP probe: amqtt logs an ERROR for every
+        # connection that closes without sending CONNECT.)
+        self._running = True
+        log.info("built-in MQTT broker listening on %s", self.url)
+        return self.port
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Shut the broker down cleanly and join its thread.  Idempotent."""
+        thread = self._thread
+        if thread is None:
+            return
+        self._request_stop()
+        thread.join(timeout)
+        if thread.is_alive():
+            raise BuiltinBrokerError(f"built-in MQTT broker thread did not stop within {timeout}s")
+        self._thread = None
+        self._running = False
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise BuiltinBrokerError(f"built-in MQTT broker shut down with an error: {err}") from err
+
+    def __enter__(self) -> BuiltinBroker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self._running else "stopped"
+        return f"<BuiltinBroker {self.url} {state}>"
+
+    # -- broker thread ----------------------------------------------------------
+
+    def _thread_main(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
+            if self._error is None:
+                self._error = exc
+        finally:
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop_event = asyncio.Event()
+        broker = Broker(broker_config(self.host, self.port, self._session_expiry_interval))
+        try:
+            await broker.start()
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        try:
+            self.port = self._bound_port(broker)
+            self._ready.set()
+            await self._stop_event.wait()
+        finally:
+            await broker.shutdown()
+
+    def _bound_port(self, broker: Broker) -> int:
+        if self.port:
+            return self.port
+        # amqtt has no public accessor for the listening socket; read it from the
+        # asyncio.Server it created for the "default" listener (needed for port 0).
+        server = broker._servers["default"].instance  # noqa: SLF001
+        return int(server.sockets[0].getsockname()[1])
+
+    def _request_stop(self) -> None:
+        loop, event = self._loop, self._stop_event
+        if loop is None or event is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(event.set)
+        except RuntimeError:  # loop closed between the check and the call
+            pass

@@ -1,0 +1,1 @@
+"""Read models that follow the log. They never write events and never import gateways."""

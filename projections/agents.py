@@ -1,0 +1,123 @@
+"""Agents view: each live agent (product) with its numeric id, config and DeviceSpec.
+
+An agent's numeric `id` is the log position of the event that created it: unique, and
+known to every process that follows the log, without a counter to coordinate. The
+view also keeps an in-memory mirror, so the MQTT gateway can ask "is this a known
+product?" for every message without a query.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from actors.agent.aggregate import Agent
+from actors.spec import DeviceSpec
+from eventstore import LoggedEvent
+from projections.db import Cursor
+from projections.view import View, dumps, loads
+
+
+@dataclass
+class AgentRecord:
+    id: int
+    agent_id: str
+    config: dict[str, Any]
+    running: bool
+    inserted_at: str
+    updated_at: str
+    device_spec: DeviceSpec | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        spec = self.config.get("device_spec")
+        self.device_spec = DeviceSpec.model_validate(spec) if spec else None
+
+
+def _iso(ts: datetime) -> str:
+    return ts.isoformat().replace("+00:00", "Z")
+
+
+class Agents(View):
+    name = "agents"
+    schema = (
+        "CREATE TABLE IF NOT EXISTS parley_agents (id BIGINT PRIMARY KEY, agent_id TEXT NOT NULL UNIQUE,"
+        " config TEXT NOT NULL, running INTEGER NOT NULL, inserted_at TEXT NOT NULL, updated_at TEXT NOT NULL)",
+    )
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._lock = threading.Lock()
+        self._by_agent_id: dict[str, AgentRecord] = {}
+        self._staged: list[tuple[str, AgentRecord | None]] = []
+
+    def create(self, cur: Cursor) -> None:
+        super().create(cur)
+        cur.execute("SELECT id, agent_id, config, running, inserted_at, updated_at FROM parley_agents")
+        rows = cur._cur.fetchall()
+        with self._lock:
+            self._by_agent_id = {r[1]: self._record(r) for r in rows}
+
+    def apply(self, cur: Cursor, events: Sequence[LoggedEvent]) -> None:
+        for le in events:
+            e = le.event
+            if isinstance(e, (Agent.Created, Agent.Recreated)):
+                at = _iso(e.timestamp)
+                agent_id = getattr(e, "agent_id", None) or self._agent_id_of(cur, le)
+                cur.execute("DELETE FROM parley_agents WHERE agent_id = ?", (agent_id,))
+                cur.execute("INSERT INTO parley_agents (id, agent_id, config, running, inserted_at,"
+                            " updated_at) VALUES (?, ?, ?, 1, ?, ?)",
+                            (le.position, agent_id, dumps(e.config), at, at))
+                self._staged.append((agent_id, AgentRecord(le.position, agent_id, e.config, True, at, at)))
+            elif isinstance(e, (Agent.Updated, Agent.Deleted)):
+                agent_id = self._agent_id_of(cur, le)
+                if agent_id is None:
+                    continue
+                if isinstance(e, Agent.Deleted):
+                    cur.execute("DELETE FROM parley_agents WHERE agent_id = ?", (agent_id,))
+                    self._staged.append((agent_id, None))
+                    continue
+                cur.execute("SELECT id, agent_id, config, running, inserted_at, updated_at"
+                            " FROM parley_agents WHERE agent_id = ?", (agent_id,))
+                row = cur.fetchone()
+                if row is None:
+                    continue
+                config = {**loads(row[2]), **e.changes}
+                at = _iso(e.timestamp)
+                cur.execute("UPDATE parley_agents SET config = ?, updated_at = ? WHERE agent_id = ?",
+                            (dumps(config), at, agent_id))
+                self._staged.append((agent_id, AgentRecord(row[0], agent_id, config, bool(row[3]), row[4], at)))
+
+    def _agent_id_of(self, cur: Cursor, le: LoggedEvent) -> str | None:
+        for record in self._by_agent_id.values():
+            if Agent.create_id(record.agent_id) == le.stream_id:
+                return record.agent_id
+        for agent_id, record in reversed(self._staged):  # created earlier in this batch
+            if Agent.create_id(agent_id) == le.stream_id:
+                return agent_id
+        return None
+
+    def after_commit(self) -> None:
+        with self._lock:
+            for agent_id, record in self._staged:
+                if record is None:
+                    self._by_agent_id.pop(agent_id, None)
+                else:
+                    self._by_agent_id[agent_id] = record
+            self._staged.clear()
+
+    @staticmethod
+    def _record(r: Sequence[Any]) -> AgentRecord:
+        return AgentRecord(r[0], r[1], loads(r[2]), bool(r[3]), r[4], r[5])
+
+    # -- queries: from the in-memory mirror, safe from any thread ---------------------
+    def get(self, agent_id: str) -> AgentRecord | None:
+        return self._by_agent_id.get(agent_id)
+
+    def get_by_id(self, id: int) -> AgentRecord | None:
+        return next((r for r in list(self._by_agent_id.values()) if r.id == id), None)
+
+    def list(self) -> list[AgentRecord]:
+        return sorted(self._by_agent_id.values(), key=lambda r: r.id)

@@ -1,0 +1,89 @@
+"""The database the views live in: SQLite (a file beside the log) or PostgreSQL.
+
+Views write portable SQL with `?` placeholders; on PostgreSQL they become `%s`.
+Views and their tracked position always commit in one transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from eventstore import StoreConfig
+
+
+class ViewDatabase:
+    def __init__(self, config: StoreConfig) -> None:
+        self.is_postgres = config.is_postgres
+        self._url = config.url
+        self._local = threading.local()
+        if self.is_postgres:
+            from psycopg_pool import ConnectionPool
+
+            self._pool = ConnectionPool(config.url, min_size=1, max_size=8, open=True,
+                                        kwargs={"autocommit": False})
+        else:
+            self._path = str(Path(config.sqlite_path).with_name("views.sqlite"))
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s") if self.is_postgres else sql
+
+    def _sqlite(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self._path, timeout=30, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            # The views can be rebuilt from the log, so they need not fsync every commit.
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator["Cursor"]:
+        if self.is_postgres:
+            with self._pool.connection() as conn:
+                with conn.cursor() as cur:
+                    yield Cursor(cur, self)
+                # the pool's context manager commits on success, rolls back on error
+        else:
+            conn = self._sqlite()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield Cursor(conn.cursor(), self)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        if self.is_postgres:
+            with self._pool.connection() as conn:
+                return list(conn.execute(self._sql(sql), params).fetchall())
+        return self._sqlite().execute(sql, params).fetchall()
+
+    def close(self) -> None:
+        if self.is_postgres:
+            self._pool.close()
+        else:
+            conn = getattr(self._local, "conn", None)
+            if conn is not None:
+                conn.close()
+
+
+class Cursor:
+    def __init__(self, cur: Any, db: ViewDatabase) -> None:
+        self._cur = cur
+        self._db = db
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self._cur.execute(self._db._sql(sql), params)
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Any:
+        return self._cur.executemany(self._db._sql(sql), rows)
+
+    def fetchone(self) -> Any:
+        return self._cur.fetchone()

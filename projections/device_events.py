@@ -1,0 +1,67 @@
+"""Device events view: events devices reported, newest first per device."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from actors.device.aggregate import Device
+from eventstore import LoggedEvent
+from projections.db import Cursor
+from projections.view import View, dumps, loads
+
+
+@dataclass
+class DeviceEventRow:
+    position: int
+    product_id: str
+    device_id: str
+    name: str
+    data: dict[str, Any]
+    device_ts: int | None
+    received_ms: int
+
+
+class DeviceEvents(View):
+    name = "device_events"
+    schema = (
+        "CREATE TABLE IF NOT EXISTS parley_device_events (position BIGINT PRIMARY KEY,"
+        " product_id TEXT NOT NULL, device_id TEXT NOT NULL, name TEXT NOT NULL, data TEXT NOT NULL,"
+        " device_ts BIGINT, received_ms BIGINT NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS parley_device_events_by_device"
+        " ON parley_device_events (device_id, product_id, position)",
+    )
+
+    def __init__(self, db: Any, registry: Any) -> None:
+        super().__init__(db)
+        self.registry = registry  # shares its stream -> device map
+
+    def apply(self, cur: Cursor, events: Sequence[LoggedEvent]) -> None:
+        rows = []
+        for le in events:
+            e = le.event
+            if not isinstance(e, Device.EventReported):
+                continue
+            key = self.registry._keys.get(le.stream_id)
+            if key is None:
+                cur.execute("SELECT product_id, device_id FROM parley_device_streams WHERE stream_id = ?",
+                            (str(le.stream_id),))
+                found = cur.fetchone()
+                if found is None:
+                    continue
+                key = (found[0], found[1])
+            rows.append((le.position, key[0], key[1], e.name, dumps(e.data), e.device_ts, e.received_ms))
+        if rows:
+            cur.executemany(
+                "INSERT INTO parley_device_events (position, product_id, device_id, name, data,"
+                " device_ts, received_ms) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (position) DO NOTHING",
+                rows,
+            )
+
+    def recent(self, product_id: str, device_id: str, limit: int) -> list[DeviceEventRow]:
+        rows = self.db.query(
+            "SELECT position, product_id, device_id, name, data, device_ts, received_ms"
+            " FROM parley_device_events WHERE device_id = ? AND product_id = ?"
+            " ORDER BY position DESC LIMIT ?", (device_id, product_id, limit))
+        return [DeviceEventRow(r[0], r[1], r[2], r[3], loads(r[4]), r[5], r[6]) for r in rows]

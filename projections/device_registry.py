@@ -1,0 +1,143 @@
+"""Device registry view: each device's status, current state and last seen time."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from actors.device.aggregate import Device
+from eventstore import LoggedEvent
+from projections.db import Cursor
+from projections.view import View, dumps, loads
+
+_TOUCHES = (Device.StatusReported, Device.StateReported, Device.WentSilent, Device.EventReported,
+            Device.CommandSucceeded, Device.CommandFailed)
+_SELECT = "SELECT product_id, device_id, online, state, last_seen_ms, registered_ms FROM parley_devices"
+
+
+@dataclass
+class DeviceRow:
+    product_id: str
+    device_id: str
+    online: bool
+    state: dict[str, Any]
+    last_seen_ms: int
+    registered_ms: int
+
+
+class DeviceRegistry(View):
+    name = "device_registry"
+    schema = (
+        "CREATE TABLE IF NOT EXISTS parley_devices ("
+        " product_id TEXT NOT NULL, device_id TEXT NOT NULL, online INTEGER NOT NULL,"
+        " state TEXT NOT NULL, last_seen_ms BIGINT NOT NULL, registered_ms BIGINT NOT NULL,"
+        " PRIMARY KEY (product_id, device_id))",
+        "CREATE INDEX IF NOT EXISTS parley_devices_by_id ON parley_devices (device_id)",
+        "CREATE INDEX IF NOT EXISTS parley_devices_liveness ON parley_devices (online, last_seen_ms)",
+        # Most device events carry only their stream id: this maps it back to the device.
+        "CREATE TABLE IF NOT EXISTS parley_device_streams (stream_id TEXT PRIMARY KEY,"
+        " product_id TEXT NOT NULL, device_id TEXT NOT NULL)",
+    )
+    _KEY_CACHE_MAX = 200_000
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._keys: dict[UUID, tuple[str, str]] = {}
+
+    def apply(self, cur: Cursor, events: Sequence[LoggedEvent]) -> None:
+        # Fold the batch per device in memory, then write each touched device once:
+        # a burst of telemetry costs one read and one upsert per device, not per event.
+        rows: dict[tuple[str, str], DeviceRow] = {}
+        for le in events:
+            e = le.event
+            if isinstance(e, Device.Registered):
+                key = (e.product_id, e.device_id)
+                self._remember(le.stream_id, key)
+                cur.execute("INSERT INTO parley_device_streams (stream_id, product_id, device_id)"
+                            " VALUES (?, ?, ?) ON CONFLICT (stream_id) DO NOTHING",
+                            (str(le.stream_id), *key))
+                rows[key] = DeviceRow(*key, False, {}, 0, int(e.timestamp.timestamp() * 1000))
+                continue
+            if not isinstance(e, _TOUCHES):
+                continue
+            row = self._row(cur, rows, le.stream_id)
+            if row is None:
+                continue
+            if isinstance(e, Device.StatusReported):
+                row.online = e.status == "online"
+                if e.state:
+                    row.state = {**row.state, **e.state}
+                row.last_seen_ms = e.received_ms
+            elif isinstance(e, Device.StateReported):
+                row.state = {**row.state, **e.state}
+                row.online = True
+                row.last_seen_ms = e.received_ms
+            elif isinstance(e, Device.WentSilent):
+                row.online = False
+            else:
+                row.last_seen_ms = max(row.last_seen_ms, e.received_ms)
+        if rows:
+            cur.executemany(
+                "INSERT INTO parley_devices (product_id, device_id, online, state, last_seen_ms,"
+                " registered_ms) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (product_id, device_id) DO"
+                " UPDATE SET online = excluded.online, state = excluded.state,"
+                " last_seen_ms = excluded.last_seen_ms",
+                [(r.product_id, r.device_id, int(r.online), dumps(r.state), r.last_seen_ms,
+                  r.registered_ms) for r in rows.values()],
+            )
+
+    def _remember(self, stream_id: UUID, key: tuple[str, str]) -> None:
+        if len(self._keys) >= self._KEY_CACHE_MAX:
+            self._keys.clear()
+        self._keys[stream_id] = key
+
+    def _row(self, cur: Cursor, rows: dict[tuple[str, str], DeviceRow], stream_id: UUID) -> DeviceRow | None:
+        key = self._keys.get(stream_id)
+        if key is None:
+            cur.execute("SELECT product_id, device_id FROM parley_device_streams WHERE stream_id = ?",
+                        (str(stream_id),))
+            found = cur.fetchone()
+            if found is None:
+                return None
+            key = (found[0], found[1])
+            self._remember(stream_id, key)
+        row = rows.get(key)
+        if row is None:
+            cur.execute(_SELECT + " WHERE product_id = ? AND device_id = ?", key)
+            found = cur.fetchone()
+            if found is None:
+                return None
+            row = rows[key] = self._to_row(found)
+        return row
+
+    # -- queries (from worker threads, never on the trio loop) ------------------------
+    def list_devices(self, product_id: str, online: bool | None = None) -> list[DeviceRow]:
+        sql, params = _SELECT + " WHERE product_id = ?", [product_id]
+        if online is not None:
+            sql += " AND online = ?"
+            params.append(int(online))
+        return [self._to_row(r) for r in self.db.query(sql + " ORDER BY device_id", params)]
+
+    def find(self, device_id: str, product_id: str | None = None) -> list[DeviceRow]:
+        """Devices with this id (one per product), most recently seen first."""
+        sql, params = _SELECT + " WHERE device_id = ?", [device_id]
+        if product_id is not None:
+            sql += " AND product_id = ?"
+            params.append(product_id)
+        return [self._to_row(r) for r in self.db.query(sql + " ORDER BY last_seen_ms DESC", params)]
+
+    def stale(self, older_than_ms: int, limit: int = 10_000) -> list[tuple[str, str]]:
+        rows = self.db.query("SELECT product_id, device_id FROM parley_devices WHERE online = 1"
+                             " AND last_seen_ms < ? LIMIT ?", (older_than_ms, limit))
+        return [(r[0], r[1]) for r in rows]
+
+    def count(self, product_id: str | None = None) -> int:
+        if product_id is None:
+            return self.db.query("SELECT COUNT(*) FROM parley_devices")[0][0]
+        return self.db.query("SELECT COUNT(*) FROM parley_devices WHERE product_id = ?", (product_id,))[0][0]
+
+    @staticmethod
+    def _to_row(r: Sequence[Any]) -> DeviceRow:
+        return DeviceRow(r[0], r[1], bool(r[2]), loads(r[3]), r[4], r[5])

@@ -1,0 +1,111 @@
+"""Follows the log and applies new events to the views, exactly once.
+
+Each batch of events and the runner's position commit in one view transaction. The
+runner wakes on in-process commits (the journal) and, on PostgreSQL, on NOTIFY from
+other processes; it also polls once a second, so a SQLite log written by another
+process (e.g. while `parley replay` reads) is followed too.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+import structlog
+
+from eventstore import EventLog
+from projections.db import ViewDatabase
+from projections.view import View
+
+log = structlog.get_logger(__name__)
+
+TRACKING = "CREATE TABLE IF NOT EXISTS parley_tracking (runner TEXT PRIMARY KEY, position BIGINT NOT NULL)"
+
+
+class ProjectionRunner:
+    def __init__(self, event_log: EventLog, db: ViewDatabase, views: Sequence[View], *,
+                 name: str = "views", batch: int = 2000, poll_interval: float = 1.0) -> None:
+        self.log = event_log
+        self.db = db
+        self.views = list(views)
+        self.name = name
+        self.batch = batch
+        self.poll_interval = poll_interval
+        self._wake = threading.Event()
+        self._cond = threading.Condition()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        with db.transaction() as cur:
+            cur.execute(TRACKING)
+            for view in self.views:
+                view.create(cur)
+            cur.execute("SELECT position FROM parley_tracking WHERE runner = ?", (name,))
+            row = cur.fetchone()
+        self.position: int = row[0] if row else 0
+        self.applied = 0
+
+    def start(self) -> None:
+        self.log.on_commit(self._on_commit)
+        self._thread = threading.Thread(target=self._run, name=f"projection-{self.name}", daemon=True)
+        self._thread.start()
+
+    def _on_commit(self, position: int) -> None:
+        self._wake.set()
+
+    def wait_for(self, position: int, timeout: float = 10.0) -> bool:
+        """Block until the views reflect the log up to `position`."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.position < position:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._wake.set()
+                self._cond.wait(remaining)
+        return True
+
+    def catch_up(self) -> int:
+        """Apply everything committed so far (used at start and by tests)."""
+        while self.step():
+            pass
+        return self.position
+
+    def step(self) -> int:
+        events = self.log.read_all(self.position, self.batch)
+        if not events:
+            return 0
+        last = events[-1].position
+        with self.db.transaction() as cur:
+            for view in self.views:
+                view.apply(cur, events)
+            cur.execute(
+                "INSERT INTO parley_tracking (runner, position) VALUES (?, ?) "
+                "ON CONFLICT (runner) DO UPDATE SET position = excluded.position",
+                (self.name, last),
+            )
+        for view in self.views:
+            view.after_commit()
+        with self._cond:
+            self.position = last
+            self.applied += len(events)
+            self._cond.notify_all()
+        return len(events)
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            self._wake.wait(self.poll_interval)
+            self._wake.clear()
+            try:
+                while not self._stopped.is_set() and self.step():
+                    pass
+            except Exception:
+                # A view bug must not kill the runner silently: log, back off, retry.
+                log.exception("projection.apply_failed", runner=self.name, position=self.position)
+                self._stopped.wait(1.0)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(10)

@@ -1,0 +1,36 @@
+"""The base class of a view: create its tables, apply a batch of logged events."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from eventstore import LoggedEvent
+from projections.db import Cursor, ViewDatabase
+
+
+class View:
+    name: ClassVar[str]
+    schema: ClassVar[Sequence[str]] = ()
+
+    def __init__(self, db: ViewDatabase) -> None:
+        self.db = db
+
+    def create(self, cur: Cursor) -> None:
+        for statement in self.schema:
+            cur.execute(statement)
+
+    def apply(self, cur: Cursor, events: Sequence[LoggedEvent]) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must apply events")
+
+    def after_commit(self) -> None:
+        """Called after the batch committed (in-memory mirrors update here)."""
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), default=str)
+
+
+def loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)

@@ -1,0 +1,88 @@
+"""Session fixtures for real services; the service code itself lives in tests/services.py.
+
+Fixtures:
+  mqtt_broker -- a private mosquitto on a free 127.0.0.1 port (the built-in amqtt broker
+                 if no mosquitto binary exists).  Attributes: host, port, url, kind
+                 ("mosquitto" | "builtin"), version, describe(), and for mosquitto
+                 binary/config_path/log_path.
+  pg_url      -- URL of a fresh, empty PostgreSQL database parley_test_<8 hex>, dropped
+                 at session end.  Skipped if PostgreSQL is unreachable.
+
+PARLEY_REQUIRE_SERVICES=1 turns "no mosquitto binary" and "PostgreSQL unreachable"
+into failures instead of a fallback / skip.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests import services
+
+# Facts for the "Real services" terminal summary, filled in by the fixtures.
+SERVICES_STATE: dict[str, str | None] = {"broker": None, "postgres": None}
+_USERS: dict[str, int] = {"mqtt_broker": 0, "pg_url": 0}
+
+
+@pytest.fixture(scope="session")
+def mqtt_broker(tmp_path_factory):
+    require = services.require_services()
+    problem = None
+    try:
+        handle = services.start_test_broker(tmp_path_factory.mktemp("mosquitto"), require=require)
+    except services.ServiceUnavailable as exc:
+        problem = str(exc)
+    except Exception as exc:
+        SERVICES_STATE["broker"] = f"FAILED TO START: {exc}"
+        raise
+    if problem is not None:
+        SERVICES_STATE["broker"] = f"NOT AVAILABLE: {problem}"
+        pytest.fail(problem, pytrace=False)
+    if handle.kind == "mosquitto":
+        SERVICES_STATE["broker"] = handle.describe()
+    else:
+        SERVICES_STATE["broker"] = handle.describe() + " -- because no mosquitto binary was found"
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    admin_url = services.pg_admin_url()
+    problem = None
+    try:
+        url = services.create_database(admin_url)
+    except services.ServiceUnavailable as exc:
+        problem = str(exc)
+    if problem is not None:  # outside the except block: no chained traceback noise
+        if services.require_services():
+            SERVICES_STATE["postgres"] = f"FAILED (PARLEY_REQUIRE_SERVICES=1): {problem}"
+            pytest.fail(f"PARLEY_REQUIRE_SERVICES=1: {problem}", pytrace=False)
+        SERVICES_STATE["postgres"] = f"NOT RUN (skipped): {problem}"
+        pytest.skip(problem)
+    SERVICES_STATE["postgres"] = f"ran against fresh database {services.redact_url(url)}"
+    try:
+        yield url
+    finally:
+        services.drop_database(admin_url, url)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for name in _USERS:
+            if name in getattr(item, "fixturenames", ()):
+                _USERS[name] += 1
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    tr = terminalreporter
+    tr.write_sep("=", "Real services")
+    broker = SERVICES_STATE["broker"]
+    if broker is None:
+        broker = "not started (no selected test used mqtt_broker)" if not _USERS["mqtt_broker"] else "not started"
+    tr.write_line(f"MQTT broker: {broker}")
+    pg = SERVICES_STATE["postgres"]
+    if pg is None:
+        pg = "NOT RUN (no selected test used pg_url)" if not _USERS["pg_url"] else "NOT RUN (fixture never set up)"
+    tr.write_line(f"PostgreSQL suites (tests using pg_url: {_USERS['pg_url']}): {pg}")

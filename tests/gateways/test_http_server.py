@@ -1,0 +1,96 @@
+"""Server-side connection closing for QuartTrio on hypercorn's trio worker.
+
+Regression test for quart-trio cancelling hypercorn's close/recycle bookkeeping
+(see gateways/http_server.py). Uses raw TCP so we observe the server's EOF directly.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import AsyncIterator
+
+import pytest
+import trio
+from quart_trio import QuartTrio
+
+from gateways.http_server import serve_http
+
+KEEP_ALIVE = 0.5
+
+
+def make_app() -> QuartTrio:
+    app = QuartTrio(__name__)
+
+    @app.route("/ping")
+    async def ping() -> str:
+        return "pong"
+
+    return app
+
+
+@pytest.fixture
+async def port() -> AsyncIterator[int]:
+    async with trio.open_nursery() as nursery:
+        serve = partial(serve_http, keep_alive_timeout=KEEP_ALIVE)
+        bound = await nursery.start(serve, make_app(), "127.0.0.1", 0)
+        yield bound
+        nursery.cancel_scope.cancel()
+
+
+def request(close: bool) -> bytes:
+    conn = b"Connection: close\r\n" if close else b""
+    return b"GET /ping HTTP/1.1\r\nHost: test\r\n" + conn + b"\r\n"
+
+
+async def read_response(stream: trio.SocketStream, buf: bytearray) -> bytes:
+    """Read one response (headers + Content-Length body) and return its body."""
+    while b"\r\n\r\n" not in buf:
+        chunk = await stream.receive_some(4096)
+        assert chunk, "server closed before sending a full response"
+        buf += chunk
+    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    headers = dict(line.split(b":", 1) for line in head.split(b"\r\n")[1:])
+    length = int({k.strip().lower(): v for k, v in headers.items()}[b"content-length"])
+    while len(rest) < length:
+        chunk = await stream.receive_some(4096)
+        assert chunk, "server closed mid-body"
+        rest += chunk
+    buf[:] = rest[length:]
+    return rest[:length]
+
+
+async def closed_by_server(stream: trio.SocketStream, within: float) -> bool:
+    with trio.move_on_after(within):
+        while await stream.receive_some(4096):
+            pass  # no further data expected, but drain if any
+        return True
+    return False
+
+
+async def test_connection_close_gets_eof(port: int) -> None:
+    eofs = 0
+    for _ in range(50):
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(request(close=True))
+            assert await read_response(stream, bytearray()) == b"pong"
+            eofs += await closed_by_server(stream, within=2.0)
+    assert eofs == 50
+
+
+async def test_idle_keep_alive_is_closed(port: int) -> None:
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(request(close=False))
+        assert await read_response(stream, bytearray()) == b"pong"
+        start = trio.current_time()
+        assert await closed_by_server(stream, within=KEEP_ALIVE + 3.0)
+        assert trio.current_time() - start >= KEEP_ALIVE * 0.8  # idle timeout, not an early close
+
+
+async def test_keep_alive_serves_two_requests(port: int) -> None:
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        buf = bytearray()
+        for _ in range(2):
+            await stream.send_all(request(close=False))
+            with trio.fail_after(2):
+                assert await read_response(stream, buf) == b"pong"
