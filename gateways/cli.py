@@ -1,0 +1,147 @@
+"""The `parley` command: serve, replay, simulate."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gateways.config import Settings, load_settings
+from gateways.logs import configure_logging
+
+app = typer.Typer(help="Parley: give every IoT device an LLM agent.", no_args_is_help=True,
+                  pretty_exceptions_show_locals=False)
+replay_app = typer.Typer(help="Replay what happened, from the log.", no_args_is_help=True)
+app.add_typer(replay_app, name="replay")
+console = Console()
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML settings file (default ./parley.toml).")]
+DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Where the SQLite log lives [./data].")]
+DbOpt = Annotated[Optional[str], typer.Option("--database-url", help="postgresql://user@host:port/db instead of SQLite.")]
+
+
+def _settings(config: Path | None, **overrides: Any) -> Settings:
+    try:
+        return load_settings(config, **overrides)
+    except Exception as exc:
+        console.print(f"[red]invalid settings:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="Address to bind [127.0.0.1].")] = None,
+    http_port: Annotated[Optional[int], typer.Option(help="HTTP API port [3000].")] = None,
+    voice_port: Annotated[Optional[int], typer.Option(help="Voice WebSocket port [3001] (reserved).")] = None,
+    mqtt_url: Annotated[Optional[str], typer.Option(help="mqtt://host:port of your broker; none: built-in broker on 1883.")] = None,
+    database_url: DbOpt = None,
+    data_dir: DataDirOpt = None,
+    demo: Annotated[Optional[bool], typer.Option("--demo", help="Create the thermostat demo agent.")] = None,
+    log_format: Annotated[Optional[str], typer.Option(help="auto, console or json.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Run the server: MQTT device gateway and HTTP API."""
+    import trio
+
+    from gateways.serve import main
+
+    settings = _settings(config, host=host, http_port=http_port, voice_port=voice_port, mqtt_url=mqtt_url,
+                         database_url=database_url, data_dir=data_dir, demo=demo, log_format=log_format)
+    configure_logging(settings.log_format, settings.log_level)
+    trio.run(main, settings)
+
+
+def _ms(value: int | None) -> str:
+    if not value:
+        return "-"
+    return datetime.fromtimestamp(value / 1000, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@replay_app.command("device")
+def replay_device(
+    device_id: Annotated[str, typer.Argument(help="The device id.")],
+    product: Annotated[Optional[str], typer.Option("--product", help="Product (agent) id, if ambiguous.")] = None,
+    at: Annotated[Optional[int], typer.Option("--at", help="Show the device's state at this version.")] = None,
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """A device's events as a timeline, or its state at a version."""
+    from actors.device import Device
+    from eventstore import EventLog, StoreConfig
+
+    settings = _settings(config, data_dir=data_dir, database_url=database_url)
+    configure_logging("console", "warning")
+    store = StoreConfig.resolve(settings.data_dir, settings.database_url)
+    log = EventLog(store)
+    try:
+        product = product or _find_product(log, device_id)
+        stream = Device.create_id(product, device_id)
+        if at is not None:
+            device = log.load(stream, version=at)
+            if device is None:
+                console.print(f"[red]no events for device {device_id!r} in product {product!r}[/red]")
+                raise typer.Exit(1)
+            table = Table(title=f"{product}/{device_id} at version {device.version}")
+            table.add_column("field")
+            table.add_column("value")
+            table.add_row("online", str(device.online))
+            table.add_row("last seen", _ms(device.last_seen_ms))
+            for k, v in sorted(device.state.items()):
+                table.add_row(f"state.{k}", json.dumps(v))
+            for rid, p in device.pending.items():
+                table.add_row(f"pending {rid}", f"{p['command']} (timeout {p['timeout_ms']} ms)")
+            console.print(table)
+            return
+        table = Table(title=f"{product}/{device_id}: timeline")
+        for col in ("version", "time", "type", "data"):
+            table.add_column(col, overflow="fold")
+        n = 0
+        for event in log.read_stream(stream):
+            data = {k: v for k, v in vars(event).items()
+                    if k not in ("originator_id", "originator_version", "timestamp")}
+            table.add_row(str(event.originator_version),
+                          event.timestamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                          type(event).__name__, json.dumps(data, default=str, ensure_ascii=False))
+            n += 1
+        if not n:
+            console.print(f"[red]no events for device {device_id!r} in product {product!r}[/red]")
+            raise typer.Exit(1)
+        console.print(table)
+    finally:
+        log.close()
+
+
+def _find_product(log: Any, device_id: str) -> str:
+    """Which product has this device: from the registry view, read-only."""
+    from projections.db import ViewDatabase
+    from projections.device_registry import DeviceRegistry
+
+    db = ViewDatabase(log.config)
+    try:
+        found = DeviceRegistry(db).find(device_id)
+    except Exception:
+        found = []
+    finally:
+        db.close()
+    products = sorted({d.product_id for d in found})
+    if len(products) == 1:
+        return products[0]
+    if not products:
+        console.print(f"[red]device {device_id!r} not found; pass --product to read its stream directly[/red]")
+    else:
+        console.print(f"[red]device {device_id!r} exists in several products ({', '.join(products)}): pass --product[/red]")
+    raise typer.Exit(1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Agent CRUD (seed 001 family): 404 `{"error": "Agent not found"}`, 422 `{"success": false,
+"errors": {field: [messages]}}`.
+
+Reads use the Agents view's in-memory mirror (no query). Writes go to the AgentActor; the
+reply is the log position of the change, and we wait for the views to reach it so that
+the caller's next GET already sees what it just wrote.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+import trio
+from pydantic import ValidationError
+from quart import Blueprint
+
+from actors.agent import AgentActor, AgentConfig, AgentPatch, CreateAgent, DeleteAgent, UpdateAgent
+from actors.agent.config import validation_errors
+from actors.errors import AgentAlreadyExists, AgentNotFound, InvalidCommand, ParleyError
+from gateways.bridge import TrioReply
+from gateways.http.app import ApiError, get_runtime, in_thread, json_object
+from projections.agents import AgentRecord
+
+log = structlog.get_logger(__name__)
+bp = Blueprint("agents", __name__)
+
+ACTOR_TIMEOUT_S = 10.0
+PROJECTION_TIMEOUT_S = 10.0
+# The seed's field order; `device_spec` is ours (what the product's devices can do).
+CONFIG_FIELDS = ("name", "agent_type", "sys_prompt", "voice_type", "welcome_message",
+                 "is_custom_agent", "custom_agent_endpoint", "custom_agent_http_headers",
+                 "emqx_config_id", "mqtt_opts")
+
+
+def not_found() -> ApiError:
+    # A fresh instance each time: a shared exception object would accumulate tracebacks.
+    return ApiError(404, {"error": "Agent not found"})
+
+
+def invalid(errors: dict[str, list[str]]) -> ApiError:
+    return ApiError(422, {"success": False, "errors": errors})
+
+
+def agent_json(record: AgentRecord, clients: list[str]) -> dict[str, Any]:
+    c = record.config
+    out: dict[str, Any] = {"id": record.id, "agent_id": record.agent_id}
+    out.update({f: c.get(f) for f in CONFIG_FIELDS})
+    out["custom_agent_http_headers"] = c.get("custom_agent_http_headers") or {}
+    out["mqtt_opts"] = c.get("mqtt_opts") or {}
+    # MCP connections arrive in a later issue; until then no tool is connected.
+    out["tools"] = [{**t, "status": "disconnected"} for t in c.get("tools") or []]
+    out["data_definitions"] = c.get("data_definitions") or []
+    out.update(current_clients=clients, running=record.running,
+               inserted_at=record.inserted_at, updated_at=record.updated_at,
+               device_spec=c.get("device_spec"))
+    return out
+
+
+async def online_clients(product_ids: list[str]) -> dict[str, list[str]]:
+    """Ids of each product's online devices, in one trip to a worker thread."""
+    devices = get_runtime().devices
+
+    def query() -> dict[str, list[str]]:
+        return {p: [d.device_id for d in devices.list_devices(p, True)] for p in product_ids}
+
+    return await in_thread(query)
+
+
+async def render(record: AgentRecord) -> dict[str, Any]:
+    clients = await online_clients([record.agent_id])
+    return agent_json(record, clients[record.agent_id])
+
+
+def lookup(ident: str) -> AgentRecord:
+    """`<id>` is the numeric id (seed 001); as a convenience the agent_id works too.
+    The numeric reading wins, since an agent_id may itself be all digits."""
+    agents = get_runtime().agents
+    record = agents.get_by_id(int(ident)) if ident.isdigit() else None
+    record = record or agents.get(ident)
+    if record is None:
+        raise not_found()
+    return record
+
+
+async def agent_body() -> dict[str, Any]:
+    body = await json_object()
+    agent = body.get("agent")
+    if not isinstance(agent, dict):
+        raise invalid({"agent": ["can't be blank"]})
+    return agent
+
+
+async def ask(agent_id: str, message_type: Any, *args: Any) -> int:
+    """Send a command to the AgentActor; return the log position once the views have it."""
+    runtime = get_runtime()
+    reply = TrioReply()
+    runtime.system.tell(AgentActor, (agent_id,), message_type(*args, reply=reply))
+    try:
+        position = await reply.wait(ACTOR_TIMEOUT_S)
+    except trio.TooSlowError:
+        raise ApiError.coded(503, "unavailable", "the agent did not answer in time") from None
+    if not await in_thread(runtime.projections.wait_for, position, PROJECTION_TIMEOUT_S):
+        # Committed, so it is done; only the read side is late. Say so in the log.
+        log.warning("http.projection_lagging", agent_id=agent_id, position=position)
+    return position
+
+
+def actor_error(exc: ParleyError) -> ApiError:
+    if isinstance(exc, AgentNotFound):
+        return not_found()
+    if isinstance(exc, AgentAlreadyExists):
+        return invalid({"agent_id": ["has already been taken"]})
+    if isinstance(exc, InvalidCommand):
+        return invalid({"agent": [str(exc)]})
+    return ApiError.from_actor(exc)
+
+
+@bp.get("/api/agents")
+async def list_agents() -> dict[str, Any]:
+    records = get_runtime().agents.list()
+    clients = await online_clients([r.agent_id for r in records])
+    return {"agents": [agent_json(r, clients[r.agent_id]) for r in records]}
+
+
+@bp.get("/api/agents/<ident>")
+async def get_agent(ident: str) -> dict[str, Any]:
+    return await render(lookup(ident))
+
+
+@bp.post("/api/agents")
+async def create_agent() -> tuple[dict[str, Any], int]:
+    try:
+        config = AgentConfig.model_validate(await agent_body())
+    except ValidationError as exc:
+        raise invalid(validation_errors(exc)) from None
+    try:
+        await ask(config.agent_id, CreateAgent, config.to_record())
+    except ParleyError as exc:
+        raise actor_error(exc) from None
+    body: dict[str, Any] = {"success": True, "message": "智能体创建成功"}
+    record = get_runtime().agents.get(config.agent_id)
+    if record is not None:  # absent only if the projection lagged past its timeout
+        body["agent"] = await render(record)
+    return body, 201
+
+
+@bp.put("/api/agents/<ident>")
+async def update_agent(ident: str) -> dict[str, Any]:
+    record = lookup(ident)
+    fields = await agent_body()
+    if fields.get("agent_id", record.agent_id) != record.agent_id:
+        raise invalid({"agent_id": ["cannot be changed"]})
+    try:
+        changes = AgentPatch.model_validate(fields).changes()
+        # The actor checks the merged agent too, but only we can report it per field.
+        AgentConfig.model_validate({**record.config, **changes, "agent_id": record.agent_id})
+    except ValidationError as exc:
+        raise invalid(validation_errors(exc)) from None
+    if changes:  # an empty update would only add a no-op event to the log
+        try:
+            await ask(record.agent_id, UpdateAgent, changes)
+        except ParleyError as exc:
+            raise actor_error(exc) from None
+    updated = get_runtime().agents.get(record.agent_id) or record
+    return {"success": True, "message": "智能体更新成功", "agent": await render(updated)}
+
+
+@bp.delete("/api/agents/<ident>")
+async def delete_agent(ident: str) -> dict[str, Any]:
+    record = lookup(ident)
+    try:
+        await ask(record.agent_id, DeleteAgent)
+    except ParleyError as exc:
+        raise actor_error(exc) from None
+    return {"success": True}

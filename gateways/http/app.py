@@ -1,0 +1,136 @@
+"""The HTTP gateway's app factory, its error handling and the helpers every route shares.
+
+Two error shapes live side by side, because the two API families we follow differ:
+  * devices / health / generic errors: `{"error": "<human message>", "code": "<machine code>"}`
+  * agents (seed 001): 404 `{"error": "Agent not found"}`, 422 `{"success": false, "errors": {...}}`
+Routes raise `ApiError` with the body they want; the handlers here turn it (and anything
+Quart or a bug raises) into JSON, so no traceback ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import structlog
+import trio
+from quart import Response, current_app, jsonify, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+
+from actors.errors import ParleyError
+from gateways.runtime import Runtime
+
+log = structlog.get_logger(__name__)
+
+MAX_BODY = 1024 * 1024  # 1 MiB: commands and agent configs are small; anything bigger is a mistake
+RUNTIME_KEY = "parley.runtime"
+
+# Actor errors -> HTTP status. `code` comes from the error class itself (actors/errors.py).
+ACTOR_STATUS: dict[str, int] = {
+    "device_not_found": 404,
+    "agent_not_found": 404,
+    "device_offline": 409,
+    "invalid_command": 400,
+    "agent_exists": 422,
+    "command_timeout": 504,
+    "unavailable": 503,
+    "internal_error": 500,
+}
+
+
+class ApiError(Exception):
+    """An HTTP error response with an explicit JSON body (either family's shape)."""
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        super().__init__(body.get("error") or body.get("errors"))
+        self.status = status
+        self.body = body
+
+    @classmethod
+    def coded(cls, status: int, code: str, message: str, **extra: Any) -> "ApiError":
+        return cls(status, {"error": message, "code": code, **extra})
+
+    @classmethod
+    def from_actor(cls, exc: ParleyError, **extra: Any) -> "ApiError":
+        return cls.coded(ACTOR_STATUS.get(exc.code, 500), exc.code, str(exc), **extra)
+
+
+def get_runtime() -> Runtime:
+    return current_app.extensions[RUNTIME_KEY]
+
+
+async def in_thread(fn: Any, *args: Any) -> Any:
+    """Run a blocking view query off the trio loop (views hit SQLite/PostgreSQL)."""
+    return await trio.to_thread.run_sync(fn, *args)
+
+
+async def json_body() -> Any:
+    """The request body parsed as JSON, whatever the Content-Type says (curl -d sends
+    form-encoded by default). Too large -> 413 (raised by Quart), not JSON -> 400."""
+    raw = await request.get_data(as_text=False)  # enforces MAX_CONTENT_LENGTH
+    if not raw.strip():
+        raise ApiError.coded(400, "invalid_json", "request body is empty; expected a JSON object")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError.coded(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+
+
+async def json_object() -> dict[str, Any]:
+    body = await json_body()
+    if not isinstance(body, dict):
+        raise ApiError.coded(400, "invalid_request", "request body must be a JSON object")
+    return body
+
+
+def _json(status: int, body: dict[str, Any]) -> Response:
+    response = jsonify(body)
+    response.status_code = status
+    return response
+
+
+def create_app(runtime: Runtime) -> QuartTrio:
+    # Imported here, not at the top: the blueprints import helpers from this module.
+    from gateways.http.agents import bp as agents_bp
+    from gateways.http.devices import bp as devices_bp
+    from gateways.http.health import bp as health_bp
+    from gateways.http.openapi import bp as openapi_bp
+
+    app = QuartTrio(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    app.config["JSON_SORT_KEYS"] = False
+    app.json.sort_keys = False  # keep the documented field order
+    app.json.ensure_ascii = False  # the agent API answers in Chinese; send it readable
+    app.extensions[RUNTIME_KEY] = runtime
+    for bp in (health_bp, devices_bp, agents_bp, openapi_bp):
+        app.register_blueprint(bp)
+
+    @app.errorhandler(ApiError)
+    async def api_error(exc: ApiError) -> Response:
+        log_fn = log.error if exc.status >= 500 else log.info
+        log_fn("http.request_refused", method=request.method, path=request.path,
+               status=exc.status, body=exc.body)
+        return _json(exc.status, exc.body)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        # Quart's own refusals (404 no route, 405, 413 body too large, ...) as JSON.
+        status = exc.code or 500
+        code = (exc.name or "error").lower().replace(" ", "_")
+        message = {404: "no such route", 413: f"request body exceeds {MAX_BODY} bytes"}.get(
+            status, exc.description or exc.name)
+        log.info("http.request_refused", method=request.method, path=request.path,
+                 status=status, code=code)
+        response = _json(status, {"error": message, "code": code})
+        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+            response.headers["Allow"] = ", ".join(sorted(exc.valid_methods))
+        return response
+
+    @app.errorhandler(Exception)
+    async def unexpected(exc: Exception) -> Response:
+        # A bug: log the traceback for us, give the client only a generic message.
+        log.exception("http.unhandled_error", method=request.method, path=request.path)
+        return _json(500, {"error": "internal server error", "code": "internal_error"})
+
+    return app

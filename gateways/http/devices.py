@@ -1,0 +1,165 @@
+"""Devices, commands and events (seed 000 family; errors `{"error", "code"}`).
+
+Reads come from the registry and events views (in a worker thread: they hit the
+database). Commands go to the DeviceActor, which publishes them over the DeviceLink
+(MQTT) and replies when the device answers or the command times out.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+from uuid import uuid4
+
+import trio
+from quart import Blueprint, request
+
+from actors.device import DeviceActor
+from actors.device.messages import SendCommand
+from actors.errors import InvalidCommand, ParleyError
+from gateways.bridge import TrioReply
+from gateways.http.app import ApiError, get_runtime, in_thread, json_object
+from projections.device_events import DeviceEventRow
+from projections.device_registry import DeviceRow
+
+bp = Blueprint("devices", __name__)
+
+DEFAULT_TIMEOUT_MS = 30_000
+MAX_TIMEOUT_MS = 300_000
+# The actor answers at timeoutMs with CommandTimedOut; our own wait is a backstop only.
+REPLY_MARGIN_S = 5.0
+
+
+def iso_ms(ms: int) -> str:
+    """Epoch ms -> ISO-8601 UTC with milliseconds and Z, as the seed's examples show."""
+    dt = datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+    return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def device_json(row: DeviceRow) -> dict[str, Any]:
+    return {
+        "deviceId": row.device_id,
+        "productId": row.product_id,
+        "online": row.online,
+        "status": "online" if row.online else "offline",
+        "state": row.state,
+        # last_seen_ms is 0 for a device that registered but never said anything.
+        "lastSeen": iso_ms(row.last_seen_ms) if row.last_seen_ms else None,
+        "lastSeenTs": row.last_seen_ms,
+        "registeredAt": iso_ms(row.registered_ms),
+    }
+
+
+def _optional_str(value: Any, name: str) -> str | None:
+    if value is None or (isinstance(value, str) and value):
+        return value
+    raise ApiError.coded(400, "invalid_request", f"{name} must be a non-empty string")
+
+
+async def find_device(device_id: str, product_id: str | None) -> DeviceRow:
+    """The device with this id; without a product, the most recently seen one."""
+    rows = await in_thread(get_runtime().devices.find, device_id, product_id)
+    if not rows:
+        where = f" in product {product_id!r}" if product_id else ""
+        raise ApiError.coded(404, "device_not_found", f"device {device_id!r} not found{where}")
+    return rows[0]
+
+
+@bp.get("/api/products/<product_id>/devices")
+async def list_devices(product_id: str) -> dict[str, Any]:
+    runtime = get_runtime()
+    status = request.args.get("status")
+    if status not in (None, "online", "offline"):
+        raise ApiError.coded(400, "invalid_request",
+                             f"status must be 'online' or 'offline', not {status!r}")
+    if runtime.agents.get(product_id) is None:  # in-memory mirror: no query needed
+        raise ApiError.coded(404, "product_not_found", f"product {product_id!r} not found")
+    online = None if status is None else status == "online"
+    rows = await in_thread(runtime.devices.list_devices, product_id, online)
+    return {"productId": product_id, "devices": [device_json(r) for r in rows]}
+
+
+@bp.get("/api/devices/<device_id>")
+async def get_device(device_id: str) -> dict[str, Any]:
+    product_id = _optional_str(request.args.get("productId"), "productId")
+    return device_json(await find_device(device_id, product_id))
+
+
+def _parse_command(body: dict[str, Any]) -> tuple[str, dict[str, Any], int, str | None]:
+    command = body.get("command")
+    if not isinstance(command, str) or not command:
+        raise ApiError.coded(400, "invalid_request", "command must be a non-empty string")
+    params = body.get("params", {})
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise ApiError.coded(400, "invalid_request", "params must be a JSON object")
+    timeout_ms = body.get("timeoutMs", DEFAULT_TIMEOUT_MS)
+    # bool is an int in Python; `true` is not a timeout.
+    if not isinstance(timeout_ms, int) or isinstance(timeout_ms, bool) \
+            or not 1 <= timeout_ms <= MAX_TIMEOUT_MS:
+        raise ApiError.coded(400, "invalid_request",
+                             f"timeoutMs must be an integer from 1 to {MAX_TIMEOUT_MS}")
+    return command, params, timeout_ms, _optional_str(body.get("productId"), "productId")
+
+
+@bp.post("/api/devices/<device_id>/commands")
+async def send_command(device_id: str) -> dict[str, Any]:
+    runtime = get_runtime()
+    command, params, timeout_ms, product_id = _parse_command(await json_object())
+    device = await find_device(device_id, product_id)
+    # Check against the product's spec before anything is committed or published:
+    # a typo must not reach the device, nor leave a CommandSent in the log.
+    agent = runtime.agents.get(device.product_id)
+    spec = agent.device_spec if agent is not None else None
+    if spec is None:
+        raise ApiError.coded(400, "invalid_command",
+                             f"product {device.product_id!r} has no device spec; it accepts no commands")
+    try:
+        spec.check_command(command, params)
+    except InvalidCommand as exc:
+        raise ApiError.from_actor(exc) from None
+
+    request_id = uuid4().hex
+    reply = TrioReply()
+    try:
+        runtime.system.tell(DeviceActor, (device.product_id, device.device_id),
+                            SendCommand(request_id, command, params, timeout_ms, reply))
+        return await reply.wait(timeout_ms / 1000 + REPLY_MARGIN_S)
+    except ParleyError as exc:
+        raise ApiError.from_actor(exc, requestId=request_id) from None
+    except trio.TooSlowError:
+        # The actor's own deadline should have answered first; reaching here means it is stuck.
+        raise ApiError.coded(504, "command_timeout", f"no answer to {request_id} within "
+                             f"{timeout_ms} ms", requestId=request_id) from None
+
+
+@bp.get("/api/devices/<device_id>/events")
+async def list_events(device_id: str) -> dict[str, Any]:
+    runtime = get_runtime()
+    raw_limit = request.args.get("limit", "50")
+    try:
+        limit = int(raw_limit)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= 1000:
+        raise ApiError.coded(400, "invalid_request", f"limit must be an integer from 1 to 1000, not {raw_limit!r}")
+    product_id = _optional_str(request.args.get("productId"), "productId")
+    device = await find_device(device_id, product_id)
+    rows: list[DeviceEventRow] = await in_thread(
+        runtime.device_events.recent, device.product_id, device.device_id, limit)
+    agent = runtime.agents.get(device.product_id)
+    spec = agent.device_spec if agent is not None else None
+    return {
+        "deviceId": device.device_id,
+        "productId": device.product_id,
+        "events": [{
+            "id": r.position,
+            "event": r.name,
+            # Events the spec does not declare are "info": only declared alerts alarm anyone.
+            "eventType": spec.event_type(r.name) if spec is not None else "info",
+            "data": r.data,
+            "ts": r.device_ts,
+            "receivedAt": iso_ms(r.received_ms),
+        } for r in rows],
+    }

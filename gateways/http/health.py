@@ -1,0 +1,24 @@
+"""GET /api/health: is the HTTP API up, and how far behind the log are the views?"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quart import Blueprint
+
+from gateways.http.app import get_runtime, in_thread
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/api/health")
+async def health() -> dict[str, Any]:
+    runtime = get_runtime()
+    log_position = await in_thread(runtime.log.max_position)  # a query on the event store
+    return {
+        "status": "ok",
+        # Views lag the log by a few ms normally; a growing gap means a stuck projection.
+        "projectionPosition": runtime.projections.position,
+        "logPosition": log_position,
+        "activeActors": runtime.system.active_count(),
+    }

@@ -1,0 +1,170 @@
+"""The MQTT gateway: device traffic in, commands out, on paho-mqtt 2's network thread.
+
+The network thread only parses, routes to actors with `tell`, and publishes. A QoS 1
+message is acknowledged (paho manual ack) only when its actor replies that the events
+are committed; a message Parley drops on purpose (unknown product, bad payload) is
+acknowledged at once, so the broker does not redeliver it forever.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections import Counter
+from typing import Any
+from urllib.parse import urlparse
+
+import paho.mqtt.client as paho
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion
+
+from actors.device import DeviceActor, DeviceResponded, ReportEvent, ReportTelemetry
+from actors.errors import ActorCrashed
+from actors.ports import NO_REPLY
+from gateways import mqtt_codec as codec
+from gateways.runtime import Runtime
+
+log = structlog.get_logger(__name__)
+
+
+class _Ack:
+    """Acknowledge a QoS 1 message once its events are committed."""
+
+    __slots__ = ("gw", "mid", "qos")
+
+    def __init__(self, gw: MqttGateway, mid: int, qos: int) -> None:
+        self.gw, self.mid, self.qos = gw, mid, qos
+
+    def ok(self, value: Any = None) -> None:
+        self.gw._ack(self.mid, self.qos)
+
+    def fail(self, error: Exception) -> None:
+        if isinstance(error, ActorCrashed):
+            # A message that crashes its actor would crash it again on every redelivery.
+            self.gw.stats["poison"] += 1
+            self.gw._ack(self.mid, self.qos)
+        else:
+            # Not committed (store unavailable): leave unacknowledged, so the broker
+            # redelivers it when we reconnect.
+            self.gw.stats["not_committed"] += 1
+            log.error("mqtt.not_committed", mid=self.mid, error=str(error))
+
+
+class MqttGateway:
+    def __init__(self, runtime: Runtime, url: str, *, client_id: str | None = None,
+                 shared_group: str | None = None, keepalive: int = 30) -> None:
+        u = urlparse(url)
+        if u.scheme not in ("mqtt", "tcp", ""):
+            raise ValueError(f"unsupported MQTT URL {url!r}: use mqtt://host:port")
+        self.runtime = runtime
+        self.host = u.hostname or "127.0.0.1"
+        self.port = u.port or 1883
+        self.keepalive = keepalive
+        self.client_id = client_id or f"parley-{socket.gethostname()}"
+        self.shared_group = shared_group
+        self.stats: Counter[str] = Counter()
+        self._ready = threading.Event()
+        self._warned_products: set[str] = set()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                                  clean_session=False, protocol=paho.MQTTv311, manual_ack=True)
+        if u.username:
+            self.client.username_pw_set(u.username, u.password)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self.client.max_inflight_messages_set(1000)
+        self.client.max_queued_messages_set(0)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_message = self._on_message
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self, timeout: float = 15.0) -> None:
+        """Connect (retrying with backoff in paho's thread) and wait until subscribed."""
+        self.client.connect_async(self.host, self.port, keepalive=self.keepalive)
+        self.client.loop_start()
+        if not self._ready.wait(timeout):
+            self.stop()
+            raise ConnectionError(f"MQTT broker at {self.host}:{self.port} not reachable within {timeout} s")
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            log.error("mqtt.connect_refused", reason=str(reason))
+            return
+        # Nagle's algorithm adds 40+ ms to every QoS 1 round trip (REFERENCE.md).
+        sock = client.socket()
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        prefix = f"$share/{self.shared_group}/" if self.shared_group else ""
+        # Subscribe on every connect: the broker may have lost our persistent session.
+        client.subscribe([(prefix + t, 1) for t in codec.SUBSCRIPTIONS])
+        log.info("mqtt.connected", broker=f"{self.host}:{self.port}", client_id=self.client_id,
+                 session_present=flags.session_present)
+
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        self._ready.set()
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self._ready.clear()
+        if reason.is_failure:
+            log.warning("mqtt.disconnected", reason=str(reason), will_retry=True)
+
+    # -- device -> Parley ------------------------------------------------------------
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        received_ms = int(time.time() * 1000)
+        self.stats["received"] += 1
+        try:
+            route = codec.parse_topic(msg.topic)
+            obj = codec.decode(msg.payload)
+            if route.kind == "ntp":
+                payload = codec.ntp_response(obj, received_ms, int(time.time() * 1000))
+                client.publish(codec.ntp_response_topic(route.product_id, route.device_id), payload, qos=0)
+                self._ack(msg.mid, msg.qos)
+                return
+            if self.runtime.agents.get(route.product_id) is None:
+                self._unknown_product(route, msg)
+                return
+            reply = _Ack(self, msg.mid, msg.qos) if msg.qos else NO_REPLY
+            key = (route.product_id, route.device_id)
+            self.runtime.system.tell(DeviceActor, key, self._message(route, obj, received_ms, reply))
+        except codec.BadMessage as exc:
+            self.stats[f"dropped.{exc.reason}"] += 1
+            log.warning("mqtt.dropped", topic=msg.topic, reason=exc.reason, detail=exc.detail[:200])
+            self._ack(msg.mid, msg.qos)
+        except Exception:
+            # Never let one message kill the network thread.
+            self.stats["dropped.error"] += 1
+            log.exception("mqtt.message_failed", topic=msg.topic)
+
+    @staticmethod
+    def _message(route: codec.Route, obj: dict[str, Any], received_ms: int, reply: Any) -> Any:
+        if route.kind == "telemetry":
+            t = codec.parse_telemetry(obj)
+            return ReportTelemetry(t.kind, t.status, t.state, t.ts, received_ms, t.metadata, reply=reply)
+        if route.kind == "event":
+            e = codec.parse_event(obj)
+            return ReportEvent(e.name, e.data, e.ts, received_ms, e.metadata, reply=reply)
+        r = codec.parse_response(obj)
+        return DeviceResponded(r.request_id, r.code, r.msg, r.data, received_ms, reply=reply)
+
+    def _unknown_product(self, route: codec.Route, msg: paho.MQTTMessage) -> None:
+        self.stats["dropped.unknown_product"] += 1
+        if route.product_id not in self._warned_products:  # once per product, then count only
+            self._warned_products.add(route.product_id)
+            log.warning("mqtt.unknown_product", product_id=route.product_id, topic=msg.topic)
+        self._ack(msg.mid, msg.qos)
+
+    def _ack(self, mid: int, qos: int) -> None:
+        if qos:
+            self.client.ack(mid, qos)
+            self.stats["acked"] += 1
+
+    # -- Parley -> device (the actors' DeviceLink) -------------------------------------
+    def publish_command(self, product_id: str, device_id: str, payload: dict[str, Any]) -> None:
+        info = self.client.publish(codec.command_topic(product_id, device_id), codec.encode(payload), qos=1)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            log.warning("mqtt.publish_queued", rc=info.rc, product_id=product_id, device_id=device_id)

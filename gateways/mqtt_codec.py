@@ -1,0 +1,160 @@
+"""The seed-000 MQTT device protocol as pure functions: topics and payloads in, typed
+messages out (and back). No I/O here, so every rule is tested without a broker."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+MAX_PAYLOAD = 256 * 1024
+_ID = re.compile(r"^[^/#+\x00]{1,128}$")
+
+SUBSCRIPTIONS = (
+    "v1/+/+/telemetry",
+    "v1/+/+/event",
+    "device-agent/+/device/+/responses",
+    "device-agent/+/device/+/ntp/request",
+)
+
+
+class BadMessage(ValueError):
+    """A message Parley cannot use; `reason` is a short machine-readable label for counters."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    kind: str  # telemetry | event | responses | ntp
+    product_id: str
+    device_id: str
+
+
+def parse_topic(topic: str) -> Route:
+    parts = topic.split("/")
+    if len(parts) == 4 and parts[0] == "v1" and parts[3] in ("telemetry", "event"):
+        route = Route(parts[3], parts[1], parts[2])
+    elif len(parts) == 5 and parts[0] == "device-agent" and parts[2] == "device" and parts[4] == "responses":
+        route = Route("responses", parts[1], parts[3])
+    elif parts[:1] == ["device-agent"] and parts[2:3] == ["device"] and parts[4:] == ["ntp", "request"]:
+        route = Route("ntp", parts[1], parts[3])
+    else:
+        raise BadMessage("unknown_topic", topic)
+    if not (_ID.match(route.product_id) and _ID.match(route.device_id)):
+        raise BadMessage("bad_topic_id", topic)
+    return route
+
+
+def command_topic(product_id: str, device_id: str) -> str:
+    return f"device-agent/{product_id}/device/{device_id}/commands"
+
+
+def ntp_response_topic(product_id: str, device_id: str) -> str:
+    return f"device-agent/{product_id}/device/{device_id}/ntp/response"
+
+
+def decode(payload: bytes) -> dict[str, Any]:
+    if len(payload) > MAX_PAYLOAD:
+        raise BadMessage("too_large", f"{len(payload)} bytes > {MAX_PAYLOAD}")
+    try:
+        obj = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadMessage("malformed_json", str(exc)) from None
+    if not isinstance(obj, dict):
+        raise BadMessage("not_an_object", f"payload is a JSON {type(obj).__name__}")
+    return obj
+
+
+def _object(obj: dict[str, Any], key: str, *, required: bool = True) -> dict[str, Any] | None:
+    value = obj.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, dict):
+        raise BadMessage("bad_field", f"'{key}' must be an object")
+    return value
+
+
+def _ts(obj: dict[str, Any], key: str = "ts") -> int | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadMessage("bad_field", f"'{key}' must be a number")
+    return int(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Telemetry:
+    kind: str  # status | state
+    status: str | None
+    state: dict[str, Any] | None
+    ts: int | None
+    metadata: dict[str, Any] | None
+
+
+def parse_telemetry(obj: dict[str, Any]) -> Telemetry:
+    kind = obj.get("type")
+    data = _object(obj, "data")
+    metadata = _object(obj, "metadata", required=False)
+    if kind == "status":
+        status = data.get("status")
+        if status not in ("online", "offline"):
+            raise BadMessage("bad_field", "status telemetry needs data.status 'online' or 'offline'")
+        state = _object(data, "state", required=False)
+        return Telemetry("status", status, state, _ts(obj), metadata)
+    if kind == "state":
+        return Telemetry("state", None, data, _ts(obj), metadata)
+    raise BadMessage("bad_field", f"telemetry type must be 'status' or 'state', not {kind!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceEvent:
+    name: str
+    data: dict[str, Any]
+    ts: int | None
+    metadata: dict[str, Any] | None
+
+
+def parse_event(obj: dict[str, Any]) -> DeviceEvent:
+    if obj.get("type", "event") != "event":
+        raise BadMessage("bad_field", f"event type must be 'event', not {obj.get('type')!r}")
+    data = dict(_object(obj, "data"))
+    name = data.pop("event", None)
+    if not isinstance(name, str) or not name:
+        raise BadMessage("bad_field", "event needs a string data.event name")
+    return DeviceEvent(name, data, _ts(obj), _object(obj, "metadata", required=False))
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    request_id: str
+    code: int
+    msg: str
+    data: Any
+
+
+def parse_response(obj: dict[str, Any]) -> Response:
+    request_id = obj.get("requestId")
+    if not isinstance(request_id, str) or not request_id:
+        raise BadMessage("bad_field", "response needs a string requestId")
+    code = obj.get("code")
+    if isinstance(code, bool) or not isinstance(code, int):
+        raise BadMessage("bad_field", "response needs an integer code")
+    msg = obj.get("msg", "")
+    return Response(request_id, code, msg if isinstance(msg, str) else str(msg), obj.get("data"))
+
+
+def ntp_response(obj: dict[str, Any], received_ms: int, sent_ms: int) -> bytes:
+    device_send = _ts(obj, "deviceSendTime")
+    if device_send is None:
+        raise BadMessage("bad_field", "ntp request needs deviceSendTime")
+    return encode({"deviceSendTime": device_send, "serverRecvTime": received_ms, "serverSendTime": sent_ms})
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()

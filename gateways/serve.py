@@ -1,0 +1,75 @@
+"""`parley serve`: the runtime, the MQTT gateway (and the built-in broker) and HTTP,
+started in order and stopped in reverse."""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+
+import structlog
+import trio
+
+from gateways.broker import BuiltinBroker
+from gateways.config import Settings
+from gateways.demo import ensure_demo_agent
+from gateways.http.app import create_app
+from gateways.http_server import serve_http
+from gateways.mqtt import MqttGateway
+from gateways.runtime import Runtime, RuntimeSettings
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Running:
+    http_port: int
+    mqtt_url: str
+    runtime: Runtime
+
+
+async def serve(settings: Settings, *, task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED) -> None:
+    runtime = Runtime(RuntimeSettings(
+        data_dir=settings.data_dir, database_url=settings.database_url,
+        liveness_window=settings.liveness_window, liveness_check_interval=settings.liveness_check_interval,
+        idle_timeout=settings.idle_timeout, max_active_actors=settings.max_active_actors))
+    broker: BuiltinBroker | None = None
+    gateway: MqttGateway | None = None
+    try:
+        await trio.to_thread.run_sync(runtime.start)
+        mqtt_url = settings.mqtt_url
+        if not mqtt_url:
+            broker = BuiltinBroker(settings.host, settings.builtin_broker_port)
+            port = await trio.to_thread.run_sync(broker.start)
+            mqtt_url = f"mqtt://{settings.host}:{port}"
+            log.info("broker.builtin_started", url=mqtt_url)
+        gateway = MqttGateway(runtime, mqtt_url, client_id=settings.mqtt_client_id,
+                              shared_group=settings.mqtt_shared_group)
+        runtime.attach_device_link(gateway)
+        await trio.to_thread.run_sync(gateway.start)
+        if settings.demo and await trio.to_thread.run_sync(ensure_demo_agent, runtime):
+            log.info("demo.agent_created", agent_id="thermostat")
+        async with trio.open_nursery() as nursery:
+            http_port = await nursery.start(serve_http, create_app(runtime), settings.host, settings.http_port)
+            log.info("parley.ready", http=f"http://{settings.host}:{http_port}", mqtt=mqtt_url,
+                     store=runtime.store.url.split("@")[-1])
+            task_status.started(Running(http_port, mqtt_url, runtime))
+            await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):
+            if gateway is not None:
+                await trio.to_thread.run_sync(gateway.stop)
+            await trio.to_thread.run_sync(runtime.close)
+            if broker is not None:
+                await trio.to_thread.run_sync(broker.stop)
+            log.info("parley.stopped")
+
+
+async def main(settings: Settings) -> None:
+    """Serve until SIGINT or SIGTERM."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve, settings)
+            async for signum in signals:
+                log.info("parley.stopping", signal=signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
