@@ -86,3 +86,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if pg is None:
         pg = "NOT RUN (no selected test used pg_url)" if not _USERS["pg_url"] else "NOT RUN (fixture never set up)"
     tr.write_line(f"PostgreSQL suites (tests using pg_url: {_USERS['pg_url']}): {pg}")
+
+
+@pytest.fixture
+def pg_database(pg_url):
+    """A fresh PostgreSQL database for one test (the session's pg_url proves the server is there)."""
+    admin = services.pg_admin_url()
+    url = services.create_database(admin)
+    try:
+        yield url
+    finally:
+        services.drop_database(admin, url)

@@ -1,0 +1,187 @@
+"""DeviceActor stories: telemetry, events, the command lifecycle, liveness, supervision;
+on SQLite and (by subclassing) PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from actors.device import (
+    Device,
+    DeviceActor,
+    DeviceResponded,
+    ExpireLiveness,
+    ReportEvent,
+    ReportTelemetry,
+    SendCommand,
+)
+from actors.errors import ActorCrashed, CommandTimedOut, DeviceNotFound, DeviceOffline
+from actors.ports import FutureReply
+from actors.system import ActorSystem, SystemSettings
+from eventstore import EventLog, Journal, StoreConfig
+from tests.support import now_ms, wait_until
+
+KEY = ("thermostat", "t-1")
+
+
+class Link:
+    """Records published commands; answers them if told to."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, str, dict[str, Any]]] = []
+        self.system: ActorSystem | None = None
+        self.answer: int | None = 0
+
+    def publish_command(self, product_id: str, device_id: str, payload: dict[str, Any]) -> None:
+        self.published.append((product_id, device_id, payload))
+        if self.answer is not None and self.system is not None:
+            rid, code = payload["requestId"], self.answer
+            threading.Thread(target=lambda: self.system.tell(
+                DeviceActor, (product_id, device_id),
+                DeviceResponded(rid, code, "ok" if code == 0 else "invalid params", payload["params"], now_ms()),
+            )).start()
+
+
+def ask(system: ActorSystem, message_factory, key=KEY, timeout: float = 5.0) -> Any:
+    reply = FutureReply()
+    system.tell(DeviceActor, key, message_factory(reply))
+    return reply.get(timeout)
+
+
+def online(system: ActorSystem, key=KEY, state: dict | None = None) -> int:
+    return ask(system, lambda r: ReportTelemetry("status", "online", state, None, now_ms(), reply=r), key)
+
+
+class TestDeviceActor:
+    @pytest.fixture
+    def store(self, tmp_path) -> StoreConfig:
+        return StoreConfig.resolve(tmp_path, None)
+
+    @pytest.fixture
+    def parts(self, store):
+        log = EventLog(store)
+        journal = Journal(log)
+        link = Link()
+        system = ActorSystem(log, journal, SystemSettings(sweep_interval=3600), device_link=link)
+        link.system = system
+        yield system, log, link
+        system.shutdown()
+        journal.close()
+        log.close()
+
+    def test_first_telemetry_registers_and_state_merges(self, parts):
+        system, log, _ = parts
+        online(system, state={"temperature": 20, "mode": "auto"})
+        ask(system, lambda r: ReportTelemetry("state", None, {"temperature": 21}, 5, now_ms(), reply=r))
+        device = log.load(Device.create_id(*KEY))
+        assert device.online and device.state == {"temperature": 21, "mode": "auto"}
+        kinds = [type(e).__name__ for e in log.read_stream(device.id)]
+        assert kinds == ["Registered", "StatusReported", "StateReported"]
+
+    def test_offline_status_and_device_events(self, parts):
+        system, log, _ = parts
+        online(system)
+        ask(system, lambda r: ReportEvent("temperature_alert", {"temperature": 38.5}, 1, now_ms(), reply=r))
+        ask(system, lambda r: ReportTelemetry("status", "offline", None, None, now_ms(), reply=r))
+        device = log.load(Device.create_id(*KEY))
+        assert not device.online
+        event = [e for e in log.read_stream(device.id) if type(e).__name__ == "EventReported"][0]
+        assert (event.name, event.data) == ("temperature_alert", {"temperature": 38.5})
+
+    def test_command_succeeds_when_device_answers(self, parts):
+        system, log, link = parts
+        online(system)
+        result = ask(system, lambda r: SendCommand("rq-1", "set_target_temperature", {"target_temperature": 24}, 5000, reply=r))
+        assert result == {"requestId": "rq-1", "command": "set_target_temperature", "code": 0, "msg": "ok",
+                          "data": {"target_temperature": 24}}
+        assert link.published[0][2]["cmd"] == "set_target_temperature"
+        assert link.published[0][2]["requestId"] == "rq-1" and isinstance(link.published[0][2]["ts"], int)
+        kinds = [type(e).__name__ for e in log.read_stream(Device.create_id(*KEY))]
+        assert kinds[-2:] == ["CommandSent", "CommandSucceeded"]
+
+    def test_device_error_code_is_a_failed_command(self, parts):
+        system, log, link = parts
+        link.answer = 400
+        online(system)
+        result = ask(system, lambda r: SendCommand("rq-2", "set_target_temperature", {}, 5000, reply=r))
+        assert result["code"] == 400
+        assert type(list(log.read_stream(Device.create_id(*KEY)))[-1]).__name__ == "CommandFailed"
+
+    def test_timeout_is_an_event_and_an_error(self, parts):
+        system, log, link = parts
+        link.answer = None
+        online(system)
+        with pytest.raises(CommandTimedOut):
+            ask(system, lambda r: SendCommand("rq-3", "x", {}, 200, reply=r))
+        device = log.load(Device.create_id(*KEY))
+        assert device.pending == {}
+        assert type(list(log.read_stream(device.id))[-1]).__name__ == "CommandTimedOut"
+
+    def test_refusals_emit_nothing(self, parts):
+        system, log, link = parts
+        with pytest.raises(DeviceNotFound):
+            ask(system, lambda r: SendCommand("rq-4", "x", {}, 1000, reply=r))
+        online(system)
+        ask(system, lambda r: ReportTelemetry("status", "offline", None, None, now_ms(), reply=r))
+        with pytest.raises(DeviceOffline):
+            ask(system, lambda r: SendCommand("rq-5", "x", {}, 1000, reply=r))
+        assert link.published == []
+        assert log.load(Device.create_id(*KEY)).version == 3
+
+    def test_a_late_response_is_dropped_without_harm(self, parts):
+        system, log, _ = parts
+        online(system)
+        assert ask(system, lambda r: DeviceResponded("nobody-asked", 0, "ok", None, now_ms(), reply=r)) is None
+        assert log.load(Device.create_id(*KEY)).version == 2
+
+    def test_liveness_expiry_goes_offline_once(self, parts):
+        system, log, _ = parts
+        online(system)
+        later = now_ms() + 100_000
+        system.tell(DeviceActor, KEY, ExpireLiveness(later, 90_000))
+        system.tell(DeviceActor, KEY, ExpireLiveness(later, 90_000))
+        wait_until(lambda: not log.load(Device.create_id(*KEY)).online)
+        time.sleep(0.1)
+        kinds = [type(e).__name__ for e in log.read_stream(Device.create_id(*KEY))]
+        assert kinds.count("WentSilent") == 1
+
+    def test_crash_replies_error_and_restarts_from_log(self, parts, monkeypatch):
+        system, log, _ = parts
+        online(system, state={"temperature": 20})
+
+        def boom(self, msg):
+            self.aggregate.report_state({"temperature": 99}, None, now_ms(), None)  # applied, not committed
+            raise RuntimeError("bug")
+
+        monkeypatch.setattr(DeviceActor, "handle_ReportEvent", boom)
+        with pytest.raises(ActorCrashed):
+            ask(system, lambda r: ReportEvent("x", {}, None, now_ms(), reply=r))
+        monkeypatch.undo()
+        # The half-applied state is gone; the actor still works.
+        ask(system, lambda r: ReportTelemetry("state", None, {"humidity": 50}, None, now_ms(), reply=r))
+        assert log.load(Device.create_id(*KEY)).state == {"temperature": 20, "humidity": 50}
+
+    def test_passivated_device_reactivates_from_log_with_pending_deadline(self, parts):
+        system, log, link = parts
+        link.answer = None
+        online(system)
+        reply = FutureReply()
+        system.tell(DeviceActor, KEY, SendCommand("rq-6", "x", {}, 300, reply=reply))
+        wait_until(lambda: link.published)
+        assert system.passivate_idle(now=time.monotonic() + 10_000) == 0  # pinned by the waiter
+        with pytest.raises(CommandTimedOut):
+            reply.get(5)
+        assert system.passivate_idle(now=time.monotonic() + 10_000) == 1
+        assert not system.is_active(DeviceActor, KEY)
+        online(system)
+        assert system.is_active(DeviceActor, KEY)
+        assert log.load(Device.create_id(*KEY)).online
+
+
+class TestDeviceActorPostgres(TestDeviceActor):
+    @pytest.fixture
+    def store(self, pg_database) -> StoreConfig:
+        return StoreConfig.resolve(".", pg_database)

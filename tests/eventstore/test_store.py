@@ -1,0 +1,173 @@
+"""The log: msgpack round trips, group commit, conflicts, reading by stream and position,
+snapshots and upcasting; run on SQLite and (by subclassing) on PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timezone
+from typing import Any
+from uuid import uuid4
+
+import pytest
+from eventsourcing.domain import Aggregate, event
+from eventsourcing.persistence import RecordConflictError
+
+from eventstore import EventLog, Journal, StoreConfig, stream_id
+from eventstore.transcoder import MsgpackTranscoder
+
+
+class Counter(Aggregate):
+    @event("Started")
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.total = 0
+        self.notes: list[Any] = []
+
+    @event("Added")
+    def add(self, amount: int, note: Any = None) -> None:
+        self.total += amount
+        if note is not None:
+            self.notes.append(note)
+
+
+def test_msgpack_round_trips_uuid_datetime_and_nesting():
+    t = MsgpackTranscoder()
+    value = {"id": uuid4(), "at": datetime(2026, 5, 11, 10, 0, tzinfo=timezone.utc),
+             "nested": {"list": [1, 2.5, "x", None, True], "bytes": b"\x00\x01"}}
+    assert t.decode(t.encode(value)) == value
+
+
+def test_stream_ids_are_deterministic():
+    assert stream_id("device", "p", "d") == stream_id("device", "p", "d")
+    assert stream_id("device", "p", "d") != stream_id("device", "p", "e")
+
+
+class TestEventLog:
+    @pytest.fixture
+    def store(self, tmp_path) -> StoreConfig:
+        return StoreConfig.resolve(tmp_path, None)
+
+    @pytest.fixture
+    def log(self, store):
+        log = EventLog(store)
+        yield log
+        log.close()
+
+    @pytest.fixture
+    def journal(self, log):
+        journal = Journal(log)
+        yield journal
+        journal.close()
+
+    def test_commit_returns_positions_and_load_rebuilds(self, log, journal):
+        c = Counter(name="a")
+        c.add(2)
+        c.add(3, note={"why": "because"})
+        positions = journal.commit(c.collect_events())
+        assert positions == sorted(positions) and len(positions) == 3
+        loaded = log.load(c.id)
+        assert (loaded.total, loaded.notes, loaded.version) == (5, [{"why": "because"}], 3)
+        assert log.max_position() == positions[-1]
+
+    def test_read_by_stream_and_by_global_position(self, log, journal):
+        a, b = Counter(name="a"), Counter(name="b")
+        a.add(1)
+        b.add(2)
+        journal.commit(a.collect_events() + b.collect_events())
+        assert [e.originator_version for e in log.read_stream(a.id)] == [1, 2]
+        assert [e.originator_version for e in log.read_stream(a.id, gt=1)] == [2]
+        everything = log.read_all(0)
+        assert [le.position for le in everything] == sorted(le.position for le in everything)
+        assert {le.stream_id for le in everything} == {a.id, b.id}
+        tail = log.read_all(everything[1].position)
+        assert [le.position for le in tail] == [le.position for le in everything[2:]]
+
+    def test_group_commit_batches_concurrent_writers(self, log, journal):
+        counters = [Counter(name=str(i)) for i in range(200)]
+        for c in counters:
+            c.add(1)
+        futures = [journal.submit(c.collect_events()) for c in counters]
+        assert all(len(f.result(10)) == 2 for f in futures)
+        assert journal.batches < 200  # at least some callers shared a transaction
+        assert log.max_position() == 400
+
+    def test_conflict_fails_only_the_conflicting_caller(self, log, journal):
+        c = Counter(name="x")
+        journal.commit(c.collect_events())
+        stale, fresh = log.load(c.id), log.load(c.id)
+        stale.add(1)
+        fresh.add(2)
+        journal.commit(fresh.collect_events())
+        other = Counter(name="y")
+        bad = journal.submit(stale.collect_events())
+        good = journal.submit(other.collect_events())
+        with pytest.raises(RecordConflictError):
+            bad.result(10)
+        assert len(good.result(10)) == 1
+        assert log.load(c.id).total == 2
+
+    def test_snapshot_then_tail(self, log, journal):
+        c = Counter(name="s")
+        for _ in range(50):
+            c.add(1)
+        journal.commit(c.collect_events())
+        log.put_snapshot(c)
+        c.add(10)
+        journal.commit(c.collect_events())
+        loaded = log.load(c.id)
+        assert (loaded.total, loaded.version) == (60, 52)
+        assert log.load(c.id, version=20).total == 19
+
+    def test_commit_listeners_hear_positions(self, log, journal):
+        heard: list[int] = []
+        done = threading.Event()
+        log.on_commit(lambda p: (heard.append(p), done.set()))
+        journal.commit(Counter(name="n").collect_events())
+        assert done.wait(5) and heard and max(heard) in (1, -1)
+
+
+class TestEventLogPostgres(TestEventLog):
+    @pytest.fixture
+    def store(self, pg_database) -> StoreConfig:
+        return StoreConfig.resolve(".", pg_database)
+
+
+class Reading(Aggregate):
+    """Version 2 of an event whose version 1 had no `unit`: old events are upcast on read."""
+
+    @event("Created")
+    def __init__(self) -> None:
+        self.values: list[tuple[float, str]] = []
+
+    class Taken(Aggregate.Event):
+        class_version = 2
+        value: float
+        unit: str
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["unit"] = "celsius"
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.values.append((self.value, self.unit))
+
+
+def test_upcasting_old_events(tmp_path):
+    log = EventLog(StoreConfig.resolve(tmp_path, None))
+    journal = Journal(log)
+    try:
+        r = Reading()
+        r.trigger_event(Reading.Taken, value=21.5, unit="kelvin")
+        events = r.collect_events()
+        # Store the second event as version 1 would have: no unit, no class_version.
+        old = events[1]
+        old.__dict__.pop("unit")
+        Reading.Taken.class_version = 1
+        try:
+            journal.commit(events)
+        finally:
+            Reading.Taken.class_version = 2
+        assert log.load(r.id).values == [(21.5, "celsius")]
+    finally:
+        journal.close()
+        log.close()
