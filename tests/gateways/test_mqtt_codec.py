@@ -1,0 +1,83 @@
+"""The seed-000 MQTT protocol, without a broker."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gateways import mqtt_codec as codec
+
+
+@pytest.mark.parametrize("topic,route", [
+    ("v1/thermostat/t-1/telemetry", ("telemetry", "thermostat", "t-1")),
+    ("v1/thermostat/t-1/event", ("event", "thermostat", "t-1")),
+    ("device-agent/thermostat/device/t-1/responses", ("responses", "thermostat", "t-1")),
+    ("device-agent/thermostat/device/t-1/ntp/request", ("ntp", "thermostat", "t-1")),
+])
+def test_topics(topic, route):
+    r = codec.parse_topic(topic)
+    assert (r.kind, r.product_id, r.device_id) == route
+
+
+@pytest.mark.parametrize("topic", [
+    "v1/thermostat/telemetry", "v1/p/d/other", "device-agent/p/device/d/commands",
+    "device-agent/p/x/d/responses", "v1//d/telemetry", "v1/p/" + "d" * 200 + "/telemetry", "",
+])
+def test_unknown_or_bad_topics(topic):
+    with pytest.raises(codec.BadMessage):
+        codec.parse_topic(topic)
+
+
+def test_sdk_status_messages():
+    bare = codec.parse_telemetry({"type": "status", "ts": 5, "metadata": {"productId": "p"}, "data": {"status": "online"}})
+    assert (bare.kind, bare.status, bare.state, bare.ts) == ("status", "online", None, 5)
+    full = codec.parse_telemetry({"type": "status", "data": {"status": "online", "state": {"temperature": 28}}})
+    assert full.state == {"temperature": 28}
+    state = codec.parse_telemetry({"type": "state", "data": {"humidity": 62}})
+    assert (state.kind, state.state) == ("state", {"humidity": 62})
+
+
+@pytest.mark.parametrize("obj", [
+    {"type": "status", "data": {"status": "sleepy"}},
+    {"type": "status", "data": "online"},
+    {"type": "status"},
+    {"type": "weather", "data": {}},
+    {"type": "status", "data": {"status": "online", "state": [1]}},
+    {"type": "status", "ts": "yesterday", "data": {"status": "online"}},
+])
+def test_bad_telemetry(obj):
+    with pytest.raises(codec.BadMessage):
+        codec.parse_telemetry(obj)
+
+
+def test_event_flattens_fields_and_needs_a_name():
+    e = codec.parse_event({"type": "event", "data": {"event": "temperature_alert", "temperature": 38.5, "level": "warning"}})
+    assert (e.name, e.data) == ("temperature_alert", {"temperature": 38.5, "level": "warning"})
+    with pytest.raises(codec.BadMessage):
+        codec.parse_event({"type": "event", "data": {"temperature": 1}})
+
+
+def test_responses():
+    r = codec.parse_response({"code": 0, "msg": "ok", "requestId": "req-001", "data": {"target_temperature": 24}})
+    assert (r.request_id, r.code, r.data) == ("req-001", 0, {"target_temperature": 24})
+    for bad in ({"code": 0}, {"requestId": "x", "code": "0"}, {"requestId": "x", "code": True}):
+        with pytest.raises(codec.BadMessage):
+            codec.parse_response(bad)
+
+
+def test_ntp_response():
+    out = json.loads(codec.ntp_response({"deviceSendTime": 1710000010000}, 1710000010100, 1710000010105))
+    assert out == {"deviceSendTime": 1710000010000, "serverRecvTime": 1710000010100, "serverSendTime": 1710000010105}
+    with pytest.raises(codec.BadMessage):
+        codec.ntp_response({}, 1, 2)
+
+
+@pytest.mark.parametrize("payload,reason", [
+    (b"{not json", "malformed_json"), (b"\xff\xfe", "malformed_json"), (b"[1,2]", "not_an_object"),
+    (b"x" * (codec.MAX_PAYLOAD + 1), "too_large"),
+])
+def test_decode_errors(payload, reason):
+    with pytest.raises(codec.BadMessage) as exc:
+        codec.decode(payload)
+    assert exc.value.reason == reason
