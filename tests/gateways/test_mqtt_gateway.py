@@ -1,0 +1,216 @@
+"""The MQTT gateway against a real broker, with paho clients as devices."""
+
+from __future__ import annotations
+
+import json
+import queue
+import socket
+import threading
+import time
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from actors.device import Device, DeviceActor, SendCommand
+from actors.ports import FutureReply
+from gateways.mqtt import MqttGateway
+from tests.support import create_agent, make_runtime, wait_until
+
+P, D = "thermostat", "t-1"
+
+
+class DeviceClient:
+    """A paho client playing a device (MQTT 3.1.1, like the generated SDK)."""
+
+    def __init__(self, url_port: int, client_id: str = "dev") -> None:
+        self.inbox: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
+        self.acked: set[int] = set()
+        self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
+        self.c.on_message = lambda c, u, m: self.inbox.put((m.topic, json.loads(m.payload)))
+        self.c.on_publish = lambda c, u, mid, rc, props: self.acked.add(mid)
+        self.c.on_connect = lambda c, u, f, rc, p: c.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.c.connect("127.0.0.1", url_port)
+        self.c.loop_start()
+
+    def send(self, topic: str, payload: Any, qos: int = 1) -> int:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        return self.c.publish(topic, data, qos=qos).mid
+
+    def subscribe(self, topic: str) -> None:
+        done = threading.Event()
+        self.c.on_subscribe = lambda *a: done.set()
+        self.c.subscribe(topic, qos=1)
+        assert done.wait(5)
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+@pytest.fixture
+def runtime(tmp_path):
+    rt = make_runtime(tmp_path, liveness_window=0.5, liveness_check_interval=0.1)
+    yield rt
+    rt.close()
+
+
+@pytest.fixture
+def gateway(runtime, mqtt_broker):
+    gw = MqttGateway(runtime, mqtt_broker.url, client_id=f"parley-test-{time.monotonic_ns()}")
+    runtime.attach_device_link(gw)
+    gw.start()
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def device(mqtt_broker, gateway):
+    dev = DeviceClient(mqtt_broker.port, client_id=f"dev-{time.monotonic_ns()}")
+    yield dev
+    dev.close()
+
+
+def stream(runtime, product=P, device_id=D) -> list[str]:
+    return [type(e).__name__ for e in runtime.log.read_stream(Device.create_id(product, device_id))]
+
+
+def status(state: dict | None = None, status: str = "online") -> dict[str, Any]:
+    data: dict[str, Any] = {"status": status}
+    if state is not None:
+        data["state"] = state
+    return {"type": "status", "ts": int(time.time() * 1000), "metadata": {"productId": P}, "data": data}
+
+
+def test_unknown_product_is_counted_and_nothing_stored(runtime, gateway, device):
+    mid = device.send("v1/nobody/d/telemetry", status())
+    wait_until(lambda: mid in device.acked)
+    wait_until(lambda: gateway.stats["dropped.unknown_product"] == 1)
+    assert runtime.log.max_position() == 0
+
+
+def test_sdk_connect_sequence_registers_device_and_updates_registry(runtime, gateway, device):
+    create_agent(runtime)
+    device.send(f"v1/{P}/{D}/telemetry", status())
+    device.send(f"v1/{P}/{D}/telemetry", status({"temperature": 28, "humidity": 62, "mode": "auto"}))
+    device.send(f"v1/{P}/{D}/telemetry", {"type": "state", "data": {"temperature": 28.5}}, qos=0)
+    wait_until(lambda: len(stream(runtime)) == 4)
+    assert stream(runtime) == ["Registered", "StatusReported", "StatusReported", "StateReported"]
+    wait_until(lambda: runtime.devices.find(D) and runtime.devices.find(D)[0].state.get("temperature") == 28.5)
+    row = runtime.devices.find(D)[0]
+    assert row.online and row.state == {"temperature": 28.5, "humidity": 62, "mode": "auto"}
+
+
+def test_qos1_is_acknowledged_only_after_commit(runtime, gateway, device, monkeypatch):
+    create_agent(runtime)
+    gate = threading.Event()
+    real_append = runtime.log.append
+    acks: list[int] = []
+    real_ack = gateway.client.ack
+    monkeypatch.setattr(gateway.client, "ack", lambda mid, qos: (acks.append(mid), real_ack(mid, qos)))
+
+    def slow_append(events):
+        gate.wait(10)
+        return real_append(events)
+
+    monkeypatch.setattr(runtime.log, "append", slow_append)
+    device.send(f"v1/{P}/{D}/event", {"type": "event", "data": {"event": "temperature_alert", "temperature": 40}})
+    time.sleep(0.5)
+    assert acks == []  # the journal has not committed: Parley has not acknowledged to the broker
+    gate.set()
+    wait_until(lambda: acks)
+    assert "EventReported" in stream(runtime)
+
+
+def test_uncommitted_message_is_redelivered_to_the_next_gateway(runtime, mqtt_broker, device, monkeypatch):
+    """Persistent session + ack after commit: what was not committed comes back."""
+    create_agent(runtime)
+    client_id = f"parley-redelivery-{time.monotonic_ns()}"
+    first = MqttGateway(runtime, mqtt_broker.url, client_id=client_id)
+    first.start()
+    real_append = runtime.log.append
+
+    def broken_append(events):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(runtime.log, "append", broken_append)
+    device.send(f"v1/{P}/{D}/event", {"type": "event", "data": {"event": "temperature_alert", "temperature": 41}})
+    wait_until(lambda: first.stats["not_committed"] == 1)
+    first.client._sock_close()  # drop the connection without a DISCONNECT, like a crash
+    first.client.loop_stop()
+    monkeypatch.setattr(runtime.log, "append", real_append)
+    second = MqttGateway(runtime, mqtt_broker.url, client_id=client_id)
+    second.start()
+    try:
+        wait_until(lambda: "EventReported" in stream(runtime), timeout=10)
+        assert stream(runtime).count("EventReported") == 1
+    finally:
+        second.stop()
+
+
+def test_device_events_are_stored_and_queryable(runtime, gateway, device):
+    create_agent(runtime)
+    device.send(f"v1/{P}/{D}/telemetry", status())
+    device.send(f"v1/{P}/{D}/event", {"type": "event", "ts": 7, "metadata": {"productId": P},
+                                      "data": {"event": "temperature_alert", "temperature": 38.5, "level": "warning"}})
+    wait_until(lambda: runtime.device_events.recent(P, D, 10))
+    (ev,) = runtime.device_events.recent(P, D, 10)
+    assert (ev.name, ev.data, ev.device_ts) == ("temperature_alert", {"temperature": 38.5, "level": "warning"}, 7)
+
+
+def test_command_round_trip_over_mqtt(runtime, gateway, device):
+    create_agent(runtime)
+    device.subscribe(f"device-agent/{P}/device/{D}/commands")
+    device.send(f"v1/{P}/{D}/telemetry", status())
+    wait_until(lambda: "StatusReported" in stream(runtime))
+    reply = FutureReply()
+    runtime.system.tell(DeviceActor, (P, D), SendCommand("req-001", "set_target_temperature",
+                                                        {"target_temperature": 24}, 5000, reply=reply))
+    topic, cmd = device.inbox.get(timeout=5)
+    assert topic == f"device-agent/{P}/device/{D}/commands"
+    assert cmd["cmd"] == "set_target_temperature" and cmd["params"] == {"target_temperature": 24}
+    assert cmd["requestId"] == "req-001" and isinstance(cmd["ts"], int)
+    device.send(f"device-agent/{P}/device/{D}/responses",
+                {"code": 0, "msg": "ok", "requestId": "req-001", "data": {"target_temperature": 24},
+                 "metadata": {"productId": P}})
+    assert reply.get(5)["data"] == {"target_temperature": 24}
+    assert stream(runtime)[-2:] == ["CommandSent", "CommandSucceeded"]
+
+
+def test_ntp(runtime, gateway, device):
+    device.subscribe(f"device-agent/{P}/device/{D}/ntp/response")
+    before = int(time.time() * 1000)
+    device.send(f"device-agent/{P}/device/{D}/ntp/request", {"deviceSendTime": 1710000010000})
+    topic, answer = device.inbox.get(timeout=5)
+    assert answer["deviceSendTime"] == 1710000010000
+    assert before <= answer["serverRecvTime"] <= answer["serverSendTime"] <= int(time.time() * 1000)
+
+
+BAD = [b"{oops", b"\xff", b"[]", b"null", b'{"type": 5}', b'{"type": "status", "data": {"status": 1}}',
+       b'{"type": "event", "data": {}}', b'{"code": "x"}', b"x" * (300 * 1024)]
+
+
+def test_bad_input_on_every_topic_is_dropped_and_logged_never_fatal(runtime, gateway, device):
+    create_agent(runtime)
+    topics = [f"v1/{P}/{D}/telemetry", f"v1/{P}/{D}/event", f"device-agent/{P}/device/{D}/responses",
+              f"device-agent/{P}/device/{D}/ntp/request", f"v1/{P}/{D}/nonsense"]
+    mids = [device.send(t, payload) for t in topics for payload in BAD]
+    wait_until(lambda: all(m in device.acked for m in mids), timeout=15)
+    # Still alive and working:
+    device.send(f"v1/{P}/{D}/telemetry", status({"ok": True}))
+    wait_until(lambda: "StatusReported" in stream(runtime))
+    dropped = sum(v for k, v in gateway.stats.items() if k.startswith("dropped."))
+    # `{"type": "status", ...}` variants are bad everywhere; the nonsense topic is not subscribed.
+    assert dropped >= len(BAD) * 4 - 1
+    assert gateway.stats["dropped.error"] == 0
+
+
+def test_silent_device_goes_offline_and_that_is_an_event(runtime, gateway, device):
+    create_agent(runtime)
+    device.send(f"v1/{P}/{D}/telemetry", status())
+    wait_until(lambda: runtime.devices.find(D) and runtime.devices.find(D)[0].online)
+    wait_until(lambda: "WentSilent" in stream(runtime), timeout=5)
+    wait_until(lambda: not runtime.devices.find(D)[0].online)
+    device.send(f"v1/{P}/{D}/telemetry", status())  # a heartbeat brings it back
+    wait_until(lambda: runtime.devices.find(D)[0].online)
