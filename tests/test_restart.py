@@ -1,0 +1,135 @@
+"""Kill -9 the server and start it again on the same data: nothing acknowledged is lost.
+
+Runs `parley serve` as a real process against the private broker, with paho devices and
+HTTP over real sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from actors.device import Device
+from eventstore import EventLog, StoreConfig
+from tests.services import free_port
+
+P, D = "thermostat", "restart-1"
+
+
+def start_server(data_dir: Path, broker_url: str, port: int, database_url: str | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "gateways.cli", "serve", "--demo", "--host", "127.0.0.1",
+           "--http-port", str(port), "--mqtt-url", broker_url, "--data-dir", str(data_dir),
+           "--log-format", "json"]
+    if database_url:
+        cmd += ["--database-url", database_url]
+    env = {**os.environ, "PARLEY_MQTT_CLIENT_ID": "parley-restart-test", "PARLEY_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(data_dir / "server.log", "ab"), env=env)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited: {(data_dir / 'server.log').read_text()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("server did not become healthy")
+
+
+class Thermostat:
+    """A device that answers commands like the generated SDK."""
+
+    def __init__(self, port: int) -> None:
+        self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"dev-{D}", protocol=paho.MQTTv311)
+        self.c.on_connect = self._connected
+        self.c.on_message = self._command
+        self.ready = threading.Event()
+        self.c.connect("127.0.0.1", port)
+        self.c.loop_start()
+        assert self.ready.wait(5)
+
+    def _connected(self, c, u, f, rc, p) -> None:
+        c.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        c.subscribe(f"device-agent/{P}/device/{D}/commands", qos=1)
+        self.ready.set()
+
+    def _command(self, c, u, m) -> None:
+        cmd = json.loads(m.payload)
+        c.publish(f"device-agent/{P}/device/{D}/responses", json.dumps(
+            {"code": 0, "msg": "ok", "requestId": cmd["requestId"], "data": cmd["params"]}), qos=1)
+
+    def send(self, kind: str, payload: dict) -> None:
+        self.c.publish(f"v1/{P}/{D}/{kind}", json.dumps(payload), qos=1).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+class TestRestart:
+    @pytest.fixture
+    def database_url(self):
+        return None
+
+    def test_kill_minus_nine_loses_nothing_acknowledged(self, tmp_path, mqtt_broker, database_url):
+        port = free_port()
+        server = start_server(tmp_path, mqtt_broker.url, port, database_url)
+        device = Thermostat(mqtt_broker.port)
+        try:
+            device.send("telemetry", {"type": "status", "data": {"status": "online", "state": {"temperature": 20}}})
+            for seq in range(30):
+                device.send("event", {"type": "event", "data": {"event": "temperature_alert", "seq": seq}})
+            results = []
+            for target in (21, 22, 23):
+                r = httpx.post(f"http://127.0.0.1:{port}/api/devices/{D}/commands", timeout=10, json={
+                    "command": "set_target_temperature", "params": {"target_temperature": target}, "timeoutMs": 5000})
+                assert r.status_code == 200, r.text
+                results.append(r.json()["requestId"])
+            server.send_signal(signal.SIGKILL)
+            server.wait(10)
+            server = start_server(tmp_path, mqtt_broker.url, port, database_url)
+            # Events the old process had not acknowledged come back from the broker's
+            # persistent session; committed ones are in the log.
+            deadline = time.monotonic() + 15
+            seqs: set[int] = set()
+            while time.monotonic() < deadline and len(seqs) < 30:
+                body = httpx.get(f"http://127.0.0.1:{port}/api/devices/{D}/events?limit=1000", timeout=5).json()
+                seqs = {e["data"]["seq"] for e in body["events"]}
+                time.sleep(0.2)
+            assert seqs == set(range(30))
+            detail = httpx.get(f"http://127.0.0.1:{port}/api/devices/{D}", timeout=5).json()
+            assert detail["state"]["temperature"] == 20 and detail["online"]
+        finally:
+            device.close()
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(15)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        log = EventLog(StoreConfig.resolve(tmp_path, database_url))
+        try:
+            done = {e.request_id for e in log.read_stream(Device.create_id(P, D))
+                    if type(e).__name__ == "CommandSucceeded"}
+            assert set(results) <= done  # every command answered 200 is in the log
+        finally:
+            log.close()
+
+
+class TestRestartPostgres(TestRestart):
+    @pytest.fixture
+    def database_url(self, pg_database):
+        return pg_database
