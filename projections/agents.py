@@ -61,11 +61,12 @@ class Agents(View):
             self._by_agent_id = {r[1]: self._record(r) for r in rows}
 
     def apply(self, cur: Cursor, events: Sequence[LoggedEvent]) -> None:
+        self._staged = []  # a failed (rolled back) batch must not leak into the mirror
         for le in events:
             e = le.event
             if isinstance(e, (Agent.Created, Agent.Recreated)):
                 at = _iso(e.timestamp)
-                agent_id = getattr(e, "agent_id", None) or self._agent_id_of(cur, le)
+                agent_id = e.agent_id
                 cur.execute("DELETE FROM parley_agents WHERE agent_id = ?", (agent_id,))
                 cur.execute("INSERT INTO parley_agents (id, agent_id, config, running, inserted_at,"
                             " updated_at) VALUES (?, ?, ?, 1, ?, ?)",

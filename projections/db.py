@@ -21,6 +21,7 @@ class ViewDatabase:
         self.is_postgres = config.is_postgres
         self._url = config.url
         self._local = threading.local()
+        self._opened: list[sqlite3.Connection] = []  # every thread's connection, to close them all
         if self.is_postgres:
             from psycopg_pool import ConnectionPool
 
@@ -40,6 +41,7 @@ class ViewDatabase:
             # The views can be rebuilt from the log, so they need not fsync every commit.
             conn.execute("PRAGMA synchronous=NORMAL")
             self._local.conn = conn
+            self._opened.append(conn)
         return conn
 
     @contextmanager
@@ -69,9 +71,9 @@ class ViewDatabase:
         if self.is_postgres:
             self._pool.close()
         else:
-            conn = getattr(self._local, "conn", None)
-            if conn is not None:
+            for conn in self._opened:
                 conn.close()
+            self._opened.clear()
 
 
 class Cursor:

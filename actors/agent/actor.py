@@ -5,7 +5,7 @@ from __future__ import annotations
 from uuid import UUID
 
 from actors.agent.aggregate import Agent
-from actors.agent.config import AgentConfig
+from actors.agent.config import AgentConfig, validation_errors
 from actors.agent.messages import CreateAgent, DeleteAgent, UpdateAgent
 from actors.base import AggregateActor, Key
 from actors.errors import AgentAlreadyExists, AgentNotFound, InvalidCommand
@@ -23,7 +23,7 @@ class AgentActor(AggregateActor):
         if agent is None:
             self.aggregate = Agent(agent_id=self.key[0], config=msg.config)
         elif agent.deleted:
-            agent.recreate(msg.config)
+            agent.recreate(self.key[0], msg.config)
         else:
             raise AgentAlreadyExists("has already been taken")
         msg.reply.ok(self.commit()[-1])
@@ -34,7 +34,8 @@ class AgentActor(AggregateActor):
         try:
             AgentConfig.model_validate(merged)  # the whole agent must stay valid
         except Exception as exc:
-            raise InvalidCommand(str(exc)) from exc
+            errors = validation_errors(exc)
+            raise InvalidCommand("; ".join(f"{k}: {', '.join(v)}" for k, v in errors.items())) from exc
         agent.update(msg.changes)
         msg.reply.ok(self.commit()[-1])
 

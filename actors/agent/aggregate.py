@@ -31,7 +31,7 @@ class Agent(Aggregate):
         self.deleted = True
 
     @event("Recreated")
-    def recreate(self, config: dict[str, Any]) -> None:
+    def recreate(self, agent_id: str, config: dict[str, Any]) -> None:
         """The agent_id was deleted and is taken again: a new agent on the same stream."""
         self.config = config
         self.deleted = False

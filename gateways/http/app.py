@@ -97,7 +97,7 @@ def create_app(runtime: Runtime) -> QuartTrio:
     from gateways.http.health import bp as health_bp
     from gateways.http.openapi import bp as openapi_bp
 
-    app = QuartTrio(__name__)
+    app = QuartTrio(__name__, static_folder=None)  # an API: no /static route
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.config["JSON_SORT_KEYS"] = False
     app.json.sort_keys = False  # keep the documented field order

@@ -1,0 +1,175 @@
+"""GET /api/openapi.json: a hand-written OpenAPI 3.1 document of every route.
+
+Hand-written on purpose: the routes parse JSON themselves (two error families, seed
+shapes), so nothing could generate this faithfully. tests/http/test_openapi.py fails if
+a route is added without documenting it here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quart import Blueprint
+
+bp = Blueprint("openapi", __name__)
+
+
+def ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def resp(description: str, schema: str | dict[str, Any] = "Error") -> dict[str, Any]:
+    body = ref(schema) if isinstance(schema, str) else schema
+    return {"description": description, "content": {"application/json": {"schema": body}}}
+
+
+def param(name: str, where: str, schema: dict[str, Any], description: str,
+          required: bool = False) -> dict[str, Any]:
+    return {"name": name, "in": where, "required": required or where == "path",
+            "schema": schema, "description": description}
+
+
+def body(schema: str) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": ref(schema)}}}
+
+
+STR, INT, OBJ = {"type": "string"}, {"type": "integer"}, {"type": "object"}
+DEVICE_ID = param("deviceId", "path", STR, "The device's id (its MQTT client's deviceId).")
+PRODUCT_Q = param("productId", "query", STR,
+                  "Disambiguates a deviceId used in several products; default: most recently seen.")
+AGENT_ID = param("id", "path", STR, "Numeric agent id; an agent_id string is accepted too.")
+BAD_JSON = resp("Malformed JSON (code invalid_json) or wrong field types (code invalid_request).")
+TOO_LARGE = resp("Body larger than 1 MiB (code request_entity_too_large).")
+AGENT_404 = resp("No such agent.", "AgentNotFound")
+AGENT_422 = resp("Validation failed.", "AgentErrors")
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {"type": "object", "required": ["error", "code"], "properties": {
+        "error": STR, "code": STR, "requestId": STR}},
+    "AgentNotFound": {"type": "object", "properties": {"error": {"const": "Agent not found"}}},
+    "AgentErrors": {"type": "object", "properties": {
+        "success": {"const": False},
+        "errors": {"type": "object", "additionalProperties": {"type": "array", "items": STR}}}},
+    "Health": {"type": "object", "properties": {
+        "status": {"const": "ok"}, "projectionPosition": INT, "logPosition": INT, "activeActors": INT}},
+    "Device": {"type": "object", "properties": {
+        "deviceId": STR, "productId": STR, "online": {"type": "boolean"},
+        "status": {"enum": ["online", "offline"]}, "state": OBJ,
+        "lastSeen": {"type": ["string", "null"], "format": "date-time"},
+        "lastSeenTs": INT, "registeredAt": {"type": "string", "format": "date-time"}}},
+    "DeviceList": {"type": "object", "properties": {
+        "productId": STR, "devices": {"type": "array", "items": ref("Device")}}},
+    "CommandRequest": {"type": "object", "required": ["command"], "properties": {
+        "command": STR, "params": {**OBJ, "default": {}},
+        "timeoutMs": {**INT, "minimum": 1, "maximum": 300000, "default": 30000},
+        "productId": STR}},
+    "CommandResult": {"type": "object", "description": (
+        "The device's answer. `code` is the device's own code: a device answering 400 or 404 "
+        "still gives HTTP 200."), "properties": {
+        "requestId": STR, "command": STR, "code": INT, "msg": STR, "data": {}}},
+    "DeviceEvents": {"type": "object", "properties": {
+        "deviceId": STR, "productId": STR, "events": {"type": "array", "items": {
+            "type": "object", "properties": {
+                "id": INT, "event": STR, "eventType": {"enum": ["alert", "info"]}, "data": OBJ,
+                "ts": {"type": ["integer", "null"]},
+                "receivedAt": {"type": "string", "format": "date-time"}}}}}},
+    "AgentInput": {"type": "object", "required": ["agent"], "properties": {"agent": {
+        "type": "object", "properties": {
+            "agent_id": {**STR, "minLength": 3, "maxLength": 255, "pattern": "^[A-Za-z0-9_-]+$"},
+            "name": {**STR, "minLength": 3, "maxLength": 255},
+            "agent_type": {"enum": ["single", "multi"]},
+            "voice_type": {**STR, "maxLength": 255}, "is_custom_agent": {"type": "boolean"},
+            "sys_prompt": {**STR, "maxLength": 2000}, "welcome_message": {**STR, "maxLength": 500},
+            "custom_agent_endpoint": {**STR, "pattern": "^wss?://",
+                                      "description": "Required when is_custom_agent is true."},
+            "custom_agent_http_headers": OBJ, "emqx_config_id": INT, "mqtt_opts": OBJ,
+            "tools": {"type": "array", "items": OBJ},
+            "data_definitions": {"type": "array", "items": OBJ},
+            "device_spec": {**OBJ, "description": "Commands, telemetry and events of the devices."}},
+        "description": "On create: agent_id, name, agent_type, voice_type, is_custom_agent are "
+                       "required. On update: only the fields to change; agent_id cannot change."}}},
+    "Agent": {"type": "object", "properties": {
+        "id": INT, "agent_id": STR, "name": STR, "agent_type": STR,
+        "sys_prompt": {"type": ["string", "null"]}, "voice_type": STR,
+        "welcome_message": {"type": ["string", "null"]}, "is_custom_agent": {"type": "boolean"},
+        "custom_agent_endpoint": {"type": ["string", "null"]}, "custom_agent_http_headers": OBJ,
+        "emqx_config_id": {"type": ["integer", "null"]}, "mqtt_opts": OBJ,
+        "tools": {"type": "array", "items": {**OBJ, "properties": {
+            "status": {"enum": ["connected", "disconnected"]}}}},
+        "data_definitions": {"type": "array", "items": OBJ},
+        "current_clients": {"type": "array", "items": STR,
+                            "description": "Ids of the product's online devices."},
+        "running": {"type": "boolean"}, "inserted_at": STR, "updated_at": STR,
+        "device_spec": {"type": ["object", "null"]}}},
+    "AgentSaved": {"type": "object", "properties": {
+        "success": {"const": True}, "message": STR, "agent": ref("Agent")}},
+}
+
+PATHS: dict[str, Any] = {
+    "/api/health": {"get": {"summary": "Is the HTTP API up; how far the views follow the log.",
+                            "responses": {"200": resp("Up.", "Health")}}},
+    "/api/openapi.json": {"get": {"summary": "This document.",
+                                  "responses": {"200": resp("OpenAPI 3.1.", OBJ)}}},
+    "/api/products/{productId}/devices": {"get": {
+        "summary": "List the devices of a product (device agent).",
+        "parameters": [param("productId", "path", STR, "The product (= agent_id)."),
+                       param("status", "query", {"enum": ["online", "offline"]}, "Filter.")],
+        "responses": {"200": resp("Devices, ordered by deviceId.", "DeviceList"),
+                      "400": resp("Bad status (code invalid_request)."),
+                      "404": resp("Unknown product (code product_not_found).")}}},
+    "/api/devices/{deviceId}": {"get": {
+        "summary": "A device's status, state and last seen time.",
+        "parameters": [DEVICE_ID, PRODUCT_Q],
+        "responses": {"200": resp("The device.", "Device"),
+                      "404": resp("No such device (code device_not_found).")}}},
+    "/api/devices/{deviceId}/commands": {"post": {
+        "summary": "Send a command from the product's device spec and wait for the answer.",
+        "parameters": [DEVICE_ID], "requestBody": body("CommandRequest"),
+        "responses": {
+            "200": resp("The device answered (whatever its own code).", "CommandResult"),
+            "400": resp("invalid_json / invalid_request, or invalid_command: unknown command, "
+                        "bad params, or no device spec. Nothing was sent."),
+            "404": resp("No such device (code device_not_found)."),
+            "409": resp("Device offline (code device_offline)."), "413": TOO_LARGE,
+            "500": resp("The device actor failed (code internal_error)."),
+            "503": resp("No MQTT link or shutting down (code unavailable)."),
+            "504": resp("No answer within timeoutMs (code command_timeout, with requestId).")}}},
+    "/api/devices/{deviceId}/events": {"get": {
+        "summary": "Events the device reported, newest first.",
+        "parameters": [DEVICE_ID, PRODUCT_Q, param(
+            "limit", "query", {**INT, "minimum": 1, "maximum": 1000, "default": 50}, "How many.")],
+        "responses": {"200": resp("Events.", "DeviceEvents"),
+                      "400": resp("Bad limit (code invalid_request)."),
+                      "404": resp("No such device (code device_not_found).")}}},
+    "/api/agents": {
+        "get": {"summary": "List agents.", "responses": {"200": resp("Agents.", {
+            "type": "object", "properties": {"agents": {"type": "array", "items": ref("Agent")}}})}},
+        "post": {"summary": "Create an agent.", "requestBody": body("AgentInput"), "responses": {
+            "201": resp("Created (message 智能体创建成功).", "AgentSaved"), "400": BAD_JSON,
+            "413": TOO_LARGE, "422": resp("Invalid, or agent_id already taken.", "AgentErrors")}}},
+    "/api/agents/{id}": {
+        "get": {"summary": "One agent.", "parameters": [AGENT_ID],
+                "responses": {"200": resp("The agent.", "Agent"), "404": AGENT_404}},
+        "put": {"summary": "Update some fields of an agent.", "parameters": [AGENT_ID],
+                "requestBody": body("AgentInput"), "responses": {
+                    "200": resp("Updated (message 智能体更新成功).", "AgentSaved"), "400": BAD_JSON,
+                    "404": AGENT_404, "413": TOO_LARGE, "422": AGENT_422}},
+        "delete": {"summary": "Delete an agent.", "parameters": [AGENT_ID], "responses": {
+            "200": resp("Deleted.", {"type": "object", "properties": {"success": {"const": True}}}),
+            "404": AGENT_404}}},
+}
+
+DOCUMENT: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {"title": "Parley HTTP API", "version": "0.1.0", "description": (
+        "Devices, commands and events (errors {error, code}) and agent management "
+        "(errors {error: 'Agent not found'} / {success: false, errors}). See docs/http-api.md. "
+        "Any route: unknown path 404 and wrong method 405, both {error, code}.")},
+    "paths": PATHS,
+    "components": {"schemas": SCHEMAS},
+}
+
+
+@bp.get("/api/openapi.json")
+async def openapi() -> dict[str, Any]:
+    return DOCUMENT

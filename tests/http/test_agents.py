@@ -1,0 +1,183 @@
+"""Agent CRUD over real HTTP (seed 001 shapes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from gateways.runtime import Runtime
+from tests.http.conftest import SPEC, agent_input, create_agent, set_status
+
+SEED_FIELDS = ["id", "agent_id", "name", "agent_type", "sys_prompt", "voice_type", "welcome_message",
+               "is_custom_agent", "custom_agent_endpoint", "custom_agent_http_headers", "emqx_config_id",
+               "mqtt_opts", "tools", "data_definitions", "current_clients", "running", "inserted_at",
+               "updated_at", "device_spec"]
+
+
+async def test_create_then_list_and_get(client: httpx.AsyncClient) -> None:
+    r = await client.post("/api/agents", json={"agent": agent_input()})
+    assert r.status_code == 201
+    body = r.json()
+    assert body["success"] is True and body["message"] == "智能体创建成功"
+    agent = body["agent"]
+    assert list(agent) == SEED_FIELDS
+    assert isinstance(agent["id"], int)
+    assert agent["agent_id"] == "thermostat" and agent["name"] == "Thermostat agent"
+    assert agent["sys_prompt"] == "你是一个智能助手" and agent["custom_agent_endpoint"] is None
+    assert agent["tools"][0]["name"] == "home-control"
+    assert agent["tools"][0]["status"] == "disconnected"
+    assert agent["current_clients"] == [] and agent["running"] is True
+    assert agent["inserted_at"].endswith("Z") and agent["inserted_at"] == agent["updated_at"]
+    assert set(agent["device_spec"]["commands"]) == set(SPEC["commands"])
+
+    # Visible at once: the create waited for the projection.
+    listed = (await client.get("/api/agents")).json()
+    assert listed == {"agents": [agent]}
+    assert (await client.get(f"/api/agents/{agent['id']}")).json() == agent
+    assert (await client.get("/api/agents/thermostat")).json() == agent  # agent_id works too
+
+
+async def test_list_is_ordered_and_reports_online_clients(client: httpx.AsyncClient, runtime: Runtime) -> None:
+    first = await create_agent(client, "thermostat")
+    second = await create_agent(client, "lamp", device_spec=None)
+    await set_status(runtime, "thermostat", "t-001", "online")
+    await set_status(runtime, "thermostat", "t-002", "offline")
+    await set_status(runtime, "lamp", "l-001", "online")
+    agents = (await client.get("/api/agents")).json()["agents"]
+    assert [a["agent_id"] for a in agents] == ["thermostat", "lamp"]
+    assert first["id"] < second["id"]
+    assert agents[0]["current_clients"] == ["t-001"]  # the offline one is not a client
+    assert agents[1]["current_clients"] == ["l-001"]
+    assert agents[1]["device_spec"] is None
+
+
+async def test_unknown_agent_is_404(client: httpx.AsyncClient) -> None:
+    for method in ("GET", "PUT", "DELETE"):
+        r = await client.request(method, "/api/agents/999", json={"agent": {"name": "whatever"}})
+        assert r.status_code == 404, method
+        assert r.json() == {"error": "Agent not found"}
+    assert (await client.get("/api/agents/no-such-agent")).json() == {"error": "Agent not found"}
+
+
+@pytest.mark.parametrize("changes, field, message", [
+    ({"agent_id": "has space"}, "agent_id", "may contain only letters, digits, underscores and hyphens"),
+    ({"agent_id": "a/b"}, "agent_id", "may contain only letters, digits, underscores and hyphens"),
+    ({"agent_id": "ab"}, "agent_id", "String should have at least 3 characters"),
+    ({"agent_id": "a" * 256}, "agent_id", "String should have at most 255 characters"),
+    ({"name": "ab"}, "name", "String should have at least 3 characters"),
+    ({"name": "n" * 256}, "name", "String should have at most 255 characters"),
+    ({"agent_type": "triple"}, "agent_type", "Input should be 'single' or 'multi'"),
+    ({"voice_type": None}, "voice_type", "can't be blank"),
+    ({"is_custom_agent": None}, "is_custom_agent", "can't be blank"),
+    ({"is_custom_agent": True, "custom_agent_endpoint": "http://x.example/ws"},
+     "custom_agent_endpoint", "must start with ws:// or wss://"),
+    ({"is_custom_agent": True}, "custom_agent_endpoint", "can't be blank for a custom agent"),
+    ({"sys_prompt": "p" * 2001}, "sys_prompt", "String should have at most 2000 characters"),
+    ({"welcome_message": "w" * 501}, "welcome_message", "String should have at most 500 characters"),
+])
+async def test_create_rejects_each_invalid_field(client: httpx.AsyncClient, changes: dict[str, Any],
+                                                 field: str, message: str) -> None:
+    agent = agent_input()
+    for key, value in changes.items():
+        if value is None:
+            agent.pop(key)  # missing, not null
+        else:
+            agent[key] = value
+    r = await client.post("/api/agents", json={"agent": agent})
+    assert r.status_code == 422
+    assert r.json() == {"success": False, "errors": {field: [message]}}
+    assert (await client.get("/api/agents")).json() == {"agents": []}
+
+
+async def test_create_without_agent_object_is_422(client: httpx.AsyncClient) -> None:
+    for body in ({}, {"agent": "thermostat"}, {"agent_id": "thermostat"}):
+        r = await client.post("/api/agents", json=body)
+        assert r.status_code == 422
+        assert r.json() == {"success": False, "errors": {"agent": ["can't be blank"]}}
+
+
+async def test_custom_agent_with_wss_endpoint_is_accepted(client: httpx.AsyncClient) -> None:
+    agent = await create_agent(client, "custom-agent-1", is_custom_agent=True,
+                               custom_agent_endpoint="wss://my-agent.example.com/ws")
+    assert agent["is_custom_agent"] is True
+    assert agent["custom_agent_endpoint"] == "wss://my-agent.example.com/ws"
+
+
+async def test_duplicate_agent_id_is_422(client: httpx.AsyncClient) -> None:
+    await create_agent(client)
+    r = await client.post("/api/agents", json={"agent": agent_input(name="Another name")})
+    assert r.status_code == 422
+    assert r.json() == {"success": False, "errors": {"agent_id": ["has already been taken"]}}
+    agents = (await client.get("/api/agents")).json()["agents"]
+    assert [a["name"] for a in agents] == ["Thermostat agent"]  # the first one is untouched
+
+
+async def test_update_changes_only_given_fields(client: httpx.AsyncClient) -> None:
+    agent = await create_agent(client)
+    r = await client.put(f"/api/agents/{agent['id']}",
+                         json={"agent": {"name": "更新后的名称", "sys_prompt": "新的系统提示词"}})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["success"] is True and body["message"] == "智能体更新成功"
+    updated = body["agent"]
+    assert updated["name"] == "更新后的名称" and updated["sys_prompt"] == "新的系统提示词"
+    assert updated["voice_type"] == agent["voice_type"] and updated["id"] == agent["id"]
+    assert updated["inserted_at"] == agent["inserted_at"]
+    assert updated["updated_at"] >= agent["updated_at"]
+    assert (await client.get(f"/api/agents/{agent['id']}")).json() == updated
+
+
+async def test_update_accepts_same_agent_id_refuses_another(client: httpx.AsyncClient) -> None:
+    agent = await create_agent(client)
+    ok = await client.put("/api/agents/thermostat", json={"agent": {"agent_id": "thermostat", "name": "Renamed"}})
+    assert ok.status_code == 200 and ok.json()["agent"]["name"] == "Renamed"
+    r = await client.put(f"/api/agents/{agent['id']}", json={"agent": {"agent_id": "other"}})
+    assert r.status_code == 422
+    assert r.json() == {"success": False, "errors": {"agent_id": ["cannot be changed"]}}
+
+
+@pytest.mark.parametrize("changes, field, message", [
+    ({"name": "ab"}, "name", "String should have at least 3 characters"),
+    ({"agent_type": "triple"}, "agent_type", "Input should be 'single' or 'multi'"),
+    ({"sys_prompt": "p" * 2001}, "sys_prompt", "String should have at most 2000 characters"),
+    ({"custom_agent_endpoint": "http://x"}, "custom_agent_endpoint", "must start with ws:// or wss://"),
+    # Valid alone, invalid once merged with the stored agent (it has no endpoint).
+    ({"is_custom_agent": True}, "custom_agent_endpoint", "can't be blank for a custom agent"),
+    ({"unknown_field": 1}, "unknown_field", "Extra inputs are not permitted"),
+])
+async def test_update_rejects_invalid_changes(client: httpx.AsyncClient, changes: dict[str, Any],
+                                              field: str, message: str) -> None:
+    agent = await create_agent(client)
+    r = await client.put(f"/api/agents/{agent['id']}", json={"agent": changes})
+    assert r.status_code == 422
+    assert r.json() == {"success": False, "errors": {field: [message]}}
+    assert (await client.get(f"/api/agents/{agent['id']}")).json() == agent  # unchanged
+
+
+async def test_update_without_agent_object_is_422(client: httpx.AsyncClient) -> None:
+    agent = await create_agent(client)
+    r = await client.put(f"/api/agents/{agent['id']}", json={"name": "flat"})
+    assert r.status_code == 422
+    assert r.json() == {"success": False, "errors": {"agent": ["can't be blank"]}}
+
+
+async def test_delete(client: httpx.AsyncClient) -> None:
+    agent = await create_agent(client)
+    r = await client.delete(f"/api/agents/{agent['id']}")
+    assert r.status_code == 200
+    assert r.json() == {"success": True}
+    assert (await client.get(f"/api/agents/{agent['id']}")).status_code == 404
+    assert (await client.get("/api/agents")).json() == {"agents": []}
+    again = await client.delete(f"/api/agents/{agent['id']}")
+    assert again.status_code == 404 and again.json() == {"error": "Agent not found"}
+
+
+async def test_agent_id_can_be_taken_again_after_delete(client: httpx.AsyncClient) -> None:
+    first = await create_agent(client)
+    assert (await client.delete("/api/agents/thermostat")).status_code == 200
+    second = await create_agent(client, name="Second life")
+    assert second["agent_id"] == "thermostat" and second["name"] == "Second life"
+    assert second["id"] != first["id"]
+    assert (await client.get("/api/agents")).json() == {"agents": [second]}

@@ -1,0 +1,125 @@
+"""Device listing, details and events over real HTTP (seed 000 shapes)."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+
+import httpx
+
+from gateways.runtime import Runtime
+from tests.http.conftest import create_agent, now_ms, report_event, set_status
+
+ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+async def test_list_devices_with_status_filter(client: httpx.AsyncClient, runtime: Runtime) -> None:
+    await create_agent(client)
+    await set_status(runtime, "thermostat", "t-002", "online", {"temperature": 21})
+    await set_status(runtime, "thermostat", "t-001", "online")
+    await set_status(runtime, "thermostat", "t-003", "offline")
+    await create_agent(client, "lamp")
+    await set_status(runtime, "lamp", "l-001", "online")  # another product: never listed here
+
+    async def ids(query: str = "") -> list[str]:
+        r = await client.get(f"/api/products/thermostat/devices{query}")
+        assert r.status_code == 200
+        assert r.json()["productId"] == "thermostat"
+        return [d["deviceId"] for d in r.json()["devices"]]
+
+    assert await ids() == ["t-001", "t-002", "t-003"]
+    assert await ids("?status=online") == ["t-001", "t-002"]
+    assert await ids("?status=offline") == ["t-003"]
+    devices = (await client.get("/api/products/thermostat/devices")).json()["devices"]
+    assert devices[1]["state"] == {"temperature": 21} and devices[1]["online"] is True
+    assert devices[2]["status"] == "offline" and devices[2]["online"] is False
+
+
+async def test_list_devices_errors(client: httpx.AsyncClient) -> None:
+    await create_agent(client)
+    r = await client.get("/api/products/thermostat/devices?status=asleep")
+    assert r.status_code == 400
+    assert r.json() == {"error": "status must be 'online' or 'offline', not 'asleep'", "code": "invalid_request"}
+    r = await client.get("/api/products/nope/devices")
+    assert r.status_code == 404
+    assert r.json() == {"error": "product 'nope' not found", "code": "product_not_found"}
+    empty = await client.get("/api/products/thermostat/devices")
+    assert empty.json() == {"productId": "thermostat", "devices": []}
+
+
+async def test_device_details(client: httpx.AsyncClient, runtime: Runtime) -> None:
+    await create_agent(client)
+    seen = now_ms()
+    await set_status(runtime, "thermostat", "t-001", "online", {"temperature": 22.5, "mode": "heat"},
+                     received_ms=seen)
+    r = await client.get("/api/devices/t-001")
+    assert r.status_code == 200
+    device = r.json()
+    assert list(device) == ["deviceId", "productId", "online", "status", "state", "lastSeen",
+                            "lastSeenTs", "registeredAt"]
+    assert device["deviceId"] == "t-001" and device["productId"] == "thermostat"
+    assert device["online"] is True and device["status"] == "online"
+    assert device["state"] == {"temperature": 22.5, "mode": "heat"}
+    assert device["lastSeenTs"] == seen
+    assert ISO_MS.match(device["lastSeen"]) and ISO_MS.match(device["registeredAt"])
+    # The ISO form and the epoch ms are the same instant.
+    parsed = datetime.fromisoformat(device["lastSeen"].replace("Z", "+00:00"))
+    assert round(parsed.timestamp() * 1000) == seen
+
+
+async def test_device_id_in_two_products(client: httpx.AsyncClient, runtime: Runtime) -> None:
+    await create_agent(client, "thermostat")
+    await create_agent(client, "lamp")
+    await set_status(runtime, "thermostat", "shared-1", "online", received_ms=now_ms() - 5000)
+    await set_status(runtime, "lamp", "shared-1", "offline", received_ms=now_ms())
+    assert (await client.get("/api/devices/shared-1")).json()["productId"] == "lamp"  # seen last
+    picked = (await client.get("/api/devices/shared-1?productId=thermostat")).json()
+    assert picked["productId"] == "thermostat" and picked["online"] is True
+
+
+async def test_unknown_device_is_404(client: httpx.AsyncClient, runtime: Runtime) -> None:
+    r = await client.get("/api/devices/ghost")
+    assert r.status_code == 404
+    assert r.json() == {"error": "device 'ghost' not found", "code": "device_not_found"}
+    await set_status(runtime, "thermostat", "t-001", "online")
+    r = await client.get("/api/devices/t-001?productId=lamp")
+    assert r.status_code == 404
+    assert r.json() == {"error": "device 't-001' not found in product 'lamp'", "code": "device_not_found"}
+
+
+async def test_events_newest_first_with_event_type(client: httpx.AsyncClient, runtime: Runtime) -> None:
+    await create_agent(client)
+    await set_status(runtime, "thermostat", "t-001", "online")
+    p1 = await report_event(runtime, "thermostat", "t-001", "temperature_alert",
+                            {"temperature": 38.5, "level": "warning"}, device_ts=1710000010000)
+    p2 = await report_event(runtime, "thermostat", "t-001", "heartbeat", {})
+    p3 = await report_event(runtime, "thermostat", "t-001", "door_open", {"door": "front"})
+    await report_event(runtime, "thermostat", "t-002", "heartbeat", {})  # another device
+    r = await client.get("/api/devices/t-001/events")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["deviceId"] == "t-001" and body["productId"] == "thermostat"
+    events = body["events"]
+    assert [e["id"] for e in events] == [p3, p2, p1]
+    assert [e["event"] for e in events] == ["door_open", "heartbeat", "temperature_alert"]
+    # alert comes from the spec; heartbeat is declared info; door_open is undeclared -> info
+    assert [e["eventType"] for e in events] == ["info", "info", "alert"]
+    assert events[2]["data"] == {"temperature": 38.5, "level": "warning"}
+    assert events[2]["ts"] == 1710000010000 and events[0]["ts"] is None
+    assert all(ISO_MS.match(e["receivedAt"]) for e in events)
+    assert list(events[0]) == ["id", "event", "eventType", "data", "ts", "receivedAt"]
+
+    limited = (await client.get("/api/devices/t-001/events?limit=2")).json()["events"]
+    assert [e["id"] for e in limited] == [p3, p2]
+
+
+async def test_events_errors(client: httpx.AsyncClient, runtime: Runtime) -> None:
+    await set_status(runtime, "thermostat", "t-001", "online")
+    for bad in ("0", "1001", "abc", "-1"):
+        r = await client.get(f"/api/devices/t-001/events?limit={bad}")
+        assert r.status_code == 400, bad
+        assert r.json() == {"error": f"limit must be an integer from 1 to 1000, not {bad!r}",
+                            "code": "invalid_request"}
+    assert (await client.get("/api/devices/t-001/events?limit=1000")).json()["events"] == []
+    r = await client.get("/api/devices/ghost/events")
+    assert r.status_code == 404 and r.json()["code"] == "device_not_found"
