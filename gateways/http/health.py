@@ -21,4 +21,6 @@ async def health() -> dict[str, Any]:
         "projectionPosition": runtime.projections.position,
         "logPosition": log_position,
         "activeActors": runtime.system.active_count(),
+        # MQTT gateway counters: received, acked, dropped.<reason> (e.g. unknown_product).
+        "mqtt": dict(getattr(runtime.system.device_link, "stats", {})),
     }
