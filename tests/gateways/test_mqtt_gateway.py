@@ -214,3 +214,31 @@ def test_silent_device_goes_offline_and_that_is_an_event(runtime, gateway, devic
     wait_until(lambda: not runtime.devices.find(D)[0].online)
     device.send(f"v1/{P}/{D}/telemetry", status())  # a heartbeat brings it back
     wait_until(lambda: runtime.devices.find(D)[0].online)
+
+
+def test_reconnects_and_resubscribes_after_the_broker_restarts(runtime):
+    """The broker goes away and comes back empty (no session): Parley reconnects with
+    backoff and subscribes again."""
+    from gateways.broker import BuiltinBroker
+
+    broker = BuiltinBroker(port=0)
+    port = broker.start()
+    gw = MqttGateway(runtime, f"mqtt://127.0.0.1:{port}", client_id=f"parley-reconnect-{time.monotonic_ns()}")
+    gw.start()
+    create_agent(runtime)
+    dev = DeviceClient(port, client_id=f"dev-reconnect-{time.monotonic_ns()}")
+    try:
+        dev.send(f"v1/{P}/{D}/telemetry", status({"n": 1}))
+        wait_until(lambda: "StatusReported" in stream(runtime))
+        broker.stop()
+        wait_until(lambda: not gw._ready.is_set(), timeout=10)
+        broker = BuiltinBroker(port=port)
+        broker.start()
+        wait_until(lambda: gw._ready.is_set(), timeout=40)  # backoff starts at 1 s
+        wait_until(lambda: dev.c.is_connected(), timeout=40)
+        dev.send(f"v1/{P}/{D}/telemetry", status({"n": 2}))
+        wait_until(lambda: stream(runtime).count("StatusReported") == 2, timeout=10)
+    finally:
+        dev.close()
+        gw.stop()
+        broker.stop()

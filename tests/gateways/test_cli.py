@@ -1,0 +1,73 @@
+"""The CLI: settings precedence, and `replay device` reading a log a server wrote."""
+
+from __future__ import annotations
+
+import pytest
+import structlog
+from typer.testing import CliRunner
+
+from actors.device import DeviceActor, ReportTelemetry, SendCommand
+from actors.errors import CommandTimedOut
+from actors.ports import FutureReply
+from gateways.cli import app
+from gateways.config import load_settings
+from tests.support import make_runtime, now_ms
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    yield
+    structlog.reset_defaults()  # the CLI configures logging for its process; undo that here
+
+
+def test_settings_flags_beat_env_beat_toml_beat_defaults(tmp_path, monkeypatch):
+    toml = tmp_path / "parley.toml"
+    toml.write_text('http_port = 4000\nliveness_window = 30\nlog_format = "json"\n')
+    monkeypatch.setenv("PARLEY_HTTP_PORT", "5000")
+    s = load_settings(toml)
+    assert (s.http_port, s.liveness_window, s.log_format, s.voice_port) == (5000, 30, "json", 3001)
+    assert load_settings(toml, http_port=6000).http_port == 6000
+    monkeypatch.delenv("PARLEY_HTTP_PORT")
+    assert load_settings(toml).http_port == 4000
+
+
+def test_bad_settings_are_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("http_port = 'many'\n")
+    result = runner.invoke(app, ["replay", "device", "x", "--config", str(bad)])
+    assert result.exit_code == 2 and "invalid settings" in result.output
+    result = runner.invoke(app, ["replay", "device", "x", "--config", str(tmp_path / "missing.toml")], terminal_width=300)
+    assert result.exit_code == 2 and "not found" in " ".join(result.output.split())
+
+
+def test_replay_device_timeline_and_state_at_version(tmp_path):
+    rt = make_runtime(tmp_path)
+    rt.attach_device_link(type("Silent", (), {"publish_command": lambda *a: None})())  # never answers
+    try:
+        key = ("thermostat", "t-9")
+        for state in ({"temperature": 20}, {"temperature": 25}):
+            r = FutureReply()
+            rt.system.tell(DeviceActor, key, ReportTelemetry("status", "online", state, None, now_ms(), reply=r))
+            pos = r.get(5)
+        r = FutureReply()
+        rt.system.tell(DeviceActor, key, SendCommand("rq-77", "set_target_temperature", {"target_temperature": 21}, 100, reply=r))
+        try:
+            r.get(5)
+        except CommandTimedOut:
+            pass
+        assert rt.projections.wait_for(pos, 5)
+        # Read while the "server" is still running, as an operator would.
+        result = runner.invoke(app, ["replay", "device", "t-9", "--data-dir", str(tmp_path)], terminal_width=200)
+        assert result.exit_code == 0, result.output
+        for word in ("Registered", "StatusReported", "CommandSent", "CommandTimedOut", "rq-77", "timeline"):
+            assert word in result.output
+        result = runner.invoke(app, ["replay", "device", "t-9", "--data-dir", str(tmp_path), "--at", "2"],
+                               terminal_width=200)
+        assert result.exit_code == 0, result.output
+        assert "20" in result.output and "25" not in result.output and "at version 2" in result.output
+    finally:
+        rt.close()
+    result = runner.invoke(app, ["replay", "device", "nobody", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 1 and "not found" in result.output
