@@ -139,6 +139,63 @@ def _find_product(log: Any, device_id: str) -> str:
     raise typer.Exit(1)
 
 
+@app.command()
+def simulate(
+    product: Annotated[str, typer.Option("--product", help="Product (agent) id the devices belong to.")] = "thermostat",
+    devices: Annotated[int, typer.Option("--devices", min=1, help="How many virtual devices.")] = 10,
+    interval: Annotated[float, typer.Option("--interval", min=0.001, help="Seconds between heartbeats.")] = 30.0,
+    mqtt_url: Annotated[str, typer.Option("--mqtt-url", help="The broker Parley listens on.")] = "mqtt://127.0.0.1:1883",
+    duration: Annotated[Optional[float], typer.Option("--duration", help="Stop after this many seconds [run until Ctrl-C].")] = None,
+    connections: Annotated[Optional[int], typer.Option("--connections", min=1, help="Shared MQTT connections [min(devices, 20)].")] = None,
+    spec_from_server: Annotated[Optional[str], typer.Option("--spec-from-server", help="http://host:port of a Parley: use its product's device_spec.")] = None,
+) -> None:
+    """Run virtual devices that speak the MQTT device protocol (for demos and load)."""
+    import time
+
+    from rich.live import Live
+
+    from gateways.demo import THERMOSTAT
+    from gateways.simulate import Simulator, fetch_spec
+
+    configure_logging("console", "warning")
+    if spec_from_server:
+        try:
+            spec = fetch_spec(spec_from_server, product)
+        except Exception as exc:
+            console.print(f"[red]cannot read the device spec of {product!r}:[/red] {exc}")
+            raise typer.Exit(1) from None
+    elif product == THERMOSTAT["agent_id"]:
+        spec = THERMOSTAT["device_spec"]
+    else:
+        console.print(f"[red]no built-in spec for {product!r}: pass --spec-from-server[/red]")
+        raise typer.Exit(2)
+    sim = Simulator(spec, product, devices=devices, interval=interval, mqtt_url=mqtt_url,
+                    connections=connections)
+
+    def line() -> str:
+        c = sim.counters()
+        return (f"devices connected {c['connected_devices']}/{c['devices']}  messages sent {c['sent']}"
+                f"  events {c['events']}  commands answered {c['answered']} (rejected {c['rejected']})"
+                f"  {c['rate']:.0f} msg/s  {c['elapsed']:.0f} s")
+
+    try:
+        sim.start()
+    except ConnectionError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    try:
+        with Live(line(), console=console, refresh_per_second=4, transient=False) as live:
+            deadline = None if duration is None else time.monotonic() + duration
+            while deadline is None or time.monotonic() < deadline:
+                time.sleep(0.25)
+                live.update(line())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sim.stop()
+    console.print(f"stopped: {line()}")
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,102 @@
+"""Helpers shared by the benchmarks: percentiles, a Parley runtime in-process, stores."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+console = Console(stderr=True, width=max(Console(stderr=True).width, 140))
+
+
+@dataclass
+class Result:
+    name: str
+    rows: list[tuple[str, str]] = field(default_factory=list)  # (metric, value)
+    target: str = ""
+    met: bool | None = None
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def add(self, metric: str, value: str) -> None:
+        self.rows.append((metric, value))
+        console.print(f"  [dim]{self.name}[/dim] {metric}: [bold]{value}[/bold]")
+
+
+@dataclass
+class Options:
+    quick: bool
+    broker: Any  # tests.services.BrokerHandle
+    admin_database_url: str | None
+    workdir: Path
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = (len(s) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f} ms"
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+@contextlib.contextmanager
+def store(opts: Options, label: str) -> Iterator[tuple[Path, str | None]]:
+    """A fresh data dir (and, with --database-url, a fresh PostgreSQL database)."""
+    data_dir = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=opts.workdir))
+    url = None
+    if opts.admin_database_url:
+        from tests.services import create_database
+
+        url = create_database(opts.admin_database_url, prefix="parley_bench_")
+    try:
+        yield data_dir, url
+    finally:
+        if url:
+            from tests.services import drop_database
+
+            with contextlib.suppress(Exception):
+                drop_database(opts.admin_database_url, url)
+
+
+def quiet_logging() -> None:
+    from gateways.logs import configure_logging
+
+    configure_logging("console", "error")
+
+
+def wait_until(pred, timeout: float, interval: float = 0.005) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval)
+    return pred()
+
+
+def cpu_count() -> int:
+    return os.cpu_count() or 0

@@ -1,0 +1,162 @@
+"""Ingest: telemetry from simulated devices at QoS 0, committed and visible in the
+device registry view, against a bare paho subscriber on the same publish stream."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from bench.common import Options, Result, console, quiet_logging, store, wait_until
+from gateways.demo import THERMOSTAT
+from gateways.simulate import Simulator
+
+DEVICES = 200
+PUBLISH_RATE = 25_000  # msg/s the publisher is paced at: above what either side can take
+
+
+def make_stream(count: int) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
+    """(warm-up: one status online per device, measured: `count` state messages)."""
+    sim = Simulator(THERMOSTAT["device_spec"], "thermostat", devices=DEVICES, prefix="bench", seed=1)
+    warm = [(sim.telemetry_topic(d.device_id), sim.status(d, with_state=True)) for d in sim.devices]
+    msgs = []
+    for i in range(count):
+        d = sim.devices[i % DEVICES]
+        sim._drift(d)
+        msgs.append((sim.telemetry_topic(d.device_id), sim.state(d)))
+    return warm, msgs
+
+
+class Publisher:
+    def __init__(self, host: str, port: int) -> None:
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{uuid.uuid4().hex[:6]}")
+        self.client.connect(host, port)
+        self.client.loop_start()
+
+    def send(self, msgs: list[tuple[str, bytes]], rate: float = PUBLISH_RATE) -> float:
+        """Publish at a fixed rate (in 5 ms slices); return the achieved rate."""
+        start = time.perf_counter()
+        chunk = max(1, int(rate * 0.005))
+        info = None
+        for i in range(0, len(msgs), chunk):
+            for topic, payload in msgs[i:i + chunk]:
+                info = self.client.publish(topic, payload, qos=0)
+            ahead = start + (i + chunk) / rate - time.perf_counter()
+            if ahead > 0:
+                time.sleep(ahead)
+        if info is not None:
+            info.wait_for_publish(30)
+        return len(msgs) / (time.perf_counter() - start)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def baseline(opts: Options, msgs: list[tuple[str, bytes]]) -> dict[str, float]:
+    b = opts.broker
+    count = [0]
+    last = [0.0]
+    sub = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-sub-{uuid.uuid4().hex[:6]}")
+
+    def on_message(c: Any, u: Any, m: paho.MQTTMessage) -> None:
+        count[0] += 1
+        last[0] = time.perf_counter()
+
+    ready = threading.Event()
+    sub.on_message = on_message
+    sub.on_subscribe = lambda *a: ready.set()
+    sub.connect(b.host, b.port)
+    sub.loop_start()
+    sub.subscribe("v1/+/+/telemetry", 1)
+    ready.wait(5)
+    pub = Publisher(b.host, b.port)
+    try:
+        t0 = time.perf_counter()
+        pub_rate = pub.send(msgs)
+        n = len(msgs)
+        prev = -1
+        while count[0] < n and count[0] != prev:  # stop when done, or when nothing arrives for 2 s
+            prev = count[0]
+            wait_until(lambda: count[0] >= n, 2.0)
+        return {"received": count[0], "rate": count[0] / (last[0] - t0), "publish_rate": pub_rate}
+    finally:
+        pub.close()
+        sub.disconnect()
+        sub.loop_stop()
+
+
+def parley(opts: Options, warm: list[tuple[str, bytes]], msgs: list[tuple[str, bytes]]) -> dict[str, float]:
+    from gateways.demo import ensure_demo_agent
+    from gateways.mqtt import MqttGateway
+    from gateways.runtime import Runtime, RuntimeSettings
+
+    with store(opts, "ingest") as (data_dir, url):
+        runtime = Runtime(RuntimeSettings(data_dir=data_dir, database_url=url))
+        runtime.start()
+        gw = MqttGateway(runtime, opts.broker.url, client_id=f"bench-parley-{uuid.uuid4().hex[:6]}")
+        runtime.attach_device_link(gw)
+        gw.start()
+        pub = Publisher(opts.broker.host, opts.broker.port)
+        try:
+            ensure_demo_agent(runtime)
+            pub.send(warm)
+            proj = runtime.projections
+            assert wait_until(lambda: runtime.devices.count("thermostat") >= DEVICES
+                              and proj.position >= runtime.log.max_position(), 60), "warm-up did not finish"
+            applied0, received0 = proj.applied, gw.stats["received"]
+            n = len(msgs)
+            t0 = time.perf_counter()
+            pub.send(msgs)
+            t_pub = time.perf_counter() - t0
+            done = [0.0]
+
+            def visible() -> bool:
+                got = proj.applied - applied0
+                if got >= n:
+                    done[0] = time.perf_counter()
+                    return True
+                return False
+
+            prev = -1
+            while not visible() and proj.applied != prev:  # progress, or give up after 5 s idle
+                prev = proj.applied
+                wait_until(visible, 5.0, 0.002)
+            applied = proj.applied - applied0
+            end = done[0] or time.perf_counter()
+            return {"received": gw.stats["received"] - received0, "applied": applied,
+                    "rate": applied / (end - t0), "publish_seconds": t_pub,
+                    "journal_batches": runtime.journal.batches, "active_actors": runtime.system.active_count()}
+        finally:
+            pub.close()
+            gw.stop()
+            runtime.close()
+
+
+def run(opts: Options) -> Result:
+    quiet_logging()
+    count = 8_000 if opts.quick else 30_000
+    r = Result("ingest", target="Parley / bare subscriber >= 0.5")
+    warm, msgs = make_stream(count)
+    console.print(f"  ingest: {count} state messages from {DEVICES} devices, QoS 0, publisher paced at {PUBLISH_RATE}/s")
+    console.print("  ingest: baseline (bare paho subscriber) ...")
+    base = baseline(opts, msgs)
+    console.print("  ingest: Parley (gateway -> actors -> journal -> registry view) ...")
+    par = parley(opts, warm, msgs)
+    ratio = par["rate"] / base["rate"]
+    r.add("messages", f"{count} from {DEVICES} devices")
+    r.add("publisher achieved", f"{base['publish_rate']:,.0f} msg/s")
+    r.add("bare subscriber", f"{base['rate']:,.0f} msg/s ({base['received']}/{count} received)")
+    r.add("Parley committed + visible in registry view",
+          f"{par['rate']:,.0f} msg/s ({par['applied']}/{count} applied, {par['received']} received by gateway)")
+    r.add("ratio", f"{ratio:.2f}")
+    r.met = ratio >= 0.5 and par["applied"] >= count
+    if base["received"] < count:
+        r.notes.append(f"the bare subscriber lost {count - base['received']} QoS 0 messages (broker queue limits)")
+    if par["applied"] < count:
+        r.notes.append(f"Parley applied only {par['applied']} of {count}")
+    return r
