@@ -66,6 +66,9 @@ class ActorSystem:
         self._stopping: dict[tuple[type[AggregateActor], Key], pykka.ActorRef[Any]] = {}
         self._lock = threading.RLock()
         self._closed = False
+        # Loads from the log at once: the store's connection pool is small, and on 2 cores
+        # more parallel loads only queue up anyway.
+        self.loading = threading.BoundedSemaphore(8)
         self.activations = 0
         self.passivations = 0
         self._stop_sweeper = threading.Event()

@@ -28,6 +28,8 @@ def now_ms() -> int:
 
 class DeviceActor(AggregateActor):
     kind = "device"
+    # Device reports are folded: a burst of telemetry waiting in the inbox is one commit.
+    batchable = (ReportTelemetry, ReportEvent)
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -38,8 +40,7 @@ class DeviceActor(AggregateActor):
         product_id, device_id = key
         return Device.create_id(product_id, device_id)
 
-    def on_start(self) -> None:
-        super().on_start()
+    def on_loaded(self) -> None:
         # Commands that were in flight when the previous actor (or process) ended still
         # deserve their timeout event: arm their deadlines from the log.
         if self.aggregate is not None:
@@ -52,19 +53,16 @@ class DeviceActor(AggregateActor):
             self.aggregate = Device(product_id=self.key[0], device_id=self.key[1])
         return self.aggregate
 
+    # Batchable: these only apply events; the base class commits the burst and replies.
     def handle_ReportTelemetry(self, msg: ReportTelemetry) -> None:
         device = self._device()
         if msg.kind == "status":
             device.report_status(msg.status, msg.state, msg.device_ts, msg.received_ms, msg.metadata)
         else:
             device.report_state(msg.state or {}, msg.device_ts, msg.received_ms, msg.metadata)
-        positions = self.commit()
-        msg.reply.ok(positions[-1])
 
     def handle_ReportEvent(self, msg: ReportEvent) -> None:
         self._device().report_event(msg.name, msg.data, msg.device_ts, msg.received_ms, msg.metadata)
-        positions = self.commit()
-        msg.reply.ok(positions[-1])
 
     def handle_ExpireLiveness(self, msg: ExpireLiveness) -> None:
         device = self.aggregate
@@ -139,6 +137,7 @@ class DeviceActor(AggregateActor):
         return reply
 
     def on_stop(self) -> None:
+        super().on_stop()
         for request_id in list(self.waiters):
             reply = self._take_waiter(request_id)
             if reply is not None:

@@ -18,7 +18,7 @@ from actors.device import (
     ReportTelemetry,
     SendCommand,
 )
-from actors.errors import ActorCrashed, CommandTimedOut, DeviceNotFound, DeviceOffline
+from actors.errors import ActorCrashed, CommandTimedOut, DeviceNotFound, DeviceOffline, Unavailable
 from actors.ports import FutureReply
 from actors.system import ActorSystem, SystemSettings
 from eventstore import EventLog, Journal, StoreConfig
@@ -179,6 +179,47 @@ class TestDeviceActor:
         online(system)
         assert system.is_active(DeviceActor, KEY)
         assert log.load(Device.create_id(*KEY)).online
+
+
+    def test_failed_load_replies_unavailable_and_the_next_message_retries(self, parts, monkeypatch):
+        system, log, _ = parts
+        online(system)
+        system.passivate_idle(now=time.monotonic() + 10_000)
+        real_load = log.load
+        monkeypatch.setattr(log, "load", lambda *a, **k: (_ for _ in ()).throw(OSError("pool exhausted")))
+        with pytest.raises(Unavailable):
+            online(system)
+        monkeypatch.setattr(log, "load", real_load)
+        online(system, state={"back": True})
+        assert log.load(Device.create_id(*KEY)).state == {"back": True}
+
+    def test_queued_reports_are_folded_into_one_commit(self, parts):
+        system, log, _ = parts
+        online(system)
+        batches_before = system.journal.batches
+        gate = threading.Event()
+        # Hold the actor busy so that reports pile up in its inbox behind this message.
+        system.tell(DeviceActor, KEY, Hold(gate))
+        replies = [FutureReply() for _ in range(50)]
+        for i, r in enumerate(replies):
+            system.tell(DeviceActor, KEY, ReportTelemetry("state", None, {"i": i}, None, now_ms(), reply=r))
+        gate.set()
+        positions = {r.get(5) for r in replies}
+        assert len(positions) == 1  # one commit: every report acknowledged with its position
+        assert system.journal.batches - batches_before == 1
+        assert log.load(Device.create_id(*KEY)).state == {"i": 49}
+
+
+class Hold:
+    def __init__(self, gate: threading.Event) -> None:
+        self.gate = gate
+
+
+def _handle_hold(self, msg: Hold) -> None:
+    msg.gate.wait(5)
+
+
+DeviceActor.handle_Hold = _handle_hold  # a test-only message
 
 
 class TestDeviceActorPostgres(TestDeviceActor):
