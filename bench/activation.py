@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from eventsourcing.domain import Snapshot
+
 from bench.common import Options, Result, console, ms, pct, quiet_logging, store
 
 PRODUCT = "bench"
@@ -85,7 +87,7 @@ def run(opts: Options) -> Result:
             t = time.perf_counter()
             device = write_stream(journal, "big", big)
             write_s = time.perf_counter() - t
-            log.put_snapshot(device)
+            log.put_snapshot(Snapshot.take(device))
             console.print(f"  activation: writing a {small:,}-event stream (no snapshot) ...")
             write_stream(journal, "small", small)
             console.print(f"  activation: {runs_snap} activations of the {big:,}-event stream with its snapshot ...")

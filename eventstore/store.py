@@ -18,6 +18,7 @@ import structlog
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Snapshot
 from eventsourcing.persistence import Transcoder
+from eventsourcing.utils import get_topic
 
 from eventstore.transcoder import MsgpackTranscoder
 
@@ -99,6 +100,7 @@ class EventLog:
         # Explicit env only: keep stray POSTGRES_*/SQLITE_* variables of the host out.
         self._app = _ParleyApplication(env=config.env())
         self._listeners: list[Callable[[int], None]] = []
+        self._event_listeners: list[Callable[[list[LoggedEvent]], None]] = []
         self._listen_thread: threading.Thread | None = None
         self._closed = threading.Event()
 
@@ -108,9 +110,16 @@ class EventLog:
         recordings = self._app.events.put(list(events))
         return [r.notification.id for r in recordings]
 
-    def put_snapshot(self, aggregate: Any) -> None:
+    def put_snapshot(self, snapshot: Snapshot) -> None:
+        """Store a snapshot (take it with `Snapshot.take(aggregate)` on the aggregate's thread)."""
         assert self._app.snapshots is not None  # enabled in StoreConfig.env
-        self._app.snapshots.put([Snapshot.take(aggregate)])
+        self._app.snapshots.put([snapshot])
+
+    def snapshot_version(self, aggregate_id: UUID) -> int | None:
+        """Version of the latest snapshot of a stream, if any."""
+        assert self._app.snapshots is not None
+        latest = list(self._app.snapshots.get(aggregate_id, desc=True, limit=1))
+        return latest[0].originator_version if latest else None
 
     # -- reading ---------------------------------------------------------------------
     def load(self, aggregate_id: UUID, version: int | None = None) -> Any | None:
@@ -146,6 +155,19 @@ class EventLog:
         if self.config.is_postgres and self._listen_thread is None:
             self._listen_thread = threading.Thread(target=self._listen, name="eventlog-listen", daemon=True)
             self._listen_thread.start()
+
+    def on_committed_events(self, listener: Callable[[list[LoggedEvent]], None]) -> None:
+        """Hand `listener` the events this process commits, as committed, so a projection
+        in this process need not read them back and decode them."""
+        self._event_listeners.append(listener)
+
+    def publish_committed(self, events: Sequence[Any], positions: Sequence[int]) -> None:
+        if self._event_listeners:
+            logged = [LoggedEvent(p, e.originator_id, e.originator_version, get_topic(type(e)), e)
+                      for e, p in zip(events, positions)]
+            for listener in self._event_listeners:
+                listener(logged)
+        self.notify_committed(positions[-1])
 
     def notify_committed(self, position: int) -> None:
         for listener in self._listeners:

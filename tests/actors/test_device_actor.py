@@ -210,6 +210,16 @@ class TestDeviceActor:
         assert log.load(Device.create_id(*KEY)).state == {"i": 49}
 
 
+    def test_actor_snapshots_every_hundred_events(self, parts):
+        system, log, _ = parts
+        for i in range(120):
+            ask(system, lambda r: ReportTelemetry("state", None, {"i": i}, None, now_ms(), reply=r))
+        stream = Device.create_id(*KEY)
+        wait_until(lambda: log.snapshot_version(stream) is not None)
+        assert 100 <= log.snapshot_version(stream) <= 121
+        assert log.load(stream).state == {"i": 119}
+
+
 class Hold:
     def __init__(self, gate: threading.Event) -> None:
         self.gate = gate

@@ -9,7 +9,7 @@ from typing import Any
 from uuid import uuid4
 
 import pytest
-from eventsourcing.domain import Aggregate, event
+from eventsourcing.domain import Aggregate, Snapshot, event
 from eventsourcing.persistence import RecordConflictError
 
 from eventstore import EventLog, Journal, StoreConfig, stream_id
@@ -111,7 +111,8 @@ class TestEventLog:
         for _ in range(50):
             c.add(1)
         journal.commit(c.collect_events())
-        log.put_snapshot(c)
+        log.put_snapshot(Snapshot.take(c))
+        assert log.snapshot_version(c.id) == 51
         c.add(10)
         journal.commit(c.collect_events())
         loaded = log.load(c.id)
