@@ -12,8 +12,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.common import Options, Result, console, ms, pct, quiet_logging, store, wait_until
-from gateways.demo import THERMOSTAT
-from gateways.simulate import Simulator
+from bench.processes import ResponderProcess, SimulatorProcess, start_server, stop_server
 
 
 def _nodelay_client(name: str) -> paho.Client:
@@ -29,123 +28,74 @@ def _nodelay_client(name: str) -> paho.Client:
 
 
 def bare(opts: Options, n: int) -> list[float]:
+    """Requester here, responder in its own process: the floor any broker-mediated command pays."""
     b = opts.broker
     cmd_topic, resp_topic = "device-agent/bare/device/d1/commands", "device-agent/bare/device/d1/responses"
-    responder, requester = _nodelay_client("bench-resp"), _nodelay_client("bench-req")
+    requester = _nodelay_client("bench-req")
     got = threading.Event()
-    subs = threading.Semaphore(0)
-    responder.on_message = lambda c, u, m: c.publish(resp_topic, m.payload, qos=1)
+    subscribed = threading.Event()
     requester.on_message = lambda c, u, m: got.set()
-    for c, topic in ((responder, cmd_topic), (requester, resp_topic)):
-        c.on_subscribe = lambda *a: subs.release()
-        c.connect(b.host, b.port)
-        c.loop_start()
-        c.subscribe(topic, 1)
-    subs.acquire(timeout=5)
-    subs.acquire(timeout=5)
+    requester.on_subscribe = lambda *a: subscribed.set()
+    requester.connect(b.host, b.port)
+    requester.loop_start()
+    requester.subscribe(resp_topic, 1)
+    subscribed.wait(5)
     out = []
     try:
-        for i in range(n + 50):
-            got.clear()
-            payload = ('{"cmd":"set_target_temperature","params":{"target_temperature":21.5},'
-                       f'"requestId":"r{i}","ts":0}}').encode()
-            t = time.perf_counter()
-            requester.publish(cmd_topic, payload, qos=1)
-            if not got.wait(5):
-                raise TimeoutError("bare responder did not answer")
-            if i >= 50:  # warm-up
-                out.append(time.perf_counter() - t)
+        with ResponderProcess(b.host, b.port, cmd_topic, resp_topic):
+            for i in range(n + 50):
+                got.clear()
+                payload = ('{"cmd":"set_target_temperature","params":{"target_temperature":21.5},'
+                           f'"requestId":"r{i}","ts":0}}').encode()
+                t = time.perf_counter()
+                requester.publish(cmd_topic, payload, qos=1)
+                if not got.wait(5):
+                    raise TimeoutError("bare responder did not answer")
+                if i >= 50:  # warm-up
+                    out.append(time.perf_counter() - t)
     finally:
-        for c in (responder, requester):
-            c.disconnect()
-            c.loop_stop()
+        requester.disconnect()
+        requester.loop_stop()
     return out
 
 
-class Server:
-    """gateways.serve.serve on a trio loop in a background thread."""
-
-    def __init__(self, opts: Options, data_dir: Any, database_url: str | None) -> None:
-        from gateways.config import Settings
-
-        self.settings = Settings(mqtt_url=opts.broker.url, data_dir=data_dir, database_url=database_url,
-                                 http_port=0, demo=True, log_level="error", log_format="console",
-                                 mqtt_client_id=f"bench-serve-{uuid.uuid4().hex[:6]}")
-        import logging
-
-        logging.getLogger("hypercorn.error").setLevel(logging.WARNING)
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="bench-serve", daemon=True)
-
-    def _run(self) -> None:
-        import trio
-
-        from gateways.serve import serve
-
-        async def main() -> None:
-            async with trio.open_nursery() as nursery:
-                self.running = await nursery.start(serve, self.settings)
-                self.token = trio.lowlevel.current_trio_token()
-                self.scope = nursery.cancel_scope
-                self._ready.set()
-
-        try:
-            trio.run(main)
-        except BaseException as exc:  # noqa: BLE001 - reported by start()
-            self._error = exc
-            self._ready.set()
-
-    def start(self) -> Any:
-        self._thread.start()
-        self._ready.wait(60)
-        if self._error is not None:
-            raise self._error
-        return self.running
-
-    def stop(self) -> None:
-        import trio
-
-        trio.from_thread.run_sync(self.scope.cancel, trio_token=self.token)
-        self._thread.join(30)
+def _timed(client: Any, method: str, path: str, n: int, **kw: Any) -> list[float]:
+    samples = []
+    for i in range(n + 50):
+        t = time.perf_counter()
+        resp = client.request(method, path, **kw)
+        dt = time.perf_counter() - t
+        if resp.status_code != 200 or (method == "POST" and resp.json().get("code") != 0):
+            raise RuntimeError(f"{method} {path} failed: {resp.status_code} {resp.text[:200]}")
+        if i >= 50:
+            samples.append(dt)
+    return samples
 
 
 def parley(opts: Options, n: int, state_on_command: bool, probes: dict[str, list[float]] | None = None) -> list[float]:
+    """HTTP client here; `parley serve` and the simulated device each in their own process."""
     import httpx
 
+    from tests.services import free_port
+
+    prefix = f"rt{uuid.uuid4().hex[:4]}"
+    device_id = f"{prefix}-0000"
     with store(opts, "commands") as (data_dir, url):
-        server = Server(opts, data_dir, url)
-        running = server.start()
-        sim = Simulator(THERMOSTAT["device_spec"], "thermostat", devices=1, interval=3600,
-                        mqtt_url=opts.broker.url, connections=1, response_qos=1,
-                        prefix=f"rt{uuid.uuid4().hex[:4]}", state_on_command=state_on_command)
-        sim.start()
-        device_id = sim.devices[0].device_id
-        out = []
+        port = free_port()
+        server = start_server(data_dir, opts.broker.url, port, url)
         try:
-            assert wait_until(lambda: any(r.online for r in running.runtime.devices.find(device_id)), 10), \
-                "simulated device never showed up online"
-            with httpx.Client(base_url=f"http://127.0.0.1:{running.http_port}", timeout=10) as client:
+            with SimulatorProcess(devices=1, interval=3600, mqtt_url=opts.broker.url, connections=1,
+                                  response_qos=1, prefix=prefix, state_on_command=state_on_command), \
+                    httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+                assert wait_until(lambda: client.get(f"/api/devices/{device_id}").status_code == 200
+                                  and client.get(f"/api/devices/{device_id}").json()["online"], 15), \
+                    "simulated device never showed up online"
                 for path in ("/api/health", f"/api/devices/{device_id}") if probes is not None else ():
-                    probes[path] = samples = []
-                    for i in range(n + 50):
-                        t = time.perf_counter()
-                        client.get(path).raise_for_status()
-                        if i >= 50:
-                            samples.append(time.perf_counter() - t)
+                    probes[path] = _timed(client, "GET", path, n)
                 body = {"command": "set_target_temperature", "params": {"target_temperature": 21.5}}
-                for i in range(n + 50):
-                    t = time.perf_counter()
-                    resp = client.post(f"/api/devices/{device_id}/commands", json=body)
-                    dt = time.perf_counter() - t
-                    if resp.status_code != 200 or resp.json().get("code") != 0:
-                        raise RuntimeError(f"command failed: {resp.status_code} {resp.text[:200]}")
-                    if i >= 50:
-                        out.append(dt)
+                return _timed(client, "POST", f"/api/devices/{device_id}/commands", n, json=body)
         finally:
-            sim.stop()
-            server.stop()
-    return out
+            stop_server(server)
 
 
 def run(opts: Options) -> Result:
@@ -159,7 +109,7 @@ def run(opts: Options) -> Result:
     par = parley(opts, n, state_on_command=True, probes=probes)
     console.print(f"  commands: same, device answering with the response only, {n} sequential ...")
     par_only = parley(opts, n, state_on_command=False)
-    r.add("requests", f"{n} sequential (after 50 warm-up), httpx keep-alive client")
+    r.add("requests", f"{n} sequential (after 50 warm-up), httpx keep-alive client; server, device and client in separate processes")
     r.add("bare MQTT round trip p50 / p99", f"{ms(pct(base, 50))} / {ms(pct(base, 99))}")
     r.add("Parley HTTP round trip p50 / p99 (device as SDK: status+state, then response)",
           f"{ms(pct(par, 50))} / {ms(pct(par, 99))}")

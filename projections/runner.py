@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 
 import structlog
 
-from eventstore import EventLog
+from eventstore import EventLog, LoggedEvent
 from projections.db import ViewDatabase
 from projections.view import View
 
@@ -44,14 +45,40 @@ class ProjectionRunner:
             row = cur.fetchone()
         self.position: int = row[0] if row else 0
         self.applied = 0
+        self.read_back = 0  # events that had to be read from the store (not handed over)
+        # Events committed by this process, handed over by the journal. Used while they
+        # continue our position without a gap; anything else is read from the store.
+        self._fed: deque[LoggedEvent] = deque()
+        self._fed_lock = threading.Lock()
+
+    FED_MAX = 100_000
 
     def start(self) -> None:
+        self.log.on_committed_events(self._on_events)
         self.log.on_commit(self._on_commit)
         self._thread = threading.Thread(target=self._run, name=f"projection-{self.name}", daemon=True)
         self._thread.start()
 
     def _on_commit(self, position: int) -> None:
         self._wake.set()
+
+    def _on_events(self, events: list[LoggedEvent]) -> None:
+        with self._fed_lock:
+            if len(self._fed) + len(events) > self.FED_MAX:
+                self._fed.clear()  # far behind: read from the store instead
+            self._fed.extend(events)
+
+    def _take_fed(self) -> list[LoggedEvent]:
+        with self._fed_lock:
+            fed = self._fed
+            while fed and fed[0].position <= self.position:
+                fed.popleft()  # already applied (read from the store)
+            out: list[LoggedEvent] = []
+            expected = self.position + 1
+            while fed and len(out) < self.batch and fed[0].position == expected:
+                out.append(fed.popleft())
+                expected += 1
+            return out
 
     def wait_for(self, position: int, timeout: float = 10.0) -> bool:
         """Block until the views reflect the log up to `position`."""
@@ -72,9 +99,12 @@ class ProjectionRunner:
         return self.position
 
     def step(self) -> int:
-        events = self.log.read_all(self.position, self.batch)
+        events = self._take_fed()
         if not events:
-            return 0
+            events = self.log.read_all(self.position, self.batch)
+            if not events:
+                return 0
+            self.read_back += len(events)
         last = events[-1].position
         with self.db.transaction() as cur:
             for view in self.views:

@@ -65,6 +65,18 @@ async def find_device(device_id: str, product_id: str | None) -> DeviceRow:
     return rows[0]
 
 
+async def command_product(device_id: str, product_id: str | None) -> str:
+    """The product a command goes to. The registry's in-memory index answers without a
+    query; only a device id shared by several products needs the view (most recently seen)."""
+    products = get_runtime().devices.products_of(device_id)
+    if product_id is not None:
+        if product_id in products:
+            return product_id
+    elif len(products) == 1:
+        return products[0]
+    return (await find_device(device_id, product_id)).product_id
+
+
 @bp.get("/api/products/<product_id>/devices")
 async def list_devices(product_id: str) -> dict[str, Any]:
     runtime = get_runtime()
@@ -107,14 +119,14 @@ def _parse_command(body: dict[str, Any]) -> tuple[str, dict[str, Any], int, str 
 async def send_command(device_id: str) -> dict[str, Any]:
     runtime = get_runtime()
     command, params, timeout_ms, product_id = _parse_command(await json_object())
-    device = await find_device(device_id, product_id)
+    product_id = await command_product(device_id, product_id)
     # Check against the product's spec before anything is committed or published:
     # a typo must not reach the device, nor leave a CommandSent in the log.
-    agent = runtime.agents.get(device.product_id)
+    agent = runtime.agents.get(product_id)
     spec = agent.device_spec if agent is not None else None
     if spec is None:
         raise ApiError.coded(400, "invalid_command",
-                             f"product {device.product_id!r} has no device spec; it accepts no commands")
+                             f"product {product_id!r} has no device spec; it accepts no commands")
     try:
         spec.check_command(command, params)
     except InvalidCommand as exc:
@@ -123,7 +135,7 @@ async def send_command(device_id: str) -> dict[str, Any]:
     request_id = uuid4().hex
     reply = TrioReply()
     try:
-        runtime.system.tell(DeviceActor, (device.product_id, device.device_id),
+        runtime.system.tell(DeviceActor, (product_id, device_id),
                             SendCommand(request_id, command, params, timeout_ms, reply))
         return await reply.wait(timeout_ms / 1000 + REPLY_MARGIN_S)
     except ParleyError as exc:

@@ -1,0 +1,117 @@
+"""The other parties of a benchmark as separate processes, as they are in a deployment:
+the Parley server (`parley serve`), simulated devices, and a bare MQTT responder.
+Each has its own interpreter (and GIL), so the numbers measure Parley, not contention
+with the load generator inside one process."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+_ctx = mp.get_context("spawn")
+
+
+def start_server(data_dir: Path, broker_url: str, port: int, database_url: str | None = None) -> subprocess.Popen:
+    """`parley serve --demo` on `port`; returns once /api/health answers."""
+    cmd = [sys.executable, "-m", "gateways.cli", "serve", "--demo", "--host", "127.0.0.1",
+           "--http-port", str(port), "--mqtt-url", broker_url, "--data-dir", str(data_dir),
+           "--log-format", "json"]
+    if database_url:
+        cmd += ["--database-url", database_url]
+    env = {**os.environ, "PARLEY_LOG_LEVEL": "warning", "PARLEY_MQTT_CLIENT_ID": f"bench-{port}"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(data_dir / "server.log", "ab"), env=env)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {(data_dir / 'server.log').read_text()[-1500:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("server did not become healthy within 60 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _run_simulator(kwargs: dict[str, Any], ready: Any, stop: Any) -> None:
+    from gateways.demo import THERMOSTAT
+    from gateways.logs import configure_logging
+    from gateways.simulate import Simulator
+
+    configure_logging("console", "error")
+    sim = Simulator(THERMOSTAT["device_spec"], "thermostat", **kwargs)
+    sim.start()
+    ready.set()
+    stop.wait()
+    sim.stop()
+
+
+class SimulatorProcess:
+    """A `gateways.simulate.Simulator` for the demo thermostat, in its own process."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.ready, self.stop_event = _ctx.Event(), _ctx.Event()
+        self.proc = _ctx.Process(target=_run_simulator, args=(kwargs, self.ready, self.stop_event), daemon=True)
+
+    def __enter__(self) -> "SimulatorProcess":
+        self.proc.start()
+        if not self.ready.wait(30):
+            raise RuntimeError("simulator process did not start")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop_event.set()
+        self.proc.join(20)
+
+
+def _run_responder(host: str, port: int, cmd_topic: str, resp_topic: str, ready: Any, stop: Any) -> None:
+    import socket
+
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-resp-{os.getpid()}")
+    c.on_connect = lambda cl, *a: (cl.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+                                   cl.subscribe(cmd_topic, 1))
+    c.on_subscribe = lambda *a: ready.set()
+    c.on_message = lambda cl, u, m: cl.publish(resp_topic, m.payload, qos=1)
+    c.connect(host, port)
+    c.loop_start()
+    stop.wait()
+    c.disconnect()
+    c.loop_stop()
+
+
+class ResponderProcess:
+    """A bare paho device: echoes every command on its response topic (QoS 1, TCP_NODELAY)."""
+
+    def __init__(self, host: str, port: int, cmd_topic: str, resp_topic: str) -> None:
+        self.ready, self.stop_event = _ctx.Event(), _ctx.Event()
+        self.proc = _ctx.Process(target=_run_responder, daemon=True,
+                                 args=(host, port, cmd_topic, resp_topic, self.ready, self.stop_event))
+
+    def __enter__(self) -> "ResponderProcess":
+        self.proc.start()
+        if not self.ready.wait(30):
+            raise RuntimeError("responder process did not subscribe")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop_event.set()
+        self.proc.join(20)
