@@ -12,6 +12,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.common import Options, Result, console, quiet_logging, store, wait_until
+from bench.processes import PublisherProcess
 from gateways.demo import THERMOSTAT
 from gateways.simulate import Simulator
 
@@ -31,32 +32,6 @@ def make_stream(count: int) -> tuple[list[tuple[str, bytes]], list[tuple[str, by
     return warm, msgs
 
 
-class Publisher:
-    def __init__(self, host: str, port: int) -> None:
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{uuid.uuid4().hex[:6]}")
-        self.client.connect(host, port)
-        self.client.loop_start()
-
-    def send(self, msgs: list[tuple[str, bytes]], rate: float = PUBLISH_RATE) -> float:
-        """Publish at a fixed rate (in 5 ms slices); return the achieved rate."""
-        start = time.perf_counter()
-        chunk = max(1, int(rate * 0.005))
-        info = None
-        for i in range(0, len(msgs), chunk):
-            for topic, payload in msgs[i:i + chunk]:
-                info = self.client.publish(topic, payload, qos=0)
-            ahead = start + (i + chunk) / rate - time.perf_counter()
-            if ahead > 0:
-                time.sleep(ahead)
-        if info is not None:
-            info.wait_for_publish(30)
-        return len(msgs) / (time.perf_counter() - start)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
 def baseline(opts: Options, msgs: list[tuple[str, bytes]]) -> dict[str, float]:
     b = opts.broker
     count = [0]
@@ -74,18 +49,17 @@ def baseline(opts: Options, msgs: list[tuple[str, bytes]]) -> dict[str, float]:
     sub.loop_start()
     sub.subscribe("v1/+/+/telemetry", 1)
     ready.wait(5)
-    pub = Publisher(b.host, b.port)
+    pub = PublisherProcess(b.host, b.port, msgs, PUBLISH_RATE)
     try:
         t0 = time.perf_counter()
-        pub_rate = pub.send(msgs)
+        pub.run()
         n = len(msgs)
         prev = -1
         while count[0] < n and count[0] != prev:  # stop when done, or when nothing arrives for 2 s
             prev = count[0]
             wait_until(lambda: count[0] >= n, 2.0)
-        return {"received": count[0], "rate": count[0] / (last[0] - t0), "publish_rate": pub_rate}
+        return {"received": count[0], "rate": count[0] / (last[0] - t0), "publish_rate": pub.finish()}
     finally:
-        pub.close()
         sub.disconnect()
         sub.loop_stop()
 
@@ -101,18 +75,19 @@ def parley(opts: Options, warm: list[tuple[str, bytes]], msgs: list[tuple[str, b
         gw = MqttGateway(runtime, opts.broker.url, client_id=f"bench-parley-{uuid.uuid4().hex[:6]}")
         runtime.attach_device_link(gw)
         gw.start()
-        pub = Publisher(opts.broker.host, opts.broker.port)
         try:
             ensure_demo_agent(runtime)
-            pub.send(warm)
+            warm_pub = PublisherProcess(opts.broker.host, opts.broker.port, warm, PUBLISH_RATE)
+            warm_pub.run()
+            warm_pub.finish()
             proj = runtime.projections
             assert wait_until(lambda: runtime.devices.count("thermostat") >= DEVICES
                               and proj.position >= runtime.log.max_position(), 60), "warm-up did not finish"
             applied0, received0 = proj.applied, gw.stats["received"]
             n = len(msgs)
+            pub = PublisherProcess(opts.broker.host, opts.broker.port, msgs, PUBLISH_RATE)
             t0 = time.perf_counter()
-            pub.send(msgs)
-            t_pub = time.perf_counter() - t0
+            pub.run()
             done = [0.0]
 
             def visible() -> bool:
@@ -128,11 +103,11 @@ def parley(opts: Options, warm: list[tuple[str, bytes]], msgs: list[tuple[str, b
                 wait_until(visible, 5.0, 0.002)
             applied = proj.applied - applied0
             end = done[0] or time.perf_counter()
+            t_pub = pub.finish()
             return {"received": gw.stats["received"] - received0, "applied": applied,
                     "rate": applied / (end - t0), "publish_seconds": t_pub,
                     "journal_batches": runtime.journal.batches, "active_actors": runtime.system.active_count()}
         finally:
-            pub.close()
             gw.stop()
             runtime.close()
 
@@ -142,7 +117,7 @@ def run(opts: Options) -> Result:
     count = 8_000 if opts.quick else 30_000
     r = Result("ingest", target="Parley / bare subscriber >= 0.5")
     warm, msgs = make_stream(count)
-    console.print(f"  ingest: {count} state messages from {DEVICES} devices, QoS 0, publisher paced at {PUBLISH_RATE}/s")
+    console.print(f"  ingest: {count} state messages from {DEVICES} devices, QoS 0, publisher process paced at {PUBLISH_RATE}/s")
     console.print("  ingest: baseline (bare paho subscriber) ...")
     base = baseline(opts, msgs)
     console.print("  ingest: Parley (gateway -> actors -> journal -> registry view) ...")

@@ -115,3 +115,51 @@ class ResponderProcess:
     def __exit__(self, *exc: Any) -> None:
         self.stop_event.set()
         self.proc.join(20)
+
+
+def _run_publisher(host: str, port: int, msgs: list[tuple[str, bytes]], rate: float, ready: Any, go: Any,
+                   result: Any) -> None:
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{os.getpid()}")
+    c.connect(host, port)
+    c.loop_start()
+    ready.set()
+    go.wait()
+    start = time.perf_counter()
+    chunk = max(1, int(rate * 0.005))  # paced in 5 ms slices
+    info = None
+    for i in range(0, len(msgs), chunk):
+        for topic, payload in msgs[i:i + chunk]:
+            info = c.publish(topic, payload, qos=0)
+        ahead = start + (i + chunk) / rate - time.perf_counter()
+        if ahead > 0:
+            time.sleep(ahead)
+    if info is not None:
+        info.wait_for_publish(60)
+    result.value = len(msgs) / (time.perf_counter() - start)
+    c.disconnect()
+    c.loop_stop()
+
+
+class PublisherProcess:
+    """Devices' telemetry from another process: publish `msgs` at QoS 0, paced at `rate`."""
+
+    def __init__(self, host: str, port: int, msgs: list[tuple[str, bytes]], rate: float) -> None:
+        self.ready, self.go = _ctx.Event(), _ctx.Event()
+        self.result = _ctx.Value("d", 0.0)
+        self.proc = _ctx.Process(target=_run_publisher, daemon=True,
+                                 args=(host, port, msgs, rate, self.ready, self.go, self.result))
+        self.proc.start()
+        if not self.ready.wait(30):
+            raise RuntimeError("publisher process did not connect")
+
+    def run(self) -> None:
+        """Start publishing (returns at once)."""
+        self.go.set()
+
+    def finish(self, timeout: float = 120) -> float:
+        """Wait until everything is published; the achieved rate."""
+        self.proc.join(timeout)
+        return self.result.value
