@@ -185,6 +185,8 @@ class EventLog:
                         for _ in conn.notifies(timeout=1.0, stop_after=1):
                             self.notify_committed(-1)  # -1: "something new", position unknown
             except Exception as exc:  # the database restarted or went away: retry
+                if self._closed.is_set():
+                    return
                 log.warning("eventlog.listen_failed", error=str(exc))
                 self._closed.wait(1.0)
 

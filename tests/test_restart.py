@@ -93,6 +93,13 @@ class TestRestart:
             device.send("telemetry", {"type": "status", "data": {"status": "online", "state": {"temperature": 20}}})
             for seq in range(30):
                 device.send("event", {"type": "event", "data": {"event": "temperature_alert", "seq": seq}})
+            # A command needs a device Parley knows and sees online.
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                r = httpx.get(f"http://127.0.0.1:{port}/api/devices/{D}", timeout=5)
+                if r.status_code == 200 and r.json()["online"]:
+                    break
+                time.sleep(0.05)
             results = []
             for target in (21, 22, 23):
                 r = httpx.post(f"http://127.0.0.1:{port}/api/devices/{D}/commands", timeout=10, json={

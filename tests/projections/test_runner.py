@@ -16,6 +16,10 @@ def tell(runtime, key, msg_factory):
 
 
 class TestViews:
+    # On PostgreSQL our own commit's NOTIFY may wake the runner before the journal hands
+    # the events over; it then reads them back (correct, only slower).
+    handed_over_in_memory = True
+
     @pytest.fixture
     def database_url(self):
         return None
@@ -38,8 +42,8 @@ class TestViews:
         (a,) = runtime.devices.find("a")
         assert a.state == {"t": 1} and a.online
         (ev,) = runtime.device_events.recent("thermostat", "a", 10)
-        # Events committed in this process reach the views without being read back.
-        assert runtime.projections.read_back < runtime.projections.applied
+        if self.handed_over_in_memory:  # this process's commits reach the views without a read
+            assert runtime.projections.read_back < runtime.projections.applied
         assert (ev.name, ev.data, ev.device_ts, ev.position) == ("temperature_alert", {"t": 40}, 7, pos)
 
     def test_position_survives_restart_and_nothing_applies_twice(self, tmp_path, database_url):
@@ -72,6 +76,8 @@ class TestViews:
 
 
 class TestViewsPostgres(TestViews):
+    handed_over_in_memory = False
+
     @pytest.fixture
     def database_url(self, pg_database):
         return pg_database
