@@ -20,6 +20,7 @@ from tests import services
 
 # Facts for the "Real services" terminal summary, filled in by the fixtures.
 SERVICES_STATE: dict[str, str | None] = {"broker": None, "postgres": None}
+NEEDS_MOSQUITTO: list[str] = []  # tests not run because the built-in broker cannot do what they check
 _USERS: dict[str, int] = {"mqtt_broker": 0, "pg_url": 0}
 
 
@@ -86,6 +87,18 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if pg is None:
         pg = "NOT RUN (no selected test used pg_url)" if not _USERS["pg_url"] else "NOT RUN (fixture never set up)"
     tr.write_line(f"PostgreSQL suites (tests using pg_url: {_USERS['pg_url']}): {pg}")
+    if NEEDS_MOSQUITTO:
+        tr.write_line(f"NOT RUN without Mosquitto ({len(NEEDS_MOSQUITTO)}): " + ", ".join(NEEDS_MOSQUITTO))
+
+
+@pytest.fixture
+def redelivering_broker(request, mqtt_broker):
+    """The broker, if it redelivers unacknowledged QoS 1 messages after a disconnect.
+    Mosquitto does; the built-in amqtt broker drops them (docs/architecture.md)."""
+    if mqtt_broker.kind == "builtin":
+        NEEDS_MOSQUITTO.append(request.node.nodeid)
+        pytest.skip("needs Mosquitto: the built-in amqtt broker drops unacknowledged QoS 1 messages on disconnect")
+    return mqtt_broker
 
 
 @pytest.fixture

@@ -123,11 +123,11 @@ def test_qos1_is_acknowledged_only_after_commit(runtime, gateway, device, monkey
     assert "EventReported" in stream(runtime)
 
 
-def test_uncommitted_message_is_redelivered_to_the_next_gateway(runtime, mqtt_broker, device, monkeypatch):
+def test_uncommitted_message_is_redelivered_to_the_next_gateway(runtime, redelivering_broker, device, monkeypatch):
     """Persistent session + ack after commit: what was not committed comes back."""
     create_agent(runtime)
     client_id = f"parley-redelivery-{time.monotonic_ns()}"
-    first = MqttGateway(runtime, mqtt_broker.url, client_id=client_id)
+    first = MqttGateway(runtime, redelivering_broker.url, client_id=client_id)
     first.start()
     real_append = runtime.log.append
 
@@ -140,7 +140,7 @@ def test_uncommitted_message_is_redelivered_to_the_next_gateway(runtime, mqtt_br
     first.client._sock_close()  # drop the connection without a DISCONNECT, like a crash
     first.client.loop_stop()
     monkeypatch.setattr(runtime.log, "append", real_append)
-    second = MqttGateway(runtime, mqtt_broker.url, client_id=client_id)
+    second = MqttGateway(runtime, redelivering_broker.url, client_id=client_id)
     second.start()
     try:
         wait_until(lambda: "EventReported" in stream(runtime), timeout=10)
