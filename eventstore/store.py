@@ -62,6 +62,7 @@ class StoreConfig:
                 POSTGRES_POOL_SIZE="8",
                 POSTGRES_MAX_OVERFLOW="8",
                 POSTGRES_LOCK_TIMEOUT="5",
+                POSTGRES_CONNECT_TIMEOUT="5",  # fail fast with a clear error, not after 30 s
             )
         elif self.url.startswith("sqlite://"):
             env.update(

@@ -53,7 +53,35 @@ def serve(
     settings = _settings(config, host=host, http_port=http_port, voice_port=voice_port, mqtt_url=mqtt_url,
                          database_url=database_url, data_dir=data_dir, demo=demo, log_format=log_format)
     configure_logging(settings.log_format, settings.log_level)
-    trio.run(main, settings)
+    try:
+        trio.run(main, settings)
+    except BaseException as exc:  # noqa: BLE001 - sorted below; anything unknown is re-raised
+        problem = _startup_problem(exc, settings)
+        if problem is None:
+            raise
+        console.print(f"[red]parley could not start:[/red] {problem}")
+        raise typer.Exit(1) from None
+
+
+def _startup_problem(exc: BaseException, settings: Settings) -> str | None:
+    """A sentence for the failures a user can fix (ports, broker, database), else None."""
+    from gateways.broker import BuiltinBrokerError
+
+    leaves = [exc]
+    while any(isinstance(e, BaseExceptionGroup) for e in leaves):
+        leaves = [x for e in leaves for x in (e.exceptions if isinstance(e, BaseExceptionGroup) else [e])]
+    for e in leaves:
+        if isinstance(e, BuiltinBrokerError):
+            return (f"{e}\n  Another MQTT broker may be running there: use it with "
+                    f"--mqtt-url mqtt://{settings.host}:{settings.builtin_broker_port}, or move the built-in "
+                    f"broker with PARLEY_BUILTIN_BROKER_PORT.")
+        if isinstance(e, ConnectionError):
+            return f"{e}\n  Check --mqtt-url ({settings.mqtt_url}) and that the broker is running."
+        if isinstance(e, OSError) and e.errno in (98, 48):  # EADDRINUSE (Linux, macOS)
+            return f"{e}\n  Port {settings.http_port} is taken: choose another with --http-port."
+        if type(e).__module__.startswith(("psycopg", "eventsourcing", "sqlite3")):
+            return f"the event store is not usable: {e}"
+    return None
 
 
 def _ms(value: int | None) -> str:

@@ -71,3 +71,24 @@ def test_replay_device_timeline_and_state_at_version(tmp_path):
         rt.close()
     result = runner.invoke(app, ["replay", "device", "nobody", "--data-dir", str(tmp_path)])
     assert result.exit_code == 1 and "not found" in result.output
+
+
+def test_serve_explains_a_taken_broker_port_instead_of_a_traceback(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    try:
+        env = {**os.environ, "PARLEY_BUILTIN_BROKER_PORT": str(blocker.getsockname()[1]), "COLUMNS": "200"}
+        proc = subprocess.run([sys.executable, "-m", "gateways.cli", "serve", "--http-port", "0",
+                               "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=60, env=env)
+    finally:
+        blocker.close()
+    out = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode == 1
+    assert "parley could not start" in out and "--mqtt-url" in out
+    assert "Traceback" not in out
