@@ -58,6 +58,15 @@ log = logging.getLogger(__name__)
 _NOISY_LOGGERS = ("amqtt", "transitions")
 
 
+def _drop_startup_traceback(record: logging.LogRecord) -> bool:
+    # amqtt logs "Broker startup failed" with a traceback; start() raises the same cause
+    # as a BuiltinBrokerError with one clear sentence, so the duplicate only scares users.
+    return not record.getMessage().startswith("Broker startup failed")
+
+
+logging.getLogger("amqtt.broker").addFilter(_drop_startup_traceback)
+
+
 class BuiltinBrokerError(RuntimeError):
     """The built-in broker could not be started or stopped."""
 
