@@ -79,7 +79,7 @@ def parley(opts: Options, n: int, state_on_command: bool, probes: dict[str, list
     from tests.services import free_port
 
     prefix = f"rt{uuid.uuid4().hex[:4]}"
-    device_id = f"{prefix}-0000"
+    device_id = f"{prefix}-001"
     with store(opts, "commands") as (data_dir, url):
         port = free_port()
         server = start_server(data_dir, opts.broker.url, port, url)

@@ -131,11 +131,14 @@ def replay_device(
             table.add_column(col, overflow="fold")
         n = 0
         for event in log.read_stream(stream):
+            # What happened, without the envelope (ids, versions, topics) or empty fields.
             data = {k: v for k, v in vars(event).items()
-                    if k not in ("originator_id", "originator_version", "timestamp")}
+                    if k not in ("originator_id", "originator_version", "timestamp", "originator_topic")
+                    and v is not None}
             table.add_row(str(event.originator_version),
                           event.timestamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                          type(event).__name__, json.dumps(data, default=str, ensure_ascii=False))
+                          type(event).__name__,
+                          json.dumps(data, default=str, ensure_ascii=False, separators=(",", ":")))
             n += 1
         if not n:
             console.print(f"[red]no events for device {device_id!r} in product {product!r}[/red]")

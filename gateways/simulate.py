@@ -102,9 +102,9 @@ class Simulator:
         self.drift = drift
         self.state_on_command = state_on_command  # False: answer commands with the response only
         self.rng = random.Random(seed)
-        self.prefix = prefix or f"{product_id}-sim"
+        self.prefix = prefix or product_id  # thermostat-001, thermostat-002, ... as in the seed
         k = max(1, min(devices, connections or DEFAULT_CONNECTIONS))
-        self.devices = [VirtualDevice(f"{self.prefix}-{i:04d}", self._initial_state(), i % k)
+        self.devices = [VirtualDevice(f"{self.prefix}-{i + 1:03d}", self._initial_state(), i % k)
                         for i in range(devices)]
         self._by_id = {d.device_id: d for d in self.devices}
         self._clients: list[paho.Client] = []
