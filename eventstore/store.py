@@ -183,7 +183,7 @@ class EventLog:
                 with psycopg.connect(self.config.url, autocommit=True) as conn:
                     conn.execute(f'LISTEN "{channel}"')
                     while not self._closed.is_set():
-                        for _ in conn.notifies(timeout=1.0, stop_after=1):
+                        for _ in conn.notifies(timeout=1.0, stop_after=1):  # noqa: B007
                             self.notify_committed(-1)  # -1: "something new", position unknown
             except Exception as exc:  # the database restarted or went away: retry
                 if self._closed.is_set():

@@ -81,3 +81,40 @@ class TestViewsPostgres(TestViews):
     @pytest.fixture
     def database_url(self, pg_database):
         return pg_database
+
+
+def test_postgres_notify_wakes_a_runner_for_another_processes_commits(pg_database):
+    """Two logs on one database stand for two Parley processes: the runner of the first
+    follows what the second commits, woken by LISTEN/NOTIFY (its polling is off)."""
+    import time
+
+    from actors.device import Device
+    from eventstore import EventLog, Journal, StoreConfig
+    from projections.db import ViewDatabase
+    from projections.device_registry import DeviceRegistry
+    from projections.runner import ProjectionRunner
+
+    store = StoreConfig.resolve(".", pg_database)
+    reader_log, writer_log = EventLog(store), EventLog(store)
+    db = ViewDatabase(store)
+    registry = DeviceRegistry(db)
+    runner = ProjectionRunner(reader_log, db, [registry], poll_interval=3600)
+    runner.start()
+    writer = Journal(writer_log)
+    try:
+        time.sleep(0.5)  # let the listener connect
+        device = Device(product_id="p", device_id="elsewhere")
+        device.report_status("online", {"t": 1}, None, now_ms(), None)
+        position = writer.commit(device.collect_events())[-1]
+        deadline = time.monotonic() + 5
+        while runner.position < position and time.monotonic() < deadline:
+            time.sleep(0.01)  # watch only: wait_for() would nudge the runner itself
+        assert runner.position >= position, "NOTIFY did not wake the runner"
+        assert registry.find("elsewhere")[0].state == {"t": 1}
+        assert runner.read_back == 2  # read from the store: not this process's commit
+    finally:
+        writer.close()
+        runner.stop()
+        db.close()
+        writer_log.close()
+        reader_log.close()
