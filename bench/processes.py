@@ -8,45 +8,22 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+from tests.services import start_parley, stop_parley
 
 _ctx = mp.get_context("spawn")
 
 
 def start_server(data_dir: Path, broker_url: str, port: int, database_url: str | None = None) -> subprocess.Popen:
     """`parley serve --demo` on `port`; returns once /api/health answers."""
-    cmd = [sys.executable, "-m", "gateways.cli", "serve", "--demo", "--host", "127.0.0.1",
-           "--http-port", str(port), "--mqtt-url", broker_url, "--data-dir", str(data_dir),
-           "--log-format", "json"]
-    if database_url:
-        cmd += ["--database-url", database_url]
-    env = {**os.environ, "PARLEY_LOG_LEVEL": "warning", "PARLEY_MQTT_CLIENT_ID": f"bench-{port}"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(data_dir / "server.log", "ab"), env=env)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {(data_dir / 'server.log').read_text()[-1500:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("server did not become healthy within 60 s")
+    return start_parley(data_dir, broker_url, port, database_url, client_id=f"bench-{port}")
 
 
 def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_parley(proc)
 
 
 def _run_simulator(kwargs: dict[str, Any], ready: Any, stop: Any) -> None:

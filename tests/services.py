@@ -299,3 +299,40 @@ def drop_database(admin_url: str | None, url: str) -> None:
 def pg_server_version(url: str) -> str:
     with _admin_connect(url) as conn:
         return str(conn.execute("SHOW server_version").fetchone()[0])
+
+
+def start_parley(data_dir: Path, broker_url: str, port: int, database_url: str | None = None, *,
+                 client_id: str | None = None, timeout: float = 60.0) -> subprocess.Popen:
+    """`parley serve --demo` as its own process on `port`; returns once /api/health answers.
+    Its log goes to `data_dir/server.log`."""
+    import sys
+    import urllib.request
+
+    cmd = [sys.executable, "-m", "gateways.cli", "serve", "--demo", "--host", "127.0.0.1",
+           "--http-port", str(port), "--mqtt-url", broker_url, "--data-dir", str(data_dir),
+           "--log-format", "json"]
+    if database_url:
+        cmd += ["--database-url", database_url]
+    env = {**os.environ, "PARLEY_LOG_LEVEL": "warning",
+           "PARLEY_MQTT_CLIENT_ID": client_id or f"parley-test-{port}"}
+    log_path = Path(data_dir) / "server.log"
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_file, env=env)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServiceUnavailable(f"parley serve exited: {log_path.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=1) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            pass
+        time.sleep(0.1)
+    _terminate(proc)
+    raise ServiceUnavailable(f"parley serve did not become healthy within {timeout} s")
+
+
+def stop_parley(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM (graceful shutdown), then SIGKILL if it hangs."""
+    _terminate(proc, timeout)

@@ -7,11 +7,9 @@ HTTP over real sockets.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,31 +21,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from actors.device import Device
 from eventstore import EventLog, StoreConfig
-from tests.services import free_port
+from tests.services import free_port, start_parley
 
 P, D = "thermostat", "restart-1"
 
 
 def start_server(data_dir: Path, broker_url: str, port: int, database_url: str | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "gateways.cli", "serve", "--demo", "--host", "127.0.0.1",
-           "--http-port", str(port), "--mqtt-url", broker_url, "--data-dir", str(data_dir),
-           "--log-format", "json"]
-    if database_url:
-        cmd += ["--database-url", database_url]
-    env = {**os.environ, "PARLEY_MQTT_CLIENT_ID": "parley-restart-test", "PARLEY_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(data_dir / "server.log", "ab"), env=env)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited: {(data_dir / 'server.log').read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("server did not become healthy")
+    return start_parley(data_dir, broker_url, port, database_url, client_id="parley-restart-test")
 
 
 class Thermostat:
