@@ -20,7 +20,7 @@ from eventsourcing.domain import Snapshot
 from eventsourcing.persistence import RecordConflictError
 
 from actors.errors import ActorCrashed, ParleyError, Unavailable
-from actors.ports import NO_REPLY
+from actors.ports import NO_REPLY, Traced, untraced
 
 if TYPE_CHECKING:
     from actors.system import ActorSystem, Lease
@@ -81,6 +81,12 @@ class AggregateActor(pykka.ThreadingActor):
     # -- receiving -------------------------------------------------------------------
     def on_receive(self, message: Any) -> Any:
         self.lease.touch()
+        if isinstance(message, Traced):
+            with structlog.contextvars.bound_contextvars(**message.context):
+                return self._receive(message.message)
+        return self._receive(message)
+
+    def _receive(self, message: Any) -> Any:
         error = self._ensure_loaded()
         if error is not None:
             getattr(message, "reply", NO_REPLY).fail(Unavailable(f"could not load {self.kind}: {error}"))
@@ -99,10 +105,10 @@ class AggregateActor(pykka.ThreadingActor):
                 head = inbox.queue[0]  # only this thread consumes, so the head stays put
             except IndexError:
                 break
-            if head.reply_to is not None or not isinstance(head.message, self.batchable):
+            if head.reply_to is not None or not isinstance(untraced(head.message), self.batchable):
                 break
             try:
-                out.append(inbox.get_nowait().message)
+                out.append(untraced(inbox.get_nowait().message))
             except queue.Empty:
                 break
         return out
@@ -192,7 +198,7 @@ class AggregateActor(pykka.ThreadingActor):
                 envelope = self.actor_inbox.get_nowait()
             except queue.Empty:
                 return
-            getattr(envelope.message, "reply", NO_REPLY).fail(Unavailable(f"{self.kind} actor stopped"))
+            getattr(untraced(envelope.message), "reply", NO_REPLY).fail(Unavailable(f"{self.kind} actor stopped"))
 
     # -- committing ------------------------------------------------------------------
     def commit(self) -> list[int]:

@@ -49,3 +49,18 @@ class DeviceLink(Protocol):
 
 
 NO_REPLY = NoReply()
+
+
+class Traced:
+    """A message with the structlog context of whoever sent it (an HTTP request id, say),
+    so the actor's log lines about it carry the same context on the actor's thread."""
+
+    __slots__ = ("context", "message")
+
+    def __init__(self, context: dict[str, Any], message: Any) -> None:
+        self.context = context
+        self.message = message
+
+
+def untraced(message: Any) -> Any:
+    return message.message if isinstance(message, Traced) else message

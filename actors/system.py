@@ -17,7 +17,7 @@ import structlog
 
 from actors.base import AggregateActor, Key
 from actors.errors import Unavailable
-from actors.ports import DeviceLink
+from actors.ports import DeviceLink, Traced
 from actors.scheduler import Scheduler
 from eventstore import EventLog, Journal
 
@@ -79,6 +79,9 @@ class ActorSystem:
     def tell(self, kind: type[AggregateActor], key: Key, message: Any) -> None:
         """Deliver a message to the actor for `key`, activating it from the log if needed."""
         k = (kind, key)
+        context = structlog.contextvars.get_contextvars()
+        if context:
+            message = Traced(context, message)
         with self._lock:
             if self._closed:
                 raise Unavailable("actor system is shutting down")

@@ -7,6 +7,8 @@ import time
 from typing import Any
 from uuid import UUID
 
+import structlog
+
 from actors.base import AggregateActor, Key
 from actors.device.aggregate import Device
 from actors.device.messages import (
@@ -123,9 +125,13 @@ class DeviceActor(AggregateActor):
 
     def _arm_deadline(self, request_id: str, delay: float) -> Timer:
         system, key = self.system, self.key
-        return system.scheduler.call_later(
-            delay, lambda: system.tell(DeviceActor, key, CommandDeadline(request_id))
-        )
+        context = structlog.contextvars.get_contextvars()  # e.g. the HTTP request's id
+
+        def expire() -> None:
+            with structlog.contextvars.bound_contextvars(**context):
+                system.tell(DeviceActor, key, CommandDeadline(request_id))
+
+        return system.scheduler.call_later(delay, expire)
 
     def _take_waiter(self, request_id: str) -> Reply | None:
         entry = self.waiters.pop(request_id, None)

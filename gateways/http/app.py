@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from uuid import uuid4
 
 import structlog
 import trio
@@ -105,6 +106,23 @@ def create_app(runtime: Runtime) -> QuartTrio:
     app.extensions[RUNTIME_KEY] = runtime
     for bp in (health_bp, devices_bp, agents_bp, openapi_bp):
         app.register_blueprint(bp)
+
+    @app.before_request
+    async def bind_request_id() -> None:
+        # Every log line about this request, on this loop or in the actors it reaches,
+        # carries its id; a caller's X-Request-Id is kept so logs join across services.
+        given = request.headers.get("X-Request-Id", "")
+        trace_id = given if 0 < len(given) <= 128 and given.isprintable() else uuid4().hex[:16]
+        structlog.contextvars.clear_contextvars()
+        # `trace_id`, not `request_id`: that name is the device command's requestId in logs.
+        structlog.contextvars.bind_contextvars(trace_id=trace_id)
+
+    @app.after_request
+    async def echo_request_id(response: Response) -> Response:
+        trace_id = structlog.contextvars.get_contextvars().get("trace_id")
+        if trace_id:
+            response.headers["X-Request-Id"] = trace_id
+        return response
 
     @app.errorhandler(ApiError)
     async def api_error(exc: ApiError) -> Response:

@@ -236,3 +236,34 @@ class TestDeviceActorPostgres(TestDeviceActor):
     @pytest.fixture
     def store(self, pg_database) -> StoreConfig:
         return StoreConfig.resolve(".", pg_database)
+
+
+def test_the_senders_log_context_follows_a_command_into_the_actor_and_its_deadline(tmp_path):
+    import structlog
+
+    seen: list[dict] = []
+
+    def capture(logger, method, event_dict):
+        seen.append(dict(event_dict))
+        raise structlog.DropEvent
+
+    structlog.configure(processors=[structlog.contextvars.merge_contextvars, capture])
+    log = EventLog(StoreConfig.resolve(tmp_path, None))
+    journal = Journal(log)
+    link = Link()
+    link.answer = None
+    system = ActorSystem(log, journal, SystemSettings(sweep_interval=3600), device_link=link)
+    try:
+        online(system)
+        with structlog.contextvars.bound_contextvars(trace_id="req-abc"):
+            reply = FutureReply()
+            system.tell(DeviceActor, KEY, SendCommand("rq-ctx", "x", {}, 100, reply=reply))
+        with pytest.raises(CommandTimedOut):
+            reply.get(5)
+        timed_out = [e for e in seen if e.get("event") == "device.command_timed_out"]
+        assert timed_out and timed_out[0]["trace_id"] == "req-abc" and timed_out[0]["request_id"] == "rq-ctx"
+    finally:
+        system.shutdown()
+        journal.close()
+        log.close()
+        structlog.reset_defaults()

@@ -101,3 +101,10 @@ async def test_a_bug_is_a_json_500_without_traceback(client: httpx.AsyncClient, 
     assert r.status_code == 500
     assert r.json() == {"error": "internal server error", "code": "internal_error"}
     assert "disk on fire" not in r.text
+
+
+async def test_request_id_is_echoed_or_made(client) -> None:
+    given = await client.get("/api/health", headers={"X-Request-Id": "trace-42"})
+    assert given.headers["X-Request-Id"] == "trace-42"
+    made = await client.get("/api/health")
+    assert len(made.headers["X-Request-Id"]) == 16
