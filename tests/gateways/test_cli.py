@@ -66,7 +66,8 @@ def test_replay_device_timeline_and_state_at_version(tmp_path):
         result = runner.invoke(app, ["replay", "device", "t-9", "--data-dir", str(tmp_path), "--at", "2"],
                                terminal_width=200)
         assert result.exit_code == 0, result.output
-        assert "20" in result.output and "25" not in result.output and "at version 2" in result.output
+        row = next(line for line in result.output.splitlines() if "state.temperature" in line)
+        assert row.split("│")[2].strip() == "20" and "at version 2" in result.output
     finally:
         rt.close()
     result = runner.invoke(app, ["replay", "device", "nobody", "--data-dir", str(tmp_path)])
