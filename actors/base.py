@@ -10,6 +10,7 @@ hand-offs) per message into one per burst.
 from __future__ import annotations
 
 import copy
+from abc import ABC, abstractmethod
 import queue
 from typing import TYPE_CHECKING, Any, ClassVar
 from uuid import UUID
@@ -30,7 +31,7 @@ log = structlog.get_logger(__name__)
 Key = tuple[str, ...]
 
 
-class AggregateActor(pykka.ThreadingActor):
+class AggregateActor(pykka.ThreadingActor, ABC):
     """One actor per stream. Handles one message (or one folded burst) at a time."""
 
     kind: ClassVar[str]
@@ -49,8 +50,9 @@ class AggregateActor(pykka.ThreadingActor):
         self.log = log.bind(actor=self.kind, key=":".join(key))
 
     @classmethod
+    @abstractmethod
     def stream_id(cls, key: Key) -> UUID:
-        raise NotImplementedError(f"{cls.__name__} must say which stream it drives")
+        """The stream this kind's actor for `key` drives."""
 
     # -- loading ---------------------------------------------------------------------
     def on_start(self) -> None:

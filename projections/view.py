@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -10,7 +11,7 @@ from eventstore import LoggedEvent
 from projections.db import Cursor, ViewDatabase
 
 
-class View:
+class View(ABC):
     name: ClassVar[str]
     schema: ClassVar[Sequence[str]] = ()
 
@@ -21,8 +22,9 @@ class View:
         for statement in self.schema:
             cur.execute(statement)
 
+    @abstractmethod
     def apply(self, cur: Cursor, events: Sequence[LoggedEvent]) -> None:
-        raise NotImplementedError(f"{type(self).__name__} must apply events")
+        """Apply a batch of logged events to this view's tables, inside `cur`'s transaction."""
 
     def after_commit(self) -> None:
         """Called after the batch committed (in-memory mirrors update here)."""
