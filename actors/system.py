@@ -49,7 +49,6 @@ class SystemSettings:
     idle_timeout: float = 120.0
     max_active: int = 50_000
     sweep_interval: float = 5.0
-    liveness_window: float = 90.0  # 3 x 30 s heartbeats
 
 
 class ActorSystem:
@@ -144,7 +143,9 @@ class ActorSystem:
         self._stopping[k] = entry.ref
         self.passivations += 1
 
-    def passivate_idle(self, now: float | None = None) -> int:
+    def passivate_idle(self, now: float | None = None, *, wait: bool = False) -> int:
+        """Passivate actors idle since before `now - idle_timeout`; with `wait`, return only
+        once their threads have ended (benchmarks, tests)."""
         now = time.monotonic() if now is None else now
         idle = self.settings.idle_timeout
         n = 0
@@ -156,6 +157,9 @@ class ActorSystem:
             for k, ref in list(self._stopping.items()):
                 if ref.actor_stopped.is_set():
                     del self._stopping[k]
+            stopping = list(self._stopping.values()) if wait else []
+        for ref in stopping:
+            ref.actor_stopped.wait(10)
         return n
 
     def _sweep_loop(self) -> None:

@@ -40,7 +40,9 @@ def probe() -> Any:
     return DeviceResponded("bench-probe", 0, "", None, 0, reply=reply), reply
 
 
-def activations(system: Any, key: tuple[str, str], runs: int) -> list[float]:
+def timed_asks(system: Any, key: tuple[str, str], runs: int, *, passivate: bool) -> list[float]:
+    """Time tell + reply; with `passivate`, the actor is passivated (and gone) between runs,
+    so every run is an activation from the log."""
     from actors.device import DeviceActor
 
     out = []
@@ -50,23 +52,8 @@ def activations(system: Any, key: tuple[str, str], runs: int) -> list[float]:
         system.tell(DeviceActor, key, msg)
         reply.get(60)
         out.append(time.perf_counter() - t)
-        entry = system._active.get((DeviceActor, key))  # to wait for the passivated thread to end
-        system.passivate_idle(now=time.monotonic() + 1e9)
-        if entry is not None:
-            entry.ref.actor_stopped.wait(10)
-    return out
-
-
-def warm_asks(system: Any, key: tuple[str, str], runs: int) -> list[float]:
-    from actors.device import DeviceActor
-
-    out = []
-    for _ in range(runs):
-        msg, reply = probe()
-        t = time.perf_counter()
-        system.tell(DeviceActor, key, msg)
-        reply.get(10)
-        out.append(time.perf_counter() - t)
+        if passivate:
+            system.passivate_idle(now=time.monotonic() + 1e9, wait=True)
     return out
 
 
@@ -91,10 +78,10 @@ def run(opts: Options) -> Result:
             console.print(f"  activation: writing a {small:,}-event stream (no snapshot) ...")
             write_stream(journal, "small", small)
             console.print(f"  activation: {runs_snap} activations of the {big:,}-event stream with its snapshot ...")
-            snap = activations(system, (PRODUCT, "big"), runs_snap)
+            snap = timed_asks(system, (PRODUCT, "big"), runs_snap, passivate=True)
             console.print(f"  activation: {runs_full} activations of the {small:,}-event stream without snapshot ...")
-            full = activations(system, (PRODUCT, "small"), runs_full)
-            warm = warm_asks(system, (PRODUCT, "big"), 200)
+            full = timed_asks(system, (PRODUCT, "small"), runs_full, passivate=True)
+            warm = timed_asks(system, (PRODUCT, "big"), 200, passivate=False)
         finally:
             system.shutdown()
             journal.close()

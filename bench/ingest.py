@@ -27,7 +27,7 @@ def make_stream(count: int) -> tuple[list[tuple[str, bytes]], list[tuple[str, by
     msgs = []
     for i in range(count):
         d = sim.devices[i % DEVICES]
-        sim._drift(d)
+        sim.step_state(d)
         msgs.append((sim.telemetry_topic(d.device_id), sim.state(d)))
     return warm, msgs
 

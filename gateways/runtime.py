@@ -50,8 +50,7 @@ class Runtime:
         self.projections = ProjectionRunner(self.log, self.views_db,
                                             [self.devices, self.device_events, self.agents])
         self.system = ActorSystem(self.log, self.journal, SystemSettings(
-            idle_timeout=settings.idle_timeout, max_active=settings.max_active_actors,
-            liveness_window=settings.liveness_window))
+            idle_timeout=settings.idle_timeout, max_active=settings.max_active_actors))
         self._stop = threading.Event()
         self._liveness = threading.Thread(target=self._liveness_loop, name="liveness", daemon=True)
 

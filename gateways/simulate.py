@@ -152,7 +152,7 @@ class Simulator:
     def response_topic(self, device_id: str) -> str:
         return f"device-agent/{self.product_id}/device/{device_id}/responses"
 
-    def _drift(self, device: VirtualDevice) -> list[bytes]:
+    def step_state(self, device: VirtualDevice) -> list[bytes]:
         """Move numeric telemetry a little (mean-reverting to its default); return the
         events to publish for values that just crossed their alert threshold."""
         events = []
@@ -209,7 +209,7 @@ class Simulator:
     def tick(self, device: VirtualDevice) -> None:
         """One heartbeat period: heartbeat, drifted state, and any alert events."""
         with device.lock:
-            events = self._drift(device)
+            events = self.step_state(device)
             heartbeat, state = self.status(device), self.state(device)
         topic = self.telemetry_topic(device.device_id)
         self._publish(device, topic, heartbeat)

@@ -56,7 +56,7 @@ class Agents(View):
     def create(self, cur: Cursor) -> None:
         super().create(cur)
         cur.execute("SELECT id, agent_id, config, running, inserted_at, updated_at FROM parley_agents")
-        rows = cur._cur.fetchall()
+        rows = cur.fetchall()
         with self._lock:
             self._by_agent_id = {r[1]: self._record(r) for r in rows}
 

@@ -89,3 +89,6 @@ class Cursor:
 
     def fetchone(self) -> Any:
         return self._cur.fetchone()
+
+    def fetchall(self) -> list[Any]:
+        return list(self._cur.fetchall())

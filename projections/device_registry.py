@@ -54,7 +54,7 @@ class DeviceRegistry(View):
         super().create(cur)
         cur.execute("SELECT device_id, product_id FROM parley_devices")
         products: dict[str, tuple[str, ...]] = {}
-        for device_id, product_id in cur._cur.fetchall():
+        for device_id, product_id in cur.fetchall():
             products[device_id] = (*products.get(device_id, ()), product_id)
         self._products = products
 

@@ -7,7 +7,6 @@ import time
 
 import pytest
 
-from actors.base import AggregateActor
 from actors.device import Device, DeviceActor, ReportTelemetry
 from actors.ports import FutureReply
 from actors.system import ActorSystem, SystemSettings
@@ -30,7 +29,7 @@ def test_never_two_actors_for_one_device(system, monkeypatch):
     live: dict[tuple, int] = {}
     worst = [0]
     lock = threading.Lock()
-    real_start, real_stop = DeviceActor.on_start, AggregateActor.on_stop
+    real_start, real_stop = DeviceActor.on_start, DeviceActor.on_stop
 
     def on_start(self):
         with lock:
@@ -41,9 +40,8 @@ def test_never_two_actors_for_one_device(system, monkeypatch):
     def on_stop(self):
         with lock:
             live[self.key] -= 1
-        DeviceActor_on_stop(self)
+        real_stop(self)
 
-    DeviceActor_on_stop = DeviceActor.on_stop
     monkeypatch.setattr(DeviceActor, "on_start", on_start)
     monkeypatch.setattr(DeviceActor, "on_stop", on_stop)
 
