@@ -36,7 +36,8 @@ class Scheduler:
         timer = Timer()
         with self._cond:
             heapq.heappush(self._heap, (time.monotonic() + delay, next(self._seq), timer, fn))
-            self._cond.notify()
+            if self._heap[0][2] is timer:  # a new earliest deadline: the thread must re-wait
+                self._cond.notify()
         return timer
 
     def stop(self) -> None:

@@ -1,7 +1,9 @@
 """Group commit: one writer thread saves the pending events of many actors per transaction.
 
 Callers block on a Future (actors run on their own threads, so they may); a version
-conflict fails only the caller whose stream conflicted.
+conflict fails only the caller whose stream conflicted. A caller that finds nothing queued
+and nobody writing commits on its own thread instead: at idle that saves the hand-off to
+the writer and back (two thread wake-ups, about 0.2 ms per commit on 2 cores).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Journal:
         self._last_callers = 0
         self._queue: queue.SimpleQueue[_Batch | Any | None] = queue.SimpleQueue()
         self._closed = False
+        self._writing = threading.Lock()  # one transaction at a time, whoever writes it
         self._thread = threading.Thread(target=self._run, name="journal-writer", daemon=True)
         self._thread.start()
         self.batches = 0
@@ -58,6 +61,15 @@ class Journal:
 
     def commit(self, events: Sequence[Any], timeout: float = 30.0) -> list[int]:
         """Commit and wait; returns the events' global positions."""
+        if self._closed:
+            raise JournalClosed("journal is closed")
+        if self._queue.empty() and self._writing.acquire(blocking=False):
+            batch = _Batch(events)
+            try:
+                self._write([batch])
+            finally:
+                self._writing.release()
+            return batch.future.result(0)
         return self.submit(events).result(timeout)
 
     def snapshot(self, snapshot: Any) -> None:
@@ -103,7 +115,8 @@ class Journal:
                         break
             self._last_callers = len(batches)
             if batches:
-                self._write(batches)
+                with self._writing:
+                    self._write(batches)
             for snapshot in snapshots:
                 try:
                     self.log.put_snapshot(snapshot)

@@ -23,6 +23,7 @@ from actors.device import DeviceActor, DeviceResponded, ReportEvent, ReportTelem
 from actors.errors import ActorCrashed
 from actors.ports import NO_REPLY
 from gateways import mqtt_codec as codec
+from gateways.mqtt_client import BufferedClient
 from gateways.runtime import Runtime
 
 log = structlog.get_logger(__name__)
@@ -66,7 +67,7 @@ class MqttGateway:
         self.stats: Counter[str] = Counter()
         self._ready = threading.Event()
         self._warned_products: set[str] = set()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
+        self.client = BufferedClient(CallbackAPIVersion.VERSION2, client_id=self.client_id,
                                   clean_session=False, protocol=paho.MQTTv311, manual_ack=True)
         if u.username:
             self.client.username_pw_set(u.username, u.password)

@@ -26,14 +26,16 @@ TRACKING = "CREATE TABLE IF NOT EXISTS parley_tracking (runner TEXT PRIMARY KEY,
 
 class ProjectionRunner:
     def __init__(self, event_log: EventLog, db: ViewDatabase, views: Sequence[View], *,
-                 name: str = "views", batch: int = 2000, poll_interval: float = 1.0) -> None:
+                 name: str = "views", batch: int = 2000, poll_interval: float = 1.0, coalesce: float = 0.01) -> None:
         self.log = event_log
         self.db = db
         self.views = list(views)
         self.name = name
         self.batch = batch
         self.poll_interval = poll_interval
+        self.coalesce = coalesce
         self._wake = threading.Event()
+        self._urgent = threading.Event()  # someone waits in wait_for(): skip the coalescing
         self._cond = threading.Condition()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -88,6 +90,7 @@ class ProjectionRunner:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
+                self._urgent.set()
                 self._wake.set()
                 self._cond.wait(remaining)
         return True
@@ -124,8 +127,14 @@ class ProjectionRunner:
 
     def _run(self) -> None:
         while not self._stopped.is_set():
-            self._wake.wait(self.poll_interval)
+            if self._wake.wait(self.poll_interval) and self.coalesce:
+                # Views are eventually consistent: gather the commits of the next few ms
+                # into one view transaction, and let the committing thread finish its
+                # reply (an HTTP response, an MQTT ack) before we take the GIL. A caller
+                # of wait_for() (read-your-writes) cuts this short.
+                self._urgent.wait(self.coalesce)
             self._wake.clear()
+            self._urgent.clear()
             try:
                 while not self._stopped.is_set() and self.step():
                     pass
@@ -136,6 +145,7 @@ class ProjectionRunner:
 
     def stop(self) -> None:
         self._stopped.set()
+        self._urgent.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(10)

@@ -104,12 +104,12 @@ class DeviceActor(AggregateActor):
         else:
             device.command_failed(msg.request_id, msg.code, msg.msg, msg.data, msg.received_ms)
         positions = self.commit()
-        msg.reply.ok(positions[-1])
         result = {"requestId": msg.request_id, "command": command, "code": msg.code,
                   "msg": msg.msg, "data": msg.data}
         waiter = self._take_waiter(msg.request_id)
         if waiter is not None:
-            waiter.ok(result)
+            waiter.ok(result)  # the HTTP caller first: the MQTT ack is nobody's latency
+        msg.reply.ok(positions[-1])
 
     def handle_CommandDeadline(self, msg: CommandDeadline) -> None:
         device = self.aggregate

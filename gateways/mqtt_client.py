@@ -1,0 +1,58 @@
+"""paho-mqtt's Client, reading the socket in large chunks.
+
+paho 2.2 reads every packet with at least three `recv()` calls (the type byte, the
+remaining length byte by byte, then the body), after one `select()` per packet. Each of
+those calls releases the GIL and takes it back. Alone in a process that costs little (a
+bare subscriber keeps up with 25k msg/s here), but next to the actor, journal and
+projection threads every re-take waits behind a busy thread, and Parley's network
+thread crawled at about 5k msg/s (docs/benchmarks.md). Reading up to 64 KiB per
+`recv()` and serving paho's small reads from that buffer makes it one GIL release per
+socket read instead of four per message: ingest went from 5.7k to 14k msg/s.
+
+Only two of paho's internal methods are overridden (`_sock_recv`, `loop_read`); paho is
+pinned to 2.x in pyproject.toml, and tests/gateways/test_mqtt_client.py covers both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import MQTTErrorCode
+
+READ_SIZE = 65536
+
+
+class BufferedClient(paho.Client):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._rbuf = b""
+        self._rpos = 0
+        self._rsock: Any = None  # the socket the buffer came from
+
+    def _buffered(self) -> int:
+        """Bytes read from the current socket that paho has not consumed yet."""
+        if self._rsock is not self._sock:
+            return 0
+        return len(self._rbuf) - self._rpos
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._rsock is not self._sock:
+            # A new connection: whatever was left of the old one is meaningless.
+            self._rbuf, self._rpos, self._rsock = b"", 0, self._sock
+        if self._rpos >= len(self._rbuf):
+            data = super()._sock_recv(READ_SIZE)  # BlockingIOError when nothing is there
+            if not data:
+                return data  # the broker closed the connection
+            self._rbuf, self._rpos = data, 0
+        out = self._rbuf[self._rpos:self._rpos + bufsize]
+        self._rpos += len(out)
+        return out
+
+    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        # paho's loop reads one packet per select(); bytes already in our buffer would not
+        # wake select() again, so handle every complete packet we hold before returning.
+        rc = super().loop_read(max_packets)
+        while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._sock is not None and self._buffered():
+            rc = super().loop_read(max_packets)
+        return rc
