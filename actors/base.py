@@ -149,7 +149,9 @@ class AggregateActor(pykka.ThreadingActor, ABC):
             try:
                 for m in messages:
                     self._handler(m)(m)
-                positions = self.commit()
+                # Flush to disk only if someone is acknowledged (a QoS 1 PUBACK, say);
+                # a burst of QoS 0 telemetry is written and left to the next flush.
+                positions = self.commit(sync=any(m.reply is not NO_REPLY for m in messages))
             except RecordConflictError:
                 self.log.info("actor.version_conflict", attempt=attempt, batch=len(messages))
                 self.reload()
@@ -203,15 +205,16 @@ class AggregateActor(pykka.ThreadingActor, ABC):
             getattr(untraced(envelope.message), "reply", NO_REPLY).fail(Unavailable(f"{self.kind} actor stopped"))
 
     # -- committing ------------------------------------------------------------------
-    def commit(self) -> list[int]:
-        """Commit the aggregate's pending events (group commit); return global positions."""
+    def commit(self, *, sync: bool = True) -> list[int]:
+        """Commit the aggregate's pending events (group commit); return global positions.
+        `sync=False` only where nobody is acknowledged on this commit (eventstore/recorders.py)."""
         if self.aggregate is None:
             return []
         events = self.aggregate.collect_events()
         if not events:
             return []
         try:
-            positions = self.system.journal.commit(events)
+            positions = self.system.journal.commit(events, sync=sync)
         except RecordConflictError:
             raise
         except Exception as exc:

@@ -57,17 +57,32 @@ class SimulatorProcess:
         self.proc.join(20)
 
 
-def _run_responder(host: str, port: int, cmd_topic: str, resp_topic: str, ready: Any, stop: Any) -> None:
+def _run_responder(host: str, port: int, cmd_topic: str, resp_topic: str, online_topic: str | None,
+                   ready: Any, stop: Any) -> None:
+    import json
     import socket
 
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
     c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-resp-{os.getpid()}")
-    c.on_connect = lambda cl, *a: (cl.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
-                                   cl.subscribe(cmd_topic, 1))
-    c.on_subscribe = lambda *a: ready.set()
-    c.on_message = lambda cl, u, m: cl.publish(resp_topic, m.payload, qos=1)
+
+    def on_connect(cl: paho.Client, *a: Any) -> None:
+        cl.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        cl.subscribe(cmd_topic, 1)
+
+    def on_subscribe(cl: paho.Client, *a: Any) -> None:
+        if online_topic:  # make the device known and online to Parley first
+            cl.publish(online_topic, b'{"type":"status","data":{"status":"online"}}', qos=1)
+        ready.set()
+
+    def on_message(cl: paho.Client, u: Any, m: paho.MQTTMessage) -> None:
+        # The least a device can do and still answer as seed 000 says: match the requestId.
+        command = json.loads(m.payload)
+        cl.publish(resp_topic, json.dumps({"requestId": command["requestId"], "code": 0, "msg": "ok",
+                                           "data": {}, "ts": int(time.time() * 1000)}).encode(), qos=1)
+
+    c.on_connect, c.on_subscribe, c.on_message = on_connect, on_subscribe, on_message
     c.connect(host, port)
     c.loop_start()
     stop.wait()
@@ -76,12 +91,16 @@ def _run_responder(host: str, port: int, cmd_topic: str, resp_topic: str, ready:
 
 
 class ResponderProcess:
-    """A bare paho device: echoes every command on its response topic (QoS 1, TCP_NODELAY)."""
+    """A bare paho device (QoS 1, TCP_NODELAY): answers every command on its response topic
+    with code 0 and the command's requestId. The same device serves the bare MQTT baseline
+    and Parley, so the difference between the two is Parley's."""
 
-    def __init__(self, host: str, port: int, cmd_topic: str, resp_topic: str) -> None:
+    def __init__(self, host: str, port: int, cmd_topic: str, resp_topic: str,
+                 online_topic: str | None = None) -> None:
         self.ready, self.stop_event = _ctx.Event(), _ctx.Event()
         self.proc = _ctx.Process(target=_run_responder, daemon=True,
-                                 args=(host, port, cmd_topic, resp_topic, self.ready, self.stop_event))
+                                 args=(host, port, cmd_topic, resp_topic, online_topic, self.ready,
+                                       self.stop_event))
 
     def __enter__(self) -> "ResponderProcess":
         self.proc.start()

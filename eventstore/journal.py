@@ -30,6 +30,7 @@ class JournalClosed(RuntimeError):
 @dataclass
 class _Batch:
     events: Sequence[Any]
+    sync: bool = True  # someone is acknowledged after this commit: flush it to disk
     future: Future[list[int]] = field(default_factory=Future)
 
 
@@ -50,27 +51,29 @@ class Journal:
         self._thread = threading.Thread(target=self._run, name="journal-writer", daemon=True)
         self._thread.start()
         self.batches = 0
+        self.flushed = 0  # transactions flushed to disk (sync); the rest were only written
         self.committed = 0
 
-    def submit(self, events: Sequence[Any]) -> Future[list[int]]:
+    def submit(self, events: Sequence[Any], *, sync: bool = True) -> Future[list[int]]:
         if self._closed:
             raise JournalClosed("journal is closed")
-        batch = _Batch(events)
+        batch = _Batch(events, sync)
         self._queue.put(batch)
         return batch.future
 
-    def commit(self, events: Sequence[Any], timeout: float = 30.0) -> list[int]:
-        """Commit and wait; returns the events' global positions."""
+    def commit(self, events: Sequence[Any], timeout: float = 30.0, *, sync: bool = True) -> list[int]:
+        """Commit and wait; returns the events' global positions. `sync=False` for a commit
+        nobody is acknowledged on: it is not flushed to disk by itself (recorders.py)."""
         if self._closed:
             raise JournalClosed("journal is closed")
         if self._queue.empty() and self._writing.acquire(blocking=False):
-            batch = _Batch(events)
+            batch = _Batch(events, sync)
             try:
                 self._write([batch])
             finally:
                 self._writing.release()
             return batch.future.result(0)
-        return self.submit(events).result(timeout)
+        return self.submit(events, sync=sync).result(timeout)
 
     def snapshot(self, snapshot: Any) -> None:
         """Store a snapshot later, off the caller's path; losing one costs only replay time."""
@@ -127,15 +130,16 @@ class Journal:
 
     def _write(self, batches: list[_Batch]) -> None:
         events = [e for b in batches for e in b.events]
+        sync = any(b.sync for b in batches)
         try:
-            positions = self.log.append(events)
+            positions = self.log.append(events, sync=sync)
         except Exception:
             # One stream conflicted (or one event could not be encoded): fall back to one
             # transaction per caller so that only the guilty caller fails.
             top = 0
             for b in batches:
                 try:
-                    pos = self.log.append(b.events)
+                    pos = self.log.append(b.events, sync=b.sync)
                     top = max(top, *pos) if pos else top
                     b.future.set_result(pos)
                 except RecordConflictError as exc:
@@ -144,10 +148,12 @@ class Journal:
                     log.error("journal.commit_failed", error=repr(exc), events=len(b.events))
                     b.future.set_exception(exc)
             self.batches += len(batches)
+            self.flushed += sum(b.sync for b in batches)
             if top:
                 self.log.notify_committed(top)
             return
         self.batches += 1
+        self.flushed += sync
         self.committed += len(events)
         i = 0
         for b in batches:

@@ -54,6 +54,7 @@ class StoreConfig:
             u = urlparse(self.url)
             env.update(
                 PERSISTENCE_MODULE="eventsourcing.postgres",
+                APPLICATION_RECORDER_TOPIC="eventstore.recorders:PostgresRecorder",
                 POSTGRES_DBNAME=u.path.lstrip("/") or "parley",
                 POSTGRES_HOST=u.hostname or "127.0.0.1",
                 POSTGRES_PORT=str(u.port or 5432),
@@ -67,6 +68,7 @@ class StoreConfig:
         elif self.url.startswith("sqlite://"):
             env.update(
                 PERSISTENCE_MODULE="eventsourcing.sqlite",
+                APPLICATION_RECORDER_TOPIC="eventstore.recorders:SQLiteRecorder",
                 SQLITE_DBNAME=self.sqlite_path,
                 SQLITE_LOCK_TIMEOUT="10",
             )
@@ -115,9 +117,11 @@ class EventLog:
         self._closed = threading.Event()
 
     # -- writing (used by the Journal) -------------------------------------------------
-    def append(self, events: Sequence[Any]) -> list[int]:
-        """Commit events of any streams in one transaction; return their global positions."""
-        recordings = self._app.events.put(list(events))
+    def append(self, events: Sequence[Any], *, sync: bool = True) -> list[int]:
+        """Commit events of any streams in one transaction; return their global positions.
+        `sync=False` when nobody is told of this commit: written, not yet flushed to disk
+        (eventstore/recorders.py)."""
+        recordings = self._app.events.put(list(events), sync=sync)
         return [r.notification.id for r in recordings]
 
     def put_snapshot(self, snapshot: Snapshot) -> None:

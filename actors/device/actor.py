@@ -70,7 +70,7 @@ class DeviceActor(AggregateActor):
         device = self.aggregate
         if device is not None and device.is_silent(msg.now_ms, msg.window_ms):
             device.go_silent(device.last_seen_ms, msg.window_ms)
-            self.commit()
+            self.commit(sync=False)  # derived from silence; nobody is acknowledged
             self.log.info("device.went_silent", last_seen_ms=device.last_seen_ms)
 
     def handle_SendCommand(self, msg: SendCommand) -> None:
@@ -84,7 +84,9 @@ class DeviceActor(AggregateActor):
             raise Unavailable("no MQTT link to devices")
         sent = now_ms()
         device.send_command(msg.request_id, msg.command, msg.params, msg.timeout_ms, sent)
-        self.commit()
+        # Written before publishing (a crash of the process cannot lose it), but not
+        # flushed: the result's commit flushes both before the HTTP caller hears anything.
+        self.commit(sync=False)
         # Arm before publishing: a fast device must find the waiter in place.
         self.waiters[msg.request_id] = (msg.reply, self._arm_deadline(msg.request_id, msg.timeout_ms / 1000))
         self.lease.pins += 1

@@ -127,6 +127,50 @@ class TestEventLog:
         assert done.wait(5) and heard and max(heard) in (1, -1)
 
 
+    def test_unflushed_commits_land_like_flushed_ones(self, log, journal):
+        c = Counter(name="u")
+        journal.commit(c.collect_events(), sync=False)  # e.g. QoS 0 telemetry: nobody is told
+        c.add(4)
+        journal.commit(c.collect_events())  # acknowledged: flushed, and carries the first along
+        assert (journal.batches, journal.flushed) == (2, 1)
+        assert log.load(c.id).total == 4
+        stale = log.load(c.id)
+        c.add(1)
+        journal.commit(c.collect_events(), sync=False)
+        stale.add(1)
+        with pytest.raises(RecordConflictError):  # the same guarantees, only not yet on disk
+            journal.commit(stale.collect_events(), sync=False)
+
+
+def test_sqlite_flushes_only_the_transactions_that_ask(tmp_path, monkeypatch):
+    """The SQLite recorder switches the writer connection's `synchronous` per transaction:
+    NORMAL (WAL written, not fsynced) for sync=False, FULL (fsync at commit) otherwise."""
+    import eventsourcing.sqlite as es_sqlite
+
+    statements: list[str] = []
+    create = es_sqlite.SQLiteConnectionPool._create_connection
+
+    def traced(pool):
+        conn = create(pool)
+        conn._sqlite_conn.set_trace_callback(statements.append)
+        return conn
+
+    monkeypatch.setattr(es_sqlite.SQLiteConnectionPool, "_create_connection", traced)
+    log = EventLog(StoreConfig.resolve(tmp_path, None))
+    try:
+        c = Counter(name="t")
+        log.append(c.collect_events(), sync=False)
+        c.add(1)
+        log.append(c.collect_events(), sync=True)
+        c.add(1)
+        log.append(c.collect_events(), sync=True)
+    finally:
+        log.close()
+    modes = [s for s in statements if s.startswith("PRAGMA synchronous") or s.startswith("INSERT")]
+    assert [m.split()[0] if m.startswith("INSERT") else m for m in modes] == [
+        "PRAGMA synchronous=NORMAL", "INSERT", "PRAGMA synchronous=FULL", "INSERT", "INSERT"]
+
+
 class TestEventLogPostgres(TestEventLog):
     @pytest.fixture
     def store(self, pg_database) -> StoreConfig:

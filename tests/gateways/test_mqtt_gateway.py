@@ -110,9 +110,12 @@ def test_qos1_is_acknowledged_only_after_commit(runtime, gateway, device, monkey
     real_ack = gateway.client.ack
     monkeypatch.setattr(gateway.client, "ack", lambda mid, qos: (acks.append(mid), real_ack(mid, qos)))
 
-    def slow_append(events):
+    flushed: list[bool] = []
+
+    def slow_append(events, *, sync=True):
         gate.wait(10)
-        return real_append(events)
+        flushed.append(sync)
+        return real_append(events, sync=sync)
 
     monkeypatch.setattr(runtime.log, "append", slow_append)
     device.send(f"v1/{P}/{D}/event", {"type": "event", "data": {"event": "temperature_alert", "temperature": 40}})
@@ -121,6 +124,7 @@ def test_qos1_is_acknowledged_only_after_commit(runtime, gateway, device, monkey
     gate.set()
     wait_until(lambda: acks)
     assert "EventReported" in stream(runtime)
+    assert flushed == [True]  # acknowledged, so flushed to disk before the PUBACK
 
 
 def test_uncommitted_message_is_redelivered_to_the_next_gateway(runtime, redelivering_broker, device, monkeypatch):
@@ -131,7 +135,7 @@ def test_uncommitted_message_is_redelivered_to_the_next_gateway(runtime, redeliv
     first.start()
     real_append = runtime.log.append
 
-    def broken_append(events):
+    def broken_append(events, **kwargs):
         raise OSError("disk on fire")
 
     monkeypatch.setattr(runtime.log, "append", broken_append)

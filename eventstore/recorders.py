@@ -1,0 +1,52 @@
+"""eventsourcing's application recorders, with a per-transaction choice to flush to disk.
+
+"Acknowledged means durable": a commit that precedes an acknowledgement (an MQTT PUBACK,
+an HTTP 2xx) is flushed to disk before the commit returns. A commit that nobody is told
+about (QoS 0 telemetry, a command's intent before it is published) is written but not
+flushed; it survives a crash of the process, and the next flushed commit carries it to
+disk too, because both databases flush their write-ahead log in order (SQLite's WAL file,
+PostgreSQL's WAL). Only a power loss in between can lose it, and then no one was told.
+
+`EventLog.append(events, sync=...)` passes `sync` through eventsourcing's
+`EventStore.put(**kwargs)` to these recorders, which are plugged in with eventsourcing's
+`APPLICATION_RECORDER_TOPIC` setting. Measured on 2 cores: an SQLite commit is 0.31 ms
+flushed, 0.13 ms not (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from eventsourcing.persistence import StoredEvent
+from eventsourcing.postgres import PostgresApplicationRecorder
+from eventsourcing.sqlite import SQLiteApplicationRecorder
+
+_SQLITE_MODE = {True: "FULL", False: "NORMAL"}
+
+
+class SQLiteRecorder(SQLiteApplicationRecorder):
+    """WAL mode; `synchronous` is set per transaction (FULL flushes the WAL at commit)."""
+
+    def insert_events(self, stored_events: Sequence[StoredEvent], *, sync: bool = True,
+                      **kwargs: Any) -> Sequence[int] | None:
+        with self.datastore.get_connection(commit=True) as conn:
+            # A connection-level setting that cannot change inside a transaction: set it on
+            # the writer connection just before this one begins.
+            mode = _SQLITE_MODE[sync]
+            if getattr(conn, "parley_synchronous", None) != mode:
+                conn.cursor().execute(f"PRAGMA synchronous={mode}")
+                conn.parley_synchronous = mode  # type: ignore[attr-defined]
+            with conn.transaction(commit=True) as c:
+                return self._insert_events(c, stored_events, **kwargs)
+
+
+class PostgresRecorder(PostgresApplicationRecorder):
+    """`synchronous_commit` off for this transaction only, when nobody waits on it."""
+
+    def _insert_events(self, curs: Any, stored_events: Sequence[StoredEvent], *, sync: bool = True,
+                       **kwargs: Any) -> None:
+        # eventsourcing calls this first inside the insert transaction.
+        if not sync:
+            curs.execute("SET LOCAL synchronous_commit TO OFF")
+        super()._insert_events(curs, stored_events, **kwargs)
