@@ -37,6 +37,21 @@ def test_msgpack_round_trips_uuid_datetime_and_nesting():
     assert t.decode(t.encode(value)) == value
 
 
+def test_msgpack_datetimes_naive_aware_and_from_older_logs():
+    import msgpack
+    from datetime import timedelta
+
+    t = MsgpackTranscoder()
+    naive = datetime(2026, 5, 11, 10, 0, 0, 123456)
+    berlin = datetime(2026, 5, 11, 12, 0, tzinfo=timezone(timedelta(hours=2)))
+    out = t.decode(t.encode({"naive": naive, "aware": berlin}))
+    assert out["naive"] == naive.replace(tzinfo=timezone.utc)  # naive is taken as UTC
+    assert out["aware"] == berlin and out["aware"].utcoffset() == timedelta(0)  # same instant, as UTC
+    # Logs written before Timestamp encoding stored datetimes as ISO text in extension 2.
+    old = msgpack.packb({"at": msgpack.ExtType(2, b"2026-05-11T10:00:00+00:00")}, use_bin_type=True)
+    assert t.decode(old) == {"at": datetime(2026, 5, 11, 10, 0, tzinfo=timezone.utc)}
+
+
 def test_stream_ids_are_deterministic():
     assert stream_id("device", "p", "d") == stream_id("device", "p", "d")
     assert stream_id("device", "p", "d") != stream_id("device", "p", "e")
