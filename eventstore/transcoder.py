@@ -1,9 +1,9 @@
 """msgpack transcoder for eventsourcing.
 
-Datetimes (every event's timestamp) use msgpack's own Timestamp type, encoded in C and
-decoded as aware UTC datetimes (a naive datetime is taken as UTC; events carry aware
-ones). UUIDs travel as an extension type. Older logs stored datetimes as ISO text in
-extension 2, which still decodes.
+Aware datetimes (every event's timestamp) use msgpack's own Timestamp type, encoded in C
+and decoded as UTC. Naive datetimes (events carry none) and UUIDs travel as extension
+types; a naive datetime is read back as UTC. Older logs stored every datetime as ISO text
+in extension 2, which still decodes.
 Events come out about a third smaller than JSON and encode faster (REFERENCE.md).
 """
 
@@ -17,12 +17,14 @@ import msgpack
 from eventsourcing.persistence import Transcoder
 
 _EXT_UUID = 1
-_EXT_DATETIME = 2  # ISO 8601 text: how logs before the Timestamp encoding stored datetimes
+_EXT_DATETIME = 2  # ISO 8601 text: naive datetimes, and every datetime in older logs
 
 
 def _default(obj: Any) -> Any:
     if isinstance(obj, UUID):
         return msgpack.ExtType(_EXT_UUID, obj.bytes)
+    if isinstance(obj, datetime):  # naive: msgpack's Timestamp needs an aware one
+        return msgpack.ExtType(_EXT_DATETIME, obj.isoformat().encode())
     if isinstance(obj, (set, frozenset, tuple)):
         return list(obj)
     raise TypeError(f"msgpack transcoder cannot encode {type(obj).__name__}")
