@@ -17,7 +17,10 @@ from gateways.demo import THERMOSTAT
 from gateways.simulate import Simulator
 
 DEVICES = 200
-PUBLISH_RATE = 25_000  # msg/s the publisher is paced at: above what either side can take
+# The publisher is not paced: it sends as fast as it can, so each consumer's rate is its
+# own capacity, not the publisher's. (Paced at 25k msg/s, as an earlier version was, the
+# bare subscriber simply kept up and the ratio looked twice as good as it is.)
+PUBLISH_RATE = None
 
 
 def make_stream(count: int) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
@@ -114,10 +117,10 @@ def parley(opts: Options, warm: list[tuple[str, bytes]], msgs: list[tuple[str, b
 
 def run(opts: Options) -> Result:
     quiet_logging()
-    count = 8_000 if opts.quick else 30_000
+    count = 20_000 if opts.quick else 100_000
     r = Result("ingest", target="Parley / bare subscriber >= 0.5")
     warm, msgs = make_stream(count)
-    console.print(f"  ingest: {count} state messages from {DEVICES} devices, QoS 0, publisher process paced at {PUBLISH_RATE}/s")
+    console.print(f"  ingest: {count} state messages from {DEVICES} devices, QoS 0, publisher process unpaced")
     console.print("  ingest: baseline (bare paho subscriber) ...")
     base = baseline(opts, msgs)
     console.print("  ingest: Parley (gateway -> actors -> journal -> registry view) ...")

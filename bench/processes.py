@@ -113,7 +113,7 @@ class ResponderProcess:
         self.proc.join(20)
 
 
-def _run_publisher(host: str, port: int, msgs: list[tuple[str, bytes]], rate: float, ready: Any, go: Any,
+def _run_publisher(host: str, port: int, msgs: list[tuple[str, bytes]], rate: float | None, ready: Any, go: Any,
                    result: Any) -> None:
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
@@ -124,12 +124,12 @@ def _run_publisher(host: str, port: int, msgs: list[tuple[str, bytes]], rate: fl
     ready.set()
     go.wait()
     start = time.perf_counter()
-    chunk = max(1, int(rate * 0.005))  # paced in 5 ms slices
+    chunk = max(1, int(rate * 0.005)) if rate else len(msgs)  # paced in 5 ms slices, or not at all
     info = None
     for i in range(0, len(msgs), chunk):
         for topic, payload in msgs[i:i + chunk]:
             info = c.publish(topic, payload, qos=0)
-        ahead = start + (i + chunk) / rate - time.perf_counter()
+        ahead = start + (i + chunk) / rate - time.perf_counter() if rate else 0
         if ahead > 0:
             time.sleep(ahead)
     if info is not None:
@@ -140,9 +140,10 @@ def _run_publisher(host: str, port: int, msgs: list[tuple[str, bytes]], rate: fl
 
 
 class PublisherProcess:
-    """Devices' telemetry from another process: publish `msgs` at QoS 0, paced at `rate`."""
+    """Devices' telemetry from another process: publish `msgs` at QoS 0, paced at `rate`
+    msg/s, or as fast as paho can when `rate` is None."""
 
-    def __init__(self, host: str, port: int, msgs: list[tuple[str, bytes]], rate: float) -> None:
+    def __init__(self, host: str, port: int, msgs: list[tuple[str, bytes]], rate: float | None) -> None:
         self.ready, self.go = _ctx.Event(), _ctx.Event()
         self.result = _ctx.Value("d", 0.0)
         self.proc = _ctx.Process(target=_run_publisher, daemon=True,
