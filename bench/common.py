@@ -100,3 +100,29 @@ def wait_until(pred, timeout: float, interval: float = 0.005) -> bool:
 
 def cpu_count() -> int:
     return os.cpu_count() or 0
+
+
+@contextlib.contextmanager
+def pinned(cpus: set[int]) -> Iterator[None]:
+    """Run the calling thread (and the threads it starts meanwhile) on `cpus` only. The
+    ingest benchmark gives the consumer one core and the publisher another, so the bare
+    subscriber and Parley each get the same CPU, whatever the publisher does with its own."""
+    if not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def publisher_cpus() -> set[int] | None:
+    """The core the load generator gets when consumers are pinned (see `pinned`)."""
+    n = os.cpu_count() or 1
+    return {n - 1} if n >= 2 and hasattr(os, "sched_setaffinity") else None
+
+
+def consumer_cpus() -> set[int]:
+    return {0}

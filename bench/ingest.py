@@ -11,7 +11,7 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bench.common import Options, Result, console, quiet_logging, store, wait_until
+from bench.common import Options, Result, consumer_cpus, console, pinned, quiet_logging, store, wait_until
 from bench.processes import PublisherProcess
 from gateways.demo import THERMOSTAT
 from gateways.simulate import Simulator
@@ -122,11 +122,14 @@ def run(opts: Options) -> Result:
     warm, msgs = make_stream(count)
     console.print(f"  ingest: {count} state messages from {DEVICES} devices, QoS 0, publisher process unpaced")
     console.print("  ingest: baseline (bare paho subscriber) ...")
-    base = baseline(opts, msgs)
+    with pinned(consumer_cpus()):  # each consumer gets core 0, the publisher the last core
+        base = baseline(opts, msgs)
     console.print("  ingest: Parley (gateway -> actors -> journal -> registry view) ...")
-    par = parley(opts, warm, msgs)
+    with pinned(consumer_cpus()):
+        par = parley(opts, warm, msgs)
     ratio = par["rate"] / base["rate"]
-    r.add("messages", f"{count} from {DEVICES} devices")
+    r.add("messages", f"{count} from {DEVICES} devices; publisher unpaced on its own core, consumer on core 0, "
+          "mosquitto unpinned")
     r.add("publisher achieved", f"{base['publish_rate']:,.0f} msg/s")
     r.add("bare subscriber", f"{base['rate']:,.0f} msg/s ({base['received']}/{count} received)")
     r.add("Parley committed + visible in registry view",

@@ -118,6 +118,11 @@ def _run_publisher(host: str, port: int, msgs: list[tuple[str, bytes]], rate: fl
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
+    from bench.common import publisher_cpus
+
+    cpus = publisher_cpus()
+    if cpus:  # its own core: it must not take the consumer's CPU (bench.common.pinned)
+        os.sched_setaffinity(0, cpus)
     c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{os.getpid()}")
     c.connect(host, port)
     c.loop_start()
