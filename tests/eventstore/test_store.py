@@ -142,6 +142,16 @@ class TestEventLog:
         assert done.wait(5) and heard and max(heard) in (1, -1)
 
 
+    def test_an_idle_journal_commits_on_the_callers_thread(self, log, journal):
+        writers: list[str] = []
+        log.on_committed_events(lambda events: writers.append(threading.current_thread().name))
+        done = threading.Thread(target=lambda: journal.commit(Counter(name="i").collect_events()), name="caller")
+        done.start()
+        done.join(10)
+        queued = journal.submit(Counter(name="q").collect_events())  # submit always queues
+        queued.result(10)
+        assert writers == ["caller", "journal-writer"]
+
     def test_unflushed_commits_land_like_flushed_ones(self, log, journal):
         c = Counter(name="u")
         journal.commit(c.collect_events(), sync=False)  # e.g. QoS 0 telemetry: nobody is told

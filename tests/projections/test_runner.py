@@ -118,3 +118,32 @@ def test_postgres_notify_wakes_a_runner_for_another_processes_commits(pg_databas
         db.close()
         writer_log.close()
         reader_log.close()
+
+
+def test_a_waiter_cuts_the_coalescing_short(tmp_path):
+    """The runner gathers commits for `coalesce` seconds after a wake-up; someone in
+    wait_for() (read-your-writes) must not wait for that."""
+    from actors.device import Device
+    from eventstore import EventLog, Journal, StoreConfig
+    from projections.db import ViewDatabase
+    from projections.device_registry import DeviceRegistry
+    from projections.runner import ProjectionRunner
+
+    store = StoreConfig.resolve(tmp_path, None)
+    log = EventLog(store)
+    db = ViewDatabase(store)
+    registry = DeviceRegistry(db)
+    runner = ProjectionRunner(log, db, [registry], coalesce=3600)  # an hour: only a waiter gets through
+    runner.start()
+    journal = Journal(log)
+    try:
+        device = Device(product_id="p", device_id="d")
+        device.report_status("online", {"t": 2}, None, now_ms(), None)
+        position = journal.commit(device.collect_events())[-1]
+        assert runner.wait_for(position, 10), "wait_for waited out the coalescing window"
+        assert registry.find("d")[0].state == {"t": 2}
+    finally:
+        journal.close()
+        runner.stop()
+        db.close()
+        log.close()
