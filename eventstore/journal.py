@@ -3,7 +3,8 @@
 Callers block on a Future (actors run on their own threads, so they may); a version
 conflict fails only the caller whose stream conflicted. A caller that finds nothing queued
 and nobody writing commits on its own thread instead: at idle that saves the hand-off to
-the writer and back (two thread wake-ups, about 0.2 ms per commit on 2 cores).
+the writer and back (two thread wake-ups; a traced command commit went from 0.39 to
+0.33 ms p50 on 2 cores).
 """
 
 from __future__ import annotations

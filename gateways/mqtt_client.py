@@ -7,7 +7,8 @@ bare subscriber keeps up with 25k msg/s here), but next to the actor, journal an
 projection threads every re-take waits behind a busy thread, and Parley's network
 thread crawled at about 5k msg/s (docs/benchmarks.md). Reading up to 64 KiB per
 `recv()` and serving paho's small reads from that buffer makes it one GIL release per
-socket read instead of four per message: ingest went from 5.7k to 14k msg/s.
+socket read instead of four per message: in the ingest benchmark as it was then (publisher
+paced at 25k msg/s, nothing pinned) Parley went from 5.7k to 14k msg/s.
 
 Only two of paho's internal methods are overridden (`_sock_recv`, `loop_read`); paho is
 pinned to 2.x in pyproject.toml, and tests/gateways/test_mqtt_client.py covers both.
