@@ -11,7 +11,8 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bench.common import Options, Result, consumer_cpus, console, pinned, quiet_logging, store, wait_until
+from bench.common import (Options, Result, consumer_cpus, console, cpu_by_group, pinned, quiet_logging, store,
+                          thread_cpu, wait_until)
 from bench.processes import PublisherProcess
 from gateways.demo import THERMOSTAT
 from gateways.simulate import Simulator
@@ -54,6 +55,7 @@ def baseline(opts: Options, msgs: list[tuple[str, bytes]]) -> dict[str, float]:
     ready.wait(5)
     pub = PublisherProcess(b.host, b.port, msgs, PUBLISH_RATE)
     try:
+        cpu0 = thread_cpu()
         t0 = time.perf_counter()
         pub.run()
         n = len(msgs)
@@ -61,7 +63,9 @@ def baseline(opts: Options, msgs: list[tuple[str, bytes]]) -> dict[str, float]:
         while count[0] < n and count[0] != prev:  # stop when done, or when nothing arrives for 2 s
             prev = count[0]
             wait_until(lambda: count[0] >= n, 2.0)
-        return {"received": count[0], "rate": count[0] / (last[0] - t0), "publish_rate": pub.finish()}
+        cpu = cpu_by_group(cpu0, thread_cpu(), lambda name: "paho" if name.startswith("paho") else "other")
+        return {"received": count[0], "rate": count[0] / (last[0] - t0), "publish_rate": pub.finish(),
+                "cpu": cpu}
     finally:
         sub.disconnect()
         sub.loop_stop()
@@ -89,6 +93,7 @@ def parley(opts: Options, warm: list[tuple[str, bytes]], msgs: list[tuple[str, b
             applied0, received0 = proj.applied, gw.stats["received"]
             n = len(msgs)
             pub = PublisherProcess(opts.broker.host, opts.broker.port, msgs, PUBLISH_RATE)
+            cpu0 = thread_cpu()
             t0 = time.perf_counter()
             pub.run()
             done = [0.0]
@@ -106,13 +111,33 @@ def parley(opts: Options, warm: list[tuple[str, bytes]], msgs: list[tuple[str, b
                 wait_until(visible, 5.0, 0.002)
             applied = proj.applied - applied0
             end = done[0] or time.perf_counter()
+            _after = thread_cpu()
+            cpu = cpu_by_group(cpu0, _after, _thread_group)
             t_pub = pub.finish()
             return {"received": gw.stats["received"] - received0, "applied": applied,
                     "rate": applied / (end - t0), "publish_seconds": t_pub,
-                    "journal_batches": runtime.journal.batches, "active_actors": runtime.system.active_count()}
+                    "journal_batches": runtime.journal.batches, "active_actors": runtime.system.active_count(),
+                    "cpu": cpu}
         finally:
             gw.stop()
             runtime.close()
+
+
+def _thread_group(name: str) -> str:
+    if name.startswith("paho"):
+        return "network thread (paho + gateway)"
+    if name.startswith(("DeviceActor", "AgentActor")):
+        return "actor threads"
+    if name == "journal-writer":
+        return "journal writer"
+    if name.startswith("projection"):
+        return "projection runner"
+    return "other threads"
+
+
+def _per_message(cpu: dict[str, float], n: int) -> str:
+    parts = [f"{k} {v / n * 1e6:.1f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]) if v / n >= 0.5e-6]
+    return f"{sum(cpu.values()) / n * 1e6:.1f} µs ({'; '.join(parts)})" if cpu else "n/a (no /proc)"
 
 
 def run(opts: Options) -> Result:
@@ -135,6 +160,8 @@ def run(opts: Options) -> Result:
     r.add("Parley committed + visible in registry view",
           f"{par['rate']:,.0f} msg/s ({par['applied']}/{count} applied, {par['received']} received by gateway)")
     r.add("ratio", f"{ratio:.2f}")
+    r.add("CPU per message, bare subscriber (µs)", _per_message(base["cpu"], count))
+    r.add("CPU per message, Parley (µs, by thread)", _per_message(par["cpu"], count))
     r.met = ratio >= 0.5 and par["applied"] >= count
     if base["received"] < count:
         r.notes.append(f"the bare subscriber lost {count - base['received']} QoS 0 messages (broker queue limits)")
