@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from gateways import json_input
+
 MAX_PAYLOAD = 256 * 1024
 _ID = re.compile(r"^[^/#+\x00]{1,128}$")
 
@@ -62,7 +64,9 @@ def decode(payload: bytes) -> dict[str, Any]:
     if len(payload) > MAX_PAYLOAD:
         raise BadMessage("too_large", f"{len(payload)} bytes > {MAX_PAYLOAD}")
     try:
-        obj = json.loads(payload)
+        obj = json_input.loads(payload)
+    except json_input.UnsupportedValue as exc:
+        raise BadMessage("unsupported_value", str(exc)) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadMessage("malformed_json", str(exc)) from None
     if not isinstance(obj, dict):

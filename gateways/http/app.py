@@ -9,7 +9,6 @@ Quart or a bug raises) into JSON, so no traceback ever reaches a client.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 from uuid import uuid4
 
@@ -20,6 +19,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from actors.errors import ParleyError
+from gateways import json_input
 from gateways.runtime import Runtime
 
 log = structlog.get_logger(__name__)
@@ -73,7 +73,9 @@ async def json_body() -> Any:
     if not raw.strip():
         raise ApiError.coded(400, "invalid_json", "request body is empty; expected a JSON object")
     try:
-        return json.loads(raw)
+        return json_input.loads(raw)
+    except json_input.UnsupportedValue as exc:
+        raise ApiError.coded(400, "invalid_json", f"request body has a value Parley cannot store: {exc}") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError.coded(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
 

@@ -76,8 +76,21 @@ def test_ntp_response():
 @pytest.mark.parametrize("payload,reason", [
     (b"{not json", "malformed_json"), (b"\xff\xfe", "malformed_json"), (b"[1,2]", "not_an_object"),
     (b"x" * (codec.MAX_PAYLOAD + 1), "too_large"),
+    # Valid to Python's json, but nothing Parley could store or give back (gateways/json_input.py):
+    (b'{"data": {"x": 18446744073709551616}}', "unsupported_value"),  # 2**64
+    (b'{"data": {"x": -9223372036854775809}}', "unsupported_value"),  # -2**63 - 1
+    (b'{"data": {"x": NaN}}', "unsupported_value"), (b'{"data": {"x": -Infinity}}', "unsupported_value"),
+    (b'{"data": {"x": 1e400}}', "unsupported_value"),
+    (b'{"data": ' + b'[' * 40 + b']' * 40 + b'}', "unsupported_value"),
+    (b'{"data": ' + b'[' * 5000 + b']' * 5000 + b'}', "unsupported_value"),  # deeper than json's own limit
 ])
 def test_decode_errors(payload, reason):
     with pytest.raises(codec.BadMessage) as exc:
         codec.decode(payload)
     assert exc.value.reason == reason
+
+
+def test_the_edges_of_what_is_stored_still_decode():
+    obj = codec.decode(b'{"a": 18446744073709551615, "b": -9223372036854775808, "c": 1.5e300, "d": '
+                       + b'[' * 30 + b']' * 30 + b'}')
+    assert (obj["a"], obj["b"], obj["c"]) == (2**64 - 1, -(2**63), 1.5e300)

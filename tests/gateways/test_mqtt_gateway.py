@@ -192,7 +192,10 @@ def test_ntp(runtime, gateway, device):
 
 
 BAD = [b"{oops", b"\xff", b"[]", b"null", b'{"type": 5}', b'{"type": "status", "data": {"status": 1}}',
-       b'{"type": "event", "data": {}}', b'{"code": "x"}', b"x" * (300 * 1024)]
+       b'{"type": "event", "data": {}}', b'{"code": "x"}', b"x" * (300 * 1024),
+       # JSON that could never be committed (a 65-bit integer, NaN): acknowledged and dropped,
+       # not left unacknowledged for the broker to redeliver forever.
+       b'{"type": "state", "data": {"x": 36893488147419103232}}', b'{"type": "state", "data": {"x": NaN}}']
 
 
 def test_bad_input_on_every_topic_is_dropped_and_logged_never_fatal(runtime, gateway, device):

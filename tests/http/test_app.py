@@ -50,6 +50,13 @@ async def test_malformed_json_is_400(client: httpx.AsyncClient) -> None:
         assert "Traceback" not in r.text
 
 
+async def test_json_parley_cannot_store_is_400(client: httpx.AsyncClient) -> None:
+    for body in (b'{"command": "x", "params": {"n": 36893488147419103232}}', b'{"command": "x", "params": {"n": NaN}}'):
+        r = await client.post("/api/devices/d1/commands", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["code"] == "invalid_json", body
+        assert "cannot store" in r.json()["error"]
+
+
 async def test_empty_body_is_400(client: httpx.AsyncClient) -> None:
     r = await client.post("/api/agents")
     assert r.status_code == 400
