@@ -83,6 +83,7 @@ def test_ntp_response():
     (b'{"data": {"x": 1e400}}', "unsupported_value"),
     (b'{"data": ' + b'[' * 40 + b']' * 40 + b'}', "unsupported_value"),
     (b'{"data": ' + b'[' * 5000 + b']' * 5000 + b'}', "unsupported_value"),  # deeper than json's own limit
+    (b'{"data": {"x": "\\ud800"}}', "unsupported_value"), (b'{"data": {"\\udfff": 1}}', "unsupported_value"),
 ])
 def test_decode_errors(payload, reason):
     with pytest.raises(codec.BadMessage) as exc:
@@ -92,5 +93,5 @@ def test_decode_errors(payload, reason):
 
 def test_the_edges_of_what_is_stored_still_decode():
     obj = codec.decode(b'{"a": 18446744073709551615, "b": -9223372036854775808, "c": 1.5e300, "d": '
-                       + b'[' * 30 + b']' * 30 + b'}')
-    assert (obj["a"], obj["b"], obj["c"]) == (2**64 - 1, -(2**63), 1.5e300)
+                       + b'[' * 30 + b']' * 30 + b', "e": "\\u6e29\\ud83c\\udf21"}')
+    assert (obj["a"], obj["b"], obj["c"], obj["e"]) == (2**64 - 1, -(2**63), 1.5e300, "\u6e29\U0001f321")
