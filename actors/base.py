@@ -22,6 +22,7 @@ from eventsourcing.persistence import RecordConflictError
 
 from actors.errors import ActorCrashed, ParleyError, Unavailable
 from actors.ports import NO_REPLY, Traced, untraced
+from eventstore import UnencodableValue
 
 if TYPE_CHECKING:
     from actors.system import ActorSystem, Lease
@@ -157,6 +158,14 @@ class AggregateActor(pykka.ThreadingActor, ABC):
                 self.reload()
                 continue
             except Exception as exc:
+                if len(messages) > 1 and not isinstance(exc, Unavailable):
+                    # One bad message must not take the others down with it: rebuild the
+                    # state, then handle and commit each message of the burst alone.
+                    self.log.warning("actor.batch_failed", error=repr(exc), batch=len(messages))
+                    self._restart()
+                    for m in messages:
+                        self._receive_batch([m])
+                    return
                 self._crashed(exc, messages)
                 return
             position = positions[-1] if positions else None
@@ -216,6 +225,9 @@ class AggregateActor(pykka.ThreadingActor, ABC):
         try:
             positions = self.system.journal.commit(events, sync=sync)
         except RecordConflictError:
+            raise
+        except UnencodableValue:
+            self.reload()  # the message is at fault, not the store: refuse it, do not retry
             raise
         except Exception as exc:
             self.reload()

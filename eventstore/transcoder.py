@@ -39,11 +39,20 @@ def _ext_hook(code: int, data: bytes) -> Any:
     return msgpack.ExtType(code, data)
 
 
+class UnencodableValue(ValueError):
+    """An event holds a value msgpack cannot store (an integer beyond 64 bits, a lone
+    surrogate, an unknown type, nesting too deep). The edges refuse such input; this is the
+    log's own guard, so the message is refused instead of retried as if the store failed."""
+
+
 class MsgpackTranscoder(Transcoder):
     def encode(self, obj: Any) -> bytes:
         # datetime=True: an aware datetime becomes a msgpack Timestamp without calling back
         # into Python (the callback for each event's timestamp was ~10% of ingest CPU).
-        return msgpack.packb(obj, default=_default, use_bin_type=True, datetime=True)
+        try:
+            return msgpack.packb(obj, default=_default, use_bin_type=True, datetime=True)
+        except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError is a ValueError
+            raise UnencodableValue(f"cannot store event: {exc}") from exc
 
     def decode(self, data: bytes) -> Any:
         return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False, timestamp=3)

@@ -210,6 +210,27 @@ class TestDeviceActor:
         assert log.load(Device.create_id(*KEY)).state == {"i": 49}
 
 
+    def test_one_unstorable_report_does_not_take_its_burst_down(self, parts):
+        """A value the log cannot encode (the edges refuse these; this is the log's own
+        guard) fails only its own message, as a crash (so MQTT acknowledges and drops it
+        instead of waiting for a redelivery that would fail again); the rest of the burst
+        is committed and acknowledged."""
+        system, log, _ = parts
+        online(system)
+        gate = threading.Event()
+        system.tell(DeviceActor, KEY, Hold(gate))
+        replies = [FutureReply() for _ in range(5)]
+        for i, r in enumerate(replies):
+            value = 2**70 if i == 2 else i
+            system.tell(DeviceActor, KEY, ReportTelemetry("state", None, {"i": value}, None, now_ms(), reply=r))
+        gate.set()
+        with pytest.raises(ActorCrashed):
+            replies[2].get(5)
+        assert all(isinstance(r.get(5), int) for i, r in enumerate(replies) if i != 2)
+        assert log.load(Device.create_id(*KEY)).state == {"i": 4}
+        stored = [e.state["i"] for e in log.read_stream(Device.create_id(*KEY)) if hasattr(e, "state") and e.state]
+        assert stored[-4:] == [0, 1, 3, 4]
+
     def test_actor_snapshots_every_hundred_events(self, parts):
         system, log, _ = parts
         for i in range(120):
