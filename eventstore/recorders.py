@@ -7,9 +7,8 @@ flushed; it survives a crash of the process, and the next flushed commit carries
 disk too, because both databases flush their write-ahead log in order (SQLite's WAL file,
 PostgreSQL's WAL). Only a power loss in between can lose it, and then no one was told.
 
-`EventLog.append(events, sync=...)` passes `sync` through eventsourcing's
-`EventStore.put(**kwargs)` to these recorders, which are plugged in with eventsourcing's
-`APPLICATION_RECORDER_TOPIC` setting. Traced in a running server on 2 cores: an SQLite
+`EventLog.append(events, sync=...)` hands `sync` to `insert_events` of these recorders,
+which are plugged in with eventsourcing's `APPLICATION_RECORDER_TOPIC` setting. Traced in a running server on 2 cores: an SQLite
 commit takes 0.31 ms p50 flushed and 0.13 ms not.
 """
 

@@ -68,7 +68,7 @@ class MqttGateway:
         self._ready = threading.Event()
         self._warned_products: set[str] = set()
         self.client = BufferedClient(CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                                  clean_session=False, protocol=paho.MQTTv311, manual_ack=True)
+                                     clean_session=False, protocol=paho.MQTTv311, manual_ack=True)
         if u.username:
             self.client.username_pw_set(u.username, u.password)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
