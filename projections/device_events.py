@@ -9,6 +9,7 @@ from typing import Any
 from actors.device.aggregate import Device
 from eventstore import LoggedEvent
 from projections.db import Cursor
+from projections.device_registry import DeviceRegistry
 from projections.view import View, dumps, loads
 
 
@@ -33,7 +34,7 @@ class DeviceEvents(View):
         " ON parley_device_events (device_id, product_id, position)",
     )
 
-    def __init__(self, db: Any, registry: Any) -> None:
+    def __init__(self, db: Any, registry: DeviceRegistry) -> None:
         super().__init__(db)
         self.registry = registry  # shares its stream -> device map
 
@@ -43,14 +44,9 @@ class DeviceEvents(View):
             e = le.event
             if not isinstance(e, Device.EventReported):
                 continue
-            key = self.registry._keys.get(le.stream_id)
+            key = self.registry.device_of(cur, le.stream_id)
             if key is None:
-                cur.execute("SELECT product_id, device_id FROM parley_device_streams WHERE stream_id = ?",
-                            (str(le.stream_id),))
-                found = cur.fetchone()
-                if found is None:
-                    continue
-                key = (found[0], found[1])
+                continue
             rows.append((le.position, key[0], key[1], e.name, dumps(e.data), e.device_ts, e.received_ms))
         if rows:
             cur.executemany(

@@ -118,7 +118,9 @@ class DeviceRegistry(View):
             self._keys.clear()
         self._keys[stream_id] = key
 
-    def _row(self, cur: Cursor, rows: dict[tuple[str, str], DeviceRow], stream_id: UUID) -> DeviceRow | None:
+    def device_of(self, cur: Cursor, stream_id: UUID) -> tuple[str, str] | None:
+        """(product, device) of a device stream, from memory or, inside the view
+        transaction `cur`, from the stream table; None for a stream that is no device's."""
         key = self._keys.get(stream_id)
         if key is None:
             cur.execute("SELECT product_id, device_id FROM parley_device_streams WHERE stream_id = ?",
@@ -128,6 +130,12 @@ class DeviceRegistry(View):
                 return None
             key = (found[0], found[1])
             self._remember(stream_id, key)
+        return key
+
+    def _row(self, cur: Cursor, rows: dict[tuple[str, str], DeviceRow], stream_id: UUID) -> DeviceRow | None:
+        key = self.device_of(cur, stream_id)
+        if key is None:
+            return None
         row = rows.get(key)
         if row is None:
             cur.execute(_SELECT + " WHERE product_id = ? AND device_id = ?", key)
