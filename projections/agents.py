@@ -51,7 +51,6 @@ class Agents(View):
         super().__init__(*args)
         self._lock = threading.Lock()
         self._by_agent_id: dict[str, AgentRecord] = {}
-        self._staged: list[tuple[str, AgentRecord | None]] = []
 
     def create(self, cur: Cursor) -> None:
         super().create(cur)
@@ -61,53 +60,55 @@ class Agents(View):
             self._by_agent_id = {r[1]: self._record(r) for r in rows}
 
     def apply(self, cur: Cursor, events: Sequence[LoggedEvent]) -> None:
-        self._staged = []  # a failed (rolled back) batch must not leak into the mirror
+        created: list[str] = []  # agents created earlier in this batch (not yet in the mirror)
         for le in events:
             e = le.event
             if isinstance(e, (Agent.Created, Agent.Recreated)):
                 at = _iso(e.timestamp)
-                agent_id = e.agent_id
-                cur.execute("DELETE FROM parley_agents WHERE agent_id = ?", (agent_id,))
+                created.append(e.agent_id)
+                cur.execute("DELETE FROM parley_agents WHERE agent_id = ?", (e.agent_id,))
                 cur.execute("INSERT INTO parley_agents (id, agent_id, config, running, inserted_at,"
                             " updated_at) VALUES (?, ?, ?, 1, ?, ?)",
-                            (le.position, agent_id, dumps(e.config), at, at))
-                self._staged.append((agent_id, AgentRecord(le.position, agent_id, e.config, True, at, at)))
+                            (le.position, e.agent_id, dumps(e.config), at, at))
             elif isinstance(e, (Agent.Updated, Agent.Deleted)):
-                agent_id = self._agent_id_of(cur, le)
+                agent_id = self._agent_id_of(le, created)
                 if agent_id is None:
                     continue
                 if isinstance(e, Agent.Deleted):
                     cur.execute("DELETE FROM parley_agents WHERE agent_id = ?", (agent_id,))
-                    self._staged.append((agent_id, None))
                     continue
-                cur.execute("SELECT id, agent_id, config, running, inserted_at, updated_at"
-                            " FROM parley_agents WHERE agent_id = ?", (agent_id,))
+                cur.execute("SELECT config FROM parley_agents WHERE agent_id = ?", (agent_id,))
                 row = cur.fetchone()
                 if row is None:
                     continue
-                config = {**loads(row[2]), **e.changes}
-                at = _iso(e.timestamp)
                 cur.execute("UPDATE parley_agents SET config = ?, updated_at = ? WHERE agent_id = ?",
-                            (dumps(config), at, agent_id))
-                self._staged.append((agent_id, AgentRecord(row[0], agent_id, config, bool(row[3]), row[4], at)))
+                            (dumps({**loads(row[0]), **e.changes}), _iso(e.timestamp), agent_id))
 
-    def _agent_id_of(self, cur: Cursor, le: LoggedEvent) -> str | None:
-        for record in self._by_agent_id.values():
-            if Agent.create_id(record.agent_id) == le.stream_id:
-                return record.agent_id
-        for agent_id, record in reversed(self._staged):  # created earlier in this batch
+    def follow(self, events: Sequence[LoggedEvent]) -> None:
+        for le in events:
+            e = le.event
+            if isinstance(e, (Agent.Created, Agent.Recreated)):
+                at = _iso(e.timestamp)
+                with self._lock:
+                    self._by_agent_id[e.agent_id] = AgentRecord(le.position, e.agent_id, e.config, True, at, at)
+            elif isinstance(e, (Agent.Updated, Agent.Deleted)):
+                agent_id = self._agent_id_of(le, [])
+                if agent_id is None:
+                    continue
+                with self._lock:
+                    if isinstance(e, Agent.Deleted):
+                        self._by_agent_id.pop(agent_id, None)
+                        continue
+                    old = self._by_agent_id[agent_id]
+                    self._by_agent_id[agent_id] = AgentRecord(old.id, agent_id, {**old.config, **e.changes},
+                                                              old.running, old.inserted_at, _iso(e.timestamp))
+
+    def _agent_id_of(self, le: LoggedEvent, created: Sequence[str]) -> str | None:
+        """The agent whose stream `le` is on: known to the mirror, or created in this batch."""
+        for agent_id in [*reversed(created), *list(self._by_agent_id)]:
             if Agent.create_id(agent_id) == le.stream_id:
                 return agent_id
         return None
-
-    def after_commit(self) -> None:
-        with self._lock:
-            for agent_id, record in self._staged:
-                if record is None:
-                    self._by_agent_id.pop(agent_id, None)
-                else:
-                    self._by_agent_id[agent_id] = record
-            self._staged.clear()
 
     @staticmethod
     def _record(r: Sequence[Any]) -> AgentRecord:

@@ -1,7 +1,9 @@
 """The database the views live in: SQLite (a file beside the log) or PostgreSQL.
 
 Views write portable SQL with `?` placeholders; on PostgreSQL they become `%s`.
-Views and their tracked position always commit in one transaction.
+Views and their tracked position always commit in one transaction. One process at a time
+writes a runner's views (`claim`); other processes sharing the database follow the log
+for their in-memory mirrors only (projections/runner.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class ViewDatabase:
         self._url = config.url
         self._local = threading.local()
         self._opened: list[sqlite3.Connection] = []  # every thread's connection, to close them all
+        self._claims: dict[str, Any] = {}  # runner name -> what holds the claim (connection or file)
         if self.is_postgres:
             from psycopg_pool import ConnectionPool
 
@@ -67,7 +70,51 @@ class ViewDatabase:
                 return list(conn.execute(self._sql(sql), params).fetchall())
         return self._sqlite().execute(sql, params).fetchall()
 
+    # -- who writes the views ----------------------------------------------------------
+    def claim(self, name: str) -> bool:
+        """Try to become the process that writes runner `name`'s views in this database.
+        Held until `release` or the end of the process (a PostgreSQL advisory lock on a
+        connection of its own; on SQLite an exclusive `flock` on a file beside the views).
+        True while held. Correctness does not rest on it: the runner also checks its
+        position in every view transaction (compare-and-set)."""
+        held = self._claims.get(name)
+        if held is not None:
+            if not (self.is_postgres and (held.closed or held.broken)):
+                return True
+            self._claims.pop(name)  # the connection died, and the lock with it
+        if self.is_postgres:
+            import psycopg
+
+            try:
+                conn = psycopg.connect(self._url, autocommit=True, connect_timeout=5)
+                row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))",
+                                   (f"parley.projections.{name}",)).fetchone()
+            except psycopg.Error:
+                return False
+            if not row or not row[0]:
+                conn.close()
+                return False
+            self._claims[name] = conn
+            return True
+        import fcntl
+
+        f = open(f"{self._path}.{name}.owner", "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            return False
+        self._claims[name] = f
+        return True
+
+    def release(self, name: str) -> None:
+        held = self._claims.pop(name, None)
+        if held is not None:
+            held.close()  # closing ends the advisory lock's session / the flock
+
     def close(self) -> None:
+        for name in list(self._claims):
+            self.release(name)
         if self.is_postgres:
             self._pool.close()
         else:

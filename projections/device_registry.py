@@ -48,7 +48,6 @@ class DeviceRegistry(View):
         # device id -> the products that have a device with that id. In memory so that a
         # command finds its device's product without a query (the HTTP loop may not block).
         self._products: dict[str, tuple[str, ...]] = {}
-        self._new: list[tuple[str, str]] = []
 
     def create(self, cur: Cursor) -> None:
         super().create(cur)
@@ -58,12 +57,14 @@ class DeviceRegistry(View):
             products[device_id] = (*products.get(device_id, ()), product_id)
         self._products = products
 
-    def after_commit(self) -> None:
-        for product_id, device_id in self._new:
-            known = self._products.get(device_id, ())
-            if product_id not in known:
-                self._products[device_id] = (*known, product_id)
-        self._new = []
+    def follow(self, events: Sequence[LoggedEvent]) -> None:
+        for le in events:
+            e = le.event
+            if isinstance(e, Device.Registered):
+                self._remember(le.stream_id, (e.product_id, e.device_id))
+                known = self._products.get(e.device_id, ())
+                if e.product_id not in known:
+                    self._products[e.device_id] = (*known, e.product_id)
 
     def products_of(self, device_id: str) -> tuple[str, ...]:
         """The products that have a device with this id (usually one). Thread-safe, no query."""
@@ -73,13 +74,11 @@ class DeviceRegistry(View):
         # Fold the batch per device in memory, then write each touched device once:
         # a burst of telemetry costs one read and one upsert per device, not per event.
         rows: dict[tuple[str, str], DeviceRow] = {}
-        self._new = []  # a rolled-back batch must not leak into the in-memory index
         for le in events:
             e = le.event
             if isinstance(e, Device.Registered):
                 key = (e.product_id, e.device_id)
-                self._new.append(key)
-                self._remember(le.stream_id, key)
+                self._remember(le.stream_id, key)  # a cache of facts: safe even if rolled back
                 cur.execute("INSERT INTO parley_device_streams (stream_id, product_id, device_id)"
                             " VALUES (?, ?, ?) ON CONFLICT (stream_id) DO NOTHING",
                             (str(le.stream_id), *key))

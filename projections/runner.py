@@ -4,6 +4,14 @@ Each batch of events and the runner's position commit in one view transaction. T
 runner wakes on in-process commits (the journal) and, on PostgreSQL, on NOTIFY from
 other processes; it also polls once a second, so a SQLite log written by another
 process (e.g. while `parley replay` reads) is followed too.
+
+Several Parley processes may share one database. One of them owns the views (it holds
+`ViewDatabase.claim`) and writes them; the others follow the log only to keep their
+in-memory mirrors (`View.follow`: the agents, the device -> product index) and try to
+take over once a second, so the views keep moving when the owner stops. Every view
+transaction also checks that the stored position is the one this runner last wrote
+(compare-and-set), so even two runners that both believe they own the views never apply
+an event twice.
 """
 
 from __future__ import annotations
@@ -43,10 +51,18 @@ class ProjectionRunner:
             cur.execute(TRACKING)
             for view in self.views:
                 view.create(cur)
+            # The row must exist before the first batch: `_write` locks it (compare-and-set).
+            cur.execute("INSERT INTO parley_tracking (runner, position) VALUES (?, 0)"
+                        " ON CONFLICT (runner) DO NOTHING", (name,))
             cur.execute("SELECT position FROM parley_tracking WHERE runner = ?", (name,))
             row = cur.fetchone()
+        # What this process's views reflect: the tables and mirrors (owner), or the mirrors
+        # (follower, whose tables are written by the owner).
         self.position: int = row[0] if row else 0
-        self.applied = 0
+        self.owner = db.claim(name)
+        self._next_claim = 0.0
+        self.applied = 0  # events this runner wrote to the view tables
+        self.followed = 0  # events applied to the in-memory mirrors
         self.read_back = 0  # events that had to be read from the store (not handed over)
         # Events committed by this process, handed over by the journal. Used while they
         # continue our position without a gap; anything else is read from the store.
@@ -83,7 +99,8 @@ class ProjectionRunner:
             return out
 
     def wait_for(self, position: int, timeout: float = 10.0) -> bool:
-        """Block until the views reflect the log up to `position`."""
+        """Block until the views (tables and this process's mirrors) reflect the log up to
+        `position`."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while self.position < position:
@@ -93,7 +110,17 @@ class ProjectionRunner:
                 self._urgent.set()
                 self._wake.set()
                 self._cond.wait(remaining)
+        # A follower's tables are written by the owner, in another process.
+        while not self.owner and self.stored_position() < position:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
         return True
+
+    def stored_position(self) -> int:
+        """The position the view tables reflect (written by whichever process owns them)."""
+        rows = self.db.query("SELECT position FROM parley_tracking WHERE runner = ?", (self.name,))
+        return rows[0][0] if rows else 0
 
     def catch_up(self) -> int:
         """Apply everything committed so far (used at start and by tests)."""
@@ -102,6 +129,8 @@ class ProjectionRunner:
         return self.position
 
     def step(self) -> int:
+        if not self.owner and time.monotonic() >= self._next_claim:
+            self._take_over()
         events = self._take_fed()
         if not events:
             events = self.log.read_all(self.position, self.batch)
@@ -109,7 +138,26 @@ class ProjectionRunner:
                 return 0
             self.read_back += len(events)
         last = events[-1].position
+        if self.owner and not self._write(events, last):
+            self.owner = False  # another process wrote the views meanwhile: follow instead
+            self._next_claim = time.monotonic() + self.poll_interval
+            log.warning("projection.ownership_lost", runner=self.name, position=self.position)
+        for view in self.views:
+            view.follow(events)
+        with self._cond:
+            self.position = last
+            self.followed += len(events)
+            self._cond.notify_all()
+        return len(events)
+
+    def _write(self, events: list[LoggedEvent], last: int) -> bool:
+        """Apply `events` to the view tables, if the tables are still where we left them."""
         with self.db.transaction() as cur:
+            cur.execute("SELECT position FROM parley_tracking WHERE runner = ?"
+                        + (" FOR UPDATE" if self.db.is_postgres else ""), (self.name,))
+            row = cur.fetchone()
+            if (row[0] if row else 0) != self.position:
+                return False  # nothing written; the transaction ends without changes
             for view in self.views:
                 view.apply(cur, events)
             cur.execute(
@@ -117,13 +165,21 @@ class ProjectionRunner:
                 "ON CONFLICT (runner) DO UPDATE SET position = excluded.position",
                 (self.name, last),
             )
-        for view in self.views:
-            view.after_commit()
+        self.applied += len(events)
+        return True
+
+    def _take_over(self) -> None:
+        """Try to become the owner; an owner writes the tables from where they stand."""
+        self._next_claim = time.monotonic() + self.poll_interval
+        if not self.db.claim(self.name):
+            return
+        stored = self.stored_position()
         with self._cond:
-            self.position = last
-            self.applied += len(events)
-            self._cond.notify_all()
-        return len(events)
+            # Our mirrors may be ahead of the tables (the old owner stopped behind us):
+            # go back and write from the tables' position; following again is idempotent.
+            self.position = stored
+        self.owner = True
+        log.info("projection.took_ownership", runner=self.name, position=stored)
 
     def _run(self) -> None:
         while not self._stopped.is_set():
@@ -149,3 +205,6 @@ class ProjectionRunner:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(10)
+        if self.owner:
+            self.db.release(self.name)  # another process may take over at once
+            self.owner = False

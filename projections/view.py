@@ -24,10 +24,13 @@ class View(ABC):
 
     @abstractmethod
     def apply(self, cur: Cursor, events: Sequence[LoggedEvent]) -> None:
-        """Apply a batch of logged events to this view's tables, inside `cur`'s transaction."""
+        """Apply a batch of logged events to this view's tables, inside `cur`'s transaction.
+        Only the process that owns the views calls this."""
 
-    def after_commit(self) -> None:
-        """Called after the batch committed (in-memory mirrors update here)."""
+    def follow(self, events: Sequence[LoggedEvent]) -> None:
+        """Update this process's in-memory mirror (if the view keeps one) with a batch of
+        logged events. Every process calls this, the owner after its commit; it must be
+        idempotent, since a process that becomes the owner may follow a batch twice."""
 
 
 def dumps(value: Any) -> str:

@@ -19,6 +19,9 @@ async def health() -> dict[str, Any]:
         "status": "ok",
         # Views lag the log by a few ms normally; a growing gap means a stuck projection.
         "projectionPosition": runtime.projections.position,
+        # Whether this process writes the views (one process per database does; the
+        # others follow the log for their in-memory mirrors and take over if it stops).
+        "projectionOwner": runtime.projections.owner,
         "logPosition": log_position,
         "activeActors": runtime.system.active_count(),
         # MQTT gateway counters: received, acked, dropped.<reason> (e.g. unknown_product).

@@ -51,7 +51,9 @@ SCHEMAS: dict[str, Any] = {
         "success": {"const": False},
         "errors": {"type": "object", "additionalProperties": {"type": "array", "items": STR}}}},
     "Health": {"type": "object", "properties": {
-        "status": {"const": "ok"}, "projectionPosition": INT, "logPosition": INT, "activeActors": INT,
+        "status": {"const": "ok"}, "projectionPosition": INT,
+        "projectionOwner": {"type": "boolean", "description": "this process writes the views"},
+        "logPosition": INT, "activeActors": INT,
         "mqtt": {"type": "object", "additionalProperties": INT,
                  "description": "MQTT gateway counters: received, acked, dropped.<reason>"}}},
     "Device": {"type": "object", "properties": {

@@ -20,7 +20,8 @@ async def test_health_reports_positions(client: httpx.AsyncClient) -> None:
     assert r.status_code == 200
     body = r.json()
     assert body["status"] == "ok"
-    assert set(body) == {"status", "projectionPosition", "logPosition", "activeActors", "mqtt"}
+    assert set(body) == {"status", "projectionPosition", "projectionOwner", "logPosition", "activeActors", "mqtt"}
+    assert body["projectionOwner"] is True  # the only process on its database
     # The create waited for the views, so they are caught up with the log.
     assert body["logPosition"] >= 1
     assert body["projectionPosition"] == body["logPosition"]

@@ -6,7 +6,7 @@ import pytest
 
 from actors.device import DeviceActor, ReportEvent, ReportTelemetry
 from actors.ports import FutureReply
-from tests.support import create_agent, make_runtime, now_ms
+from tests.support import create_agent, make_runtime, now_ms, wait_until
 
 
 def tell(runtime, key, msg_factory):
@@ -147,3 +147,61 @@ def test_a_waiter_cuts_the_coalescing_short(tmp_path):
         runner.stop()
         db.close()
         log.close()
+
+
+class TestSharedDatabase:
+    """Two runtimes on one database stand for two Parley processes: one writes the views,
+    the other follows the log for its in-memory mirrors and takes over when the first stops."""
+
+    @pytest.fixture
+    def database_url(self, tmp_path):
+        return None  # SQLite: both runtimes use the same data dir
+
+    @pytest.fixture
+    def two(self, tmp_path, database_url):
+        a = make_runtime(tmp_path, database_url)
+        b = make_runtime(tmp_path, database_url)
+        yield a, b
+        b.close()
+        a.close()
+
+    def test_one_writes_the_views_and_both_mirrors_follow(self, two):
+        a, b = two
+        assert a.projections.owner and not b.projections.owner
+        create_agent(b, "thermostat")  # b's own commit; its wait_for waits for a's tables too
+        assert a.agents.get("thermostat") is not None and b.agents.get("thermostat") is not None
+        pos = 0
+        for i in range(20):
+            pos = tell(b, ("thermostat", "d1"), lambda r: ReportTelemetry("state", None, {"i": i}, None, now_ms(), reply=r))
+        assert b.projections.wait_for(pos, 10)
+        assert b.devices.find("d1")[0].state == {"i": 19}  # the table, written by a
+        assert b.devices.products_of("d1") == ("thermostat",) == a.devices.products_of("d1")
+        assert a.projections.wait_for(pos, 10)
+        assert b.projections.applied == 0 and a.projections.applied == pos  # each event written once
+        assert b.projections.followed == a.projections.followed == pos
+
+    def test_the_follower_takes_over_when_the_owner_stops(self, two):
+        a, b = two
+        create_agent(a, "thermostat")
+        a.close()
+        assert wait_until(lambda: b.projections.owner, 10), "b never took over"
+        pos = tell(b, ("thermostat", "d2"), lambda r: ReportEvent("temperature_alert", {"t": 41}, None, now_ms(), reply=r))
+        assert b.projections.wait_for(pos, 10)
+        (ev,) = b.device_events.recent("thermostat", "d2", 10)
+        assert ev.position == pos and b.projections.stored_position() == pos
+
+    def test_two_runners_that_both_think_they_own_never_apply_twice(self, two):
+        a, b = two
+        b.projections.owner = True  # e.g. a lock connection that died unnoticed
+        pos = 0
+        for i in range(10):
+            pos = tell(a, ("p", "d3"), lambda r: ReportEvent("e", {"i": i}, None, now_ms(), reply=r))
+        assert a.projections.wait_for(pos, 10) and b.projections.wait_for(pos, 10)
+        assert a.projections.applied + b.projections.applied == pos  # compare-and-set on the position
+        assert [e.data["i"] for e in a.device_events.recent("p", "d3", 100)] == list(range(9, -1, -1))
+
+
+class TestSharedDatabasePostgres(TestSharedDatabase):
+    @pytest.fixture
+    def database_url(self, pg_database):
+        return pg_database
