@@ -102,20 +102,25 @@ class ProjectionRunner:
         """Block until the views (tables and this process's mirrors) reflect the log up to
         `position`."""
         deadline = time.monotonic() + timeout
-        with self._cond:
-            while self.position < position:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._urgent.set()
-                self._wake.set()
-                self._cond.wait(remaining)
-        # A follower's tables are written by the owner, in another process.
-        while not self.owner and self.stored_position() < position:
+        while True:
+            with self._cond:
+                while self.position < position:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._urgent.set()
+                    self._wake.set()
+                    self._cond.wait(remaining)
+            # An owner's position is its tables'. A follower's tables are written by the
+            # owner, in another process. (A follower that takes over meanwhile goes back to
+            # the tables' position, so check again from the top.)
+            if self.owner and self.position >= position:
+                return True
+            if not self.owner and self.stored_position() >= position:
+                return True
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.005)
-        return True
 
     def stored_position(self) -> int:
         """The position the view tables reflect (written by whichever process owns them)."""
