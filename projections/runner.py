@@ -179,6 +179,11 @@ class ProjectionRunner:
         if not self.db.claim(self.name):
             return
         stored = self.stored_position()
+        if self.position < stored:
+            # Our mirrors are behind the tables: jumping ahead would skip events they need.
+            # Follow up to the tables first, then try again.
+            self.db.release(self.name)
+            return
         with self._cond:
             # Our mirrors may be ahead of the tables (the old owner stopped behind us):
             # go back and write from the tables' position; following again is idempotent.

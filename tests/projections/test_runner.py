@@ -201,6 +201,32 @@ class TestSharedDatabase:
         assert [e.data["i"] for e in a.device_events.recent("p", "d3", 100)] == list(range(9, -1, -1))
 
 
+    def test_a_lagging_follower_catches_up_its_mirrors_before_taking_over(self, tmp_path, database_url):
+        from eventstore import EventLog
+        from projections.agents import Agents
+        from projections.db import ViewDatabase
+        from projections.runner import ProjectionRunner
+
+        a = make_runtime(tmp_path, database_url)
+        log, db = EventLog(a.store), ViewDatabase(a.store)  # another process's
+        agents = Agents(db)
+        lagging = ProjectionRunner(log, db, [agents], name="views", poll_interval=3600)  # never started
+        try:
+            assert not lagging.owner
+            create_agent(a, "late")  # a writes the tables; `lagging` has followed nothing
+            a.close()
+            lagging._next_claim = 0
+            lagging.step()  # the tables are ahead of its mirror: it must not jump there
+            assert not lagging.owner and agents.get("late") is not None
+            lagging._next_claim = 0
+            lagging.catch_up()
+            assert lagging.owner and agents.get("late") is not None
+        finally:
+            lagging.stop()
+            db.close()
+            log.close()
+
+
 class TestSharedDatabasePostgres(TestSharedDatabase):
     @pytest.fixture
     def database_url(self, pg_database):
