@@ -102,6 +102,16 @@ def redelivering_broker(request, mqtt_broker):
 
 
 @pytest.fixture
+def sharing_broker(request, mqtt_broker):
+    """The broker, if it supports shared subscriptions (`$share/group/topic`). Mosquitto
+    does; the built-in amqtt broker does not."""
+    if mqtt_broker.kind == "builtin":
+        NEEDS_MOSQUITTO.append(request.node.nodeid)
+        pytest.skip("needs Mosquitto: the built-in amqtt broker has no shared subscriptions")
+    return mqtt_broker
+
+
+@pytest.fixture
 def pg_database(pg_url):
     """A fresh PostgreSQL database for one test (the session's pg_url proves the server is there)."""
     admin = services.pg_admin_url()

@@ -36,7 +36,8 @@ def reports_in_log(database_url: str) -> int:
         log.close()
 
 
-def test_one_process_writes_the_views_and_the_other_takes_over(tmp_path, mqtt_broker, pg_database, monkeypatch):
+def test_one_process_writes_the_views_and_the_other_takes_over(tmp_path, sharing_broker, pg_database, monkeypatch):
+    mqtt_broker = sharing_broker
     monkeypatch.setenv("PARLEY_MQTT_SHARED_GROUP", "parley")  # the broker splits device traffic
     port_a, port_b = free_port(), free_port()
     (tmp_path / "a").mkdir()
