@@ -224,10 +224,9 @@ class AggregateActor(pykka.ThreadingActor, ABC):
             return []
         try:
             positions = self.system.journal.commit(events, sync=sync)
-        except RecordConflictError:
-            raise
-        except UnencodableValue:
-            self.reload()  # the message is at fault, not the store: refuse it, do not retry
+        except (RecordConflictError, UnencodableValue):
+            # Not the store's fault: the caller reloads and decides again (a conflict) or
+            # refuses the message (a value the log cannot encode).
             raise
         except Exception as exc:
             self.reload()

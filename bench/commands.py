@@ -15,17 +15,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.common import Options, Result, console, ms, pct, quiet_logging, store, wait_until
 from bench.processes import ResponderProcess, SimulatorProcess, start_server, stop_server
+from gateways.mqtt_client import no_delay
 
 
 def _nodelay_client(name: str) -> paho.Client:
-    import socket
-
     c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"{name}-{uuid.uuid4().hex[:6]}")
-
-    def on_connect(client: paho.Client, *a: Any) -> None:
-        client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    c.on_connect = on_connect
+    c.on_connect = lambda client, *a: no_delay(client)
     return c
 
 

@@ -39,17 +39,18 @@ def _run_simulator(kwargs: dict[str, Any], ready: Any, stop: Any) -> None:
     sim.stop()
 
 
-class SimulatorProcess:
-    """A `gateways.simulate.Simulator` for the demo thermostat, in its own process."""
+class _Child:
+    """A party of the benchmark in its own process: `target(*args, ready, stop)` sets `ready`
+    once it can serve, and ends when `stop` is set. Used as a context manager."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, target: Any, *args: Any) -> None:
         self.ready, self.stop_event = _ctx.Event(), _ctx.Event()
-        self.proc = _ctx.Process(target=_run_simulator, args=(kwargs, self.ready, self.stop_event), daemon=True)
+        self.proc = _ctx.Process(target=target, args=(*args, self.ready, self.stop_event), daemon=True)
 
-    def __enter__(self) -> "SimulatorProcess":
+    def __enter__(self) -> "_Child":
         self.proc.start()
         if not self.ready.wait(30):
-            raise RuntimeError("simulator process did not start")
+            raise RuntimeError(f"{type(self).__name__} did not get ready within 30 s")
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -57,18 +58,26 @@ class SimulatorProcess:
         self.proc.join(20)
 
 
+class SimulatorProcess(_Child):
+    """A `gateways.simulate.Simulator` for the demo thermostat, in its own process."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(_run_simulator, kwargs)
+
+
 def _run_responder(host: str, port: int, cmd_topic: str, resp_topic: str, online_topic: str | None,
                    ready: Any, stop: Any) -> None:
     import json
-    import socket
 
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
+    from gateways.mqtt_client import no_delay
+
     c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-resp-{os.getpid()}")
 
     def on_connect(cl: paho.Client, *a: Any) -> None:
-        cl.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        no_delay(cl)
         cl.subscribe(cmd_topic, 1)
 
     def on_subscribe(cl: paho.Client, *a: Any) -> None:
@@ -90,27 +99,14 @@ def _run_responder(host: str, port: int, cmd_topic: str, resp_topic: str, online
     c.loop_stop()
 
 
-class ResponderProcess:
+class ResponderProcess(_Child):
     """A bare paho device (QoS 1, TCP_NODELAY): answers every command on its response topic
     with code 0 and the command's requestId. The same device serves the bare MQTT baseline
     and Parley, so the difference between the two is Parley's."""
 
     def __init__(self, host: str, port: int, cmd_topic: str, resp_topic: str,
                  online_topic: str | None = None) -> None:
-        self.ready, self.stop_event = _ctx.Event(), _ctx.Event()
-        self.proc = _ctx.Process(target=_run_responder, daemon=True,
-                                 args=(host, port, cmd_topic, resp_topic, online_topic, self.ready,
-                                       self.stop_event))
-
-    def __enter__(self) -> "ResponderProcess":
-        self.proc.start()
-        if not self.ready.wait(30):
-            raise RuntimeError("responder process did not subscribe")
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop_event.set()
-        self.proc.join(20)
+        super().__init__(_run_responder, host, port, cmd_topic, resp_topic, online_topic)
 
 
 def _run_publisher(host: str, port: int, msgs: list[tuple[str, bytes]], rate: float | None, ready: Any, go: Any,

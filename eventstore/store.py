@@ -77,17 +77,6 @@ class StoreConfig:
         return env
 
 
-_TOPICS: dict[type, str] = {}
-
-
-def _topic(cls: type) -> str:
-    """eventsourcing's topic of an event class, remembered (it is asked once per event)."""
-    topic = _TOPICS.get(cls)
-    if topic is None:
-        topic = _TOPICS[cls] = get_topic(cls)
-    return topic
-
-
 def _replay(aggregate: Any, events: Any) -> Any:
     """eventsourcing's project_aggregate without its per-event `isinstance` check against a
     typing.Protocol, which is half the cost of a replay (REFERENCE.md); our events are
@@ -192,7 +181,7 @@ class EventLog:
 
     def publish_committed(self, events: Sequence[Any], positions: Sequence[int]) -> None:
         if self._event_listeners:
-            logged = [LoggedEvent(p, e.originator_id, e.originator_version, _topic(type(e)), e)
+            logged = [LoggedEvent(p, e.originator_id, e.originator_version, get_topic(type(e)), e)
                       for e, p in zip(events, positions)]
             for listener in self._event_listeners:
                 listener(logged)

@@ -23,7 +23,7 @@ from actors.device import DeviceActor, DeviceResponded, ReportEvent, ReportTelem
 from actors.errors import ActorCrashed
 from actors.ports import NO_REPLY
 from gateways import mqtt_codec as codec
-from gateways.mqtt_client import BufferedClient
+from gateways.mqtt_client import BufferedClient, no_delay
 from gateways.runtime import Runtime
 
 log = structlog.get_logger(__name__)
@@ -96,10 +96,7 @@ class MqttGateway:
         if reason.is_failure:
             log.error("mqtt.connect_refused", reason=str(reason))
             return
-        # Nagle's algorithm adds 40+ ms to every QoS 1 round trip (REFERENCE.md).
-        sock = client.socket()
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        no_delay(client)
         prefix = f"$share/{self.shared_group}/" if self.shared_group else ""
         # Subscribe on every connect: the broker may have lost our persistent session.
         client.subscribe([(prefix + t, 1) for t in codec.SUBSCRIPTIONS])

@@ -16,6 +16,7 @@ pinned to 2.x in pyproject.toml, and tests/gateways/test_mqtt_client.py covers b
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -57,3 +58,11 @@ class BufferedClient(paho.Client):
         while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._sock is not None and self._buffered():
             rc = super().loop_read(max_packets)
         return rc
+
+
+def no_delay(client: paho.Client) -> None:
+    """Turn Nagle's algorithm off on a connected client's socket (call it in `on_connect`).
+    paho leaves it on, and it adds 40+ ms to every QoS 1 round trip (REFERENCE.md)."""
+    sock = client.socket()
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

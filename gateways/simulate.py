@@ -27,7 +27,6 @@ from __future__ import annotations
 import heapq
 import json
 import random
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from actors.errors import InvalidCommand
 from actors.spec import DeviceSpec
+from gateways.mqtt_client import no_delay
 
 log = structlog.get_logger(__name__)
 
@@ -313,9 +313,7 @@ class Simulator:
         if reason.is_failure:
             log.error("simulate.connect_refused", reason=str(reason))
             return
-        sock = client.socket()
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        no_delay(client)
         mine = [d for d in self.devices if d.conn == index]
         topics = [(self.command_topic(d.device_id), 1) for d in mine]
         chunks = [topics[i:i + 100] for i in range(0, len(topics), 100)]  # modest SUBSCRIBE packets

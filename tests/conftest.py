@@ -91,24 +91,26 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         tr.write_line(f"NOT RUN without Mosquitto ({len(NEEDS_MOSQUITTO)}): " + ", ".join(NEEDS_MOSQUITTO))
 
 
+def _mosquitto_only(request, broker, lacks: str):
+    """The broker, unless it is the built-in one (only possible without a mosquitto binary,
+    so never in CI, where PARLEY_REQUIRE_SERVICES=1 makes a missing one a failure): then the
+    test is skipped, named in the "Real services" summary, with what amqtt lacks."""
+    if broker.kind == "builtin":
+        NEEDS_MOSQUITTO.append(request.node.nodeid)
+        pytest.skip(f"needs Mosquitto: the built-in amqtt broker {lacks}")
+    return broker
+
+
 @pytest.fixture
 def redelivering_broker(request, mqtt_broker):
-    """The broker, if it redelivers unacknowledged QoS 1 messages after a disconnect.
-    Mosquitto does; the built-in amqtt broker drops them (docs/architecture.md)."""
-    if mqtt_broker.kind == "builtin":
-        NEEDS_MOSQUITTO.append(request.node.nodeid)
-        pytest.skip("needs Mosquitto: the built-in amqtt broker drops unacknowledged QoS 1 messages on disconnect")
-    return mqtt_broker
+    """A broker that redelivers unacknowledged QoS 1 messages after a disconnect."""
+    return _mosquitto_only(request, mqtt_broker, "drops unacknowledged QoS 1 messages on disconnect")
 
 
 @pytest.fixture
 def sharing_broker(request, mqtt_broker):
-    """The broker, if it supports shared subscriptions (`$share/group/topic`). Mosquitto
-    does; the built-in amqtt broker does not."""
-    if mqtt_broker.kind == "builtin":
-        NEEDS_MOSQUITTO.append(request.node.nodeid)
-        pytest.skip("needs Mosquitto: the built-in amqtt broker has no shared subscriptions")
-    return mqtt_broker
+    """A broker with shared subscriptions (`$share/group/topic`)."""
+    return _mosquitto_only(request, mqtt_broker, "has no shared subscriptions")
 
 
 @pytest.fixture

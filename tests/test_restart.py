@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -21,6 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from actors.device import Device
 from eventstore import EventLog, StoreConfig
+from gateways.mqtt_client import no_delay
 from tests.services import free_port, start_parley
 
 P, D = "thermostat", "restart-1"
@@ -43,7 +43,7 @@ class Thermostat:
         assert self.ready.wait(5)
 
     def _connected(self, c, u, f, rc, p) -> None:
-        c.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        no_delay(c)
         c.subscribe(f"device-agent/{P}/device/{D}/commands", qos=1)
         self.ready.set()
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import queue
-import socket
 import threading
 import time
 from typing import Any
@@ -16,6 +15,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from actors.device import Device, DeviceActor, SendCommand
 from actors.ports import FutureReply
 from gateways.mqtt import MqttGateway
+from gateways.mqtt_client import no_delay
 from tests.support import create_agent, make_runtime, wait_until
 
 P, D = "thermostat", "t-1"
@@ -30,7 +30,7 @@ class DeviceClient:
         self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
         self.c.on_message = lambda c, u, m: self.inbox.put((m.topic, json.loads(m.payload)))
         self.c.on_publish = lambda c, u, mid, rc, props: self.acked.add(mid)
-        self.c.on_connect = lambda c, u, f, rc, p: c.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.c.on_connect = lambda c, *a: no_delay(c)
         self.c.connect("127.0.0.1", url_port)
         self.c.loop_start()
 
