@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,10 +78,15 @@ class ActorSystem:
     # -- sending ---------------------------------------------------------------------
     def tell(self, kind: type[AggregateActor], key: Key, message: Any) -> None:
         """Deliver a message to the actor for `key`, activating it from the log if needed."""
+        self.tell_many(kind, key, (message,))
+
+    def tell_many(self, kind: type[AggregateActor], key: Key, messages: Sequence[Any]) -> None:
+        """Deliver messages to the actor for `key`, in order, with one lookup. A gateway that
+        hands over a device's whole burst at once lets the actor fold it into one commit."""
         k = (kind, key)
         context = structlog.contextvars.get_contextvars()
         if context:
-            message = Traced(context, message)
+            messages = [Traced(context, m) for m in messages]
         with self._lock:
             if self._closed:
                 raise Unavailable("actor system is shutting down")
@@ -90,12 +96,15 @@ class ActorSystem:
             else:
                 self._active.move_to_end(k)
             entry.lease.touch()
-            try:
-                # Inside the lock: a passivation cannot slip between lookup and enqueue.
-                entry.ref.tell(message)
-            except pykka.ActorDeadError:
-                entry = self._activate(kind, key)
-                entry.ref.tell(message)
+            # Inside the lock: a passivation cannot slip between lookup and enqueue.
+            for i, message in enumerate(messages):
+                try:
+                    entry.ref.tell(message)
+                except pykka.ActorDeadError:  # it crashed a moment ago: a new one gets the rest
+                    entry = self._activate(kind, key)
+                    for rest in messages[i:]:
+                        entry.ref.tell(rest)
+                    break
 
     def active_count(self) -> int:
         return len(self._active)

@@ -17,6 +17,7 @@ pinned to 2.x in pyproject.toml, and tests/gateways/test_mqtt_client.py covers b
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -31,6 +32,9 @@ class BufferedClient(paho.Client):
         self._rbuf = b""
         self._rpos = 0
         self._rsock: Any = None  # the socket the buffer came from
+        # Called once the messages of one socket read have all been passed to on_message:
+        # a gateway may collect them and hand them on together.
+        self.on_read_end: Callable[[], None] | None = None
 
     def _buffered(self) -> int:
         """Bytes read from the current socket that paho has not consumed yet."""
@@ -54,9 +58,13 @@ class BufferedClient(paho.Client):
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
         # paho's loop reads one packet per select(); bytes already in our buffer would not
         # wake select() again, so handle every complete packet we hold before returning.
-        rc = super().loop_read(max_packets)
-        while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._sock is not None and self._buffered():
+        try:
             rc = super().loop_read(max_packets)
+            while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._sock is not None and self._buffered():
+                rc = super().loop_read(max_packets)
+        finally:
+            if self.on_read_end is not None:
+                self.on_read_end()
         return rc
 
 
