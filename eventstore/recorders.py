@@ -22,6 +22,7 @@ from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder
 
 _SQLITE_MODE = {True: "FULL", False: "NORMAL"}
+CACHE_KIB = 65536
 
 
 class SQLiteRecorder(SQLiteApplicationRecorder):
@@ -33,6 +34,8 @@ class SQLiteRecorder(SQLiteApplicationRecorder):
             # A connection-level setting that cannot change inside a transaction: set it on
             # the writer connection just before this one begins.
             mode = _SQLITE_MODE[sync]
+            if not hasattr(conn, "parley_synchronous"):
+                conn.cursor().execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             if getattr(conn, "parley_synchronous", None) != mode:
                 conn.cursor().execute(f"PRAGMA synchronous={mode}")
                 conn.parley_synchronous = mode  # type: ignore[attr-defined]

@@ -34,7 +34,7 @@ TRACKING = "CREATE TABLE IF NOT EXISTS parley_tracking (runner TEXT PRIMARY KEY,
 
 class ProjectionRunner:
     def __init__(self, event_log: EventLog, db: ViewDatabase, views: Sequence[View], *,
-                 name: str = "views", batch: int = 2000, poll_interval: float = 1.0, coalesce: float = 0.01) -> None:
+                 name: str = "views", batch: int = 2000, poll_interval: float = 1.0, coalesce: float = 0.05) -> None:
         self.log = event_log
         self.db = db
         self.views = list(views)
@@ -170,6 +170,8 @@ class ProjectionRunner:
                 "ON CONFLICT (runner) DO UPDATE SET position = excluded.position",
                 (self.name, last),
             )
+        for view in self.views:
+            view.after_commit()
         self.applied += len(events)
         return True
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
+
+import orjson
 
 from eventstore import LoggedEvent
 from projections.db import Cursor, ViewDatabase
@@ -27,6 +28,10 @@ class View(ABC):
         """Apply a batch of logged events to this view's tables, inside `cur`'s transaction.
         Only the process that owns the views calls this."""
 
+    def after_commit(self) -> None:
+        """The transaction of the last `apply` committed (it may also roll back, and then
+        this is not called): a view may now trust what it kept in memory from it."""
+
     def follow(self, events: Sequence[LoggedEvent]) -> None:
         """Update this process's in-memory mirror (if the view keeps one) with a batch of
         logged events. Every process calls this, the owner after its commit; it must be
@@ -34,8 +39,9 @@ class View(ABC):
 
 
 def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), default=str)
+    # orjson: 10x faster than json here, and the registry writes one per device per batch.
+    return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
-def loads(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
+def loads(text: str | bytes | None) -> Any:
+    return None if text is None else orjson.loads(text)
