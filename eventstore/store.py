@@ -130,8 +130,12 @@ class EventLog:
 
     def put_snapshot(self, snapshot: Snapshot) -> None:
         """Store a snapshot (take it with `Snapshot.take(aggregate)` on the aggregate's thread)."""
+        self.put_snapshots([snapshot])
+
+    def put_snapshots(self, snapshots: Sequence[Snapshot]) -> None:
+        """Store snapshots of any streams in one transaction."""
         assert self._app.snapshots is not None  # enabled in StoreConfig.env
-        self._app.snapshots.put([snapshot])
+        self._app.snapshots.put(snapshots)
 
     def snapshot_version(self, aggregate_id: UUID) -> int | None:
         """Version of the latest snapshot of a stream, if any."""
