@@ -21,7 +21,7 @@ from eventsourcing.domain import Snapshot
 from eventsourcing.persistence import RecordConflictError
 
 from actors.errors import ActorCrashed, ParleyError, Unavailable
-from actors.ports import NO_REPLY, Traced, untraced
+from actors.ports import NO_REPLY, Burst, Traced, unpacked, untraced
 from eventstore import UnencodableValue
 
 if TYPE_CHECKING:
@@ -92,28 +92,33 @@ class AggregateActor(pykka.ThreadingActor, ABC):
     def _receive(self, message: Any) -> Any:
         error = self._ensure_loaded()
         if error is not None:
-            getattr(message, "reply", NO_REPLY).fail(Unavailable(f"could not load {self.kind}: {error}"))
+            for m in unpacked(message):
+                getattr(m, "reply", NO_REPLY).fail(Unavailable(f"could not load {self.kind}: {error}"))
             return None
+        if isinstance(message, Burst):
+            return self._receive_batch([*message.messages, *self._waiting_batchable(len(message.messages))])
         if isinstance(message, self.batchable):
-            return self._receive_batch([message, *self._waiting_batchable()])
+            return self._receive_batch([message, *self._waiting_batchable(1)])
         return self._receive_one(message)
 
-    def _waiting_batchable(self) -> list[Any]:
-        """Pop the batchable messages queued right behind this one (never anything else:
-        a stop or another command keeps its place in line)."""
+    def _waiting_batchable(self, have: int) -> list[Any]:
+        """Pop the batchable messages (and bursts of them) queued right behind this one,
+        never anything else: a stop or another command keeps its place in line."""
         inbox = self.actor_inbox
         out: list[Any] = []
-        while len(out) < self.max_batch - 1:
+        while have + len(out) < self.max_batch:
             try:
                 head = inbox.queue[0]  # only this thread consumes, so the head stays put
             except IndexError:
                 break
-            if head.reply_to is not None or not isinstance(untraced(head.message), self.batchable):
+            message = untraced(head.message)
+            if head.reply_to is not None or not isinstance(message, (Burst, *self.batchable)):
                 break
             try:
-                out.append(untraced(inbox.get_nowait().message))
+                inbox.get_nowait()
             except queue.Empty:
                 break
+            out.extend(unpacked(message))
         return out
 
     def _handler(self, message: Any) -> Any:
@@ -211,7 +216,8 @@ class AggregateActor(pykka.ThreadingActor, ABC):
                 envelope = self.actor_inbox.get_nowait()
             except queue.Empty:
                 return
-            getattr(untraced(envelope.message), "reply", NO_REPLY).fail(Unavailable(f"{self.kind} actor stopped"))
+            for m in unpacked(envelope.message):
+                getattr(m, "reply", NO_REPLY).fail(Unavailable(f"{self.kind} actor stopped"))
 
     # -- committing ------------------------------------------------------------------
     def commit(self, *, sync: bool = True) -> list[int]:

@@ -64,3 +64,20 @@ class Traced:
 
 def untraced(message: Any) -> Any:
     return message.message if isinstance(message, Traced) else message
+
+
+class Burst:
+    """Several batchable messages for one actor in one envelope (`ActorSystem.tell_many`):
+    one put into its inbox and one get out of it, instead of one of each per message
+    (a Python-level queue operation costs 1-2 µs)."""
+
+    __slots__ = ("messages",)
+
+    def __init__(self, messages: tuple[Any, ...]) -> None:
+        self.messages = messages
+
+
+def unpacked(message: Any) -> tuple[Any, ...]:
+    """The messages inside an inbox item: untraced, and a burst opened."""
+    message = untraced(message)
+    return message.messages if isinstance(message, Burst) else (message,)

@@ -18,7 +18,7 @@ import structlog
 
 from actors.base import AggregateActor, Key
 from actors.errors import Unavailable
-from actors.ports import DeviceLink, Traced
+from actors.ports import Burst, DeviceLink, Traced
 from actors.scheduler import Scheduler
 from eventstore import EventLog, Journal
 
@@ -84,6 +84,8 @@ class ActorSystem:
         """Deliver messages to the actor for `key`, in order, with one lookup. A gateway that
         hands over a device's whole burst at once lets the actor fold it into one commit."""
         k = (kind, key)
+        if len(messages) > 1 and all(isinstance(m, kind.batchable) for m in messages):
+            messages = (Burst(tuple(messages)),)
         context = structlog.contextvars.get_contextvars()
         if context:
             messages = [Traced(context, m) for m in messages]
