@@ -78,7 +78,11 @@ class MqttGateway:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
-        self._bursts: dict[tuple[str, str], list[Any]] = {}  # only the network thread touches it
+        # Messages parsed but not yet handed to their actors. Only the network thread touches these.
+        self._bursts: dict[tuple[str, str], list[Any]] = {}
+        self._held = 0  # messages in _bursts
+        self._held_since = 0.0
+        self._urgent = False  # a command's response is among them: hand over now
         self.client.on_read_end = self._hand_over
 
     # -- lifecycle -------------------------------------------------------------------
@@ -134,8 +138,13 @@ class MqttGateway:
             burst = self._bursts.get(key)
             if burst is None:
                 self._bursts[key] = [message]
+                if not self._held:
+                    self._held_since = time.monotonic()
             else:
                 burst.append(message)
+            self._held += 1
+            if route.kind == "responses":
+                self._urgent = True
         except codec.BadMessage as exc:
             self.stats[f"dropped.{exc.reason}"] += 1
             log.warning("mqtt.dropped", topic=msg.topic, reason=exc.reason, detail=exc.detail[:200])
@@ -145,11 +154,29 @@ class MqttGateway:
             self.stats["dropped.error"] += 1
             log.exception("mqtt.message_failed", topic=msg.topic)
 
+    # Under load, hold parsed messages back for up to this long (or this many), so that each
+    # actor wakes once for a burst of its device's messages instead of once per socket read.
+    HOLD_SECONDS = 0.05
+    HOLD_MESSAGES = 5000
+    HOLD_MIN = 200  # fewer held than this and nothing more waiting: hand over at once
+
     def _hand_over(self) -> None:
-        """After each socket read: give every device its messages from that read at once.
-        Its actor then wakes once and folds them into one commit, instead of waking (and
-        committing) per message; an idle device's lone message waits for nothing."""
+        """After each socket read: give every device its messages at once. Its actor then
+        wakes once and folds them into one commit, instead of waking (and committing) per
+        message. Messages are held back only while more are already waiting in the socket
+        (so under load, never when idle: a lone message waits for nothing), for at most
+        HOLD_SECONDS, and never when a command's response is among them."""
+        if not self._held:
+            self.client.hold_until = None
+            return
+        if not self._urgent and self._held < self.HOLD_MESSAGES \
+                and time.monotonic() - self._held_since < self.HOLD_SECONDS \
+                and (self._held >= self.HOLD_MIN or self.client.input_waiting()):
+            self.client.hold_until = self._held_since + self.HOLD_SECONDS
+            return
+        self.client.hold_until = None
         bursts, self._bursts = self._bursts, {}
+        self._held, self._urgent = 0, False
         tell_many = self.runtime.system.tell_many
         for key, messages in bursts.items():
             try:

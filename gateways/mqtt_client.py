@@ -16,7 +16,9 @@ pinned to 2.x in pyproject.toml, and tests/gateways/test_mqtt_client.py covers b
 
 from __future__ import annotations
 
+import select
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +37,9 @@ class BufferedClient(paho.Client):
         # Called once the messages of one socket read have all been passed to on_message:
         # a gateway may collect them and hand them on together.
         self.on_read_end: Callable[[], None] | None = None
+        # Set by the gateway while it holds messages back: the network loop then waits in
+        # select() no longer than this, and calls on_read_end when it wakes, read or not.
+        self.hold_until: float | None = None
 
     def _buffered(self) -> int:
         """Bytes read from the current socket that paho has not consumed yet."""
@@ -54,6 +59,28 @@ class BufferedClient(paho.Client):
         out = self._rbuf[self._rpos:self._rpos + bufsize]
         self._rpos += len(out)
         return out
+
+    def input_waiting(self) -> bool:
+        """Whether more bytes are waiting to be read, in our buffer or in the socket."""
+        if self._buffered():
+            return True
+        sock = self._sock
+        if sock is None:
+            return False
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):  # closed meanwhile
+            return False
+        return bool(readable)
+
+    def _loop(self, timeout: float = 1.0) -> MQTTErrorCode:
+        hold_until = self.hold_until
+        if hold_until is None:
+            return super()._loop(timeout)
+        rc = super()._loop(max(0.0, min(timeout, hold_until - time.monotonic())))
+        if self.hold_until is not None and self.on_read_end is not None:
+            self.on_read_end()  # nothing more came in time: let the gateway hand over
+        return rc
 
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
         # paho's loop reads one packet per select(); bytes already in our buffer would not
