@@ -3,6 +3,7 @@ messages out (and back). No I/O here, so every rule is tested without a broker."
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -37,6 +38,10 @@ class Route:
     device_id: str
 
 
+# Cached: a device publishes on the same few topics all its life, and parsing one (split
+# and two regex matches) costs 1.3 µs against 0.1 for a hit. Bad topics raise, and
+# lru_cache does not keep exceptions, so only valid routes fill it.
+@functools.lru_cache(maxsize=65536)
 def parse_topic(topic: str) -> Route:
     parts = topic.split("/")
     if len(parts) == 4 and parts[0] == "v1" and parts[3] in ("telemetry", "event"):
