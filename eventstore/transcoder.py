@@ -9,6 +9,7 @@ Events come out about a third smaller than JSON and encode faster (REFERENCE.md)
 
 from __future__ import annotations
 
+import threading
 from datetime import datetime, timezone
 from typing import Any
 from uuid import UUID
@@ -46,11 +47,23 @@ class UnencodableValue(ValueError):
 
 
 class MsgpackTranscoder(Transcoder):
+    def __init__(self) -> None:
+        # One Packer per thread (a Packer keeps a buffer, so threads cannot share one):
+        # `msgpack.packb` builds a new Packer per call, half the cost of encoding an event
+        # (1.1 against 0.5 µs). A Packer resets its buffer when a pack fails.
+        self._local = threading.local()
+
+    def _packer(self) -> msgpack.Packer:
+        packer = getattr(self._local, "packer", None)
+        if packer is None:
+            # datetime=True: an aware datetime becomes a msgpack Timestamp without calling
+            # back into Python (the callback for each event's timestamp was ~10% of ingest CPU).
+            packer = self._local.packer = msgpack.Packer(default=_default, use_bin_type=True, datetime=True)
+        return packer
+
     def encode(self, obj: Any) -> bytes:
-        # datetime=True: an aware datetime becomes a msgpack Timestamp without calling back
-        # into Python (the callback for each event's timestamp was ~10% of ingest CPU).
         try:
-            return msgpack.packb(obj, default=_default, use_bin_type=True, datetime=True)
+            return self._packer().pack(obj)
         except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError is a ValueError
             raise UnencodableValue(f"cannot store event: {exc}") from exc
 
