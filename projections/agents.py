@@ -42,6 +42,7 @@ def _iso(ts: datetime) -> str:
 
 class Agents(View):
     name = "agents"
+    event_types = frozenset({Agent.Created, Agent.Recreated, Agent.Updated, Agent.Deleted})
     schema = (
         "CREATE TABLE IF NOT EXISTS parley_agents (id BIGINT PRIMARY KEY, agent_id TEXT NOT NULL UNIQUE,"
         " config TEXT NOT NULL, running INTEGER NOT NULL, inserted_at TEXT NOT NULL, updated_at TEXT NOT NULL)",

@@ -26,6 +26,7 @@ class DeviceEventRow:
 
 class DeviceEvents(View):
     name = "device_events"
+    event_types = frozenset({Device.EventReported})
     schema = (
         "CREATE TABLE IF NOT EXISTS parley_device_events (position BIGINT PRIMARY KEY,"
         " product_id TEXT NOT NULL, device_id TEXT NOT NULL, name TEXT NOT NULL, data TEXT NOT NULL,"

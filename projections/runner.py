@@ -148,12 +148,20 @@ class ProjectionRunner:
             self._next_claim = time.monotonic() + self.poll_interval
             log.warning("projection.ownership_lost", runner=self.name, position=self.position)
         for view in self.views:
-            view.follow(events)
+            mine = self._for(view, events)
+            if mine:
+                view.follow(mine)
         with self._cond:
             self.position = last
             self.followed += len(events)
             self._cond.notify_all()
         return len(events)
+
+    @staticmethod
+    def _for(view: View, events: list[LoggedEvent]) -> list[LoggedEvent]:
+        """The events of the batch `view` reads (most views read a few kinds only)."""
+        types = view.event_types
+        return events if types is None else [le for le in events if type(le.event) in types]
 
     def _write(self, events: list[LoggedEvent], last: int) -> bool:
         """Apply `events` to the view tables, if the tables are still where we left them."""
@@ -164,7 +172,9 @@ class ProjectionRunner:
             if (row[0] if row else 0) != self.position:
                 return False  # nothing written; the transaction ends without changes
             for view in self.views:
-                view.apply(cur, events)
+                mine = self._for(view, events)
+                if mine:
+                    view.apply(cur, mine)
             cur.execute(
                 "INSERT INTO parley_tracking (runner, position) VALUES (?, ?) "
                 "ON CONFLICT (runner) DO UPDATE SET position = excluded.position",

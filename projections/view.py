@@ -15,6 +15,9 @@ from projections.db import Cursor, ViewDatabase
 class View(ABC):
     name: ClassVar[str]
     schema: ClassVar[Sequence[str]] = ()
+    # The event classes this view reads (exact types); the runner passes it only those,
+    # in log order. None: every event (a view that needs the batch's positions whole).
+    event_types: ClassVar[frozenset[type] | None] = None
 
     def __init__(self, db: ViewDatabase) -> None:
         self.db = db
