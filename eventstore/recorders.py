@@ -22,7 +22,18 @@ from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder
 
 _SQLITE_MODE = {True: "FULL", False: "NORMAL"}
-CACHE_KIB = 65536
+# Set once on each connection that writes events. Device streams interleave, so every
+# transaction touches index pages all over the (stream, version) index, and each one goes
+# to the WAL whole. Measured inserting 100k telemetry events, 250 per transaction:
+# - a 64 MiB page cache (SQLite's default is 2 MiB), so the index stays in memory;
+# - a checkpoint every 10,000 WAL pages instead of 1,000: each checkpoint copies the
+#   pages back and syncs twice, and fewer of them took an insert from 18-19 to 12-14 µs;
+# - the WAL file truncated back to 64 MiB after a checkpoint, so it does not stay large.
+_WRITER_PRAGMAS = (
+    "PRAGMA cache_size=-65536",
+    "PRAGMA wal_autocheckpoint=10000",
+    "PRAGMA journal_size_limit=67108864",
+)
 
 
 class SQLiteRecorder(SQLiteApplicationRecorder):
@@ -35,7 +46,8 @@ class SQLiteRecorder(SQLiteApplicationRecorder):
             # the writer connection just before this one begins.
             mode = _SQLITE_MODE[sync]
             if not hasattr(conn, "parley_synchronous"):
-                conn.cursor().execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+                for pragma in _WRITER_PRAGMAS:
+                    conn.cursor().execute(pragma)
             if getattr(conn, "parley_synchronous", None) != mode:
                 conn.cursor().execute(f"PRAGMA synchronous={mode}")
                 conn.parley_synchronous = mode  # type: ignore[attr-defined]
