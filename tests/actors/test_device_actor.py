@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -21,10 +22,55 @@ from actors.device import (
 from actors.errors import ActorCrashed, CommandTimedOut, DeviceNotFound, DeviceOffline, Unavailable
 from actors.ports import FutureReply
 from actors.system import ActorSystem, SystemSettings
+from eventsourcing.persistence import StoredEvent
+
 from eventstore import EventLog, Journal, StoreConfig
+from eventstore.transcoder import MsgpackTranscoder
 from tests.support import now_ms, wait_until
 
 KEY = ("thermostat", "t-1")
+
+# A Device stream as the `@event`-decorator version of the aggregate stored it (commit
+# d44d395^): per event its class name (the topic is actors.device.aggregate:Device.<name>)
+# and its fields besides the timestamp, exactly as that version wrote them.
+OLD_TIMESTAMP = datetime(2026, 5, 11, 10, 0, tzinfo=timezone.utc)
+OLD_LOG: list[tuple[str, dict[str, Any]]] = [
+    ("Registered", {"originator_topic": "actors.device.aggregate:Device", "product_id": KEY[0], "device_id": KEY[1]}),
+    ("StatusReported", {"status": "online", "state": {"temperature": 20, "mode": "auto"}, "device_ts": 5,
+                        "received_ms": 1000, "metadata": {"productId": KEY[0]}}),
+    ("StatusReported", {"status": "offline", "state": None, "device_ts": None, "received_ms": 1500, "metadata": None}),
+    ("StateReported", {"state": {"temperature": 21}, "device_ts": None, "received_ms": 2000, "metadata": None}),
+    ("CommandSent", {"request_id": "r1", "command": "set_target_temperature", "params": {"target_temperature": 24},
+                     "timeout_ms": 5000, "sent_ms": 2100}),
+    ("CommandSent", {"request_id": "r2", "command": "reboot", "params": {}, "timeout_ms": 3000, "sent_ms": 2200}),
+    ("CommandSucceeded", {"request_id": "r1", "code": 0, "msg": "ok", "data": {"target_temperature": 24},
+                          "received_ms": 2300}),
+    ("CommandSent", {"request_id": "r3", "command": "reboot", "params": {}, "timeout_ms": 1000, "sent_ms": 2350}),
+    ("CommandFailed", {"request_id": "r2", "code": 400, "msg": "bad", "data": None, "received_ms": 2400}),
+    ("CommandTimedOut", {"request_id": "r3", "timeout_ms": 1000}),
+    ("EventReported", {"name": "temperature_alert", "data": {"temperature": 38.5}, "device_ts": 7,
+                       "received_ms": 2500, "metadata": None}),
+    ("WentSilent", {"last_seen_ms": 2500, "window_ms": 90000}),
+]
+_R1 = {"command": "set_target_temperature", "sent_ms": 2100, "timeout_ms": 5000}
+_R2 = {"command": "reboot", "sent_ms": 2200, "timeout_ms": 3000}
+_R3 = {"command": "reboot", "sent_ms": 2350, "timeout_ms": 1000}
+_T20, _T21 = {"temperature": 20, "mode": "auto"}, {"temperature": 21, "mode": "auto"}
+# version -> (online, state, last_seen_ms, pending) after that event
+EXPECTED_AFTER_OLD_LOG: dict[int, tuple[bool, dict, int, dict]] = {
+    1: (False, {}, 0, {}),
+    2: (True, _T20, 1000, {}),
+    3: (False, _T20, 1500, {}),
+    4: (True, _T21, 2000, {}),
+    5: (True, _T21, 2000, {"r1": _R1}),
+    6: (True, _T21, 2000, {"r1": _R1, "r2": _R2}),
+    7: (True, _T21, 2300, {"r2": _R2}),
+    8: (True, _T21, 2300, {"r2": _R2, "r3": _R3}),
+    9: (True, _T21, 2400, {"r3": _R3}),
+    10: (True, _T21, 2400, {}),
+    11: (True, _T21, 2500, {}),
+    12: (False, _T21, 2500, {}),
+}
 
 
 class Link:
@@ -240,6 +286,33 @@ class TestDeviceActor:
         assert 100 <= log.snapshot_version(stream) <= 121
         assert log.load(stream).state == {"i": 119}
 
+    def test_a_log_written_by_the_decorator_version_still_loads(self, parts):
+        """Events stored by the `@event` version of Device (same topics, same fields) rebuild
+        the same state with the explicit event classes, and the actor carries on from them."""
+        system, log, _ = parts
+        stream = Device.create_id(*KEY)
+        transcoder = MsgpackTranscoder()
+        log._app.recorder.insert_events([
+            StoredEvent(originator_id=stream, originator_version=version,
+                        topic=f"actors.device.aggregate:Device.{name}",
+                        state=transcoder.encode({"timestamp": OLD_TIMESTAMP, **fields}))
+            for version, (name, fields) in enumerate(OLD_LOG, start=1)])
+        for version, (online_, state, last_seen_ms, pending) in EXPECTED_AFTER_OLD_LOG.items():
+            device = log.load(stream, version=version)
+            assert (device.online, device.state, device.last_seen_ms, device.pending) \
+                == (online_, state, last_seen_ms, pending), f"after event {version} ({OLD_LOG[version - 1][0]})"
+        device = log.load(stream)
+        assert (device.version, device.product_id, device.device_id) == (len(OLD_LOG), *KEY)
+        assert device.created_on == OLD_TIMESTAMP
+        failed = list(log.read_stream(stream))[8]
+        assert isinstance(failed, Device.CommandFailed) and (failed.request_id, failed.code, failed.msg) == ("r2", 400, "bad")
+        # The actor picks the old stream up where it ended.
+        online(system, state={"humidity": 50})
+        device = log.load(stream)
+        assert device.version == len(OLD_LOG) + 1 and device.online
+        assert device.state == {"temperature": 21, "mode": "auto", "humidity": 50}
+
+
 
 class Hold:
     def __init__(self, gate: threading.Event) -> None:
@@ -288,3 +361,103 @@ def test_the_senders_log_context_follows_a_command_into_the_actor_and_its_deadli
         journal.close()
         log.close()
         structlog.reset_defaults()
+
+
+class DecoratorDevice:
+    """What each command did to a Device in the `@event`-decorator version (the method
+    bodies of commit d44d395^, verbatim), without eventsourcing: the reference for the
+    explicit event classes' `apply`."""
+
+    def __init__(self, product_id: str, device_id: str) -> None:
+        self.product_id = product_id
+        self.device_id = device_id
+        self.online = False
+        self.state: dict[str, Any] = {}
+        self.last_seen_ms = 0
+        self.pending: dict[str, dict[str, Any]] = {}
+
+    def report_status(self, status, state, device_ts, received_ms, metadata) -> None:
+        self.online = status == "online"
+        if state:
+            self.state = {**self.state, **state}
+        self.last_seen_ms = received_ms
+
+    def report_state(self, state, device_ts, received_ms, metadata) -> None:
+        self.state = {**self.state, **state}
+        self.last_seen_ms = received_ms
+        self.online = True
+
+    def go_silent(self, last_seen_ms, window_ms) -> None:
+        self.online = False
+
+    def report_event(self, name, data, device_ts, received_ms, metadata) -> None:
+        self.last_seen_ms = received_ms
+
+    def send_command(self, request_id, command, params, timeout_ms, sent_ms) -> None:
+        self.pending = {**self.pending, request_id: {"command": command, "sent_ms": sent_ms,
+                                                     "timeout_ms": timeout_ms}}
+
+    def command_succeeded(self, request_id, code, msg, data, received_ms) -> None:
+        self.pending = {k: v for k, v in self.pending.items() if k != request_id}
+        self.last_seen_ms = received_ms
+
+    def command_failed(self, request_id, code, msg, data, received_ms) -> None:
+        self.pending = {k: v for k, v in self.pending.items() if k != request_id}
+        self.last_seen_ms = received_ms
+
+    def command_timed_out(self, request_id, timeout_ms) -> None:
+        self.pending = {k: v for k, v in self.pending.items() if k != request_id}
+
+
+# (command, arguments, the event it records, that event's fields in the decorator version)
+COMMANDS: list[tuple[str, tuple, str, tuple[str, ...]]] = [
+    ("report_status", ("online", None, None, 100, None), "StatusReported",
+     ("status", "state", "device_ts", "received_ms", "metadata")),
+    ("report_status", ("online", {"a": 1, "n": {"x": 1}}, 3, 200, {"productId": "p"}), "StatusReported", ()),
+    ("report_status", ("online", {}, None, 250, None), "StatusReported", ()),  # empty state: no merge
+    ("report_state", ({"b": 2, "n": {"y": 2}}, 4, 300, None), "StateReported",
+     ("state", "device_ts", "received_ms", "metadata")),
+    ("report_status", ("offline", {"a": 5}, None, 400, None), "StatusReported", ()),
+    ("report_event", ("alert", {"t": 1}, 5, 500, None), "EventReported",
+     ("name", "data", "device_ts", "received_ms", "metadata")),
+    ("report_state", ({"c": 3}, None, 550, None), "StateReported", ()),  # back online
+    ("send_command", ("r1", "set", {"v": 1}, 5000, 600), "CommandSent",
+     ("request_id", "command", "params", "timeout_ms", "sent_ms")),
+    ("send_command", ("r2", "set", {"v": 2}, 1000, 610), "CommandSent", ()),
+    ("send_command", ("r3", "reboot", {}, 2000, 620), "CommandSent", ()),
+    ("command_failed", ("r2", 400, "bad", None, 700), "CommandFailed",
+     ("request_id", "code", "msg", "data", "received_ms")),
+    ("command_succeeded", ("nobody", 0, "ok", None, 710), "CommandSucceeded",
+     ("request_id", "code", "msg", "data", "received_ms")),  # unknown: only last_seen
+    ("command_timed_out", ("r3", 2000), "CommandTimedOut", ("request_id", "timeout_ms")),
+    ("go_silent", (710, 90000), "WentSilent", ("last_seen_ms", "window_ms")),
+    ("report_event", ("alert", {}, None, 800, None), "EventReported", ()),  # an event is no sign of life
+    ("command_succeeded", ("r1", 0, "ok", {"v": 1}, 900), "CommandSucceeded", ()),
+    ("send_command", ("r1", "set", {"v": 3}, 5000, 950), "CommandSent", ()),  # a request id used again
+    ("command_timed_out", ("r1", 5000), "CommandTimedOut", ()),
+]
+
+
+def test_each_event_applies_what_the_decorator_version_did():
+    def facts(d) -> tuple:
+        return (d.online, d.state, d.last_seen_ms, d.pending)
+
+    device, before = Device(product_id="p", device_id="d"), DecoratorDevice("p", "d")
+    fields: dict[str, tuple[str, ...]] = {}
+    for command, args, event_name, event_fields in COMMANDS:
+        getattr(device, command)(*args)
+        getattr(before, command)(*args)
+        assert facts(device) == facts(before), f"after {command}{args}"
+        if event_fields:
+            fields[event_name] = event_fields
+    events = device.collect_events()
+    assert [type(e).__name__ for e in events] == ["Registered"] + [c[2] for c in COMMANDS]
+    for e in events[1:]:  # the same fields, so the same stored form
+        assert tuple(k for k in vars(e) if k not in ("originator_id", "originator_version", "timestamp")) \
+            == fields[type(e).__name__]
+    # Replaying the recorded events (what loading from the log does) gives the same state.
+    replayed = None
+    for e in events:
+        replayed = e.mutate(replayed)
+    assert facts(replayed) == facts(before) and replayed.version == len(COMMANDS) + 1
+    assert facts(before) == (False, {"a": 5, "n": {"y": 2}, "b": 2, "c": 3}, 900, {})

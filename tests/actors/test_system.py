@@ -7,11 +7,13 @@ import time
 
 import pytest
 
-from actors.device import Device, DeviceActor, ReportTelemetry
+from actors.device import Device, DeviceActor, ExpireLiveness, ReportTelemetry
+from actors.errors import Unavailable
 from actors.ports import FutureReply
 from actors.system import ActorSystem, SystemSettings
 from eventstore import EventLog, Journal, StoreConfig
-from tests.support import now_ms
+from tests.actors.test_device_actor import Hold  # a test-only message that keeps an actor busy
+from tests.support import now_ms, wait_until
 
 
 @pytest.fixture
@@ -84,3 +86,169 @@ def test_lru_cap_passivates_least_recently_used(system):
     assert system.active_count() <= 50
     assert system.is_active(DeviceActor, ("p", "d59"))
     assert not system.is_active(DeviceActor, ("p", "d0"))
+
+
+# -- tell_many ---------------------------------------------------------------------------
+
+
+def states(system, key) -> list[dict]:
+    """The `state` of each telemetry event of the device's stream, in log order."""
+    return [e.state for e in system.log.read_stream(Device.create_id(*key)) if type(e).__name__ == "StateReported"]
+
+
+def test_tell_many_activates_a_fresh_key_and_delivers_every_message_in_order(system):
+    key = ("p", "fresh")
+    assert not system.is_active(DeviceActor, key)
+    replies = [FutureReply() for _ in range(40)]
+    system.tell_many(DeviceActor, key, [
+        ReportTelemetry("state", None, {"i": i}, None, now_ms(), reply=r) for i, r in enumerate(replies)])
+    positions = [r.get(5) for r in replies]
+    assert system.is_active(DeviceActor, key) and system.activations == 1
+    assert positions == sorted(positions)  # acknowledged in order (one commit or several)
+    assert states(system, key) == [{"i": i} for i in range(40)]
+    device = system.log.load(Device.create_id(*key))
+    assert (device.version, device.state, device.online) == (41, {"i": 39}, True)  # Registered + 40
+
+
+def test_tell_many_keeps_the_order_across_messages_that_are_not_folded(system):
+    """A message that is not batchable (a liveness expiry) stays between the reports it was
+    sent between: the reports before it are committed first, those after it after."""
+    key = ("p", "mixed")
+    later = now_ms() + 1_000_000
+    last = FutureReply()
+    system.tell_many(DeviceActor, key, [
+        ReportTelemetry("status", "online", {"a": 1}, None, now_ms()),
+        ReportTelemetry("state", None, {"b": 2}, None, now_ms()),
+        ExpireLiveness(later, 1000),
+        ReportTelemetry("state", None, {"c": 3}, None, now_ms(), reply=last),
+    ])
+    last.get(5)
+    kinds = [type(e).__name__ for e in system.log.read_stream(Device.create_id(*key))]
+    assert kinds == ["Registered", "StatusReported", "StateReported", "WentSilent", "StateReported"]
+    device = system.log.load(Device.create_id(*key))
+    assert device.online and device.state == {"a": 1, "b": 2, "c": 3}
+
+
+def test_a_burst_told_at_once_is_folded_into_one_journal_transaction(system):
+    key = ("p", "burst")
+    first = FutureReply()
+    system.tell(DeviceActor, key, ReportTelemetry("status", "online", None, None, now_ms(), reply=first))
+    first.get(5)
+    gate = threading.Event()
+    system.tell(DeviceActor, key, Hold(gate))  # the burst lands in the inbox while the actor is busy
+    batches = system.journal.batches
+    replies = [FutureReply() for _ in range(100)]
+    system.tell_many(DeviceActor, key, [
+        ReportTelemetry("state", None, {"i": i}, None, now_ms(), reply=r) for i, r in enumerate(replies)])
+    gate.set()
+    positions = {r.get(5) for r in replies}
+    assert len(positions) == 1  # every message acknowledged after the same commit
+    assert system.journal.batches - batches == 1
+    stored = list(system.log.read_stream(Device.create_id(*key)))
+    assert [e.originator_version for e in stored] == list(range(1, 103))
+    assert [e.state for e in stored[2:]] == [{"i": i} for i in range(100)]
+    assert system.log.load(Device.create_id(*key)).state == {"i": 99}
+
+
+class _DiesBeforeTell:
+    """An actor's ref whose actor stops for real just before the `at`-th tell (after
+    handling what it was told before), as if it crashed between tell_many's lookup and
+    that tell: pykka then raises ActorDeadError on the tell."""
+
+    def __init__(self, ref, at: int) -> None:
+        self.ref, self.at, self.told = ref, at, 0
+
+    def tell(self, message) -> None:
+        if self.told == self.at:
+            self.ref.stop(block=True)
+        self.told += 1
+        self.ref.tell(message)
+
+    def __getattr__(self, name):
+        return getattr(self.ref, name)
+
+
+@pytest.mark.parametrize("dies_at,only_reports", [(0, True), (0, False), (4, False)])
+def test_when_the_actor_dies_during_tell_many_a_new_one_gets_the_rest_in_order(system, dies_at, only_reports):
+    key = ("p", "dying")
+    first = FutureReply()
+    system.tell(DeviceActor, key, ReportTelemetry("status", "online", None, None, now_ms(), reply=first))
+    first.get(5)
+    entry = system._active[(DeviceActor, key)]
+    old_ref = entry.ref
+    entry.ref = _DiesBeforeTell(old_ref, at=dies_at)
+    replies = [FutureReply() for _ in range(10)]
+    messages: list = [ReportTelemetry("state", None, {"i": i}, None, now_ms(), reply=r) for i, r in enumerate(replies)]
+    if not only_reports:
+        messages.insert(2, ExpireLiveness(now_ms(), 10**9))  # not silent: no event, but not a report either
+    system.tell_many(DeviceActor, key, messages)
+    assert all(isinstance(r.get(5), int) for r in replies)  # none lost, none failed
+    assert not old_ref.is_alive() and entry.ref.told > dies_at
+    assert system.activations == 2 and system.is_active(DeviceActor, key)
+    assert system._active[(DeviceActor, key)].ref is not entry.ref
+    assert states(system, key) == [{"i": i} for i in range(10)]
+    assert system.log.load(Device.create_id(*key)).version == 12
+
+
+def test_a_burst_for_an_actor_that_cannot_load_fails_every_message_and_the_next_retries(system, monkeypatch):
+    key = ("p", "unloadable")
+    real_load = system.log.load
+    monkeypatch.setattr(system.log, "load", lambda *a, **k: (_ for _ in ()).throw(OSError("pool exhausted")))
+    replies = [FutureReply() for _ in range(3)]
+    system.tell_many(DeviceActor, key, [
+        ReportTelemetry("state", None, {"i": i}, None, now_ms(), reply=r) for i, r in enumerate(replies)])
+    for r in replies:  # each one told, none left waiting
+        with pytest.raises(Unavailable):
+            r.get(5)
+    monkeypatch.setattr(system.log, "load", real_load)
+    again = [FutureReply() for _ in range(3)]
+    system.tell_many(DeviceActor, key, [
+        ReportTelemetry("state", None, {"i": i}, None, now_ms(), reply=r) for i, r in enumerate(again)])
+    assert all(isinstance(r.get(5), int) for r in again)
+    assert states(system, key) == [{"i": 0}, {"i": 1}, {"i": 2}]
+
+
+def test_tell_many_carries_the_senders_log_context_into_the_actor(system):
+    """Messages are wrapped in `Traced` when the sender has a structlog context: the
+    actor's log lines about them (here: going silent) carry it, and the wrapped reports
+    are still handled (and folded) like plain ones."""
+    import structlog
+
+    seen: list[dict] = []
+
+    def capture(logger, method, event_dict):
+        seen.append(dict(event_dict))
+        raise structlog.DropEvent
+
+    structlog.configure(processors=[structlog.contextvars.merge_contextvars, capture])
+    try:
+        key = ("p", "traced")
+        done = FutureReply()
+        with structlog.contextvars.bound_contextvars(trace_id="burst-7"):
+            system.tell_many(DeviceActor, key, [
+                ReportTelemetry("status", "online", {"a": 1}, None, now_ms()),
+                ReportTelemetry("state", None, {"b": 2}, None, now_ms(), reply=done),
+                ExpireLiveness(now_ms() + 1_000_000, 1000),
+            ])
+        assert isinstance(done.get(5), int)
+        wait_until(lambda: any(e.get("event") == "device.went_silent" for e in seen))
+        silent = [e for e in seen if e.get("event") == "device.went_silent"]
+        assert silent[0]["trace_id"] == "burst-7" and silent[0]["key"] == "p:traced"
+        device = system.log.load(Device.create_id(*key))
+        assert device.state == {"a": 1, "b": 2} and not device.online
+    finally:
+        structlog.reset_defaults()
+
+
+def test_tell_many_after_shutdown_is_refused(tmp_path):
+    log = EventLog(StoreConfig.resolve(tmp_path, None))
+    journal = Journal(log)
+    system = ActorSystem(log, journal, SystemSettings(sweep_interval=3600))
+    system.shutdown()
+    try:
+        with pytest.raises(Unavailable):
+            system.tell_many(DeviceActor, ("p", "late"), [ReportTelemetry("status", "online", None, None, now_ms())])
+        assert system.active_count() == 0 and log.max_position() == 0
+    finally:
+        journal.close()
+        log.close()

@@ -94,3 +94,90 @@ def test_every_message_arrives_intact_and_in_order(mqtt_broker) -> None:
         for c in (pub, sub):
             c.disconnect()
             c.loop_stop()
+
+
+class GappySock(FakeSock):
+    """A FakeSock where None stands for "nothing more has arrived yet" (BlockingIOError)."""
+
+    def recv(self, n: int) -> bytes:
+        if self.chunks and self.chunks[0] is None:
+            self.chunks.pop(0)
+            raise BlockingIOError()
+        return super().recv(n)
+
+
+def publish_packet(topic: str, payload: bytes) -> bytes:
+    """A QoS 0 PUBLISH as a broker sends it (MQTT 3.1.1; remaining length < 128 here)."""
+    t = topic.encode()
+    body = len(t).to_bytes(2, "big") + t + payload
+    assert len(body) < 128
+    return bytes([0x30, len(body)]) + body
+
+
+def recording_client(calls: list[str], fail_on: bytes | None = None) -> BufferedClient:
+    c = client()
+
+    def on_message(cl, userdata, msg) -> None:
+        calls.append(msg.payload.decode())
+        if msg.payload == fail_on:
+            raise RuntimeError("bug in on_message")
+
+    c.on_message = on_message
+    c.on_read_end = lambda: calls.append("end")
+    return c
+
+
+def test_on_read_end_follows_all_the_messages_of_one_read() -> None:
+    calls: list[str] = []
+    c = recording_client(calls)
+    one_read = b"".join(publish_packet("t", p) for p in (b"a", b"b", b"c"))
+    c._sock = FakeSock([one_read, publish_packet("t", b"d")])
+    assert c.loop_read() == paho.MQTT_ERR_SUCCESS
+    assert calls == ["a", "b", "c", "end"]  # once, after the last message of the read
+    assert c.loop_read() == paho.MQTT_ERR_SUCCESS
+    assert calls == ["a", "b", "c", "end", "d", "end"]
+    assert c.loop_read() == paho.MQTT_ERR_SUCCESS  # nothing there (BlockingIOError): still called
+    assert calls == ["a", "b", "c", "end", "d", "end", "end"]
+
+
+def test_on_read_end_is_called_when_a_packet_is_split_across_reads() -> None:
+    calls: list[str] = []
+    c = recording_client(calls)
+    packet = publish_packet("t", b"whole")
+    c._sock = GappySock([packet[:4], None, packet[4:] + publish_packet("t", b"next")])
+    c.loop_read()
+    assert calls == ["end"]  # half a packet: no message yet, but the read ended
+    c.loop_read()
+    assert calls == ["end", "whole", "next", "end"]
+
+
+def test_on_read_end_is_called_even_when_on_message_raises() -> None:
+    calls: list[str] = []
+    c = recording_client(calls, fail_on=b"b")
+    c._sock = FakeSock([b"".join(publish_packet("t", p) for p in (b"a", b"b", b"c"))])
+    try:
+        c.loop_read()
+    except RuntimeError as exc:
+        assert str(exc) == "bug in on_message"
+    else:
+        raise AssertionError("paho passes on_message's exception on (suppress_exceptions is off)")
+    assert calls == ["a", "b", "end"]  # what was collected up to the failure is still handed over
+
+
+def test_on_read_end_is_called_when_the_connection_ends_mid_read() -> None:
+    calls: list[str] = []
+    c = recording_client(calls)
+    c._sock = FakeSock([publish_packet("t", b"last"), b""])  # then the broker closes the socket
+    assert c.loop_read() == paho.MQTT_ERR_SUCCESS
+    assert calls == ["last", "end"]
+    assert c.loop_read() == paho.MQTT_ERR_CONN_LOST
+    assert calls == ["last", "end", "end"] and c._sock is None
+
+
+def test_on_read_end_is_optional() -> None:
+    c = client()
+    got: list[bytes] = []
+    c.on_message = lambda cl, u, m: got.append(m.payload)
+    c._sock = FakeSock([publish_packet("t", b"x")])
+    assert c.on_read_end is None
+    assert c.loop_read() == paho.MQTT_ERR_SUCCESS and got == [b"x"]

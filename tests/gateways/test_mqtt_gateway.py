@@ -24,10 +24,12 @@ P, D = "thermostat", "t-1"
 class DeviceClient:
     """A paho client playing a device (MQTT 3.1.1, like the generated SDK)."""
 
-    def __init__(self, url_port: int, client_id: str = "dev") -> None:
+    def __init__(self, url_port: int, client_id: str = "dev", max_inflight: int | None = None) -> None:
         self.inbox: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
         self.acked: set[int] = set()
         self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
+        if max_inflight is not None:
+            self.c.max_inflight_messages_set(max_inflight)  # paho's default: 20
         self.c.on_message = lambda c, u, m: self.inbox.put((m.topic, json.loads(m.payload)))
         self.c.on_publish = lambda c, u, mid, rc, props: self.acked.add(mid)
         self.c.on_connect = lambda c, *a: no_delay(c)
@@ -249,3 +251,120 @@ def test_reconnects_and_resubscribes_after_the_broker_restarts(runtime):
         dev.close()
         gw.stop()
         broker.stop()
+
+
+# -- hand-over per socket read (MqttGateway._hand_over, ActorSystem.tell_many) ------------
+
+
+def state_numbers(runtime, device_id: str) -> list[int]:
+    return [e.state["n"] for e in runtime.log.read_stream(Device.create_id(P, device_id))
+            if type(e).__name__ == "StateReported"]
+
+
+def test_a_flood_for_many_devices_is_committed_in_publish_order_and_every_qos1_acked(
+        runtime, gateway, mqtt_broker, monkeypatch):
+    create_agent(runtime)
+    # paho holds QoS 1 messages back beyond 20 in flight but sends QoS 0 at once, which
+    # would reorder the publisher's own stream: no limit, so the wire order is the send order.
+    device = DeviceClient(mqtt_broker.port, client_id=f"dev-flood-{time.monotonic_ns()}", max_inflight=0)
+    devices, per_device = [f"flood-{i}" for i in range(4)], 50
+    acks: list[int] = []
+    real_ack = gateway.client.ack
+    monkeypatch.setattr(gateway.client, "ack", lambda mid, qos: (acks.append(mid), real_ack(mid, qos)))
+    # Hold the network thread at the end of its first read, so that the broker piles the
+    # rest up in the socket and later reads carry many messages for each device.
+    gate, bursts = threading.Event(), []
+    hand_over = gateway.client.on_read_end
+
+    def held_hand_over():
+        gate.wait(10)
+        hand_over()
+
+    gateway.client.on_read_end = held_hand_over
+    tell_many = runtime.system.tell_many
+    monkeypatch.setattr(runtime.system, "tell_many", lambda kind, key, messages: (
+        bursts.append(len(messages)), tell_many(kind, key, messages)))
+    batches = runtime.journal.batches
+    qos1_mids = []
+    try:
+        for n in range(per_device):
+            for i, d in enumerate(devices):
+                qos = 0 if (n + i) % 3 == 0 and n < per_device - 1 else 1  # mixed; the last ones QoS 1
+                mid = device.send(f"v1/{P}/{d}/telemetry", {"type": "state", "data": {"n": n}}, qos=qos)
+                if qos:
+                    qos1_mids.append(mid)
+        wait_until(lambda: all(m in device.acked for m in qos1_mids), 10)  # the broker has them all
+    finally:
+        gate.set()
+        device.close()
+    wait_until(lambda: all(len(state_numbers(runtime, d)) == per_device for d in devices), 15)
+    for d in devices:
+        assert state_numbers(runtime, d) == list(range(per_device)), d
+    wait_until(lambda: len(acks) == len(qos1_mids), 5)
+    assert len(set(acks)) == len(acks) == gateway.stats["acked"] == len(qos1_mids)
+    assert sum(bursts) == len(devices) * per_device and max(bursts) > 1  # handed over in bursts
+    assert runtime.journal.batches - batches < len(devices) * per_device  # and folded into fewer commits
+    assert not [k for k in gateway.stats if k.startswith("dropped.") or k in ("poison", "not_committed")]
+
+
+def publish(gw: MqttGateway, device_id: str, n: int, qos: int, mid: int) -> None:
+    """What paho's network thread does with a PUBLISH from the broker (no broker needed)."""
+    msg = paho.MQTTMessage(mid=mid, topic=f"v1/{P}/{device_id}/telemetry".encode())
+    msg.payload = json.dumps({"type": "state", "data": {"n": n}}).encode()
+    msg.qos = qos
+    gw._on_message(gw.client, None, msg)
+
+
+def test_hand_over_after_shutdown_counts_and_logs_the_messages_and_does_not_raise(runtime):
+    import structlog
+
+    create_agent(runtime)
+    gw = MqttGateway(runtime, "mqtt://127.0.0.1:1", client_id="never-connected")
+    acks: list[int] = []
+    gw.client.ack = lambda mid, qos: acks.append(mid)
+    publish(gw, "a", 0, 1, mid=1)
+    publish(gw, "b", 0, 0, mid=0)
+    publish(gw, "a", 1, 1, mid=2)
+    position = runtime.log.max_position()
+    runtime.system.shutdown()
+    with structlog.testing.capture_logs() as logs:
+        gw._hand_over()  # on the network thread: must not raise
+    assert gw.stats["dropped.error"] == 3 and gw.stats["received"] == 3
+    assert acks == [] and gw.stats["acked"] == 0  # QoS 1 left for the broker to redeliver
+    failed = sorted((e["device_id"], e["messages"]) for e in logs if e["event"] == "mqtt.not_delivered")
+    assert failed == [("a", 2), ("b", 1)]
+    assert all(e["log_level"] == "error" for e in logs if e["event"] == "mqtt.not_delivered")
+    assert runtime.log.max_position() == position
+    gw._hand_over()  # the bursts were handed over (and dropped) once, not kept for the next read
+    assert gw.stats["dropped.error"] == 3
+
+
+def test_a_message_not_handed_over_at_shutdown_is_redelivered_to_the_next_gateway(
+        runtime, redelivering_broker, tmp_path):
+    create_agent(runtime)
+    client_id = f"parley-shutdown-{time.monotonic_ns()}"
+    first = MqttGateway(runtime, redelivering_broker.url, client_id=client_id)
+    first.start()
+    dev = DeviceClient(redelivering_broker.port, client_id=f"dev-shutdown-{time.monotonic_ns()}")
+    second_runtime = second = None
+    try:
+        runtime.system.shutdown()  # the server is stopping; the gateway still reads
+        dev.send(f"v1/{P}/{D}/telemetry", {"type": "state", "data": {"n": 1}}, qos=1)
+        wait_until(lambda: first.stats["dropped.error"] == 1)
+        dev.send(f"v1/{P}/{D}/telemetry", {"type": "state", "data": {"n": 2}}, qos=0)
+        wait_until(lambda: first.stats["dropped.error"] == 2)  # the network thread lives on
+        assert first.stats["acked"] == 0
+        first.stop()
+        second_runtime = make_runtime(tmp_path / "second")
+        create_agent(second_runtime)
+        second = MqttGateway(second_runtime, redelivering_broker.url, client_id=client_id)
+        second.start()
+        wait_until(lambda: second.stats["acked"] == 1, 10)
+        assert state_numbers(second_runtime, D) == [1]  # the QoS 1 message again; QoS 0 is gone
+    finally:
+        dev.close()
+        first.stop()  # again, if an assertion came first: harmless
+        if second is not None:
+            second.stop()
+        if second_runtime is not None:
+            second_runtime.close()

@@ -231,3 +231,196 @@ class TestSharedDatabasePostgres(TestSharedDatabase):
     @pytest.fixture
     def database_url(self, pg_database):
         return pg_database
+
+
+class FailOnce:
+    """A view that raises in `apply` when armed: the batch's view transaction rolls back."""
+
+    name = "fail_once"
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.committed = 0
+
+    def create(self, cur) -> None:
+        pass
+
+    def apply(self, cur, events) -> None:
+        if self.armed:
+            self.armed = False
+            raise RuntimeError("a view bug")
+
+    def after_commit(self) -> None:
+        self.committed += 1
+
+    def follow(self, events) -> None:
+        pass
+
+
+class TestRegistryRowCache:
+    """The registry keeps the rows it wrote last (`_cache`, valid at `_cached_at`) and reads
+    no row back while it wrote every batch since; a rolled-back batch leaves the cache as
+    it was; a batch that does not continue its last one (another process wrote) drops it."""
+
+    P = "thermostat"
+
+    @pytest.fixture
+    def database_url(self):
+        return None
+
+    @pytest.fixture
+    def parts(self, tmp_path, database_url):
+        from eventstore import EventLog, Journal, StoreConfig
+        from projections.db import ViewDatabase
+        from projections.device_registry import DeviceRegistry
+        from projections.runner import ProjectionRunner
+
+        store = StoreConfig.resolve(tmp_path, database_url)
+        log = EventLog(store)
+        journal = Journal(log)
+        db = ViewDatabase(store)
+        registry, failing = DeviceRegistry(db), FailOnce()
+        # Never started: the test drives it, so every batch boundary is known.
+        runner = ProjectionRunner(log, db, [registry, failing], batch=3, poll_interval=3600)
+        assert runner.owner
+        yield store, log, journal, db, registry, failing, runner
+        runner.stop()
+        journal.close()
+        db.close()
+        log.close()
+
+    @staticmethod
+    def row_selects(db) -> list[str]:
+        """The reads of a device row inside view transactions (`DeviceRegistry._row`; the
+        queries of `find` and `list_devices` end in ORDER BY), traced on this thread's SQLite
+        connection. Not traced on PostgreSQL: there the checks on the rows must do."""
+        seen: list[str] = []
+
+        def trace(sql: str) -> None:
+            if "FROM parley_devices WHERE product_id = " in sql and "ORDER BY" not in sql:
+                seen.append(sql)
+
+        if not db.is_postgres:
+            db._sqlite().set_trace_callback(trace)
+        return seen
+
+    def check_rows(self, log, registry, devices) -> None:
+        """Every device's table row is what its stream says, and the cache holds that row."""
+        from actors.device import Device
+
+        for device_id in devices:
+            (row,) = registry.find(device_id, self.P)  # from the table
+            device = log.load(Device.create_id(self.P, device_id))
+            assert (row.online, row.state, row.last_seen_ms) == (device.online, device.state, device.last_seen_ms), device_id
+            assert row.registered_ms == int(device.created_on.timestamp() * 1000)
+            assert registry._cache[(self.P, device_id)] == row, device_id
+
+    def test_rows_from_the_cache_match_the_log_across_many_batches(self, parts):
+        from actors.device import Device
+
+        _, log, journal, db, registry, _, runner = parts
+        devices = {f"c{i}": Device(product_id=self.P, device_id=f"c{i}") for i in range(3)}
+        t = 1000
+        for i, d in enumerate(devices.values()):
+            d.report_status("online", {"mode": "auto", "i": i}, None, t, None)
+        journal.commit([e for d in devices.values() for e in d.collect_events()])
+        runner.catch_up()
+        selects = self.row_selects(db)
+        for step in range(8):  # each round spans batches of 3, several per device
+            for i, d in enumerate(devices.values()):
+                t += 10
+                if step == 3 and i == 0:
+                    d.go_silent(d.last_seen_ms, 1000)
+                elif step == 5 and i == 1:
+                    d.report_status("offline", None, None, t, None)
+                elif step == 6 and i == 2:
+                    d.report_event("temperature_alert", {"t": 40}, None, t, None)
+                else:
+                    d.report_state({f"k{step % 3}": step, "nested": {"step": step}}, None, t, None)
+            journal.commit([e for d in devices.values() for e in d.collect_events()])
+            runner.catch_up()
+            self.check_rows(log, registry, devices)
+        assert registry._cached_at == runner.position == log.max_position()
+        assert runner.applied == log.max_position()
+        assert selects == []  # every batch continued the last: no row was read back
+        assert registry.find("c0")[0].state == {"mode": "auto", "i": 0, "k0": 6, "k1": 7, "k2": 5, "nested": {"step": 7}}
+
+    def test_a_rolled_back_batch_leaves_the_cache_as_it_was(self, parts):
+        from actors.device import Device
+
+        _, log, journal, db, registry, failing, runner = parts
+        d = Device(product_id=self.P, device_id="r1")
+        d.report_status("online", {"a": 1}, None, 1000, None)
+        journal.commit(d.collect_events())
+        runner.catch_up()
+        key = (self.P, "r1")
+        before, position = registry.find("r1")[0], runner.position
+        assert registry._cache[key] == before and registry._cached_at == position
+
+        d.report_status("offline", {"b": 2}, None, 2000, None)
+        journal.commit(d.collect_events())
+        failing.armed = True
+        with pytest.raises(RuntimeError, match="a view bug"):
+            runner.step()
+        assert runner.position == runner.stored_position() == position
+        assert registry.find("r1")[0] == before  # the table: rolled back
+        assert registry._cache[key] == before  # the cache: as it was, not what the batch computed
+        assert registry._cached_at == position
+
+        selects = self.row_selects(db)
+        d.report_state({"c": 3}, None, 3000, None)
+        journal.commit(d.collect_events())
+        runner.catch_up()
+        (row,) = registry.find("r1")
+        assert (row.online, row.state, row.last_seen_ms) == (True, {"a": 1, "b": 2, "c": 3}, 3000)
+        self.check_rows(log, registry, ["r1"])
+        assert selects == []  # the table was still what the cache said: nothing read back
+        assert failing.committed == 2  # after_commit only for the batches that committed
+
+    def test_a_batch_written_by_another_process_clears_the_cache(self, parts):
+        from actors.device import Device
+        from projections.db import ViewDatabase
+        from projections.device_registry import DeviceRegistry
+        from projections.runner import ProjectionRunner
+
+        store, log, journal, db, registry, _, runner = parts
+        d = Device(product_id=self.P, device_id="o1")
+        d.report_status("online", {"a": 1}, None, 1000, None)
+        journal.commit(d.collect_events())
+        runner.catch_up()
+        assert registry._cache[(self.P, "o1")].state == {"a": 1}
+
+        # Another process writes the next batch of the same views (it believes it owns them).
+        other_db = ViewDatabase(store)
+        other = ProjectionRunner(log, other_db, [DeviceRegistry(other_db)], poll_interval=3600)
+        try:
+            assert not other.owner
+            other.owner = True
+            d.report_state({"x": 9}, None, 2000, None)
+            journal.commit(d.collect_events())
+            other.step()
+            assert other.stored_position() == log.max_position()
+        finally:
+            other.stop()
+            other_db.close()
+        runner.step()  # the tables moved on without us: we follow, and write nothing
+        assert not runner.owner and runner.position == log.max_position()
+
+        selects = self.row_selects(db)
+        d.report_state({"y": 1}, None, 3000, None)
+        journal.commit(d.collect_events())
+        runner._next_claim = 0  # take the views back now, not after the poll interval
+        runner.catch_up()
+        assert runner.owner
+        (row,) = registry.find("o1")
+        assert row.state == {"a": 1, "x": 9, "y": 1}  # not {"a": 1, "y": 1} from a stale cache
+        self.check_rows(log, registry, ["o1"])
+        if not db.is_postgres:
+            assert len(selects) == 1  # the row was read back from the table, once
+        assert registry._cached_at == runner.position
+
+
+class TestRegistryRowCachePostgres(TestRegistryRowCache):
+    @pytest.fixture
+    def database_url(self, pg_database):
+        return pg_database
