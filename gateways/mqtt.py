@@ -156,8 +156,8 @@ class MqttGateway:
 
     # Under load, hold parsed messages back for up to this long (or this many), so that each
     # actor wakes once for a burst of its device's messages instead of once per socket read.
-    HOLD_SECONDS = 0.05
-    HOLD_MESSAGES = 5000
+    HOLD_SECONDS = 0.2
+    HOLD_MESSAGES = 20000
     HOLD_MIN = 200  # fewer held than this and nothing more waiting: hand over at once
 
     def _hand_over(self) -> None:
