@@ -97,6 +97,7 @@ class MqttGateway:
     def stop(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+        self._flush()  # the network thread has ended: what it held goes to the actors now
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
@@ -114,6 +115,7 @@ class MqttGateway:
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         self._ready.clear()
+        self._flush()  # nothing held waits for a reconnect
         if reason.is_failure:
             log.warning("mqtt.disconnected", reason=str(reason), will_retry=True)
 
@@ -163,9 +165,11 @@ class MqttGateway:
     def _hand_over(self) -> None:
         """After each socket read: give every device its messages at once. Its actor then
         wakes once and folds them into one commit, instead of waking (and committing) per
-        message. Messages are held back only while more are already waiting in the socket
-        (so under load, never when idle: a lone message waits for nothing), for at most
-        HOLD_SECONDS, and never when a command's response is among them."""
+        message. Under load, messages are held back for at most HOLD_SECONDS (or until
+        HOLD_MESSAGES are held), so the bursts grow. Nothing is held when a command's
+        response is among them, nor when only a few are held and nothing more is waiting
+        in the socket: an idle device's message, or a QoS 1 stream that the broker's
+        in-flight window keeps small, waits for nothing."""
         if not self._held:
             self.client.hold_until = None
             return
@@ -174,6 +178,10 @@ class MqttGateway:
                 and (self._held >= self.HOLD_MIN or self.client.input_waiting()):
             self.client.hold_until = self._held_since + self.HOLD_SECONDS
             return
+        self._flush()
+
+    def _flush(self) -> None:
+        """Hand every held message to its actor now."""
         self.client.hold_until = None
         bursts, self._bursts = self._bursts, {}
         self._held, self._urgent = 0, False
