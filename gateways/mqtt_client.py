@@ -10,8 +10,10 @@ thread crawled at about 5k msg/s (docs/benchmarks.md). Reading up to 64 KiB per
 socket read instead of four per message: in the ingest benchmark as it was then (publisher
 paced at 25k msg/s, nothing pinned) Parley went from 5.7k to 14k msg/s.
 
-Only two of paho's internal methods are overridden (`_sock_recv`, `loop_read`); paho is
-pinned to 2.x in pyproject.toml, and tests/gateways/test_mqtt_client.py covers both.
+paho's internal methods overridden here: `_sock_recv` and `loop_read` (the buffer),
+`_loop` (a select() bounded while the gateway holds messages back, see gateways/mqtt.py)
+and `_handle_on_message` (no per-topic callback lookup when none are registered). paho is
+pinned to 2.1-2.2 in pyproject.toml, and tests/gateways/test_mqtt_client.py covers them.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class BufferedClient(paho.Client):
         # Set by the gateway while it holds messages back: the network loop then waits in
         # select() no longer than this, and calls on_read_end when it wakes, read or not.
         self.hold_until: float | None = None
+        self._topic_callbacks = False  # message_callback_add was used
 
     def _buffered(self) -> int:
         """Bytes read from the current socket that paho has not consumed yet."""
@@ -72,6 +75,27 @@ class BufferedClient(paho.Client):
         except (OSError, ValueError):  # closed meanwhile
             return False
         return bool(readable)
+
+    def message_callback_add(self, sub: str, callback: Any) -> None:
+        self._topic_callbacks = True
+        super().message_callback_add(sub, callback)
+
+    def _handle_on_message(self, message: paho.MQTTMessage) -> None:
+        # paho looks for per-topic callbacks on every message (a topic-trie walk, a lock
+        # and two topic decodes, ~1.5 µs); with none registered, go to on_message directly.
+        if self._topic_callbacks:
+            super()._handle_on_message(message)
+            return
+        on_message = self.on_message
+        if on_message is None:
+            return
+        with self._in_callback_mutex:
+            try:
+                on_message(self, self._userdata, message)
+            except Exception as err:
+                self._easy_log(paho.MQTT_LOG_ERR, "Caught exception in on_message: %s", err)
+                if not self.suppress_exceptions:
+                    raise
 
     def _loop(self, timeout: float = 1.0) -> MQTTErrorCode:
         hold_until = self.hold_until
