@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 
 import paho.mqtt.client as paho
@@ -181,3 +182,82 @@ def test_on_read_end_is_optional() -> None:
     c._sock = FakeSock([publish_packet("t", b"x")])
     assert c.on_read_end is None
     assert c.loop_read() == paho.MQTT_ERR_SUCCESS and got == [b"x"]
+
+
+# -- hold_until: the gateway holding messages back bounds the network loop's wait ----------
+
+
+def connected_client(mqtt_broker, calls: list[float]) -> BufferedClient:
+    """A BufferedClient connected to the broker, driven from the test thread (no loop_start),
+    recording when on_read_end is called."""
+    c = BufferedClient(CallbackAPIVersion.VERSION2, client_id=f"hold-{uuid.uuid4().hex[:6]}")
+    c.connect(mqtt_broker.host, mqtt_broker.port)
+    deadline = time.monotonic() + 5
+    while not c.is_connected():  # read the CONNACK (no hold: paho's own loop)
+        assert time.monotonic() < deadline, "no CONNACK"
+        c.loop(timeout=0.1)
+    c.on_read_end = lambda: calls.append(time.monotonic())
+    return c
+
+
+def test_while_holding_the_loop_waits_no_longer_than_the_hold_then_calls_on_read_end(mqtt_broker) -> None:
+    calls: list[float] = []
+    c = connected_client(mqtt_broker, calls)
+    try:
+        assert not c.input_waiting()
+        c.hold_until = hold_until = time.monotonic() + 0.05
+        start = time.monotonic()
+        assert c._loop(timeout=5) == paho.MQTT_ERR_SUCCESS
+        assert time.monotonic() - start < 1  # bounded by the hold, not the 5 s timeout
+        assert len(calls) == 1 and calls[0] >= hold_until - 0.01  # once, when the hold ended, nothing read
+        # A hold already over: select() does not wait (and is not given a negative timeout).
+        c.hold_until = time.monotonic() - 1
+        start = time.monotonic()
+        assert c._loop(timeout=5) == paho.MQTT_ERR_SUCCESS
+        assert time.monotonic() - start < 0.5 and len(calls) == 2
+    finally:
+        c.disconnect()
+
+
+def test_without_a_hold_the_loop_is_pahos(mqtt_broker) -> None:
+    calls: list[float] = []
+    c = connected_client(mqtt_broker, calls)
+    try:
+        assert c.hold_until is None
+        start = time.monotonic()
+        assert c._loop(timeout=0.1) == paho.MQTT_ERR_SUCCESS
+        assert time.monotonic() - start >= 0.09  # waited its timeout for input
+        assert calls == []  # nothing read: no on_read_end
+    finally:
+        c.disconnect()
+
+
+def test_a_read_while_holding_ends_with_on_read_end_once_when_that_ends_the_hold(mqtt_broker) -> None:
+    calls: list[float] = []
+    c = connected_client(mqtt_broker, calls)
+    got: list[bytes] = []
+    c.on_message = lambda cl, u, m: got.append(m.payload)
+    topic = f"hold/{uuid.uuid4().hex[:8]}"
+    try:
+        subscribed = threading.Event()
+        c.on_subscribe = lambda *a: subscribed.set()
+        c.subscribe(topic, qos=0)
+        wait_until(lambda: c.loop(timeout=0.05) == paho.MQTT_ERR_SUCCESS and subscribed.is_set(), 5)
+        calls.clear()
+        assert not c.input_waiting()
+        c.publish(topic, b"x", qos=0)  # written at once (no network thread); the broker sends it back
+        wait_until(c.input_waiting, 5)
+
+        def hand_over() -> None:  # as the gateway does once it has handed everything over
+            calls.append(time.monotonic())
+            c.hold_until = None
+
+        c.on_read_end = hand_over
+        c.hold_until = time.monotonic() + 5
+        start = time.monotonic()
+        assert c._loop(timeout=5) == paho.MQTT_ERR_SUCCESS
+        assert time.monotonic() - start < 1  # the read woke it, not the hold's end
+        assert got == [b"x"] and len(calls) == 1  # after the read; the hold ended, so not again
+        assert not c.input_waiting()
+    finally:
+        c.disconnect()

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import queue
+import socket
 import threading
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from actors.device import Device, DeviceActor, SendCommand
+from actors.device import Device, DeviceActor, ReportTelemetry, SendCommand
 from actors.ports import FutureReply
 from gateways.mqtt import MqttGateway
 from gateways.mqtt_client import no_delay
@@ -368,3 +370,271 @@ def test_a_message_not_handed_over_at_shutdown_is_redelivered_to_the_next_gatewa
             second.stop()
         if second_runtime is not None:
             second_runtime.close()
+
+
+# -- hold-back under load (MqttGateway._hand_over / _flush, BufferedClient.hold_until) ------
+
+
+def told_summary(told: list[tuple[str, list[Any]]]) -> list[tuple[str, list[Any]]]:
+    """(device, [n of a state report | requestId of a response, ...]) per tell_many call."""
+    return [(d, [m.state["n"] if isinstance(m, ReportTelemetry) else m.request_id for m in messages])
+            for d, messages in told]
+
+
+def record_tell_many(runtime, monkeypatch) -> list[tuple[str, list[Any]]]:
+    told: list[tuple[str, list[Any]]] = []
+    tell_many = runtime.system.tell_many
+
+    def recording(kind, key, messages):
+        told.append((key[1], list(messages)))
+        tell_many(kind, key, messages)
+
+    monkeypatch.setattr(runtime.system, "tell_many", recording)
+    return told
+
+
+def test_a_lone_message_is_handed_over_on_the_read_that_brought_it(runtime, gateway, device, monkeypatch):
+    """Idle: one QoS 0 message, nothing more in the socket, fewer than HOLD_MIN held: it
+    waits for nothing, it goes to its actor at the end of the very read that brought it."""
+    create_agent(runtime)
+    told = record_tell_many(runtime, monkeypatch)
+    reads: list[tuple[int, int, list, float | None]] = []  # (held before, held after, told, hold_until)
+    hand_over = gateway.client.on_read_end
+
+    def recording_hand_over():
+        before, n = gateway._held, len(told)
+        hand_over()
+        reads.append((before, gateway._held, told_summary(told[n:]), gateway.client.hold_until))
+
+    gateway.client.on_read_end = recording_hand_over
+    device.send(f"v1/{P}/{D}/telemetry", {"type": "state", "data": {"n": 7}}, qos=0)
+    wait_until(lambda: state_numbers(runtime, D) == [7], timeout=5)
+    assert told_summary(told) == [(D, [7])]
+    # The read that parsed it handed it over: nothing was held past it, no hold was armed.
+    assert [r for r in reads if r[0]] == [(1, 0, [(D, [7])], None)]
+    assert all(after == 0 and until is None for _, after, _, until in reads)
+    assert gateway.stats["received"] == 1
+
+
+class Clock:
+    """gateways.mqtt's time module as the hold sees it: monotonic() moves only by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    @staticmethod
+    def time() -> float:
+        return time.time()
+
+
+@pytest.fixture
+def held(runtime, mqtt_broker, monkeypatch):
+    """A gateway the test drives on the network thread's behalf (never started, so nothing
+    depends on timing): its own clock, HOLD_MIN 3, HOLD_MESSAGES 6, HOLD_SECONDS 10, nothing
+    waiting in the socket unless the test says so, and a record of every tell_many."""
+    import gateways.mqtt as mqtt_module
+
+    create_agent(runtime)
+    clock = Clock()
+    monkeypatch.setattr(mqtt_module, "time", clock)
+    gw = MqttGateway(runtime, mqtt_broker.url, client_id=f"parley-hold-{time.monotonic_ns()}")
+    gw.HOLD_MIN, gw.HOLD_MESSAGES, gw.HOLD_SECONDS = 3, 6, 10.0
+    socket_waiting = [False]
+    gw.client.input_waiting = lambda: socket_waiting[0]
+    return SimpleNamespace(gw=gw, clock=clock, told=record_tell_many(runtime, monkeypatch),
+                           socket_waiting=socket_waiting)
+
+
+def feed(gw: MqttGateway, *messages: tuple[str, int]) -> None:
+    """QoS 0 state reports (device, n), as one socket read would pass them to on_message."""
+    for device_id, n in messages:
+        publish(gw, device_id, n, qos=0, mid=0)
+
+
+def respond(gw: MqttGateway, device_id: str, request_id: str) -> None:
+    msg = paho.MQTTMessage(mid=0, topic=f"device-agent/{P}/device/{device_id}/responses".encode())
+    msg.payload = json.dumps({"code": 0, "msg": "ok", "requestId": request_id, "data": {},
+                              "metadata": {"productId": P}}).encode()
+    gw._on_message(gw.client, None, msg)
+
+
+def test_under_load_messages_are_held_for_hold_seconds_then_handed_over_per_device_in_order(held, runtime):
+    gw, clock = held.gw, held.clock
+    feed(gw, ("a", 0), ("b", 0), ("a", 1))  # HOLD_MIN reached
+    gw._hand_over()
+    assert held.told == [] and gw._held == 3
+    assert gw.client.hold_until == 1000.0 + gw.HOLD_SECONDS  # the network loop wakes by then
+    clock.now = 1009.9
+    feed(gw, ("c", 0), ("a", 2))  # a new device too
+    gw._hand_over()
+    gw._hand_over()  # what _loop calls when select() woke with nothing read
+    assert held.told == [] and gw._held == 5
+    assert gw.client.hold_until == 1010.0  # counted from the first message held, not the last
+    clock.now = 1010.0
+    gw._hand_over()
+    # One tell_many per device, each with its messages in order.
+    assert told_summary(held.told) == [("a", [0, 1, 2]), ("b", [0]), ("c", [0])]
+    assert gw._held == 0 and gw.client.hold_until is None
+    wait_until(lambda: (state_numbers(runtime, "a"), state_numbers(runtime, "b"), state_numbers(runtime, "c"))
+               == ([0, 1, 2], [0], [0]), 5)
+    # Nothing held: nothing to hold, nothing told.
+    gw._hand_over()
+    assert len(held.told) == 3 and gw.client.hold_until is None
+    # The next hold counts from its own first message.
+    clock.now = 1015.0
+    feed(gw, ("a", 3), ("a", 4), ("a", 5))
+    gw._hand_over()
+    assert len(held.told) == 3 and gw.client.hold_until == 1025.0
+
+
+def test_reaching_hold_messages_hands_over_at_once(held, runtime):
+    gw = held.gw
+    feed(gw, *[("a", n) for n in range(3)], ("b", 0), ("a", 3))
+    gw._hand_over()
+    assert held.told == [] and gw._held == 5
+    feed(gw, ("b", 1))  # the sixth: HOLD_MESSAGES
+    gw._hand_over()  # the clock has not moved
+    assert told_summary(held.told) == [("a", [0, 1, 2, 3]), ("b", [0, 1])]
+    assert gw._held == 0 and gw.client.hold_until is None
+    wait_until(lambda: state_numbers(runtime, "a") == [0, 1, 2, 3] and state_numbers(runtime, "b") == [0, 1], 5)
+
+
+def test_a_command_response_among_the_held_messages_hands_over_at_once(held, runtime):
+    gw = held.gw
+    feed(gw, ("a", 0), ("a", 1), ("b", 0))
+    gw._hand_over()
+    assert held.told == []
+    respond(gw, "a", "req-9")
+    feed(gw, ("a", 2))
+    gw._hand_over()
+    assert told_summary(held.told) == [("a", [0, 1, "req-9", 2]), ("b", [0])]
+    assert gw._held == 0 and gw.client.hold_until is None
+    wait_until(lambda: state_numbers(runtime, "a") == [0, 1, 2] and state_numbers(runtime, "b") == [0], 5)
+    # The urgency went with the messages: the next load is held again.
+    feed(gw, ("a", 3), ("a", 4), ("b", 1))
+    gw._hand_over()
+    assert len(held.told) == 2 and gw._held == 3
+    # A response is never held, not even while more is waiting in the socket.
+    gw._flush()
+    held.socket_waiting[0] = True
+    respond(gw, "b", "req-10")
+    gw._hand_over()
+    assert told_summary(held.told)[-1] == ("b", ["req-10"]) and gw._held == 0
+
+
+def test_fewer_than_hold_min_are_held_only_while_more_is_waiting_in_the_socket(held, runtime):
+    gw = held.gw
+    feed(gw, ("a", 0))
+    gw._hand_over()  # nothing waiting: an idle device's message goes at once
+    assert told_summary(held.told) == [("a", [0])] and gw.client.hold_until is None
+    held.socket_waiting[0] = True
+    feed(gw, ("a", 1), ("b", 0))  # 2 < HOLD_MIN, but more is coming
+    gw._hand_over()
+    assert len(held.told) == 1 and gw._held == 2 and gw.client.hold_until == 1010.0
+    held.socket_waiting[0] = False  # the socket ran dry before HOLD_SECONDS
+    gw._hand_over()
+    assert told_summary(held.told) == [("a", [0]), ("a", [1]), ("b", [0])]
+    assert gw._held == 0 and gw.client.hold_until is None
+    wait_until(lambda: state_numbers(runtime, "a") == [0, 1] and state_numbers(runtime, "b") == [0], 5)
+
+
+@pytest.mark.parametrize("reason", ["Unspecified error", "Normal disconnection"])
+def test_a_disconnect_hands_over_what_is_held(held, runtime, reason):
+    from paho.mqtt.client import DisconnectFlags
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    gw = held.gw
+    feed(gw, ("a", 0), ("b", 0), ("a", 1), ("b", 1))
+    gw._hand_over()
+    assert held.told == [] and gw.client.hold_until is not None
+    gw._on_disconnect(gw.client, None, DisconnectFlags(False), ReasonCode(PacketTypes.DISCONNECT, reason), None)
+    assert told_summary(held.told) == [("a", [0, 1]), ("b", [0, 1])]
+    assert gw._held == 0 and gw.client.hold_until is None and not gw._ready.is_set()
+    wait_until(lambda: state_numbers(runtime, "a") == [0, 1] and state_numbers(runtime, "b") == [0, 1], 5)
+
+
+@pytest.mark.parametrize("on_disconnect", ["gateway", "lost"])
+def test_stop_hands_over_what_the_network_thread_held(runtime, mqtt_broker, monkeypatch, on_disconnect):
+    """A started gateway holding messages (HOLD_MIN 1, HOLD_SECONDS 60) is stopped: they
+    reach the actors, whether its on_disconnect runs ("gateway") or the network thread ends
+    without it ("lost"), when stop() itself hands them over, after the thread is gone."""
+    create_agent(runtime)
+    gw = MqttGateway(runtime, mqtt_broker.url, client_id=f"parley-stop-{time.monotonic_ns()}")
+    gw.HOLD_MIN, gw.HOLD_SECONDS = 1, 60.0
+    flushed_on: list[threading.Thread] = []
+    tell_many = runtime.system.tell_many
+    monkeypatch.setattr(runtime.system, "tell_many", lambda kind, key, messages: (
+        flushed_on.append(threading.current_thread()), tell_many(kind, key, messages)))
+    gw.start()
+    dev = DeviceClient(mqtt_broker.port, client_id=f"dev-stop-{time.monotonic_ns()}")
+    try:
+        for n in range(3):
+            for d in ("a", "b"):
+                dev.send(f"v1/{P}/{d}/telemetry", {"type": "state", "data": {"n": n}}, qos=0)
+        wait_until(lambda: gw._held == 6, 5)
+        assert flushed_on == [] and state_numbers(runtime, "a") == []  # held, not committed
+        if on_disconnect == "lost":
+            gw.client.on_disconnect = None
+        gw.stop()
+    finally:
+        dev.close()
+        gw.stop()  # again, if an assertion came first: harmless
+    assert gw.client._thread is None and gw._held == 0 and gw.client.hold_until is None
+    if on_disconnect == "lost":
+        assert flushed_on == [threading.current_thread()] * 2  # stop() did, one tell_many per device
+    wait_until(lambda: state_numbers(runtime, "a") == [0, 1, 2] and state_numbers(runtime, "b") == [0, 1, 2], 5)
+
+
+def test_a_dropped_connection_hands_over_what_the_network_thread_held(runtime, mqtt_broker, monkeypatch):
+    """The broker's connection drops while messages are held: they go to the actors on the
+    disconnect, not after the reconnect (nor when the hold would have ended)."""
+    create_agent(runtime)
+    gw = MqttGateway(runtime, mqtt_broker.url, client_id=f"parley-drop-{time.monotonic_ns()}")
+    gw.HOLD_MIN, gw.HOLD_SECONDS = 1, 60.0
+    ready_when_told: list[bool] = []
+    tell_many = runtime.system.tell_many
+    monkeypatch.setattr(runtime.system, "tell_many", lambda kind, key, messages: (
+        ready_when_told.append(gw._ready.is_set()), tell_many(kind, key, messages)))
+    gw.start()
+    gw.client.reconnect_delay_set(min_delay=0.05, max_delay=0.05)  # a quick reconnect, a quick stop
+    dev = DeviceClient(mqtt_broker.port, client_id=f"dev-drop-{time.monotonic_ns()}")
+    try:
+        for n in range(3):
+            dev.send(f"v1/{P}/{D}/telemetry", {"type": "state", "data": {"n": n}}, qos=0)
+        wait_until(lambda: gw._held == 3, 5)
+        assert ready_when_told == []
+        gw.client.socket().shutdown(socket.SHUT_RDWR)  # the connection is gone
+        wait_until(lambda: state_numbers(runtime, D) == [0, 1, 2], 5)
+        assert ready_when_told == [False]  # handed over while disconnected
+        wait_until(gw._ready.is_set, 5)
+    finally:
+        dev.close()
+        gw.stop()
+
+
+def test_a_flood_of_qos0_telemetry_is_committed_in_order_in_few_transactions(runtime, gateway, mqtt_broker):
+    """One publisher floods 3000 QoS 0 state reports for 20 devices at the real gateway
+    (default hold limits): every one is committed, each device's in publish order, in far
+    fewer journal transactions than messages."""
+    create_agent(runtime)
+    device = DeviceClient(mqtt_broker.port, client_id=f"dev-qos0-flood-{time.monotonic_ns()}")
+    devices, per_device = [f"q0-{i}" for i in range(20)], 150
+    batches = runtime.journal.batches
+    try:
+        for n in range(per_device):
+            for d in devices:
+                device.send(f"v1/{P}/{d}/telemetry", {"type": "state", "data": {"n": n}}, qos=0)
+        wait_until(lambda: all(len(state_numbers(runtime, d)) >= per_device for d in devices), 15)
+    finally:
+        device.close()
+    for d in devices:
+        assert state_numbers(runtime, d) == list(range(per_device)), d
+    transactions = runtime.journal.batches - batches
+    assert transactions < len(devices) * per_device / 10, transactions
+    assert gateway.stats["received"] == len(devices) * per_device
+    assert not [k for k in gateway.stats if k.startswith("dropped.")]
+    assert gateway._held == 0 and gateway.client.hold_until is None  # nothing left behind
