@@ -83,6 +83,7 @@ class MqttGateway:
         self._held = 0  # messages in _bursts
         self._held_since = 0.0
         self._urgent = False  # a command's response is among them: hand over now
+        self._held_unacked = 0  # QoS 1 messages among them: the broker waits for their acks
         self.client.on_read_end = self._hand_over
 
     # -- lifecycle -------------------------------------------------------------------
@@ -145,6 +146,8 @@ class MqttGateway:
             else:
                 burst.append(message)
             self._held += 1
+            if msg.qos:
+                self._held_unacked += 1
             if route.kind == "responses":
                 self._urgent = True
         except codec.BadMessage as exc:
@@ -167,15 +170,16 @@ class MqttGateway:
         wakes once and folds them into one commit, instead of waking (and committing) per
         message. Under load, messages are held back for at most HOLD_SECONDS (or until
         HOLD_MESSAGES are held), so the bursts grow. Nothing is held when a command's
-        response is among them, nor when only a few are held and nothing more is waiting
-        in the socket: an idle device's message, or a QoS 1 stream that the broker's
-        in-flight window keeps small, waits for nothing."""
+        response is among them. When nothing more is waiting in the socket, messages are
+        held only if there are many (HOLD_MIN) and none awaits an acknowledgement: an idle
+        device's message waits for nothing, and neither does a QoS 1 stream, whose broker
+        sends no more than its in-flight window until we acknowledge."""
         if not self._held:
             self.client.hold_until = None
             return
         if not self._urgent and self._held < self.HOLD_MESSAGES \
                 and time.monotonic() - self._held_since < self.HOLD_SECONDS \
-                and (self._held >= self.HOLD_MIN or self.client.input_waiting()):
+                and ((self._held >= self.HOLD_MIN and not self._held_unacked) or self.client.input_waiting()):
             self.client.hold_until = self._held_since + self.HOLD_SECONDS
             return
         self._flush()
@@ -184,7 +188,7 @@ class MqttGateway:
         """Hand every held message to its actor now."""
         self.client.hold_until = None
         bursts, self._bursts = self._bursts, {}
-        self._held, self._urgent = 0, False
+        self._held, self._held_unacked, self._urgent = 0, 0, False
         tell_many = self.runtime.system.tell_many
         for key, messages in bursts.items():
             try:

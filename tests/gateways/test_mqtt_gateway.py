@@ -541,6 +541,29 @@ def test_fewer_than_hold_min_are_held_only_while_more_is_waiting_in_the_socket(h
     wait_until(lambda: state_numbers(runtime, "a") == [0, 1] and state_numbers(runtime, "b") == [0], 5)
 
 
+def test_qos1_messages_are_not_held_once_the_socket_is_dry(held, runtime):
+    """The broker sends no more QoS 1 messages than its in-flight window until we ack: holding
+    a full window (raised to HOLD_MIN or more) while the socket is dry would stall it."""
+    gw = held.gw
+    for n in range(3):  # HOLD_MIN QoS 1 reports
+        publish(gw, "a", n, qos=1, mid=n + 1)
+    gw._hand_over()  # nothing more waiting: no hold, whatever the count
+    assert told_summary(held.told) == [("a", [0, 1, 2])] and gw.client.hold_until is None
+    held.socket_waiting[0] = True
+    for n in range(3, 6):
+        publish(gw, "a", n, qos=1, mid=n + 1)
+    gw._hand_over()  # the broker is still sending: hold as usual
+    assert len(held.told) == 1 and gw._held == 3
+    held.socket_waiting[0] = False
+    gw._hand_over()
+    assert told_summary(held.told)[-1] == ("a", [3, 4, 5]) and gw._held == 0
+    # Once they are handed over, QoS 0 alone is held again at HOLD_MIN.
+    feed(gw, ("a", 6), ("a", 7), ("a", 8))
+    gw._hand_over()
+    assert len(held.told) == 2 and gw._held == 3
+    wait_until(lambda: state_numbers(runtime, "a") == list(range(6)), 5)
+
+
 @pytest.mark.parametrize("reason", ["Unspecified error", "Normal disconnection"])
 def test_a_disconnect_hands_over_what_is_held(held, runtime, reason):
     from paho.mqtt.client import DisconnectFlags
