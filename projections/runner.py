@@ -165,6 +165,7 @@ class ProjectionRunner:
 
     def _write(self, events: list[LoggedEvent], last: int) -> bool:
         """Apply `events` to the view tables, if the tables are still where we left them."""
+        self.log.make_durable(last)  # a view must not record a position a power loss could undo
         with self.db.transaction() as cur:
             cur.execute("SELECT position FROM parley_tracking WHERE runner = ?"
                         + (" FOR UPDATE" if self.db.is_postgres else ""), (self.name,))

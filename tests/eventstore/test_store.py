@@ -3,6 +3,7 @@ snapshots and upcasting; run on SQLite and (by subclassing) on PostgreSQL."""
 
 from __future__ import annotations
 
+import os
 import threading
 from datetime import datetime, timezone
 from typing import Any
@@ -194,6 +195,64 @@ def test_sqlite_flushes_only_the_transactions_that_ask(tmp_path, monkeypatch):
     modes = [s for s in statements if s.startswith("PRAGMA synchronous") or s.startswith("INSERT")]
     assert [m.split()[0] if m.startswith("INSERT") else m for m in modes] == [
         "PRAGMA synchronous=NORMAL", "INSERT", "PRAGMA synchronous=FULL", "INSERT", "INSERT"]
+
+
+def _wal_syncs(monkeypatch) -> list[str]:
+    """Record the files the recorder fdatasyncs (by path), and still sync them."""
+    import eventstore.recorders as recorders
+
+    synced: list[str] = []
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(recorders.os, "fdatasync", fdatasync)
+    return synced
+
+
+def test_make_durable_syncs_the_wal_only_when_the_log_is_not_on_disk_that_far(tmp_path, monkeypatch):
+    """Views live in a file of their own: before one records a position, the log must be on
+    disk up to it, or a power loss could leave the view ahead of the log."""
+    synced = _wal_syncs(monkeypatch)
+    log = EventLog(StoreConfig.resolve(tmp_path, None))
+    try:
+        c = Counter(name="t")
+        (first,) = log.append(c.collect_events(), sync=False)  # written, not synced
+        log.make_durable(first)
+        assert synced == [str(tmp_path.resolve() / "events.sqlite-wal")]
+        log.make_durable(first)  # already on disk: nothing to do
+        assert len(synced) == 1
+        c.add(1)
+        (second,) = log.append(c.collect_events(), sync=True)  # FULL: synced at commit
+        log.make_durable(second)
+        assert len(synced) == 1
+        c.add(1)
+        (third,) = log.append(c.collect_events(), sync=False)
+        log.make_durable(third)
+        assert len(synced) == 2
+    finally:
+        log.close()
+
+
+def test_a_fresh_process_syncs_once_before_trusting_what_it_found(tmp_path, monkeypatch):
+    """What an earlier process wrote unsynced may still sit in the page cache."""
+    log = EventLog(StoreConfig.resolve(tmp_path, None))
+    try:
+        c = Counter(name="t")
+        (position,) = log.append(c.collect_events(), sync=False)
+    finally:
+        log.close()
+    synced = _wal_syncs(monkeypatch)
+    log = EventLog(StoreConfig.resolve(tmp_path, None))
+    try:
+        log.max_position()  # opens a connection, so the WAL exists again
+        log.make_durable(position)
+        log.make_durable(position)
+        assert len(synced) == 1
+    finally:
+        log.close()
 
 
 class TestEventLogPostgres(TestEventLog):

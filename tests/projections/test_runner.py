@@ -75,6 +75,31 @@ class TestViews:
         assert runtime.devices.find("x")[0].state == {"v": 3}
 
 
+    def test_the_log_is_on_disk_before_a_view_records_a_position(self, runtime, monkeypatch):
+        """A power loss must never leave a view ahead of the log (on SQLite they are two
+        files): every view transaction first makes the log durable up to its last event."""
+        order: list[tuple[str, int]] = []
+        make_durable = runtime.log.make_durable
+        monkeypatch.setattr(runtime.log, "make_durable",
+                            lambda position: (order.append(("durable", position)), make_durable(position)))
+        transaction = runtime.views_db.transaction
+
+        def traced_transaction():
+            order.append(("view", runtime.projections.position))
+            return transaction()
+
+        monkeypatch.setattr(runtime.views_db, "transaction", traced_transaction)
+        # QoS 0 telemetry: committed without a flush of its own.
+        runtime.system.tell(DeviceActor, ("p", "d"), ReportTelemetry("state", None, {"t": 1}, None, now_ms()))
+        runtime.system.tell(DeviceActor, ("p", "d"), ReportTelemetry("state", None, {"t": 2}, None, now_ms()))
+        pos = tell(runtime, ("p", "d"), lambda r: ReportEvent("e", {}, None, now_ms(), reply=r))
+        assert runtime.projections.wait_for(pos, 5)
+        writes = [i for i, (what, _) in enumerate(order) if what == "view"]
+        assert writes, "the runner wrote no view"
+        for i in writes:
+            assert order[i - 1][0] == "durable" and order[i - 1][1] > order[i][1]  # up to the batch's end
+
+
 class TestViewsPostgres(TestViews):
     handed_over_in_memory = False
 
