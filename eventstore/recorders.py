@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from eventsourcing.persistence import StoredEvent
+from psycopg.sql import SQL, Identifier
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder
 
@@ -101,7 +102,33 @@ class SQLiteRecorder(SQLiteApplicationRecorder):
 
 
 class PostgresRecorder(PostgresApplicationRecorder):
-    """`synchronous_commit` off for this transaction only, when nobody waits on it."""
+    """`synchronous_commit` off for this transaction only, when nobody waits on it; events
+    inserted from four plain arrays instead of one array of a composite type."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # eventsourcing builds a Python object of its composite type per event, and psycopg
+        # dumps an array of those in Python: 23 µs of CPU per event in the journal thread.
+        # Arrays of uuid, bigint, text and bytea are dumped in C (measured below, docs).
+        self._insert_from_arrays = SQL(
+            "INSERT INTO {schema}.{table} (originator_id, originator_version, topic, state)"
+            " SELECT * FROM unnest(%s::{id_type}[], %s::bigint[], %s::text[], %s::bytea[])"
+            " RETURNING notification_id"
+        ).format(schema=Identifier(self.datastore.schema), table=Identifier(self.events_table_name),
+                 id_type=Identifier(self.datastore.originator_id_type))
+
+    def _insert_stored_events(self, curs: Any, stored_events: Sequence[StoredEvent], **kwargs: Any) -> None:
+        # What eventsourcing's version does, in its order: lock the table (so notification
+        # ids commit in order), NOTIFY followers, insert; unnest keeps the arrays' order,
+        # so the returned ids follow the events.
+        self._lock_table(curs)
+        self._notify_channel(curs)
+        curs.execute(self._insert_from_arrays, (
+            [e.originator_id for e in stored_events],
+            [e.originator_version for e in stored_events],
+            [e.topic for e in stored_events],
+            [e.state for e in stored_events],
+        ))
 
     def _insert_events(self, curs: Any, stored_events: Sequence[StoredEvent], *, sync: bool = True,
                        **kwargs: Any) -> None:

@@ -85,6 +85,22 @@ class TestEventLog:
         assert (loaded.total, loaded.notes, loaded.version) == (5, [{"why": "because"}], 3)
         assert log.max_position() == positions[-1]
 
+    def test_one_append_of_interleaved_streams_returns_each_events_position(self, log):
+        """The positions `append` returns belong to the events in the order given (on
+        PostgreSQL they come back from one INSERT of four arrays)."""
+        counters = [Counter(name=f"c{i}") for i in range(5)]
+        for round_ in range(20):
+            for i, c in enumerate(counters):
+                c.add(round_ * 10 + i, note={"n": round_})
+        events = [e for pair in zip(*(c.collect_events() for c in counters)) for e in pair]
+        positions = log.append(events, sync=False)
+        assert len(positions) == len(events) and positions == sorted(positions)
+        by_position = {le.position: le for le in log.read_all(0, limit=1000)}
+        for position, event in zip(positions, events):
+            le = by_position[position]
+            assert (le.stream_id, le.version) == (event.originator_id, event.originator_version)
+            assert type(le.event) is type(event) and vars(le.event) == vars(event)
+
     def test_read_by_stream_and_by_global_position(self, log, journal):
         a, b = Counter(name="a"), Counter(name="b")
         a.add(1)
