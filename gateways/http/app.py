@@ -9,8 +9,8 @@ Quart or a bug raises) into JSON, so no traceback ever reaches a client.
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
-from uuid import uuid4
 
 import structlog
 import trio
@@ -55,6 +55,35 @@ class ApiError(Exception):
     @classmethod
     def from_actor(cls, exc: ParleyError, **extra: Any) -> "ApiError":
         return cls.coded(ACTOR_STATUS.get(exc.code, 500), exc.code, str(exc), **extra)
+
+
+class TraceIds:
+    """ASGI middleware: every log line about a request, on the trio loop or in the actors it
+    reaches, carries its `trace_id`, and the response echoes it as `X-Request-Id` (a
+    caller's own id is kept, so logs join across services). Done at the ASGI level rather
+    than in Quart's before/after_request hooks: the hooks' machinery cost about 30 µs per
+    request (0.643 against 0.676 ms for a no-op POST)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"").decode("latin-1")
+        trace_id = given if 0 < len(given) <= 128 and given.isprintable() else secrets.token_hex(8)
+        structlog.contextvars.clear_contextvars()
+        # `trace_id`, not `request_id`: that name is the device command's requestId in logs.
+        structlog.contextvars.bind_contextvars(trace_id=trace_id)
+        header = (b"x-request-id", trace_id.encode("latin-1"))
+
+        async def send_with_id(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), header]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 def get_runtime() -> Runtime:
@@ -109,22 +138,7 @@ def create_app(runtime: Runtime) -> QuartTrio:
     for bp in (health_bp, devices_bp, agents_bp, openapi_bp):
         app.register_blueprint(bp)
 
-    @app.before_request
-    async def bind_request_id() -> None:
-        # Every log line about this request, on this loop or in the actors it reaches,
-        # carries its id; a caller's X-Request-Id is kept so logs join across services.
-        given = request.headers.get("X-Request-Id", "")
-        trace_id = given if 0 < len(given) <= 128 and given.isprintable() else uuid4().hex[:16]
-        structlog.contextvars.clear_contextvars()
-        # `trace_id`, not `request_id`: that name is the device command's requestId in logs.
-        structlog.contextvars.bind_contextvars(trace_id=trace_id)
-
-    @app.after_request
-    async def echo_request_id(response: Response) -> Response:
-        trace_id = structlog.contextvars.get_contextvars().get("trace_id")
-        if trace_id:
-            response.headers["X-Request-Id"] = trace_id
-        return response
+    app.asgi_app = TraceIds(app.asgi_app)  # type: ignore[method-assign]
 
     @app.errorhandler(ApiError)
     async def api_error(exc: ApiError) -> Response:
