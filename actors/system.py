@@ -85,7 +85,9 @@ class ActorSystem:
         hands over a device's whole burst at once lets the actor fold it into one commit."""
         k = (kind, key)
         if len(messages) > 1 and all(isinstance(m, kind.batchable) for m in messages):
-            messages = (Burst(tuple(messages)),)
+            # In bursts the actor may fold into one commit each (at most max_batch).
+            n = kind.max_batch
+            messages = [Burst(tuple(messages[i:i + n])) for i in range(0, len(messages), n)]
         context = structlog.contextvars.get_contextvars()
         if context:
             messages = [Traced(context, m) for m in messages]

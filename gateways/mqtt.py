@@ -1,9 +1,10 @@
 """The MQTT gateway: device traffic in, commands out, on paho-mqtt 2's network thread.
 
-The network thread only parses, routes to actors with `tell`, and publishes. A QoS 1
-message is acknowledged (paho manual ack) only when its actor replies that the events
-are committed; a message Parley drops on purpose (unknown product, bad payload) is
-acknowledged at once, so the broker does not redeliver it forever.
+The network thread only parses, hands each device's messages to its actor (`tell_many`,
+after each socket read; under load gathered for up to 200 ms, see `_hand_over`), and
+publishes. A QoS 1 message is acknowledged (paho manual ack) only when its actor replies
+that the events are committed; a message Parley drops on purpose (unknown product, bad
+payload) is acknowledged at once, so the broker does not redeliver it forever.
 """
 
 from __future__ import annotations

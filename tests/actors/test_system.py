@@ -110,6 +110,27 @@ def test_tell_many_activates_a_fresh_key_and_delivers_every_message_in_order(sys
     assert (device.version, device.state, device.online) == (41, {"i": 39}, True)  # Registered + 40
 
 
+def test_a_burst_larger_than_max_batch_is_committed_in_bounded_pieces_in_order(system, monkeypatch):
+    key = ("p", "big")
+    monkeypatch.setattr(DeviceActor, "max_batch", 16)
+    commits: list[int] = []
+    commit = system.journal.commit
+
+    def counting(events, *args, **kwargs):
+        commits.append(len(events))
+        return commit(events, *args, **kwargs)
+
+    monkeypatch.setattr(system.journal, "commit", counting)
+    replies = [FutureReply() for _ in range(50)]
+    system.tell_many(DeviceActor, key, [
+        ReportTelemetry("state", None, {"i": i}, None, now_ms(), reply=r) for i, r in enumerate(replies)])
+    positions = [r.get(5) for r in replies]
+    assert positions == sorted(positions)
+    assert states(system, key) == [{"i": i} for i in range(50)]
+    # Registered rides with the first 16 reports; no commit holds more than max_batch reports.
+    assert commits == [17, 16, 16, 2]
+
+
 def test_tell_many_keeps_the_order_across_messages_that_are_not_folded(system):
     """A message that is not batchable (a liveness expiry) stays between the reports it was
     sent between: the reports before it are committed first, those after it after."""
