@@ -209,6 +209,15 @@ class AggregateActor(pykka.ThreadingActor, ABC):
         """Hook for kinds that hold runtime state besides the aggregate."""
 
     def on_stop(self) -> None:
+        self._fail_queued("stopped")
+
+    def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
+        # An exception escaped on_receive (the handlers catch theirs, so this is a bug in
+        # the base class): pykka has logged it and stops the actor without on_stop, and
+        # would drop whatever is queued. The next message activates a new actor.
+        self._fail_queued("failed")
+
+    def _fail_queued(self, why: str) -> None:
         # Whatever is still queued will not be handled by this actor: say so to each sender
         # (an MQTT message then stays unacknowledged and the broker redelivers it).
         while True:
@@ -217,7 +226,7 @@ class AggregateActor(pykka.ThreadingActor, ABC):
             except queue.Empty:
                 return
             for m in unpacked(envelope.message):
-                getattr(m, "reply", NO_REPLY).fail(Unavailable(f"{self.kind} actor stopped"))
+                getattr(m, "reply", NO_REPLY).fail(Unavailable(f"{self.kind} actor {why}"))
 
     # -- committing ------------------------------------------------------------------
     def commit(self, *, sync: bool = True) -> list[int]:

@@ -144,9 +144,10 @@ class DeviceActor(AggregateActor):
         self.lease.pins -= 1
         return reply
 
-    def on_stop(self) -> None:
-        super().on_stop()
+    def _fail_queued(self, why: str) -> None:
+        super()._fail_queued(why)
+        # Commands in flight: their callers would otherwise wait for their deadline.
         for request_id in list(self.waiters):
             reply = self._take_waiter(request_id)
             if reply is not None:
-                reply.fail(Unavailable("device actor stopped"))
+                reply.fail(Unavailable(f"device actor {why}"))

@@ -326,6 +326,45 @@ def _handle_hold(self, msg: Hold) -> None:
 DeviceActor.handle_Hold = _handle_hold  # a test-only message
 
 
+def test_an_actor_that_fails_outside_its_handlers_answers_everything_queued(tmp_path, monkeypatch):
+    """pykka stops an actor whose on_receive raises and would drop its inbox: each queued
+    message (a whole burst too) and each command in flight gets Unavailable instead, and
+    the next message runs on a new actor."""
+    log = EventLog(StoreConfig.resolve(tmp_path, None))
+    journal = Journal(log)
+    system = ActorSystem(log, journal)
+    try:
+        key = ("p", "fails")
+        system.tell(DeviceActor, key, ReportTelemetry("status", "online", None, None, now_ms()))
+        gate = threading.Event()
+        system.tell(DeviceActor, key, Hold(gate))
+        queued = [FutureReply() for _ in range(3)]
+        system.tell_many(DeviceActor, key, [
+            ReportTelemetry("state", None, {"i": i}, None, now_ms(), reply=r) for i, r in enumerate(queued)])
+        alone = FutureReply()
+        system.tell(DeviceActor, key, ReportEvent("e", {}, None, now_ms(), reply=alone))
+        receive = DeviceActor._receive
+
+        def bug(self, message):
+            if isinstance(message, Hold):
+                raise RuntimeError("bug outside the handlers")
+            return receive(self, message)
+
+        monkeypatch.setattr(DeviceActor, "_receive", bug)
+        gate.set()
+        for reply in (*queued, alone):
+            with pytest.raises(Unavailable, match="failed"):
+                reply.get(5)
+        monkeypatch.setattr(DeviceActor, "_receive", receive)
+        after = FutureReply()
+        system.tell(DeviceActor, key, ReportTelemetry("state", None, {"after": 1}, None, now_ms(), reply=after))
+        assert after.get(5) and system.activations == 2
+    finally:
+        system.shutdown()
+        journal.close()
+        log.close()
+
+
 class TestDeviceActorPostgres(TestDeviceActor):
     @pytest.fixture
     def store(self, pg_database) -> StoreConfig:
