@@ -33,10 +33,14 @@ log = structlog.get_logger(__name__)
 class _Ack:
     """Acknowledge a QoS 1 message once its events are committed."""
 
-    __slots__ = ("gw", "mid", "qos")
+    __slots__ = ("gw", "mid", "qos", "key", "message", "connection", "attempts")
 
     def __init__(self, gw: MqttGateway, mid: int, qos: int) -> None:
         self.gw, self.mid, self.qos = gw, mid, qos
+        self.key: tuple[str, str] = ("", "")
+        self.message: Any = None  # set once the message exists (it carries this reply)
+        self.connection = gw._connection  # the broker connection the message came on
+        self.attempts = 0
 
     def ok(self, value: Any = None) -> None:
         self.gw._ack(self.mid, self.qos)
@@ -47,10 +51,9 @@ class _Ack:
             self.gw.stats["poison"] += 1
             self.gw._ack(self.mid, self.qos)
         else:
-            # Not committed (store unavailable): leave unacknowledged, so the broker
-            # redelivers it when we reconnect.
+            # Not committed (the store is unavailable): unacknowledged, and tried again.
             self.gw.stats["not_committed"] += 1
-            log.error("mqtt.not_committed", mid=self.mid, error=str(error))
+            self.gw._retry(self, error)
 
 
 class MqttGateway:
@@ -86,6 +89,8 @@ class MqttGateway:
         self._urgent = False  # a command's response is among them: hand over now
         self._held_unacked = 0  # QoS 1 messages among them: the broker waits for their acks
         self.client.on_read_end = self._hand_over
+        self._connection = 0  # counts connects (each may redeliver what was not acknowledged)
+        self._stopping = False
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self, timeout: float = 15.0) -> None:
@@ -97,6 +102,7 @@ class MqttGateway:
             raise ConnectionError(f"MQTT broker at {self.host}:{self.port} not reachable within {timeout} s")
 
     def stop(self) -> None:
+        self._stopping = True
         self.client.disconnect()
         self.client.loop_stop()
         self._flush()  # the network thread has ended: what it held goes to the actors now
@@ -106,6 +112,7 @@ class MqttGateway:
             log.error("mqtt.connect_refused", reason=str(reason))
             return
         no_delay(client)
+        self._connection += 1  # retries of messages from an earlier connection stop: redelivered
         prefix = f"$share/{self.shared_group}/" if self.shared_group else ""
         # Subscribe on every connect: the broker may have lost our persistent session.
         client.subscribe([(prefix + t, 1) for t in codec.SUBSCRIPTIONS])
@@ -139,6 +146,8 @@ class MqttGateway:
             reply = _Ack(self, msg.mid, msg.qos) if msg.qos else NO_REPLY
             key = (route.product_id, route.device_id)
             message = self._message(route, obj, received_ms, reply)
+            if msg.qos:
+                reply.key, reply.message = key, message
             burst = self._bursts.get(key)
             if burst is None:
                 self._bursts[key] = [message]
@@ -217,6 +226,33 @@ class MqttGateway:
             self._warned_products.add(route.product_id)
             log.warning("mqtt.unknown_product", product_id=route.product_id, topic=msg.topic)
         self._ack(msg.mid, msg.qos)
+
+    # Waits before a message whose commit failed is tried again: a store that is down for a
+    # while gets one try per device message every 30 s, not a storm.
+    RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+    def _retry(self, ack: _Ack, error: Exception) -> None:
+        """Try a QoS 1 message whose commit failed again, later. Left unacknowledged, the
+        broker would redeliver it only on the next connection, and meanwhile it would hold
+        a slot of the broker's in-flight window (Mosquitto: 20): a store outage of a few
+        seconds would stall all QoS 1 traffic until a reconnect."""
+        delay = self.RETRY_DELAYS[min(ack.attempts, len(self.RETRY_DELAYS) - 1)]
+        ack.attempts += 1
+        log_fn = log.error if ack.attempts == 1 else log.warning
+        log_fn("mqtt.not_committed", mid=ack.mid, product_id=ack.key[0], device_id=ack.key[1],
+               error=str(error), attempt=ack.attempts, retry_in_s=delay)
+
+        def again() -> None:
+            # After a reconnect the broker redelivers it itself (persistent session).
+            if self._stopping or ack.connection != self._connection or self.client.socket() is None:
+                return
+            try:
+                self.stats["retried"] += 1
+                self.runtime.system.tell(DeviceActor, ack.key, ack.message)
+            except Exception as exc:  # shutting down
+                log.warning("mqtt.retry_dropped", mid=ack.mid, error=str(exc))
+
+        self.runtime.system.scheduler.call_later(delay, again)
 
     def _ack(self, mid: int, qos: int) -> None:
         if qos:

@@ -157,6 +157,42 @@ def test_uncommitted_message_is_redelivered_to_the_next_gateway(runtime, redeliv
         second.stop()
 
 
+def test_a_message_the_store_could_not_take_is_tried_again_until_committed(runtime, gateway, device, monkeypatch):
+    """A store outage must not leave QoS 1 messages waiting for a reconnect: each would hold
+    a slot of the broker's in-flight window. The gateway tries again, then acknowledges."""
+    create_agent(runtime)
+    gateway.RETRY_DELAYS = (0.05, 0.1)
+    real_append = runtime.log.append
+    failures = [4]  # the journal itself tries a failed transaction once more
+
+    def flaky_append(events, **kwargs):
+        if failures[0]:
+            failures[0] -= 1
+            raise OSError("database restarting")
+        return real_append(events, **kwargs)
+
+    monkeypatch.setattr(runtime.log, "append", flaky_append)
+    connects = gateway._connection
+    device.send(f"v1/{P}/{D}/event", {"type": "event", "data": {"event": "temperature_alert", "temperature": 41}})
+    wait_until(lambda: gateway.stats["acked"] == 1, 10)
+    assert stream(runtime).count("EventReported") == 1
+    assert gateway.stats["retried"] == gateway.stats["not_committed"] >= 2
+    assert gateway._connection == connects  # no reconnect was needed
+
+
+def test_a_retry_is_left_to_the_broker_once_the_connection_is_gone(runtime, gateway, device, monkeypatch):
+    """After a reconnect the broker redelivers the message itself; trying it as well would
+    store it twice."""
+    create_agent(runtime)
+    gateway.RETRY_DELAYS = (0.2,)
+    monkeypatch.setattr(runtime.log, "append", lambda events, **kw: (_ for _ in ()).throw(OSError("down")))
+    device.send(f"v1/{P}/{D}/event", {"type": "event", "data": {"event": "temperature_alert"}})
+    wait_until(lambda: gateway.stats["not_committed"] == 1, 10)
+    gateway._connection += 1  # as _on_connect does when paho reconnects
+    time.sleep(0.4)
+    assert gateway.stats["retried"] == 0
+
+
 def test_device_events_are_stored_and_queryable(runtime, gateway, device):
     create_agent(runtime)
     device.send(f"v1/{P}/{D}/telemetry", status())
