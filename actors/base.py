@@ -10,8 +10,8 @@ hand-offs) per message into one per burst.
 from __future__ import annotations
 
 import copy
-from abc import ABC, abstractmethod
 import queue
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 from uuid import UUID
 
@@ -95,10 +95,9 @@ class AggregateActor(pykka.ThreadingActor, ABC):
             for m in unpacked(message):
                 getattr(m, "reply", NO_REPLY).fail(Unavailable(f"could not load {self.kind}: {error}"))
             return None
-        if isinstance(message, Burst):
-            return self._receive_batch([*message.messages, *self._waiting_batchable(len(message.messages))])
-        if isinstance(message, self.batchable):
-            return self._receive_batch([message, *self._waiting_batchable(1)])
+        if isinstance(message, (Burst, *self.batchable)):
+            first = unpacked(message)
+            return self._receive_batch([*first, *self._waiting_batchable(len(first))])
         return self._receive_one(message)
 
     def _waiting_batchable(self, have: int) -> list[Any]:
@@ -219,7 +218,7 @@ class AggregateActor(pykka.ThreadingActor, ABC):
 
     def _fail_queued(self, why: str) -> None:
         # Whatever is still queued will not be handled by this actor: say so to each sender
-        # (an MQTT message then stays unacknowledged and the broker redelivers it).
+        # (the MQTT gateway then tries the message again, on a new actor).
         while True:
             try:
                 envelope = self.actor_inbox.get_nowait()

@@ -25,10 +25,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from eventsourcing.persistence import StoredEvent
-from psycopg.sql import SQL, Identifier
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder
+from psycopg.sql import SQL, Identifier
 
+_SQLITE_MODE = {True: "FULL", False: "NORMAL"}
 # Set once on each connection that writes events. Device streams interleave, so every
 # transaction touches index pages all over the (stream, version) index, and each one goes
 # to the WAL whole. Measured inserting 100k telemetry events, 250 per transaction:
@@ -37,7 +38,6 @@ from eventsourcing.sqlite import SQLiteApplicationRecorder
 #   pages back and syncs twice, and fewer of them took an insert from 18-19 to 12-14 µs;
 # - the WAL file truncated back to 64 MiB after a checkpoint, so it does not stay large.
 # Checkpoints sync the WAL before copying and the database after, also in NORMAL mode.
-_SQLITE_MODE = {True: "FULL", False: "NORMAL"}
 _WRITER_PRAGMAS = (
     "PRAGMA cache_size=-65536",
     "PRAGMA wal_autocheckpoint=10000",
@@ -109,13 +109,17 @@ class PostgresRecorder(PostgresApplicationRecorder):
         super().__init__(*args, **kwargs)
         # eventsourcing builds a Python object of its composite type per event, and psycopg
         # dumps an array of those in Python: 23 µs of CPU per event in the journal thread.
-        # Arrays of uuid, bigint, text and bytea are dumped in C (measured below, docs).
+        # Arrays of uuid, bigint, text and bytea are dumped in C: 14 µs (docs/benchmarks.md).
         self._insert_from_arrays = SQL(
             "INSERT INTO {schema}.{table} (originator_id, originator_version, topic, state)"
             " SELECT * FROM unnest(%s::{id_type}[], %s::bigint[], %s::text[], %s::bytea[])"
             " RETURNING notification_id"
         ).format(schema=Identifier(self.datastore.schema), table=Identifier(self.events_table_name),
                  id_type=Identifier(self.datastore.originator_id_type))
+
+    def make_durable(self, position: int) -> None:
+        """Nothing to do: the views share the log's WAL, which PostgreSQL flushes in order,
+        so a durable view commit implies every log commit before it."""
 
     def _insert_stored_events(self, curs: Any, stored_events: Sequence[StoredEvent], **kwargs: Any) -> None:
         # What eventsourcing's version does, in its order: lock the table (so notification

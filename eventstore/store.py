@@ -20,7 +20,6 @@ from eventsourcing.domain import Snapshot
 from eventsourcing.persistence import Transcoder
 from eventsourcing.utils import get_topic
 
-from eventstore.recorders import SQLiteRecorder
 from eventstore.transcoder import MsgpackTranscoder
 
 log = structlog.get_logger(__name__)
@@ -134,11 +133,8 @@ class EventLog:
         """Return once the log is on disk up to `position`. The projection runner calls this
         before a view records a position: after a power loss a view must never be ahead of
         the log. On SQLite that may mean one fdatasync of the WAL (views are a file of
-        their own); on PostgreSQL views share the log's WAL, which is flushed in order, so
-        a durable view commit implies the log commits before it."""
-        recorder = self._app.recorder
-        if isinstance(recorder, SQLiteRecorder):
-            recorder.make_durable(position)
+        their own); on PostgreSQL nothing (recorders.py)."""
+        self._app.recorder.make_durable(position)  # type: ignore[attr-defined]
 
     def put_snapshot(self, snapshot: Snapshot) -> None:
         """Store a snapshot (take it with `Snapshot.take(aggregate)` on the aggregate's thread)."""

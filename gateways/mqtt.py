@@ -35,9 +35,8 @@ class _Ack:
 
     __slots__ = ("gw", "mid", "qos", "key", "message", "connection", "attempts")
 
-    def __init__(self, gw: MqttGateway, mid: int, qos: int) -> None:
-        self.gw, self.mid, self.qos = gw, mid, qos
-        self.key: tuple[str, str] = ("", "")
+    def __init__(self, gw: MqttGateway, mid: int, qos: int, key: tuple[str, str]) -> None:
+        self.gw, self.mid, self.qos, self.key = gw, mid, qos, key
         self.message: Any = None  # set once the message exists (it carries this reply)
         self.connection = gw._connection  # the broker connection the message came on
         self.attempts = 0
@@ -143,11 +142,12 @@ class MqttGateway:
             if self.runtime.agents.get(route.product_id) is None:
                 self._unknown_product(route, msg)
                 return
-            reply = _Ack(self, msg.mid, msg.qos) if msg.qos else NO_REPLY
             key = (route.product_id, route.device_id)
+            reply = _Ack(self, msg.mid, msg.qos, key) if msg.qos else NO_REPLY
             message = self._message(route, obj, received_ms, reply)
             if msg.qos:
-                reply.key, reply.message = key, message
+                reply.message = message  # to try it again if its commit fails
+                self._held_unacked += 1
             burst = self._bursts.get(key)
             if burst is None:
                 self._bursts[key] = [message]
@@ -156,8 +156,6 @@ class MqttGateway:
             else:
                 burst.append(message)
             self._held += 1
-            if msg.qos:
-                self._held_unacked += 1
             if route.kind == "responses":
                 self._urgent = True
         except codec.BadMessage as exc:

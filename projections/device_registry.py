@@ -42,7 +42,6 @@ class DeviceRegistry(View):
         " product_id TEXT NOT NULL, device_id TEXT NOT NULL)",
     )
     _KEY_CACHE_MAX = 200_000
-
     _ROW_CACHE_MAX = 100_000
 
     def __init__(self, *args: Any) -> None:

