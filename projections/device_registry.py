@@ -113,7 +113,9 @@ class DeviceRegistry(View):
             elif isinstance(e, Device.WentSilent):
                 row.online = False
             else:
-                row.last_seen_ms = max(row.last_seen_ms, e.received_ms)
+                # As the aggregate folds it: the latest message's receive time, even when
+                # the clock stepped back (liveness compares it with that same clock).
+                row.last_seen_ms = e.received_ms
         if rows:
             cur.executemany(
                 "INSERT INTO parley_devices (product_id, device_id, online, state, last_seen_ms,"

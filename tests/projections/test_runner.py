@@ -366,6 +366,28 @@ class TestRegistryRowCache:
         assert selects == []  # every batch continued the last: no row was read back
         assert registry.find("c0")[0].state == {"mode": "auto", "i": 0, "k0": 6, "k1": 7, "k2": 5, "nested": {"step": 7}}
 
+    def test_last_seen_follows_the_stream_when_the_clock_steps_back(self, parts):
+        """lastSeen is the receive time of the device's latest message, as its aggregate
+        folds it (liveness compares it with the same clock), even if that clock was stepped
+        back between two messages: the view must not keep the later-looking time."""
+        from actors.device import Device
+
+        _, log, journal, db, registry, _, runner = parts
+        d = Device(product_id=self.P, device_id="s1")
+        d.report_status("online", None, None, 50_000, None)
+        journal.commit(d.collect_events())
+        runner.catch_up()
+        d.report_event("temperature_alert", {"t": 40}, None, 40_000, None)  # the clock stepped back
+        journal.commit(d.collect_events())
+        runner.catch_up()
+        assert registry.find("s1")[0].last_seen_ms == 40_000
+        d.send_command("r1", "set_target_temperature", {"target_temperature": 21}, 5000, 41_000)
+        d.command_succeeded("r1", 0, "ok", {}, 30_000)  # and back again
+        journal.commit(d.collect_events())
+        runner.catch_up()
+        assert registry.find("s1")[0].last_seen_ms == 30_000
+        self.check_rows(log, registry, ["s1"])
+
     def test_a_rolled_back_batch_leaves_the_cache_as_it_was(self, parts):
         from actors.device import Device
 
