@@ -30,6 +30,7 @@ class DeviceRow:
 
 class DeviceRegistry(View):
     name = "device_registry"
+    event_types = frozenset({Device.Registered, *_TOUCHES})
     schema = (
         "CREATE TABLE IF NOT EXISTS parley_devices ("
         " product_id TEXT NOT NULL, device_id TEXT NOT NULL, online INTEGER NOT NULL,"
@@ -49,11 +50,10 @@ class DeviceRegistry(View):
         self._keys: dict[UUID, tuple[str, str]] = {}
         # The owner's copy of the rows it wrote last, so a batch reads no row back from the
         # table (a read and a JSON parse per device per batch were a third of the runner's
-        # time under ingest). Valid only while this process wrote every batch since:
-        # `_cached_at` is the position of its last committed batch (see `apply`).
+        # time under ingest). Valid only while this process wrote every batch since, which
+        # the runner tells by `tables_at` (see `apply`).
         self._cache: dict[tuple[str, str], DeviceRow] = {}
-        self._cached_at = -1
-        self._staged: tuple[int, dict[tuple[str, str], DeviceRow]] | None = None
+        self._staged: dict[tuple[str, str], DeviceRow] | None = None
         # device id -> the products that have a device with that id. In memory so that a
         # command finds its device's product without a query (the HTTP loop may not block).
         self._products: dict[str, tuple[str, ...]] = {}
@@ -82,8 +82,8 @@ class DeviceRegistry(View):
     def apply(self, cur: Cursor, events: Sequence[LoggedEvent]) -> None:
         # Fold the batch per device in memory, then write each touched device once:
         # a burst of telemetry costs one upsert per device, not one per event.
-        if events and events[0].position != self._cached_at + 1:
-            self._cache.clear()  # another process wrote the table since our last batch
+        if self.tables_at is None:
+            self._cache.clear()  # another process may have written the table since our last batch
         self._staged = None
         rows: dict[tuple[str, str], DeviceRow] = {}
         for le in events:
@@ -125,18 +125,15 @@ class DeviceRegistry(View):
                 [(r.product_id, r.device_id, int(r.online), dumps(r.state), r.last_seen_ms,
                   r.registered_ms) for r in rows.values()],
             )
-        if events:
-            self._staged = (events[-1].position, rows)
+        self._staged = rows
 
     def after_commit(self) -> None:
-        if self._staged is None:
+        rows, self._staged = self._staged, None
+        if not rows:
             return
-        position, rows = self._staged
-        self._staged = None
         if len(self._cache) + len(rows) > self._ROW_CACHE_MAX:
             self._cache.clear()
         self._cache.update(rows)
-        self._cached_at = position
 
     def _remember(self, stream_id: UUID, key: tuple[str, str]) -> None:
         if len(self._keys) >= self._KEY_CACHE_MAX:

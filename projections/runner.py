@@ -147,6 +147,9 @@ class ProjectionRunner:
             self.owner = False  # another process wrote the views meanwhile: follow instead
             self._next_claim = time.monotonic() + self.poll_interval
             log.warning("projection.ownership_lost", runner=self.name, position=self.position)
+        if not self.owner:
+            for view in self.views:
+                view.tables_at = None  # someone else writes the tables: memory says nothing
         for view in self.views:
             mine = self._for(view, events)
             if mine:
@@ -172,16 +175,20 @@ class ProjectionRunner:
             row = cur.fetchone()
             if (row[0] if row else 0) != self.position:
                 return False  # nothing written; the transaction ends without changes
+            applied = []
             for view in self.views:
                 mine = self._for(view, events)
                 if mine:
                     view.apply(cur, mine)
+                    applied.append(view)
             cur.execute(
                 "INSERT INTO parley_tracking (runner, position) VALUES (?, ?) "
                 "ON CONFLICT (runner) DO UPDATE SET position = excluded.position",
                 (self.name, last),
             )
         for view in self.views:
+            view.tables_at = last
+        for view in applied:
             view.after_commit()
         self.applied += len(events)
         return True

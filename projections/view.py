@@ -21,6 +21,11 @@ class View(ABC):
 
     def __init__(self, db: ViewDatabase) -> None:
         self.db = db
+        # Set by the runner: the log position this process last committed to the view
+        # tables, as long as it knows nobody else wrote them since; None when it does not
+        # know (before its first commit, while following another owner). What a view kept
+        # in memory from its last commit describes the tables only while this is not None.
+        self.tables_at: int | None = None
 
     def create(self, cur: Cursor) -> None:
         for statement in self.schema:
