@@ -31,6 +31,12 @@ amqtt 0.12 behaviour relevant to Parley (checked by tests/gateways/test_broker.p
   - Sessions and queued messages live in memory only (no persistence across
     broker restarts); disconnected persistent sessions never expire unless
     ``session_expiry_interval`` is given.
+* Worked around: on stop, amqtt cancels each connection's reader and waits for it. On
+  Python 3.11 that cancellation can be lost inside ``asyncio.wait_for`` when a packet
+  arrives at the same moment; the reader then waits for the client's next packet (up to
+  1.5 x its keep-alive), and stop hung for every run with a few subscribers holding
+  unacknowledged QoS 1 messages. We abort every client connection first, so each reader
+  sees EOF and ends on its own, and we wait for amqtt's shutdown a bounded time only.
 * Worked around: amqtt's default ``AnonymousAuthPlugin`` (allow_anonymous=True)
   marks every session anonymous, and amqtt discards anonymous sessions on
   disconnect and never queues messages for them, i.e. persistent sessions silently
@@ -56,6 +62,8 @@ log = logging.getLogger(__name__)
 # Loggers that amqtt (and its state-machine dependency) log to at INFO/DEBUG on every
 # connection and packet.
 _NOISY_LOGGERS = ("amqtt", "transitions")
+# How long stop() lets amqtt's own shutdown run once every connection is dropped.
+SHUTDOWN_GRACE = 3.0
 
 
 def _drop_startup_traceback(record: logging.LogRecord) -> bool:
@@ -120,6 +128,7 @@ class BuiltinBroker:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._running = False
+        self._abandoned: list[asyncio.Task[Any]] = []
 
     # -- public API -------------------------------------------------------------
 
@@ -186,13 +195,30 @@ class BuiltinBroker:
     # -- broker thread ----------------------------------------------------------
 
     def _thread_main(self) -> None:
+        loop = asyncio.new_event_loop()
         try:
-            asyncio.run(self._serve())
+            loop.run_until_complete(self._serve())
         except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
             if self._error is None:
                 self._error = exc
         finally:
-            self._ready.set()
+            try:
+                self._finish(loop)
+            finally:
+                self._ready.set()
+
+    def _finish(self, loop: asyncio.AbstractEventLoop) -> None:
+        """What asyncio.run does on the way out, with a bound: it would wait forever for a
+        task that does not end when cancelled (see the module docstring)."""
+        pending = asyncio.all_tasks(loop)
+        for task in pending:
+            task.cancel()
+        if pending:
+            _, stuck = loop.run_until_complete(asyncio.wait(pending, timeout=1.0))
+            # Kept referenced: a pending task that is garbage-collected logs an error.
+            self._abandoned = list(stuck)
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
 
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -209,7 +235,29 @@ class BuiltinBroker:
             self._ready.set()
             await self._stop_event.wait()
         finally:
-            await broker.shutdown()
+            self._drop_connections(broker)
+            shutdown = asyncio.ensure_future(broker.shutdown())
+            # asyncio.wait, not wait_for: on timeout wait_for would cancel and then wait
+            # for the stuck task all the same.
+            done, _ = await asyncio.wait({shutdown}, timeout=SHUTDOWN_GRACE)
+            if not done:
+                log.warning("built-in MQTT broker: shutdown did not finish within %.0f s; "
+                            "abandoning its remaining tasks", SHUTDOWN_GRACE)
+
+    @staticmethod
+    def _drop_connections(broker: Broker) -> None:
+        """Abort every client's TCP connection (amqtt 0.12 internals: `_sessions` maps a
+        client id to its session and protocol handler; the handler's writer adapter wraps
+        the asyncio StreamWriter)."""
+        for _session, handler in list(broker._sessions.values()):  # noqa: SLF001
+            adapter = getattr(handler, "writer", None)
+            transport = getattr(getattr(adapter, "_writer", None), "transport", None)
+            if transport is None:
+                continue
+            # The adapter then drops what amqtt still writes, instead of asyncio warning
+            # "socket.send() raised exception." for every write to an aborted socket.
+            adapter.is_closed = True
+            transport.abort()
 
     def _bound_port(self, broker: Broker) -> int:
         if self.port:

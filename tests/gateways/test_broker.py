@@ -119,6 +119,38 @@ def test_context_manager_stops_cleanly_and_frees_the_port():
     b.stop()  # idempotent
 
 
+def test_stop_with_connected_clients_holding_unacked_messages_does_not_hang():
+    """Before the fix every run hung here: amqtt cancelled each connection's reader, the
+    cancellation was lost in Python 3.11's wait_for, and the reader waited for the
+    client's next packet (stop() gave up after 10 s). Now the connections are aborted
+    first. The bound below is a hang detector, not a speed target."""
+    import time
+
+    b = BuiltinBroker(port=0)
+    b.start()
+    made = []
+    try:
+        for i in range(5):
+            sub = PahoClient(b, cid(f"held{i}"), clean_session=False, manual_ack=True)
+            sub.subscribe("parley/test/held", qos=1)
+            made.append(sub)
+        pub = PahoClient(b, cid("pub"))
+        made.append(pub)
+        for i in range(200):  # as fast as paho sends them: the broker is busy when stopped
+            pub.client.publish("parley/test/held", b"m%03d" % i * 25, qos=1)
+        for sub in made[:5]:
+            sub.get()  # delivered, and deliberately never acknowledged
+        thread = b._thread
+        started = time.monotonic()
+        b.stop(timeout=8)
+        assert time.monotonic() - started < 8
+        assert not thread.is_alive() and not b.running
+        assert not getattr(b, "_abandoned", None)  # every task ended when cancelled
+    finally:
+        for c in made:
+            c.client.loop_stop()
+
+
 def test_start_on_busy_port_raises_a_clear_error(broker):
     with pytest.raises(BuiltinBrokerError, match=f"127.0.0.1:{broker.port}"):
         BuiltinBroker(port=broker.port).start()
