@@ -14,7 +14,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.common import Options, Result, console, ms, pct, quiet_logging, store, wait_until
-from bench.processes import ResponderProcess, SimulatorProcess, start_server, stop_server
+from bench.processes import HttpFloorProcess, ResponderProcess, SimulatorProcess, start_server, stop_server
 from gateways.mqtt_client import no_delay
 
 
@@ -123,6 +123,21 @@ def parley(opts: Options, n: int, sdk_device: bool, probes: dict[str, list[float
             stop_server(server)
 
 
+def http_floor(kind: str, n: int) -> list[float]:
+    """The same POST, with the same client, to a server that answers at once (no actors, no
+    MQTT, no store): what the HTTP stack alone costs on this machine."""
+    from tests.services import free_port
+
+    port = free_port()
+    with HttpFloorProcess(kind, port):
+        client = HttpClient(port)
+        try:
+            body = {"command": "set_target_temperature", "params": {"target_temperature": 21.5}}
+            return _timed(client, "POST", "/api/devices/floor/commands", n, body)
+        finally:
+            client.close()
+
+
 def run(opts: Options) -> Result:
     quiet_logging()
     n = 150 if opts.quick else 500
@@ -134,6 +149,9 @@ def run(opts: Options) -> Result:
     par = parley(opts, n, sdk_device=False, probes=probes)
     console.print(f"  commands: same, with an SDK-like simulated device, {n} sequential ...")
     sdk = parley(opts, n, sdk_device=True)
+    console.print(f"  commands: HTTP floor, the same POST answered at once by bare hypercorn and by quart-trio, "
+                  f"{n} sequential each ...")
+    floors = {kind: http_floor(kind, n) for kind in ("hypercorn", "quart-trio")}
     r.add("requests", f"{n} sequential (after 50 warm-up), stdlib http.client keep-alive client; server, "
           "device and client in separate processes")
     r.add("bare MQTT round trip p50 / p99 (requester -> broker -> bare device -> broker -> requester)",
@@ -143,6 +161,11 @@ def run(opts: Options) -> Result:
     r.add("difference p50 / p99", f"{ms(d50)} / {ms(d99)}")
     r.add("for reference: Parley HTTP round trip p50 / p99 with an SDK-like device (status+state, then response)",
           f"{ms(pct(sdk, 50))} / {ms(pct(sdk, 99))}")
+    for kind, samples in floors.items():
+        r.add(f"for reference: HTTP floor, the same POST answered at once by {kind} p50 / p99",
+              f"{ms(pct(samples, 50))} / {ms(pct(samples, 99))}")
+    r.add("for reference: difference p50 minus the quart-trio floor p50 (Parley's own work: actors, "
+          "store, MQTT hand-offs)", ms(d50 - pct(floors["quart-trio"], 50)))
     for path, samples in probes.items():
         r.add(f"for reference: HTTP GET {path.split('/api/')[0]}/api/{path.split('/api/')[1].split('/')[0]}"
               f"{'/:id' if path.count('/') > 2 else ''} p50 / p99", f"{ms(pct(samples, 50))} / {ms(pct(samples, 99))}")

@@ -109,6 +109,69 @@ class ResponderProcess(_Child):
         super().__init__(_run_responder, host, port, cmd_topic, resp_topic, online_topic)
 
 
+def _run_http_floor(kind: str, port: int, ready: Any, stop: Any) -> None:
+    """A no-op command endpoint: reads the JSON body and answers like a command result.
+    `hypercorn`: a bare ASGI app; `quart-trio`: a QuartTrio app served the way Parley serves
+    its own (gateways.http_server.serve_http). What HTTP alone costs on this machine."""
+    import json
+    from functools import partial
+
+    import trio
+
+    from gateways.http_server import serve_http
+
+    def answer(body: bytes) -> dict[str, Any]:
+        command = json.loads(body)["command"]
+        return {"requestId": "0", "command": command, "code": 0, "msg": "ok", "data": {}}
+
+    async def bare_app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                await send({"type": message["type"] + ".complete"})
+                if message["type"] == "lifespan.shutdown":
+                    return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        out = json.dumps(answer(body)).encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(out)).encode())]})
+        await send({"type": "http.response.body", "body": out})
+
+    app: Any = bare_app
+    if kind == "quart-trio":
+        from quart import request
+        from quart_trio import QuartTrio
+
+        app = QuartTrio("http-floor")
+
+        @app.post("/api/devices/<device_id>/commands")
+        async def command(device_id: str) -> dict[str, Any]:
+            return answer(await request.get_data())
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(serve_http, app, "127.0.0.1", port))
+            ready.set()
+            await trio.to_thread.run_sync(stop.wait)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+class HttpFloorProcess(_Child):
+    """`kind` is "hypercorn" (bare ASGI) or "quart-trio": a server answering
+    POST /api/devices/:id/commands at once, in its own process, on `port`."""
+
+    def __init__(self, kind: str, port: int) -> None:
+        super().__init__(_run_http_floor, kind, port)
+
+
 def _run_publisher(host: str, port: int, msgs: list[tuple[str, bytes]], rate: float | None, ready: Any, go: Any,
                    result: Any) -> None:
     import paho.mqtt.client as paho
