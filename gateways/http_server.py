@@ -14,6 +14,7 @@ never re-armed, so neither ``Connection: close`` nor ``keep_alive_timeout`` clos
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from typing import Any, Awaitable, Callable, MutableMapping
 
@@ -90,6 +91,9 @@ async def serve_http(
     config.keep_alive_timeout = keep_alive_timeout
     config.graceful_timeout = 2.0
     config.accesslog = None
+    # A Logger, not hypercorn's default "-": it would add a handler of its own format;
+    # this one propagates to the root handler (gateways/logs.py), JSON in production.
+    config.errorlog = logging.getLogger("hypercorn.error")
 
     stop = trio.Event()
     server_scope = trio.CancelScope(shield=True)

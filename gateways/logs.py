@@ -22,18 +22,28 @@ class _Stderr:
 def configure_logging(fmt: str = "auto", level: str = "info") -> None:
     json_lines = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     renderer = structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer()
+    shared = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    exc_info = structlog.processors.format_exc_info if json_lines else structlog.dev.set_exc_info
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info if json_lines else structlog.dev.set_exc_info,
-            renderer,
-        ],
+        processors=[*shared, exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
         logger_factory=structlog.PrintLoggerFactory(_Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
-    # Libraries that log through stdlib logging (hypercorn, amqtt) go to stderr too.
-    logging.basicConfig(level=max(logging.INFO, getattr(logging, level.upper())), stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    # Libraries that log through stdlib logging (hypercorn, amqtt, paho) are rendered the
+    # same way, so that a JSON log stays one JSON object per line; `logger` names them.
+    handler = logging.StreamHandler(_Stderr())  # type: ignore[arg-type]
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name, structlog.stdlib.ExtraAdder()],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, exc_info, renderer],
+    ))
+    handler.parley = True  # type: ignore[attr-defined]
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "parley", False)]:
+        root.removeHandler(old)  # configured again (tests): replace ours, keep the others'
+    root.addHandler(handler)
+    root.setLevel(max(logging.INFO, getattr(logging, level.upper())))
