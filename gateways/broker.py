@@ -26,11 +26,14 @@ amqtt 0.12 behaviour relevant to Parley (checked by tests/gateways/test_broker.p
     at WARNING and the failed delivery task with a traceback at ERROR.
   - Messages queued for an offline persistent session are delivered with the
     RETAIN flag set (``_publish_session_retained_messages`` uses ``retain=True``).
-  - Messages are delivered at the *subscription's* QoS, not min(publish QoS,
-    subscription QoS): a QoS 0 publish reaches a QoS 1 subscriber as QoS 1.
   - Sessions and queued messages live in memory only (no persistence across
     broker restarts); disconnected persistent sessions never expire unless
     ``session_expiry_interval`` is given.
+* Worked around: amqtt delivers a message at the subscription's QoS instead of
+  min(publish QoS, subscription QoS) (MQTT-3.3.5), so a device's QoS 0 telemetry reached
+  Parley's QoS 1 subscription as QoS 1: acknowledged one by one and never held for a
+  group commit. ``_Broker`` below delivers a QoS 0 publish at QoS 0. (A QoS 1 publish to
+  a QoS 1 or 0 subscription already gets the right QoS; Parley uses no QoS 2.)
 * Worked around: on stop, amqtt cancels each connection's reader and waits for it. On
   Python 3.11 that cancellation can be lost inside ``asyncio.wait_for`` when a packet
   arrives at the same moment; the reader then waits for the client's next packet (up to
@@ -47,6 +50,7 @@ amqtt 0.12 behaviour relevant to Parley (checked by tests/gateways/test_broker.p
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 from typing import Any
@@ -73,6 +77,31 @@ def _drop_startup_traceback(record: logging.LogRecord) -> bool:
 
 
 logging.getLogger("amqtt.broker").addFilter(_drop_startup_traceback)
+
+
+# The QoS of the PUBLISH amqtt is handling in this task (see _Broker).
+_PUBLISH_QOS: contextvars.ContextVar[int | None] = contextvars.ContextVar("publish_qos", default=None)
+
+
+class _Broker(Broker):
+    """amqtt's broker, delivering a QoS 0 publish at QoS 0 (module docstring). amqtt 0.12
+    internals: each client's task hands a PUBLISH to `_handle_message_delivery`, which
+    calls `_broadcast_message` in the same task, without the message's QoS."""
+
+    async def _handle_message_delivery(self, client_session: Session, handler: Any,
+                                       wait_deliver: asyncio.Future[Any]) -> bool:
+        message = wait_deliver.result() if wait_deliver.done() else None
+        token = _PUBLISH_QOS.set(getattr(message, "qos", None))
+        try:
+            return await super()._handle_message_delivery(client_session, handler, wait_deliver)
+        finally:
+            _PUBLISH_QOS.reset(token)
+
+    async def _broadcast_message(self, session: Session | None, topic: str | None,
+                                 data: bytes | bytearray | None, force_qos: int | None = None) -> None:
+        if force_qos is None and _PUBLISH_QOS.get() == 0:
+            force_qos = 0  # min(0, the subscription's QoS)
+        await super()._broadcast_message(session, topic, data, force_qos)
 
 
 class BuiltinBrokerError(RuntimeError):
@@ -223,7 +252,7 @@ class BuiltinBroker:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
-        broker = Broker(broker_config(self.host, self.port, self._session_expiry_interval))
+        broker = _Broker(broker_config(self.host, self.port, self._session_expiry_interval))
         try:
             await broker.start()
         except BaseException as exc:

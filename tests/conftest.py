@@ -9,7 +9,8 @@ Fixtures:
                  at session end.  Skipped if PostgreSQL is unreachable.
 
 PARLEY_REQUIRE_SERVICES=1 turns "no mosquitto binary" and "PostgreSQL unreachable"
-into failures instead of a fallback / skip.
+into failures instead of a fallback / skip. PARLEY_TEST_BROKER=builtin uses the built-in
+broker even where mosquitto exists (what a fresh machine runs on).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def mqtt_broker(tmp_path_factory):
     if handle.kind == "mosquitto":
         SERVICES_STATE["broker"] = handle.describe()
     else:
-        SERVICES_STATE["broker"] = handle.describe() + " -- because no mosquitto binary was found"
+        why = "PARLEY_TEST_BROKER=builtin" if services.forced_builtin_broker() else "no mosquitto binary was found"
+        SERVICES_STATE["broker"] = handle.describe() + f" -- because {why}"
     try:
         yield handle
     finally:
@@ -92,9 +94,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 
 def _mosquitto_only(request, broker, lacks: str):
-    """The broker, unless it is the built-in one (only possible without a mosquitto binary,
-    so never in CI, where PARLEY_REQUIRE_SERVICES=1 makes a missing one a failure): then the
-    test is skipped, named in the "Real services" summary, with what amqtt lacks."""
+    """The broker, unless it is the built-in one (without a mosquitto binary, or with
+    PARLEY_TEST_BROKER=builtin, CI's second pass): then the test is skipped, named in the
+    "Real services" summary, with what amqtt lacks."""
     if broker.kind == "builtin":
         NEEDS_MOSQUITTO.append(request.node.nodeid)
         pytest.skip(f"needs Mosquitto: the built-in amqtt broker {lacks}")

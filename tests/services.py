@@ -193,12 +193,19 @@ def start_builtin_broker(host: str = "127.0.0.1", timeout: float = 10.0) -> Brok
     return BrokerHandle(host=host, port=port, kind="builtin", version="amqtt", _stop=broker.stop)
 
 
+def forced_builtin_broker() -> bool:
+    return os.environ.get("PARLEY_TEST_BROKER", "").strip().lower() == "builtin"
+
+
 def start_test_broker(tmpdir: str | os.PathLike[str], *, require: bool | None = None) -> BrokerHandle:
     """Private mosquitto if a binary exists, else the built-in broker.
 
     With require=True (default: PARLEY_REQUIRE_SERVICES=1) a missing mosquitto binary
-    raises ServiceUnavailable instead of falling back.
+    raises ServiceUnavailable instead of falling back. PARLEY_TEST_BROKER=builtin takes the
+    built-in broker in any case: CI runs the suite that way too, as a fresh machine would.
     """
+    if forced_builtin_broker():
+        return start_builtin_broker()
     if require is None:
         require = require_services()
     binary = find_mosquitto()

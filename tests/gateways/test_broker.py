@@ -184,6 +184,21 @@ def test_qos1_publish_subscribe_in_order(clients):
     assert {m.qos for m in got} == {1}
 
 
+def test_delivery_qos_is_the_lower_of_publish_and_subscription(clients):
+    """MQTT-3.3.5: stock amqtt 0.12 delivered at the subscription's QoS, so a QoS 0
+    publish reached a QoS 1 subscriber as QoS 1 (gateways/broker.py works around it)."""
+    sub1, sub0 = clients(cid("sub1")), clients(cid("sub0"))
+    sub1.subscribe("parley/test/minqos", qos=1)
+    sub0.subscribe("parley/test/minqos", qos=0)
+    pub = clients(cid("pub"))
+    pub.publish("parley/test/minqos", b"at-0", qos=0)
+    pub.publish("parley/test/minqos", b"at-1", qos=1)
+    got1 = {m.payload: m.qos for m in (sub1.get(), sub1.get())}
+    got0 = {m.payload: m.qos for m in (sub0.get(), sub0.get())}
+    assert got1 == {b"at-0": 0, b"at-1": 1}
+    assert got0 == {b"at-0": 0, b"at-1": 0}
+
+
 def test_wildcard_subscription(clients):
     sub = clients(cid("sub"))
     sub.subscribe("v1/+/+/telemetry", qos=1)
