@@ -34,7 +34,9 @@ def test_mqtt_broker_attributes(mqtt_broker):
     assert mqtt_broker.host == "127.0.0.1"
     assert mqtt_broker.url == f"mqtt://127.0.0.1:{mqtt_broker.port}"
     assert mqtt_broker.kind in {"mosquitto", "builtin"}
-    if services.find_mosquitto():
+    if services.forced_builtin_broker():
+        assert mqtt_broker.kind == "builtin"
+    elif services.find_mosquitto():
         assert mqtt_broker.kind == "mosquitto"
         assert mqtt_broker.port != 1883  # private instance, not the system broker
         assert mqtt_broker.log_path is not None and mqtt_broker.config_path.exists()
