@@ -1,0 +1,173 @@
+"""BufferedClient's direct write: a PUBLISH or PUBACK sent from another thread than paho's
+network thread is written by that thread when nobody else writes, instead of waking the
+network thread; everything arrives intact and in order, over a real broker."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from gateways.mqtt_client import BufferedClient
+from tests.support import wait_until
+
+
+class CountingSockpair:
+    """paho's wake-up socket, counting the wake-ups sent to the network thread."""
+
+    def __init__(self, sock: Any) -> None:
+        self.sock, self.sends = sock, 0
+
+    def send(self, data: bytes) -> int:
+        self.sends += 1
+        return self.sock.send(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+def connected(broker, *, manual_ack: bool = False, max_inflight: int = 20) -> BufferedClient:
+    c = BufferedClient(CallbackAPIVersion.VERSION2, client_id=f"dw-{uuid.uuid4().hex[:8]}", manual_ack=manual_ack)
+    c.max_inflight_messages_set(max_inflight)
+    up = threading.Event()
+    c.on_connect = lambda *a: up.set()
+    c.connect(broker.host, broker.port)
+    c.loop_start()
+    assert up.wait(5)
+    c._sockpairW = CountingSockpair(c._sockpairW)
+    return c
+
+
+class Subscriber:
+    def __init__(self, broker, topic: str) -> None:
+        self.got: list[bytes] = []
+        subscribed = threading.Event()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"dw-sub-{uuid.uuid4().hex[:8]}")
+        self.client.on_message = lambda c, u, m: self.got.append(m.payload)
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        self.client.subscribe(topic, qos=1)
+        assert subscribed.wait(5)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def stop(c: paho.Client) -> None:
+    c.disconnect()
+    c.loop_stop()
+
+
+def test_a_publish_from_another_thread_is_written_there(mqtt_broker) -> None:
+    topic = f"dw/{uuid.uuid4().hex[:8]}"
+    # paho sends QoS 1 publishes beyond its in-flight limit itself, from the network thread,
+    # as PUBACKs come in: no limit here, so that every publish is this thread's.
+    sub, c = Subscriber(mqtt_broker, topic), connected(mqtt_broker, max_inflight=0)
+    try:
+        # One QoS at a time: a broker may deliver QoS 0 ahead of QoS 1 held in its in-flight
+        # window, so only messages of one QoS keep their order across the two.
+        for qos in (0, 1):
+            infos = [c.publish(topic, b"q%d-%d" % (qos, i), qos=qos) for i in range(25)]
+            for info in infos:
+                info.wait_for_publish(5)  # QoS 0: written; QoS 1: the broker's PUBACK came back
+                assert info.is_published()
+            assert wait_until(lambda: len(sub.got) == 25 * (qos + 1), 5)
+        assert sub.got == [b"q%d-%d" % (qos, i) for qos in (0, 1) for i in range(25)]
+        assert c._sockpairW.sends == 0  # the network thread was never woken to write
+        assert not c._out_packet
+    finally:
+        stop(c)
+        sub.close()
+
+
+def test_while_the_socket_is_being_written_the_network_thread_writes_it(mqtt_broker) -> None:
+    topic = f"dw/{uuid.uuid4().hex[:8]}"
+    sub, c = Subscriber(mqtt_broker, topic), connected(mqtt_broker)
+    try:
+        with c._write_lock:  # as if the network thread were writing right now
+            info = c.publish(topic, b"queued", qos=1)
+            assert c._sockpairW.sends == 1 and len(c._out_packet) == 1  # paho's way
+        info.wait_for_publish(5)
+        assert wait_until(lambda: sub.got == [b"queued"], 5)
+    finally:
+        stop(c)
+        sub.close()
+
+
+def test_a_partial_write_is_finished_by_the_network_thread(mqtt_broker) -> None:
+    topic = f"dw/{uuid.uuid4().hex[:8]}"
+    sub, c = Subscriber(mqtt_broker, topic), connected(mqtt_broker)
+    real_send, caller = c._sock_send, threading.current_thread()
+    cut = []
+
+    def send_some(data: bytes) -> int:
+        if threading.current_thread() is caller:
+            if not cut:
+                cut.append(len(data))
+                return real_send(data[:5])  # the socket took only five bytes...
+            raise BlockingIOError()  # ...and is full now
+        return real_send(data)
+
+    c._sock_send = send_some
+    try:
+        payload = bytes(range(256)) * 40
+        info = c.publish(topic, payload, qos=1)
+        assert cut and c._sockpairW.sends == 1  # the rest was left to the network thread
+        info.wait_for_publish(5)
+        assert wait_until(lambda: sub.got == [payload], 5)
+    finally:
+        stop(c)
+        sub.close()
+
+
+def test_threads_publishing_at_once_interleave_whole_packets_in_order(mqtt_broker) -> None:
+    topic = f"dw/{uuid.uuid4().hex[:8]}"
+    sub, c = Subscriber(mqtt_broker, topic), connected(mqtt_broker)
+    threads, n = 4, 300
+
+    def publish(t: int) -> None:
+        for i in range(n):
+            c.publish(topic, b"%d:%d:" % (t, i) + b"x" * (i % 50), qos=1)
+
+    try:
+        workers = [threading.Thread(target=publish, args=(t,)) for t in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        assert wait_until(lambda: len(sub.got) == threads * n, 15), len(sub.got)
+        for t in range(threads):
+            mine = [int(p.split(b":")[1]) for p in sub.got if p.startswith(b"%d:" % t)]
+            assert mine == list(range(n)), t  # none lost, none torn, in each thread's order
+        assert wait_until(lambda: not c._out_messages, 5)  # every QoS 1 publish acknowledged
+    finally:
+        stop(c)
+        sub.close()
+
+
+def test_a_manual_ack_from_another_thread_is_written_there(mqtt_broker) -> None:
+    topic = f"dw/{uuid.uuid4().hex[:8]}"
+    got: list[paho.MQTTMessage] = []
+    c = connected(mqtt_broker, manual_ack=True)
+    subscribed = threading.Event()
+    c.on_message = lambda cl, u, m: got.append(m)
+    c.on_subscribe = lambda *a: subscribed.set()
+    c.subscribe(topic, qos=1)
+    assert subscribed.wait(5)
+    pub = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"dw-pub-{uuid.uuid4().hex[:8]}")
+    pub.connect(mqtt_broker.host, mqtt_broker.port)
+    pub.loop_start()
+    try:
+        pub.publish(topic, b"ack me", qos=1).wait_for_publish(5)
+        assert wait_until(lambda: len(got) == 1, 5)
+        sends = c._sockpairW.sends
+        assert c.ack(got[0].mid, got[0].qos) == paho.MQTT_ERR_SUCCESS
+        assert c._sockpairW.sends == sends and not c._out_packet  # written by this thread
+    finally:
+        stop(pub)
+        stop(c)
