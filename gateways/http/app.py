@@ -9,7 +9,6 @@ Quart or a bug raises) into JSON, so no traceback ever reaches a client.
 
 from __future__ import annotations
 
-import secrets
 from typing import Any
 
 import structlog
@@ -19,7 +18,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from actors.errors import ParleyError
-from gateways import json_input
+from gateways import ids, json_input
 from gateways.runtime import Runtime
 
 log = structlog.get_logger(__name__)
@@ -72,7 +71,7 @@ class TraceIds:
             await self.app(scope, receive, send)
             return
         given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"").decode("latin-1")
-        trace_id = given if 0 < len(given) <= 128 and given.isprintable() else secrets.token_hex(8)
+        trace_id = given if 0 < len(given) <= 128 and given.isprintable() else ids.trace_id()
         structlog.contextvars.clear_contextvars()
         # `trace_id`, not `request_id`: that name is the device command's requestId in logs.
         structlog.contextvars.bind_contextvars(trace_id=trace_id)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from typing import Any
-from uuid import uuid4
 
 import trio
 from quart import Blueprint, request
@@ -17,6 +16,7 @@ from quart import Blueprint, request
 from actors.device import DeviceActor
 from actors.device.messages import SendCommand
 from actors.errors import InvalidCommand, ParleyError
+from gateways import ids
 from gateways.bridge import TrioReply
 from gateways.http.app import ApiError, get_runtime, in_thread, json_object
 from projections.device_events import DeviceEventRow
@@ -132,7 +132,7 @@ async def send_command(device_id: str) -> dict[str, Any]:
     except InvalidCommand as exc:
         raise ApiError.from_actor(exc) from None
 
-    request_id = uuid4().hex
+    request_id = ids.request_id()
     reply = TrioReply()
     try:
         runtime.system.tell(DeviceActor, (product_id, device_id),
