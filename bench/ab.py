@@ -1,0 +1,128 @@
+"""`python -m bench.ab --base REF`: the command round trip of this checkout against a git
+ref, measured side by side.
+
+On a shared machine the command round trip moves by a millisecond or more from one run to
+the next (docs/benchmarks.md), far more than most changes are worth, so two runs one after
+the other cannot tell a 0.1 ms change from noise. Here two `parley serve` processes run at
+once, each on its own copy of the code (this checkout, and REF checked out in a temporary
+git worktree) with its own bare device, and the client alternates between them request by
+request: whatever the machine does meanwhile slows both alike. The result is the median of
+the per-pair differences; two identical servers differ by about 0.01 ms this way.
+
+Both servers use this checkout's virtualenv, so REF must run on the same dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from rich.table import Table
+
+from bench.commands import HttpClient, _online
+from bench.common import console, pct, wait_until
+from bench.processes import ResponderProcess
+from tests.services import free_port, start_parley, start_private_mosquitto, stop_parley
+
+ROOT = Path(__file__).resolve().parent.parent
+BODY = {"command": "set_target_temperature", "params": {"target_temperature": 21.5}}
+
+
+@contextlib.contextmanager
+def worktree(ref: str) -> Iterator[Path]:
+    """`ref` checked out in a temporary directory (a git worktree), removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="parley-ab-")) / "tree"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), ref],
+                   check=True, capture_output=True, text=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)],
+                       capture_output=True)
+
+
+@contextlib.contextmanager
+def server(code: Path, broker_url: str, work: Path, label: str) -> Iterator[tuple[HttpClient, str]]:
+    """`parley serve --demo` running `code`, with one bare device online; (client, device)."""
+    port = free_port()
+    data = work / label
+    data.mkdir()
+    # `python -m gateways.cli` imports from its working directory first: run it in `code`.
+    with contextlib.chdir(code):
+        proc = start_parley(data, broker_url, port, client_id=f"ab-{label}-{port}")
+    device = f"ab{label}{uuid.uuid4().hex[:4]}"
+    base = f"device-agent/thermostat/device/{device}"
+    host, mqtt_port = broker_url.removeprefix("mqtt://").split(":")
+    client = HttpClient(port)
+    try:
+        with ResponderProcess(host, int(mqtt_port), f"{base}/commands", f"{base}/responses",
+                              online_topic=f"v1/thermostat/{device}/telemetry"):
+            if not wait_until(lambda: _online(client, device), 15):
+                raise RuntimeError(f"{label}: the device never showed up online")
+            yield client, device
+    finally:
+        client.close()
+        stop_parley(proc)
+
+
+def measure(a: tuple[HttpClient, str], b: tuple[HttpClient, str], n: int, warmup: int = 100) -> tuple[list[float], list[float]]:
+    """n pairs of requests, alternating which server goes first."""
+    times: tuple[list[float], list[float]] = ([], [])
+    sides = ((0, a), (1, b))
+    for i in range(n + warmup):
+        for side, (client, device) in sides if i % 2 else sides[::-1]:
+            t = time.perf_counter()
+            status, answer = client.request("POST", f"/api/devices/{device}/commands", BODY)
+            dt = time.perf_counter() - t
+            if status != 200 or answer.get("code") != 0:
+                raise RuntimeError(f"{'AB'[side]}: command failed: {status} {str(answer)[:200]}")
+            if i >= warmup:
+                times[side].append(dt)
+        if i and i % 500 == 0:
+            console.print(f"  {i}/{n + warmup} pairs")
+    return times
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", default="HEAD", help="git ref to compare with (default HEAD: "
+                   "this checkout's uncommitted changes against its last commit)")
+    p.add_argument("-n", type=int, default=1000, help="request pairs per round (default 1000)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds, each with fresh servers (default 3)")
+    args = p.parse_args()
+    from bench.common import quiet_logging
+
+    quiet_logging()
+    work = Path(tempfile.mkdtemp(prefix="parley-ab-work-"))
+    broker = start_private_mosquitto(work / "mosquitto")
+    table = Table(title=f"command round trip p50: this checkout (B) against {args.base} (A)")
+    for column in ("round", "A p50 (ms)", "B p50 (ms)", "median of B - A per pair (ms)"):
+        table.add_column(column, justify="right")
+    diffs = []
+    try:
+        with worktree(args.base) as base_code:
+            for r in range(1, args.rounds + 1):
+                console.print(f"round {r}/{args.rounds}: two servers, {args.n} request pairs ...")
+                round_dir = work / f"round{r}"
+                round_dir.mkdir()
+                with server(base_code, broker.url, round_dir, "a") as a, server(ROOT, broker.url, round_dir, "b") as b:
+                    ta, tb = measure(a, b, args.n)
+                d = statistics.median(y - x for x, y in zip(ta, tb))
+                diffs.append(d)
+                table.add_row(str(r), f"{pct(ta, 50) * 1e3:.3f}", f"{pct(tb, 50) * 1e3:.3f}", f"{d * 1e3:+.3f}")
+    finally:
+        broker.stop()
+    table.add_row("all", "", "", f"{statistics.median(diffs) * 1e3:+.3f} (median of rounds)")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
