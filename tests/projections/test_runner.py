@@ -259,6 +259,38 @@ class TestSharedDatabasePostgres(TestSharedDatabase):
         return pg_database
 
 
+def test_each_view_gets_only_the_event_types_it_reads_in_log_order():
+    from uuid import uuid4
+
+    from actors.device import Device
+    from eventstore import LoggedEvent
+    from projections.runner import ProjectionRunner
+
+    class Reads(View):
+        def __init__(self, types):
+            super().__init__(None)
+            self.event_types = types
+
+        def apply(self, cur, events) -> None:
+            pass
+
+    def logged(position, event_class):
+        return LoggedEvent(position, uuid4(), 1, event_class.__name__, object.__new__(event_class))
+
+    state, alert = Device.StateReported, Device.EventReported
+    everything, states, alerts = Reads(None), Reads(frozenset({state})), Reads(frozenset({alert}))
+    only_states = [logged(1, state), logged(2, state)]
+    kinds = {state}
+    assert ProjectionRunner._for(everything, only_states, kinds) is only_states
+    assert ProjectionRunner._for(states, only_states, kinds) is only_states  # whole, not copied
+    assert ProjectionRunner._for(alerts, only_states, kinds) == []
+    mixed = [logged(1, state), logged(2, alert), logged(3, state)]
+    kinds = {state, alert}
+    assert [le.position for le in ProjectionRunner._for(states, mixed, kinds)] == [1, 3]
+    assert [le.position for le in ProjectionRunner._for(alerts, mixed, kinds)] == [2]
+    assert ProjectionRunner._for(everything, mixed, kinds) is mixed
+
+
 class FailOnce(View):
     """A view that raises in `apply` when armed: the batch's view transaction rolls back."""
 
