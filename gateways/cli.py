@@ -127,8 +127,10 @@ def replay_device(
             console.print(table)
             return
         table = Table(title=f"{product}/{device_id}: timeline")
-        for col in ("version", "time", "type", "data"):
-            table.add_column(col, overflow="fold")
+        # Version, time and type stay on one line each; the data takes what width is left.
+        for col in ("version", "time", "type"):
+            table.add_column(col, no_wrap=True)
+        table.add_column("data", overflow="fold")
         n = 0
         for event in log.read_stream(stream):
             # What happened, without the envelope (ids, versions, topics) or empty fields.
