@@ -4,8 +4,10 @@ network thread; everything arrives intact and in order, over a real broker."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -63,12 +65,22 @@ def stop(c: paho.Client) -> None:
     c.loop_stop()
 
 
-def test_a_publish_from_another_thread_is_written_there(mqtt_broker) -> None:
+@contextlib.contextmanager
+def publisher_and_subscriber(broker, **kwargs: Any) -> Iterator[tuple[BufferedClient, Subscriber, str]]:
+    """A connected BufferedClient (kwargs: `connected`'s), a subscriber to a fresh topic."""
     topic = f"dw/{uuid.uuid4().hex[:8]}"
+    sub, c = Subscriber(broker, topic), connected(broker, **kwargs)
+    try:
+        yield c, sub, topic
+    finally:
+        stop(c)
+        sub.close()
+
+
+def test_a_publish_from_another_thread_is_written_there(mqtt_broker) -> None:
     # paho sends QoS 1 publishes beyond its in-flight limit itself, from the network thread,
     # as PUBACKs come in: no limit here, so that every publish is this thread's.
-    sub, c = Subscriber(mqtt_broker, topic), connected(mqtt_broker, max_inflight=0)
-    try:
+    with publisher_and_subscriber(mqtt_broker, max_inflight=0) as (c, sub, topic):
         # One QoS at a time: a broker may deliver QoS 0 ahead of QoS 1 held in its in-flight
         # window, so only messages of one QoS keep their order across the two.
         for qos in (0, 1):
@@ -80,61 +92,46 @@ def test_a_publish_from_another_thread_is_written_there(mqtt_broker) -> None:
         assert sub.got == [b"q%d-%d" % (qos, i) for qos in (0, 1) for i in range(25)]
         assert c._sockpairW.sends == 0  # the network thread was never woken to write
         assert not c._out_packet
-    finally:
-        stop(c)
-        sub.close()
 
 
 def test_while_the_socket_is_being_written_the_network_thread_writes_it(mqtt_broker) -> None:
-    topic = f"dw/{uuid.uuid4().hex[:8]}"
-    sub, c = Subscriber(mqtt_broker, topic), connected(mqtt_broker)
-    try:
+    with publisher_and_subscriber(mqtt_broker) as (c, sub, topic):
         with c._write_lock:  # as if the network thread were writing right now
             info = c.publish(topic, b"queued", qos=1)
             assert c._sockpairW.sends == 1 and len(c._out_packet) == 1  # paho's way
         info.wait_for_publish(5)
         assert wait_until(lambda: sub.got == [b"queued"], 5)
-    finally:
-        stop(c)
-        sub.close()
 
 
 def test_a_partial_write_is_finished_by_the_network_thread(mqtt_broker) -> None:
-    topic = f"dw/{uuid.uuid4().hex[:8]}"
-    sub, c = Subscriber(mqtt_broker, topic), connected(mqtt_broker)
-    real_send, caller = c._sock_send, threading.current_thread()
-    cut = []
+    with publisher_and_subscriber(mqtt_broker) as (c, sub, topic):
+        real_send, caller = c._sock_send, threading.current_thread()
+        cut = []
 
-    def send_some(data: bytes) -> int:
-        if threading.current_thread() is caller:
-            if not cut:
-                cut.append(len(data))
-                return real_send(data[:5])  # the socket took only five bytes...
-            raise BlockingIOError()  # ...and is full now
-        return real_send(data)
+        def send_some(data: bytes) -> int:
+            if threading.current_thread() is caller:
+                if not cut:
+                    cut.append(len(data))
+                    return real_send(data[:5])  # the socket took only five bytes...
+                raise BlockingIOError()  # ...and is full now
+            return real_send(data)
 
-    c._sock_send = send_some
-    try:
+        c._sock_send = send_some
         payload = bytes(range(256)) * 40
         info = c.publish(topic, payload, qos=1)
         assert cut and c._sockpairW.sends == 1  # the rest was left to the network thread
         info.wait_for_publish(5)
         assert wait_until(lambda: sub.got == [payload], 5)
-    finally:
-        stop(c)
-        sub.close()
 
 
 def test_threads_publishing_at_once_interleave_whole_packets_in_order(mqtt_broker) -> None:
-    topic = f"dw/{uuid.uuid4().hex[:8]}"
-    sub, c = Subscriber(mqtt_broker, topic), connected(mqtt_broker)
     threads, n = 4, 300
+    with publisher_and_subscriber(mqtt_broker) as (c, sub, topic):
 
-    def publish(t: int) -> None:
-        for i in range(n):
-            c.publish(topic, b"%d:%d:" % (t, i) + b"x" * (i % 50), qos=1)
+        def publish(t: int) -> None:
+            for i in range(n):
+                c.publish(topic, b"%d:%d:" % (t, i) + b"x" * (i % 50), qos=1)
 
-    try:
         workers = [threading.Thread(target=publish, args=(t,)) for t in range(threads)]
         for w in workers:
             w.start()
@@ -145,9 +142,6 @@ def test_threads_publishing_at_once_interleave_whole_packets_in_order(mqtt_broke
             mine = [int(p.split(b":")[1]) for p in sub.got if p.startswith(b"%d:" % t)]
             assert mine == list(range(n)), t  # none lost, none torn, in each thread's order
         assert wait_until(lambda: not c._out_messages, 5)  # every QoS 1 publish acknowledged
-    finally:
-        stop(c)
-        sub.close()
 
 
 def test_a_manual_ack_from_another_thread_is_written_there(mqtt_broker) -> None:
