@@ -26,13 +26,12 @@ from pathlib import Path
 
 from rich.table import Table
 
-from bench.commands import HttpClient, _online
+from bench.commands import COMMAND, HttpClient, _online
 from bench.common import console, pct, wait_until
 from bench.processes import ResponderProcess
 from tests.services import free_port, start_parley, start_private_mosquitto, stop_parley
 
 ROOT = Path(__file__).resolve().parent.parent
-BODY = {"command": "set_target_temperature", "params": {"target_temperature": 21.5}}
 
 
 @contextlib.contextmanager
@@ -79,7 +78,7 @@ def measure(a: tuple[HttpClient, str], b: tuple[HttpClient, str], n: int, warmup
     for i in range(n + warmup):
         for side, (client, device) in sides if i % 2 else sides[::-1]:
             t = time.perf_counter()
-            status, answer = client.request("POST", f"/api/devices/{device}/commands", BODY)
+            status, answer = client.request("POST", f"/api/devices/{device}/commands", COMMAND)
             dt = time.perf_counter() - t
             if status != 200 or answer.get("code") != 0:
                 raise RuntimeError(f"{'AB'[side]}: command failed: {status} {str(answer)[:200]}")

@@ -18,6 +18,10 @@ from bench.processes import HttpFloorProcess, ResponderProcess, SimulatorProcess
 from gateways.mqtt_client import no_delay
 
 
+# The command every round trip sends (the demo thermostat's, with valid params).
+COMMAND = {"command": "set_target_temperature", "params": {"target_temperature": 21.5}}
+
+
 def _nodelay_client(name: str) -> paho.Client:
     c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"{name}-{uuid.uuid4().hex[:6]}")
     c.on_connect = lambda client, *a: no_delay(client)
@@ -116,8 +120,7 @@ def parley(opts: Options, n: int, sdk_device: bool, probes: dict[str, list[float
                 assert wait_until(lambda: _online(client, device_id), 15), "the device never showed up online"
                 for path in ("/api/health", f"/api/devices/{device_id}") if probes is not None else ():
                     probes[path] = _timed(client, "GET", path, n)
-                body = {"command": "set_target_temperature", "params": {"target_temperature": 21.5}}
-                return _timed(client, "POST", f"/api/devices/{device_id}/commands", n, body)
+                return _timed(client, "POST", f"/api/devices/{device_id}/commands", n, COMMAND)
         finally:
             client.close()
             stop_server(server)
@@ -132,8 +135,7 @@ def http_floor(kind: str, n: int) -> list[float]:
     with HttpFloorProcess(kind, port):
         client = HttpClient(port)
         try:
-            body = {"command": "set_target_temperature", "params": {"target_temperature": 21.5}}
-            return _timed(client, "POST", "/api/devices/floor/commands", n, body)
+            return _timed(client, "POST", "/api/devices/floor/commands", n, COMMAND)
         finally:
             client.close()
 

@@ -41,10 +41,8 @@ class DeviceEvents(View):
 
     def apply(self, cur: Cursor, events: Sequence[LoggedEvent]) -> None:
         rows = []
-        for le in events:
+        for le in events:  # EventReported only (`event_types`)
             e = le.event
-            if not isinstance(e, Device.EventReported):
-                continue
             key = self.registry.device_of(cur, le.stream_id)
             if key is None:
                 continue

@@ -96,8 +96,6 @@ class DeviceRegistry(View):
                             (str(le.stream_id), *key))
                 rows[key] = DeviceRow(*key, False, {}, 0, int(e.timestamp.timestamp() * 1000))
                 continue
-            if not isinstance(e, _TOUCHES):
-                continue
             row = self._row(cur, rows, le.stream_id)
             if row is None:
                 continue

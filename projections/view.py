@@ -16,7 +16,7 @@ class View(ABC):
     name: ClassVar[str]
     schema: ClassVar[Sequence[str]] = ()
     # The event classes this view reads (exact types); the runner passes it only those,
-    # in log order. None: every event (a view that needs the batch's positions whole).
+    # in log order, to `apply` and `follow`. None: every event.
     event_types: ClassVar[frozenset[type] | None] = None
 
     def __init__(self, db: ViewDatabase) -> None:

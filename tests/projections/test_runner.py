@@ -357,6 +357,21 @@ class TestRegistryRowCache:
             db._sqlite().set_trace_callback(trace)
         return seen
 
+    @staticmethod
+    def settle(journal, runner, *devices) -> None:
+        """Commit the devices' pending events in one transaction; the runner applies them."""
+        journal.commit([e for d in devices for e in d.collect_events()])
+        runner.catch_up()
+
+    def online(self, journal, runner, device_id: str, state: dict | None = None):
+        """A device that has reported itself online (at 1000 ms), applied to the views."""
+        from actors.device import Device
+
+        d = Device(product_id=self.P, device_id=device_id)
+        d.report_status("online", state, None, 1000, None)
+        self.settle(journal, runner, d)
+        return d
+
     def check_rows(self, log, registry, devices) -> None:
         """Every device's table row is what its stream says, and the cache holds that row."""
         from actors.device import Device
@@ -376,8 +391,7 @@ class TestRegistryRowCache:
         t = 1000
         for i, d in enumerate(devices.values()):
             d.report_status("online", {"mode": "auto", "i": i}, None, t, None)
-        journal.commit([e for d in devices.values() for e in d.collect_events()])
-        runner.catch_up()
+        self.settle(journal, runner, *devices.values())
         selects = self.row_selects(db)
         for step in range(8):  # each round spans batches of 3, several per device
             for i, d in enumerate(devices.values()):
@@ -390,8 +404,7 @@ class TestRegistryRowCache:
                     d.report_event("temperature_alert", {"t": 40}, None, t, None)
                 else:
                     d.report_state({f"k{step % 3}": step, "nested": {"step": step}}, None, t, None)
-            journal.commit([e for d in devices.values() for e in d.collect_events()])
-            runner.catch_up()
+            self.settle(journal, runner, *devices.values())
             self.check_rows(log, registry, devices)
         assert registry.tables_at == runner.position == log.max_position()
         assert runner.applied == log.max_position()
@@ -402,22 +415,15 @@ class TestRegistryRowCache:
         """Commands in flight and agent events lie between the registry's events (and on
         PostgreSQL a rolled-back insert leaves a gap in the positions): none of that means
         another process wrote the table, so no row is read back."""
-        from actors.device import Device
-
         _, log, journal, db, registry, _, runner = parts
-        d = Device(product_id=self.P, device_id="g1")
-        d.report_status("online", {"a": 1}, None, 1000, None)
-        journal.commit(d.collect_events())
-        runner.catch_up()
+        d = self.online(journal, runner, "g1", {"a": 1})
         selects = self.row_selects(db)
         for i in range(4):
             d.send_command(f"r{i}", "set_target_temperature", {"target_temperature": 20 + i}, 5000, 1100 + i)
-            journal.commit(d.collect_events())  # not a registry event: a gap in what it reads
-            runner.catch_up()
+            self.settle(journal, runner, d)  # not a registry event: a gap in what it reads
             d.command_succeeded(f"r{i}", 0, "ok", {}, 1200 + i)
             d.report_state({"target_temperature": 20 + i}, None, 1300 + i, None)
-            journal.commit(d.collect_events())
-            runner.catch_up()
+            self.settle(journal, runner, d)
             self.check_rows(log, registry, ["g1"])
         assert registry.tables_at == runner.position == log.max_position()
         assert selects == []
@@ -431,27 +437,19 @@ class TestRegistryRowCache:
         _, log, journal, db, registry, _, runner = parts
         d = Device(product_id=self.P, device_id="s1")
         d.report_status("online", None, None, 50_000, None)
-        journal.commit(d.collect_events())
-        runner.catch_up()
+        self.settle(journal, runner, d)
         d.report_event("temperature_alert", {"t": 40}, None, 40_000, None)  # the clock stepped back
-        journal.commit(d.collect_events())
-        runner.catch_up()
+        self.settle(journal, runner, d)
         assert registry.find("s1")[0].last_seen_ms == 40_000
         d.send_command("r1", "set_target_temperature", {"target_temperature": 21}, 5000, 41_000)
         d.command_succeeded("r1", 0, "ok", {}, 30_000)  # and back again
-        journal.commit(d.collect_events())
-        runner.catch_up()
+        self.settle(journal, runner, d)
         assert registry.find("s1")[0].last_seen_ms == 30_000
         self.check_rows(log, registry, ["s1"])
 
     def test_a_rolled_back_batch_leaves_the_cache_as_it_was(self, parts):
-        from actors.device import Device
-
         _, log, journal, db, registry, failing, runner = parts
-        d = Device(product_id=self.P, device_id="r1")
-        d.report_status("online", {"a": 1}, None, 1000, None)
-        journal.commit(d.collect_events())
-        runner.catch_up()
+        d = self.online(journal, runner, "r1", {"a": 1})
         key = (self.P, "r1")
         before, position = registry.find("r1")[0], runner.position
         assert registry._cache[key] == before and registry.tables_at == position
@@ -468,8 +466,7 @@ class TestRegistryRowCache:
 
         selects = self.row_selects(db)
         d.report_state({"c": 3}, None, 3000, None)
-        journal.commit(d.collect_events())
-        runner.catch_up()
+        self.settle(journal, runner, d)
         (row,) = registry.find("r1")
         assert (row.online, row.state, row.last_seen_ms) == (True, {"a": 1, "b": 2, "c": 3}, 3000)
         self.check_rows(log, registry, ["r1"])
@@ -477,16 +474,12 @@ class TestRegistryRowCache:
         assert failing.committed == 2  # after_commit only for the batches that committed
 
     def test_a_batch_written_by_another_process_clears_the_cache(self, parts):
-        from actors.device import Device
         from projections.db import ViewDatabase
         from projections.device_registry import DeviceRegistry
         from projections.runner import ProjectionRunner
 
         store, log, journal, db, registry, _, runner = parts
-        d = Device(product_id=self.P, device_id="o1")
-        d.report_status("online", {"a": 1}, None, 1000, None)
-        journal.commit(d.collect_events())
-        runner.catch_up()
+        d = self.online(journal, runner, "o1", {"a": 1})
         assert registry._cache[(self.P, "o1")].state == {"a": 1}
 
         # Another process writes the next batch of the same views (it believes it owns them).
