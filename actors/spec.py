@@ -10,43 +10,62 @@ from functools import cached_property
 from typing import Any, Literal
 
 import jsonschema
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler,
+                      model_serializer, model_validator)
 
 from actors.errors import InvalidCommand
 
 ParamType = Literal["string", "number", "integer", "boolean", "object", "array"]
+# JSON types as they arrive: "required": "yes" is refused, not read as true.
+STRICT = ConfigDict(extra="allow", strict=True)
 
 
 class Parameter(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT
     type: ParamType = "string"
     description: str = ""
     required: bool = False
-    enum: list[Any] | None = None
+    enum: list[Any] | None = None  # `enum?` in the format: absent unless given
+
+    @model_validator(mode="after")
+    def _enum_fits_type(self) -> "Parameter":
+        # A value of another type could never pass check_command: the command would be
+        # unusable. Say so when the spec is written, not when a device is commanded.
+        for value in self.enum or ():
+            if not jsonschema.Draft202012Validator({"type": self.type}).is_valid(value):
+                raise ValueError(f"enum value {value!r} is not of type {self.type}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_absent_enum(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("enum") is None:
+            data.pop("enum", None)  # a spec reads back as it was written
+        return data
 
 
 class Command(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT
     description: str = ""
     parameters: dict[str, Parameter] = Field(default_factory=dict)
 
 
 class Telemetry(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT
     type: str = "string"
     description: str = ""
     defaultValue: Any = None
 
 
 class EventDef(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT
     description: str = ""
     eventType: Literal["alert", "info"] = "info"
     outputData: dict[str, Any] = Field(default_factory=dict)
 
 
 class DeviceSpec(BaseModel):
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
     name: str = ""
     description: str = ""
     commands: dict[str, Command] = Field(default_factory=dict)
@@ -54,6 +73,13 @@ class DeviceSpec(BaseModel):
         default_factory=dict, validation_alias=AliasChoices("telemetry", "properties")
     )
     events: dict[str, EventDef] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_telemetry(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "telemetry" in data and "properties" in data:
+            raise ValueError("give telemetry or properties (its older name), not both")
+        return data
 
     @cached_property
     def _validators(self) -> dict[str, jsonschema.protocols.Validator]:

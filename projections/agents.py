@@ -37,7 +37,8 @@ class AgentRecord:
 
 
 def _iso(ts: datetime) -> str:
-    return ts.isoformat().replace("+00:00", "Z")
+    # Whole seconds with Z, as the platform's examples show ("2026-01-01T00:00:00Z").
+    return ts.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 class Agents(View):

@@ -14,11 +14,36 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from actors.spec import DeviceSpec
 
-AGENT_ID = re.compile(r"^[A-Za-z0-9_-]+$")
+AGENT_ID = re.compile(r"[A-Za-z0-9_-]+")  # whole string (fullmatch): `$` would let "id\n" in
+REQUIRED = ("agent_id", "name", "agent_type", "voice_type", "is_custom_agent")
+# Text fields that are null when not given: blank means not given.
+OPTIONAL_TEXT = ("sys_prompt", "welcome_message", "custom_agent_endpoint")
+# Fields the server sets and returns: sent back (GET, edit, PUT), they are ignored.
+SERVER_SET = ("id", "running", "current_clients", "inserted_at", "updated_at")
+
+
+def as_given(data: Any, required: tuple[str, ...], optional: tuple[str, ...] = (),
+             server_set: tuple[str, ...] = ()) -> Any:
+    """Read fields the way the platform does (Phoenix/Ecto's changeset casting): in these
+    fields a string that is empty or only whitespace is no value (`null`), and a required
+    field without a value is missing: `"voice_type": ""` and `"name": null` are both
+    "can't be blank", and a built-in agent's `"custom_agent_endpoint": ""` is no endpoint."""
+    if not isinstance(data, dict):
+        return data
+    out = {}
+    for key, value in data.items():
+        if key in server_set:
+            continue
+        if isinstance(value, str) and not value.strip() and (key in required or key in optional):
+            value = None
+        if value is None and key in required:
+            continue
+        out[key] = value
+    return out
 
 
 class Tool(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     name: str = Field(min_length=1, max_length=255)
     description: str = ""
     transport: Literal["streamable_http", "sse"] = "streamable_http"
@@ -26,18 +51,29 @@ class Tool(BaseModel):
     http_headers: dict[str, str] = Field(default_factory=dict)
     enabled: bool = True
 
+    @model_validator(mode="before")
+    @classmethod
+    def _given(cls, data: Any) -> Any:
+        return as_given(data, ("name", "endpoint"), server_set=("status",))  # status: the server's
+
 
 class DataDefinition(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     topic_filter: str = Field(min_length=1)
     description: str = ""
     data_prompts: str = ""
     json_schema: dict[str, Any] = Field(default_factory=dict)
     push_data_analysis_via_voice: bool = False
 
+    @model_validator(mode="before")
+    @classmethod
+    def _given(cls, data: Any) -> Any:
+        return as_given(data, ("topic_filter",))
+
 
 class _Fields(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: JSON types as documented; "is_custom_agent": "yes" is refused, not guessed.
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: str = Field(min_length=3, max_length=255)
     agent_type: Literal["single", "multi"]
     voice_type: str = Field(max_length=255)
@@ -51,6 +87,11 @@ class _Fields(BaseModel):
     tools: list[Tool] = Field(default_factory=list)
     data_definitions: list[DataDefinition] = Field(default_factory=list)
     device_spec: DeviceSpec | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _given(cls, data: Any) -> Any:
+        return as_given(data, REQUIRED, OPTIONAL_TEXT, SERVER_SET)
 
     @field_validator("custom_agent_endpoint")
     @classmethod
@@ -68,7 +109,7 @@ class AgentConfig(_Fields):
     @field_validator("agent_id")
     @classmethod
     def _agent_id(cls, v: str) -> str:
-        if not AGENT_ID.match(v):
+        if not AGENT_ID.fullmatch(v):
             raise ValueError("may contain only letters, digits, underscores and hyphens")
         return v
 
@@ -84,9 +125,10 @@ class AgentConfig(_Fields):
 
 
 class AgentPatch(BaseModel):
-    """An update: only the fields given; `agent_id` cannot change."""
+    """An update: only the fields given; `agent_id` cannot change. A required field given
+    as null or blank stays in the patch, so the merged agent reports it as blank."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: str | None = Field(default=None, min_length=3, max_length=255)
     agent_type: Literal["single", "multi"] | None = None
     voice_type: str | None = Field(default=None, max_length=255)
@@ -103,6 +145,12 @@ class AgentPatch(BaseModel):
     agent_id: str | None = None
 
     _ws_url = field_validator("custom_agent_endpoint")(_Fields._ws_url.__func__)  # type: ignore[attr-defined]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _given(cls, data: Any) -> Any:
+        # Required fields stay when blank (as null): the merged agent reports them.
+        return as_given(data, (), REQUIRED + OPTIONAL_TEXT, SERVER_SET)
 
     def changes(self) -> dict[str, Any]:
         data = self.model_dump(mode="json", exclude_unset=True)

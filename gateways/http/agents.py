@@ -76,7 +76,9 @@ def lookup(ident: str) -> AgentRecord:
     """`<id>` is the numeric id (seed 001); as a convenience the agent_id works too.
     The numeric reading wins, since an agent_id may itself be all digits."""
     agents = get_runtime().agents
-    record = agents.get_by_id(int(ident)) if ident.isdigit() else None
+    # ASCII digits only: str.isdigit() also takes "²" and "١", which int() refuses or reads.
+    numeric = ident.isascii() and ident.isdigit() and len(ident) <= 18
+    record = agents.get_by_id(int(ident)) if numeric else None
     record = record or agents.get(ident)
     if record is None:
         raise not_found()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import httpx
@@ -10,6 +11,7 @@ import pytest
 from gateways.runtime import Runtime
 from tests.http.conftest import SPEC, agent_input, create_agent, set_status
 
+NULL = object()  # in a parametrized body: the field sent as JSON null (None: left out)
 SEED_FIELDS = ["id", "agent_id", "name", "agent_type", "sys_prompt", "voice_type", "welcome_message",
                "is_custom_agent", "custom_agent_endpoint", "custom_agent_http_headers", "emqx_config_id",
                "mqtt_opts", "tools", "data_definitions", "current_clients", "running", "inserted_at",
@@ -29,7 +31,9 @@ async def test_create_then_list_and_get(client: httpx.AsyncClient) -> None:
     assert agent["tools"][0]["name"] == "home-control"
     assert agent["tools"][0]["status"] == "disconnected"
     assert agent["current_clients"] == [] and agent["running"] is True
-    assert agent["inserted_at"].endswith("Z") and agent["inserted_at"] == agent["updated_at"]
+    # Whole seconds and Z, as the seed shows them: "2026-01-01T00:00:00Z".
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", agent["inserted_at"])
+    assert agent["inserted_at"] == agent["updated_at"]
     assert set(agent["device_spec"]["commands"]) == set(SPEC["commands"])
 
     # Visible at once: the create waited for the projection.
@@ -61,9 +65,21 @@ async def test_unknown_agent_is_404(client: httpx.AsyncClient) -> None:
     assert (await client.get("/api/agents/no-such-agent")).json() == {"error": "Agent not found"}
 
 
+async def test_only_ascii_digits_are_a_numeric_id(client: httpx.AsyncClient) -> None:
+    agent = await create_agent(client)
+    assert agent["id"] == 1
+    # str.isdigit() is true for all three, and int() refuses "²" and reads "١" as 1.
+    for ident in ("%C2%B2", "%D9%A1", "9" * 5000):
+        for method in ("GET", "PUT", "DELETE"):
+            r = await client.request(method, f"/api/agents/{ident}", json={"agent": {"name": "whatever"}})
+            assert (r.status_code, r.json()) == (404, {"error": "Agent not found"}), (ident[:8], method)
+    assert (await client.get("/api/agents/1")).json() == agent
+
+
 @pytest.mark.parametrize("changes, field, message", [
     ({"agent_id": "has space"}, "agent_id", "may contain only letters, digits, underscores and hyphens"),
     ({"agent_id": "a/b"}, "agent_id", "may contain only letters, digits, underscores and hyphens"),
+    ({"agent_id": "abc\n"}, "agent_id", "may contain only letters, digits, underscores and hyphens"),
     ({"agent_id": "ab"}, "agent_id", "String should have at least 3 characters"),
     ({"agent_id": "a" * 256}, "agent_id", "String should have at most 255 characters"),
     ({"name": "ab"}, "name", "String should have at least 3 characters"),
@@ -71,6 +87,19 @@ async def test_unknown_agent_is_404(client: httpx.AsyncClient) -> None:
     ({"agent_type": "triple"}, "agent_type", "Input should be 'single' or 'multi'"),
     ({"voice_type": None}, "voice_type", "can't be blank"),
     ({"is_custom_agent": None}, "is_custom_agent", "can't be blank"),
+    # Blank is no value, and null on a required field is missing (Ecto's casting).
+    ({"voice_type": ""}, "voice_type", "can't be blank"),
+    ({"voice_type": "   "}, "voice_type", "can't be blank"),
+    ({"name": " \t "}, "name", "can't be blank"),
+    ({"name": NULL}, "name", "can't be blank"),
+    ({"agent_type": NULL}, "agent_type", "can't be blank"),
+    # JSON types as documented, not guessed.
+    ({"is_custom_agent": "no"}, "is_custom_agent", "Input should be a valid boolean"),
+    ({"is_custom_agent": 1}, "is_custom_agent", "Input should be a valid boolean"),
+    ({"emqx_config_id": True}, "emqx_config_id", "Input should be a valid integer"),
+    ({"emqx_config_id": "1"}, "emqx_config_id", "Input should be a valid integer"),
+    ({"device_spec": {"telemetry": {}, "properties": {}}}, "device_spec",
+     "give telemetry or properties (its older name), not both"),
     ({"is_custom_agent": True, "custom_agent_endpoint": "http://x.example/ws"},
      "custom_agent_endpoint", "must start with ws:// or wss://"),
     ({"is_custom_agent": True}, "custom_agent_endpoint", "can't be blank for a custom agent"),
@@ -82,9 +111,9 @@ async def test_create_rejects_each_invalid_field(client: httpx.AsyncClient, chan
     agent = agent_input()
     for key, value in changes.items():
         if value is None:
-            agent.pop(key)  # missing, not null
+            agent.pop(key)  # missing
         else:
-            agent[key] = value
+            agent[key] = None if value is NULL else value
     r = await client.post("/api/agents", json={"agent": agent})
     assert r.status_code == 422
     assert r.json() == {"success": False, "errors": {field: [message]}}
@@ -129,6 +158,28 @@ async def test_update_changes_only_given_fields(client: httpx.AsyncClient) -> No
     assert (await client.get(f"/api/agents/{agent['id']}")).json() == updated
 
 
+async def test_get_edit_put_round_trip(client: httpx.AsyncClient) -> None:
+    # The fields only the server sets (id, running, inserted_at, a tool's status, ...) are
+    # ignored when a client sends back what it read.
+    agent = await create_agent(client)
+    edited = {**agent, "name": "Round trip", "running": False, "current_clients": ["x"], "id": 99}
+    r = await client.put(f"/api/agents/{agent['id']}", json={"agent": edited})
+    assert r.status_code == 200, r.text
+    updated = r.json()["agent"]
+    assert updated == {**agent, "name": "Round trip", "updated_at": updated["updated_at"]}
+    r = await client.post("/api/agents", json={"agent": {**agent, "agent_id": "thermostat-2"}})
+    assert r.status_code == 201, r.text
+    assert r.json()["agent"]["id"] != agent["id"]
+
+
+async def test_blank_optional_text_is_null(client: httpx.AsyncClient) -> None:
+    # What a web form sends for a field left empty.
+    agent = await create_agent(client, custom_agent_endpoint="", welcome_message=" ")
+    assert agent["custom_agent_endpoint"] is None and agent["welcome_message"] is None
+    r = await client.put(f"/api/agents/{agent['id']}", json={"agent": {"sys_prompt": ""}})
+    assert r.status_code == 200 and r.json()["agent"]["sys_prompt"] is None
+
+
 async def test_update_accepts_same_agent_id_refuses_another(client: httpx.AsyncClient) -> None:
     agent = await create_agent(client)
     ok = await client.put("/api/agents/thermostat", json={"agent": {"agent_id": "thermostat", "name": "Renamed"}})
@@ -146,6 +197,9 @@ async def test_update_accepts_same_agent_id_refuses_another(client: httpx.AsyncC
     # Valid alone, invalid once merged with the stored agent (it has no endpoint).
     ({"is_custom_agent": True}, "custom_agent_endpoint", "can't be blank for a custom agent"),
     ({"unknown_field": 1}, "unknown_field", "Extra inputs are not permitted"),
+    ({"voice_type": ""}, "voice_type", "can't be blank"),
+    ({"name": None}, "name", "can't be blank"),
+    ({"is_custom_agent": "yes"}, "is_custom_agent", "Input should be a valid boolean"),
 ])
 async def test_update_rejects_invalid_changes(client: httpx.AsyncClient, changes: dict[str, Any],
                                               field: str, message: str) -> None:

@@ -1,0 +1,70 @@
+"""DeviceSpec: the format REFERENCE.md gives, checked when a spec is written."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from actors.errors import InvalidCommand
+from actors.spec import DeviceSpec
+
+SPEC: dict[str, Any] = {
+    "name": "Lamp",
+    "commands": {
+        "set_mode": {"description": "Mode.", "parameters": {
+            "mode": {"type": "string", "description": "", "required": True, "enum": ["on", "off"]},
+            "level": {"type": "integer", "description": "", "required": False},
+        }},
+    },
+    "telemetry": {"brightness": {"type": "number", "description": "", "defaultValue": 0}},
+    "events": {"overheat": {"description": "", "eventType": "alert", "outputData": {}}},
+}
+
+
+def test_reads_back_as_written() -> None:
+    # `enum?`: a parameter without one reads back without one (not "enum": null).
+    dumped = DeviceSpec.model_validate(SPEC).model_dump(mode="json")
+    assert dumped["commands"] == SPEC["commands"]
+    assert "enum" not in dumped["commands"]["set_mode"]["parameters"]["level"]
+    assert DeviceSpec.model_validate(dumped).model_dump(mode="json") == dumped
+
+
+def test_older_properties_key_is_telemetry() -> None:
+    old = {k: v for k, v in SPEC.items() if k != "telemetry"} | {"properties": SPEC["telemetry"]}
+    spec = DeviceSpec.model_validate(old)
+    assert set(spec.telemetry) == {"brightness"}
+    assert "properties" not in spec.model_dump(mode="json")
+
+
+@pytest.mark.parametrize("change, where, message", [
+    ({"properties": {"b": {}}}, (), "give telemetry or properties (its older name), not both"),
+    ({"commands": {"c": {"parameters": {"p": {"type": "integer", "enum": ["x"]}}}}},
+     ("commands", "c", "parameters", "p"), "enum value 'x' is not of type integer"),
+    ({"commands": {"c": {"parameters": {"p": {"type": "boolean", "enum": [1]}}}}},
+     ("commands", "c", "parameters", "p"), "enum value 1 is not of type boolean"),
+    ({"commands": {"c": {"parameters": {"p": {"required": "yes"}}}}},
+     ("commands", "c", "parameters", "p", "required"), "Input should be a valid boolean"),
+    ({"commands": {"c": {"parameters": {"p": {"type": "float"}}}}},
+     ("commands", "c", "parameters", "p", "type"), "Input should be 'string', 'number', 'integer', "
+                                                   "'boolean', 'object' or 'array'"),
+    ({"events": {"e": {"eventType": "warning"}}}, ("events", "e", "eventType"), "Input should be 'alert' or 'info'"),
+])
+def test_refuses_a_spec_no_device_could_use(change: dict[str, Any], where: tuple[str, ...], message: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        DeviceSpec.model_validate({**SPEC, **change})
+    [error] = caught.value.errors()
+    assert error["loc"] == where
+    assert error["msg"].removeprefix("Value error, ") == message
+
+
+def test_checks_commands_against_the_spec() -> None:
+    spec = DeviceSpec.model_validate(SPEC)
+    spec.check_command("set_mode", {"mode": "on", "level": 3})
+    with pytest.raises(InvalidCommand, match="mode: 'dim' is not one of"):
+        spec.check_command("set_mode", {"mode": "dim"})
+    with pytest.raises(InvalidCommand, match="'mode' is a required property"):
+        spec.check_command("set_mode", {})
+    with pytest.raises(InvalidCommand, match=r"unknown command 'explode' \(this product's commands: set_mode\)"):
+        spec.check_command("explode", {})
