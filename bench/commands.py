@@ -99,7 +99,7 @@ def _online(client: HttpClient, device_id: str) -> bool:
 def parley(opts: Options, n: int, sdk_device: bool, probes: dict[str, list[float]] | None = None) -> list[float]:
     """HTTP client here; `parley serve` and the device each in their own process. The device
     is the bare responder of the baseline, or (`sdk_device`) a simulated thermostat that
-    behaves like the generated SDK: status-with-state and state before its response."""
+    behaves like the generated SDK: status-with-state, state and an event before its response."""
     from tests.services import free_port
 
     prefix = f"rt{uuid.uuid4().hex[:4]}"
@@ -161,7 +161,8 @@ def run(opts: Options) -> Result:
     r.add("Parley HTTP round trip p50 / p99 (the same bare device)", f"{ms(pct(par, 50))} / {ms(pct(par, 99))}")
     d50, d99 = pct(par, 50) - pct(base, 50), pct(par, 99) - pct(base, 99)
     r.add("difference p50 / p99", f"{ms(d50)} / {ms(d99)}")
-    r.add("for reference: Parley HTTP round trip p50 / p99 with an SDK-like device (status+state, then response)",
+    r.add("for reference: Parley HTTP round trip p50 / p99 with an SDK-like device (status+state, state, event, "
+          "then response)",
           f"{ms(pct(sdk, 50))} / {ms(pct(sdk, 99))}")
     for kind, samples in floors.items():
         r.add(f"for reference: HTTP floor, the same POST answered at once by {kind} p50 / p99",

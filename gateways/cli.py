@@ -39,6 +39,8 @@ def serve(
     http_port: Annotated[Optional[int], typer.Option(help="HTTP API port [3000].")] = None,
     voice_port: Annotated[Optional[int], typer.Option(help="Voice WebSocket port [3001] (reserved).")] = None,
     mqtt_url: Annotated[Optional[str], typer.Option(help="mqtt://host:port of your broker; none: built-in broker on 1883.")] = None,
+    mqtt_client_id: Annotated[Optional[str], typer.Option(help="MQTT client id (default parley-<hostname>); one per process.")] = None,
+    mqtt_shared_group: Annotated[Optional[str], typer.Option(help="Subscribe as $share/<group>/… so several processes split the devices' messages.")] = None,
     database_url: DbOpt = None,
     data_dir: DataDirOpt = None,
     demo: Annotated[Optional[bool], typer.Option("--demo", help="Create the thermostat demo agent.")] = None,
@@ -51,6 +53,7 @@ def serve(
     from gateways.serve import main
 
     settings = _settings(config, host=host, http_port=http_port, voice_port=voice_port, mqtt_url=mqtt_url,
+                         mqtt_client_id=mqtt_client_id, mqtt_shared_group=mqtt_shared_group,
                          database_url=database_url, data_dir=data_dir, demo=demo, log_format=log_format)
     configure_logging(settings.log_format, settings.log_level)
     try:

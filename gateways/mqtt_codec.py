@@ -88,13 +88,30 @@ def _object(obj: dict[str, Any], key: str, *, required: bool = True) -> dict[str
     return value
 
 
-def _ts(obj: dict[str, Any], key: str = "ts") -> int | None:
+# A device time is epoch milliseconds, stored as a signed 64-bit integer (the events view's
+# BIGINT device_ts; msgpack in the log takes nothing wider). Any number in that range is
+# taken (negative too; a fraction of a millisecond is dropped). Beyond it (`1e300`, `-1e19`,
+# or an integer of 2**63 and up, which json_input lets through as data) it could not be
+# stored, and the message crashed its actor at commit: refused here, as bad input.
+TS_MIN, TS_MAX = -(2**63), 2**63 - 1
+
+
+def _time(obj: dict[str, Any], key: str) -> int | float | None:
+    """The number under `key` as the device sent it, None if absent; refused unless it is a
+    number within TS_MIN..TS_MAX (decode already refused NaN and infinities)."""
     value = obj.get(key)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise BadMessage("bad_field", f"'{key}' must be a number")
-    return int(value)
+    if not TS_MIN <= value <= TS_MAX:  # exact for floats too (Python compares int/float exactly)
+        raise BadMessage("bad_field", f"'{key}' must be epoch milliseconds within 64 bits, not {value!r:.40}")
+    return value
+
+
+def _ts(obj: dict[str, Any], key: str = "ts") -> int | None:
+    value = _time(obj, key)
+    return None if value is None else int(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +176,7 @@ def parse_response(obj: dict[str, Any]) -> Response:
 
 
 def ntp_response(obj: dict[str, Any], received_ms: int, sent_ms: int) -> bytes:
-    device_send = _ts(obj, "deviceSendTime")
+    device_send = _time(obj, "deviceSendTime")  # echoed as sent (1710000010000.9 stays so)
     if device_send is None:
         raise BadMessage("bad_field", "ntp request needs deviceSendTime")
     return encode({"deviceSendTime": device_send, "serverRecvTime": received_ms, "serverSendTime": sent_ms})

@@ -13,8 +13,11 @@ actually does"):
     whose numeric telemetry drifts a little; when a numeric value crosses its alert
     threshold, an event of the spec that reports that value;
   * commands on `device-agent/{p}/device/{d}/commands` (QoS 1): unknown command -> 404,
-    params that do not fit the spec -> 400, else apply them to the state, publish
-    status-with-state and state, then the response `{code: 0, msg: "ok", data: params}`;
+    params that do not fit the spec -> 400 (the response only: nothing changed, so no
+    telemetry and no event), else apply them to the state, publish status-with-state,
+    state, an event named after the command with its params flattened
+    (`{"event": cmd, **params}` on `v1/{p}/{d}/event`), then the response
+    `{code: 0, msg: "ok", data: params}`;
   * on stop: status offline, then disconnect.
 
 Telemetry and events go out at QoS 0 like the real SDK; responses at `response_qos`
@@ -100,7 +103,9 @@ class Simulator:
         self.username, self.password = u.username, u.password
         self.response_qos = response_qos
         self.drift = drift
-        self.state_on_command = state_on_command  # False: answer commands with the response only
+        # True: the SDK's full sequence after a command (status-with-state, state, event,
+        # response); False: answer commands with the response only.
+        self.state_on_command = state_on_command
         self.rng = random.Random(seed)
         self.prefix = prefix or product_id  # thermostat-001, thermostat-002, ... as in the seed
         k = max(1, min(devices, connections or DEFAULT_CONNECTIONS))
@@ -139,6 +144,15 @@ class Simulator:
 
     def state(self, device: VirtualDevice) -> bytes:
         return encode({"type": "state", "ts": now_ms(), "metadata": self._metadata(), "data": dict(device.state)})
+
+    def command_event(self, name: str, params: dict[str, Any]) -> bytes:
+        # The REFERENCE does not name the SDK's command event: use the command's own name with
+        # its params flattened, like the alert events, so `GET /api/devices/:id/events` reads
+        # "set_target_temperature {target_temperature: 24}". A param called "event" is dropped
+        # rather than allowed to replace the name.
+        data: dict[str, Any] = {"event": name}
+        data.update((k, v) for k, v in params.items() if k != "event")
+        return encode({"type": "event", "ts": now_ms(), "metadata": self._metadata(), "data": data})
 
     def telemetry_topic(self, device_id: str) -> str:
         return f"v1/{self.product_id}/{device_id}/telemetry"
@@ -284,9 +298,12 @@ class Simulator:
             device.state.update(params)
             status, state = self.status(device, with_state=True), self.state(device)
         if self.state_on_command:
+            # Exactly the SDK's order: status-with-state, state, event, then the response.
             topic = self.telemetry_topic(device.device_id)
             self._publish(device, topic, status)
             self._publish(device, topic, state)
+            self._publish(device, self.event_topic(device.device_id), self.command_event(name, params))
+            self._count("events")
         self._publish(device, rtopic, encode({"code": 0, "msg": "ok", **base, "data": params}),
                       self.response_qos)
         self._count("answered")

@@ -95,3 +95,60 @@ def test_the_edges_of_what_is_stored_still_decode():
     obj = codec.decode(b'{"a": 18446744073709551615, "b": -9223372036854775808, "c": 1.5e300, "d": '
                        + b'[' * 30 + b']' * 30 + b', "e": "\\u6e29\\ud83c\\udf21"}')
     assert (obj["a"], obj["b"], obj["c"], obj["e"]) == (2**64 - 1, -(2**63), 1.5e300, "\u6e29\U0001f321")
+
+
+# A device time is epoch milliseconds stored as a signed 64-bit integer (log and views):
+# any number in that range is taken, negative too, a fraction of a millisecond dropped.
+@pytest.mark.parametrize("ts,stored", [
+    (1710000000000, 1710000000000), (1710000000000.9, 1710000000000), (0, 0), (-5, -5), (-0.5, 0),
+    (2**63 - 1, 2**63 - 1), (-(2**63), -(2**63)), (-9.223372036854775808e18, -(2**63)),
+    (9.2e18, 9200000000000000000),
+])
+def test_ts_within_64_bits_is_taken(ts, stored):
+    assert codec.parse_telemetry({"type": "status", "ts": ts, "data": {"status": "online"}}).ts == stored
+    assert codec.parse_telemetry({"type": "state", "ts": ts, "data": {}}).ts == stored
+    assert codec.parse_event({"type": "event", "ts": ts, "data": {"event": "e"}}).ts == stored
+
+
+# Beyond it: `int()` of them fits no column, and the message used to crash its actor at
+# commit instead of being dropped as bad input. Integers of 2**63 .. 2**64-1 pass decode
+# (msgpack could store them as data) but not the views' BIGINT device_ts.
+@pytest.mark.parametrize("ts", [1e300, -1e300, 1e20, -1e19, 9.3e18, 2.0**63, 2**63, 2**64 - 1, -(2**63) - 1,
+                                "1710000000000", True, [1], {"ms": 1}])
+def test_ts_that_could_not_be_stored_is_a_bad_field(ts):
+    for parse, obj in ((codec.parse_telemetry, {"type": "status", "ts": ts, "data": {"status": "online"}}),
+                       (codec.parse_telemetry, {"type": "state", "ts": ts, "data": {}}),
+                       (codec.parse_event, {"type": "event", "ts": ts, "data": {"event": "e"}}),
+                       (lambda o: codec.ntp_response(o, 1, 2), {"deviceSendTime": ts})):
+        with pytest.raises(codec.BadMessage) as exc:
+            parse(obj)
+        assert exc.value.reason == "bad_field"
+
+
+def test_ts_beyond_64_bits_from_the_wire_is_a_bad_field_not_a_crash():
+    for payload in (b'{"type":"status","ts":1e300,"data":{"status":"online"}}',
+                    b'{"type":"status","ts":9223372036854775808,"data":{"status":"online"}}'):
+        with pytest.raises(codec.BadMessage) as exc:
+            codec.parse_telemetry(codec.decode(payload))
+        assert exc.value.reason == "bad_field"
+
+
+@pytest.mark.parametrize("sent", [1710000010000.9, 1710000010000, 1.71e12, -3, 0.25])
+def test_ntp_echoes_device_send_time_exactly_as_sent(sent):
+    raw = codec.ntp_response(codec.decode(json.dumps({"deviceSendTime": sent}).encode()), 1710000010100, 1710000010105)
+    out = json.loads(raw)
+    assert out["deviceSendTime"] == sent and type(out["deviceSendTime"]) is type(sent)
+    assert (out["serverRecvTime"], out["serverSendTime"]) == (1710000010100, 1710000010105)
+    assert b'"deviceSendTime":1710000010000.9,' in codec.ntp_response({"deviceSendTime": 1710000010000.9}, 1, 2)
+
+
+def test_response_code_is_an_integer_within_what_decode_lets_through():
+    """`code` takes only JSON integers (no floats, so no 1e300), and decode has already
+    held integers to msgpack's range; the code is stored in the log only (no BIGINT view
+    column), so every integer that reaches parse_response can be stored."""
+    for code in (0, 404, -1, 2**63, 2**64 - 1):
+        raw = json.dumps({"requestId": "r", "code": code}).encode()
+        assert codec.parse_response(codec.decode(raw)).code == code
+    for code in (1e300, 0.0, 200.5):
+        with pytest.raises(codec.BadMessage):
+            codec.parse_response({"requestId": "r", "code": code})

@@ -78,6 +78,33 @@ def sim(mqtt_broker, observer):
     s.stop()
 
 
+@pytest.fixture
+def quiet_sim(mqtt_broker, observer):
+    """One device whose heartbeat never fires during a test, so its messages after the
+    connect sequence are exactly what a command made it send."""
+    s = Simulator(SPEC, "thermostat", devices=1, interval=3600, mqtt_url=mqtt_broker.url,
+                  connections=1, prefix=f"q{uuid.uuid4().hex[:6]}", seed=7)
+    s.start()
+    yield s
+    s.stop()
+
+
+def device_messages(obs: Observer, sim: Simulator, i: int = 0) -> list[tuple[str, dict[str, Any]]]:
+    """(kind, payload) for everything device i sent, in arrival order; kind is the topic's last part."""
+    d = sim.devices[i].device_id
+    topics = {sim.telemetry_topic(d): "telemetry", sim.event_topic(d): "event", sim.response_topic(d): "response"}
+    with obs._cond:
+        return [(topics[t], p) for t, p in obs.messages if t in topics]
+
+
+def after_command(obs: Observer, sim: Simulator, request_id: str) -> list[tuple[str, dict[str, Any]]]:
+    """What the quiet device sent after its 3-message connect sequence, up to the response."""
+    response_for(obs, sim, 0, request_id)
+    msgs = device_messages(obs, sim)
+    assert [p["type"] for _, p in msgs[:3]] == ["status", "status", "state"]  # the connect sequence
+    return msgs[3:]
+
+
 def telemetry(sim: Simulator, i: int = 0) -> str:
     return sim.telemetry_topic(sim.devices[i].device_id)
 
@@ -126,13 +153,95 @@ def test_valid_command_applied_and_answered(sim, observer):
     resp = response_for(observer, sim, 1, "r-ok")
     assert resp["code"] == 0 and resp["msg"] == "ok" and resp["data"] == {"target_temperature": 24}
     assert resp["metadata"]["productId"] == "thermostat" and isinstance(resp["ts"], int)
-    # status-with-state and state carrying the new value were published before the response
-    order = [(t, p) for t, p in observer.messages if t in (telemetry(sim, 1), sim.response_topic(d.device_id))]
-    idx = next(i for i, (t, p) in enumerate(order) if p.get("requestId") == "r-ok")
-    before = [p for _, p in order[:idx]]
-    assert any(p["type"] == "status" and p["data"].get("state", {}).get("target_temperature") == 24 for p in before)
-    assert any(p["type"] == "state" and p["data"].get("target_temperature") == 24 for p in before)
+    assert sim.devices[1].state["target_temperature"] == 24
     assert sim.counters()["answered"] == 1
+
+
+def test_command_sequence_is_the_sdks(quiet_sim, observer):
+    """REFERENCE.md: after a command the SDK publishes status-with-state, state, an event,
+    then the response -- in exactly that order."""
+    observer.command("thermostat", quiet_sim.devices[0].device_id,
+                     {"cmd": "set_target_temperature", "requestId": "r-seq",
+                      "params": {"target_temperature": 24}, "ts": 1})
+    msgs = after_command(observer, quiet_sim, "r-seq")
+    assert [k for k, _ in msgs] == ["telemetry", "telemetry", "event", "response"]
+    status, state, event, resp = (p for _, p in msgs)
+    expected_state = {"temperature": 22, "humidity": 50, "mode": "auto", "target_temperature": 24}
+    assert status["type"] == "status" and status["data"] == {"status": "online", "state": expected_state}
+    assert state["type"] == "state" and state["data"] == expected_state
+    assert event["type"] == "event" and isinstance(event["ts"], int)
+    assert event["metadata"] == {"productId": "thermostat", "modelId": "thermostat"}
+    assert event["data"] == {"event": "set_target_temperature", "target_temperature": 24}
+    assert set(resp) == {"code", "msg", "requestId", "ts", "metadata", "data"}
+    assert (resp["code"], resp["msg"], resp["requestId"], resp["data"]) == (0, "ok", "r-seq", {"target_temperature": 24})
+    c = quiet_sim.counters()
+    assert (c["answered"], c["events"]) == (1, 1)
+
+
+def test_without_state_on_command_only_the_response(mqtt_broker, observer):
+    s = Simulator(SPEC, "thermostat", devices=1, interval=3600, mqtt_url=mqtt_broker.url, connections=1,
+                  prefix=f"q{uuid.uuid4().hex[:6]}", state_on_command=False)
+    s.start()
+    try:
+        observer.command("thermostat", s.devices[0].device_id,
+                         {"cmd": "set_target_temperature", "requestId": "r-bare",
+                          "params": {"target_temperature": 21}, "ts": 1})
+        msgs = after_command(observer, s, "r-bare")
+        assert [k for k, _ in msgs] == ["response"] and msgs[0][1]["code"] == 0
+        assert s.counters()["events"] == 0
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("cmd, params, code", [
+    ("self_destruct", {}, 404),
+    ("set_target_temperature", {"target_temperature": "hot"}, 400),
+])
+def test_rejected_command_sends_the_response_only(quiet_sim, observer, cmd, params, code):
+    """Nothing was applied, so no telemetry and no command event: just the error response."""
+    observer.command("thermostat", quiet_sim.devices[0].device_id,
+                     {"cmd": cmd, "requestId": "r-bad", "params": params, "ts": 1})
+    msgs = after_command(observer, quiet_sim, "r-bad")
+    assert [k for k, _ in msgs] == ["response"] and msgs[0][1]["code"] == code
+    c = quiet_sim.counters()
+    assert (c["rejected"], c["answered"], c["events"]) == (1, 0, 0)
+
+
+def test_command_event_never_renames_itself():
+    sim = Simulator(SPEC, "thermostat", devices=1)  # payloads only: never started
+    data = json.loads(sim.command_event("set_target_temperature", {"target_temperature": 24, "event": "x"}))["data"]
+    assert data == {"event": "set_target_temperature", "target_temperature": 24}
+
+
+def test_command_event_reaches_parleys_event_log(tmp_path, mqtt_broker):
+    """End to end: a command through Parley's MQTT gateway to a simulated device, whose
+    command event is stored where `GET /api/devices/:id/events` reads it."""
+    from actors.device import DeviceActor, SendCommand
+    from actors.ports import FutureReply
+    from gateways.mqtt import MqttGateway
+    from tests.support import create_agent, make_runtime, wait_until
+
+    runtime = make_runtime(tmp_path)
+    gw = MqttGateway(runtime, mqtt_broker.url, client_id=f"parley-test-{time.monotonic_ns()}")
+    runtime.attach_device_link(gw)
+    gw.start()
+    s = Simulator(SPEC, "thermostat", devices=1, interval=3600, mqtt_url=mqtt_broker.url, connections=1,
+                  prefix=f"e{uuid.uuid4().hex[:6]}")
+    try:
+        create_agent(runtime)
+        s.start()
+        d = s.devices[0].device_id
+        wait_until(lambda: any(row.online for row in runtime.devices.find(d, "thermostat")))
+        reply = FutureReply()
+        runtime.system.tell(DeviceActor, ("thermostat", d), SendCommand(
+            "req-e2e", "set_target_temperature", {"target_temperature": 25}, 5000, reply=reply))
+        assert reply.get(5)["data"] == {"target_temperature": 25}
+        (ev,) = wait_until(lambda: runtime.device_events.recent("thermostat", d, 10))
+        assert (ev.name, ev.data) == ("set_target_temperature", {"target_temperature": 25})
+    finally:
+        s.stop()
+        gw.stop()
+        runtime.close()
 
 
 def test_unknown_command_404(sim, observer):
