@@ -45,7 +45,20 @@ class FutureReply:
 class DeviceLink(Protocol):
     """The way to a device: the MQTT gateway publishes on the device's command topic."""
 
-    def publish_command(self, product_id: str, device_id: str, payload: dict[str, Any]) -> None: ...
+    @property
+    def connected(self) -> bool:
+        """Whether a command can go out now and its answer come back (connected and subscribed)."""
+        ...
+
+    def publish_command(self, product_id: str, device_id: str, payload: dict[str, Any]) -> Any:
+        """Hand a command to the broker; returns a handle for `withdraw`. Raises
+        `Unavailable` if it cannot be sent now: it is then never sent later either."""
+        ...
+
+    def withdraw(self, handle: Any) -> None:
+        """A command past its deadline: if the broker has not acknowledged it yet, never
+        send it again (after a reconnect, say); a device must not act on an expired command."""
+        ...
 
 
 NO_REPLY = NoReply()

@@ -2,6 +2,7 @@
 
 An actor replies on its own thread; `TrioReply` hands the outcome to the loop with
 `TrioToken.run_sync_soon` (p50 about 100 µs, REFERENCE.md). Never `Future.get()` here.
+`PendingReplies` keeps the ones requests are waiting on, so shutdown can answer them.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import trio
+
+from actors.errors import Unavailable
 
 
 class TrioReply:
@@ -42,3 +45,39 @@ class TrioReply:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+class PendingReplies:
+    """The `TrioReply`s that requests are waiting on (one per app; O(1) add and discard).
+
+    `close` fails them all at once with `Unavailable`: `serve_http` calls it when shutdown
+    begins, before hypercorn's graceful drain, which would otherwise cancel a request still
+    waiting for a device and close its connection without any response. After `close`,
+    `add` refuses at once, before the handler tells an actor anything.
+    Only ever touched on the trio loop, so no lock.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: set[TrioReply] = set()
+        self._closed: str | None = None  # the reason, once closed
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def add(self, reply: TrioReply) -> None:
+        """Track `reply` until `discard`; raises `Unavailable` once closed."""
+        if self._closed is not None:
+            raise Unavailable(self._closed)
+        self._waiting.add(reply)
+
+    def discard(self, reply: TrioReply) -> None:
+        self._waiting.discard(reply)
+
+    def close(self, reason: str = "server is shutting down") -> None:
+        """Answer every tracked reply with `Unavailable(reason)`, and refuse later ones."""
+        if self._closed is None:
+            self._closed = reason
+        waiting, self._waiting = self._waiting, set()
+        for reply in waiting:
+            # One error each: the waiters raise it in their own tasks.
+            reply._set(None, Unavailable(self._closed))  # on the loop already: no run_sync_soon

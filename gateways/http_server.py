@@ -79,12 +79,15 @@ async def serve_http(
     port: int,
     *,
     keep_alive_timeout: float = 5.0,
+    on_shutdown: Callable[[], None] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``host:port`` (0 = any free port) until cancelled.
 
-    Calls ``task_status.started(bound_port)`` once listening. On cancellation, shuts down
-    gracefully: in-flight requests get ``graceful_timeout`` and the whole drain is capped.
+    Calls ``task_status.started(bound_port)`` once listening. On cancellation, calls
+    ``on_shutdown()`` (synchronous, on the loop: answer the requests that would otherwise
+    wait out the drain, e.g. ``answer_waiting_requests``), then shuts down gracefully:
+    in-flight requests get ``graceful_timeout`` and the whole drain is capped.
     """
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
@@ -106,6 +109,11 @@ async def serve_http(
         try:
             await trio.sleep_forever()
         finally:
-            stop.set()
-            # Cap the drain: hypercorn's graceful_timeout plus a margin for lifespan shutdown.
-            server_scope.deadline = trio.current_time() + config.graceful_timeout + 1.0
+            try:
+                if on_shutdown is not None:
+                    # Before hypercorn's drain: the answers it wakes are sent during the drain.
+                    on_shutdown()
+            finally:
+                stop.set()
+                # Cap the drain: hypercorn's graceful_timeout plus a margin for lifespan shutdown.
+                server_scope.deadline = trio.current_time() + config.graceful_timeout + 1.0

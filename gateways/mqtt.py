@@ -21,7 +21,7 @@ import structlog
 from paho.mqtt.enums import CallbackAPIVersion
 
 from actors.device import DeviceActor, DeviceResponded, ReportEvent, ReportTelemetry
-from actors.errors import ActorCrashed
+from actors.errors import ActorCrashed, Unavailable
 from actors.ports import NO_REPLY
 from gateways import mqtt_codec as codec
 from gateways.mqtt_client import BufferedClient, no_delay
@@ -134,13 +134,13 @@ class MqttGateway:
         try:
             route = codec.parse_topic(msg.topic)
             obj = codec.decode(msg.payload)
+            if self.runtime.agents.get(route.product_id) is None:
+                self._unknown_product(route, msg)  # NTP too: no product, no answer
+                return
             if route.kind == "ntp":
                 payload = codec.ntp_response(obj, received_ms, int(time.time() * 1000))
                 client.publish(codec.ntp_response_topic(route.product_id, route.device_id), payload, qos=0)
                 self._ack(msg.mid, msg.qos)
-                return
-            if self.runtime.agents.get(route.product_id) is None:
-                self._unknown_product(route, msg)
                 return
             key = (route.product_id, route.device_id)
             reply = _Ack(self, msg.mid, msg.qos, key) if msg.qos else NO_REPLY
@@ -258,7 +258,21 @@ class MqttGateway:
             self.stats["acked"] += 1
 
     # -- Parley -> device (the actors' DeviceLink) -------------------------------------
-    def publish_command(self, product_id: str, device_id: str, payload: dict[str, Any]) -> None:
+    @property
+    def connected(self) -> bool:
+        return self._ready.is_set()  # connected and subscribed: the answer can come back
+
+    def publish_command(self, product_id: str, device_id: str, payload: dict[str, Any]) -> paho.MQTTMessageInfo:
         info = self.client.publish(codec.command_topic(product_id, device_id), codec.encode(payload), qos=1)
         if info.rc != paho.MQTT_ERR_SUCCESS:
-            log.warning("mqtt.publish_queued", rc=info.rc, product_id=product_id, device_id=device_id)
+            # paho would keep it and send it after the reconnect, perhaps long after its
+            # caller gave up (504) and retried: a device would act on it twice. Not queued.
+            self.client.withdraw(info)
+            log.warning("mqtt.command_not_sent", rc=str(info.rc), product_id=product_id,
+                        device_id=device_id, request_id=payload.get("requestId"))
+            raise Unavailable("no MQTT link to devices: the broker connection is down")
+        return info
+
+    def withdraw(self, handle: Any) -> None:
+        if self.client.withdraw(handle):
+            log.info("mqtt.command_withdrawn", mid=handle.mid)

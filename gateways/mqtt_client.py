@@ -20,7 +20,8 @@ command round trip, servers A and B side by side with requests alternating betwe
 paho's internal methods overridden here: `_sock_recv` and `loop_read` (the buffer),
 `_loop` (a select() bounded while the gateway holds messages back, see gateways/mqtt.py),
 `_handle_on_message` (no per-topic callback lookup when none are registered), and
-`_packet_queue` and `_packet_write` (the direct write, under one write lock). paho is
+`_packet_queue` and `_packet_write` (the direct write, under one write lock); `withdraw`
+reads and edits paho's outgoing message queue (`_out_messages`). paho is
 pinned to 2.1-2.2 in pyproject.toml, and tests/gateways/test_mqtt_client*.py cover them.
 """
 
@@ -133,6 +134,23 @@ class BufferedClient(paho.Client):
                 except BlockingIOError:
                     pass
         return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def withdraw(self, info: paho.MQTTMessageInfo) -> bool:
+        """Forget an outgoing QoS 1 message the broker has not acknowledged: paho would
+        otherwise send it (again) after the next reconnect. `info` (what `publish` returned),
+        not the mid: mids wrap, and another message may carry this one's mid by now.
+        False if it is no longer held (acknowledged)."""
+        with self._out_message_mutex:
+            message = self._out_messages.get(info.mid)
+            if message is None or message.info is not info:
+                return False
+            del self._out_messages[info.mid]
+            if message.state == paho.mqtt_ms_wait_for_puback:
+                # It held a slot of the in-flight window; its PUBACK, if one comes, is ignored.
+                self._inflight_messages -= 1
+                if self._max_inflight_messages > 0:
+                    self._update_inflight()
+        return True
 
     def _packet_write(self) -> MQTTErrorCode:
         with self._write_lock:

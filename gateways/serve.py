@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 from dataclasses import dataclass
+from functools import partial
 
 import structlog
 import trio
@@ -12,7 +13,7 @@ import trio
 from gateways.broker import BuiltinBroker
 from gateways.config import Settings
 from gateways.demo import ensure_demo_agent
-from gateways.http.app import create_app
+from gateways.http.app import answer_waiting_requests, create_app
 from gateways.http_server import serve_http
 from gateways.mqtt import MqttGateway
 from gateways.runtime import Runtime, RuntimeSettings
@@ -49,7 +50,11 @@ async def serve(settings: Settings, *, task_status: trio.TaskStatus[Running] = t
         if settings.demo and await trio.to_thread.run_sync(ensure_demo_agent, runtime):
             log.info("demo.agent_created", agent_id="thermostat")
         async with trio.open_nursery() as nursery:
-            http_port = await nursery.start(serve_http, create_app(runtime), settings.host, settings.http_port)
+            app = create_app(runtime)
+            # On shutdown, requests waiting on actors get 503 before hypercorn drains them.
+            http_port = await nursery.start(partial(
+                serve_http, app, settings.host, settings.http_port,
+                on_shutdown=partial(answer_waiting_requests, app)))
             log.info("parley.ready", http=f"http://{settings.host}:{http_port}", mqtt=mqtt_url,
                      store=runtime.store.url.split("@")[-1])
             task_status.started(Running(http_port, mqtt_url, runtime))

@@ -99,6 +99,10 @@ class DeviceRegistry(View):
             row = self._row(cur, rows, le.stream_id)
             if row is None:
                 continue
+            if row.last_seen_ms == 0 and not isinstance(e, Device.WentSilent):
+                # Its first message: registered when it arrived, not when the Registered
+                # event was stamped (the commit, a little later), so registeredAt <= lastSeen.
+                row.registered_ms = min(row.registered_ms, e.received_ms)
             if isinstance(e, Device.StatusReported):
                 row.online = e.status == "online"
                 if e.state:
@@ -112,14 +116,16 @@ class DeviceRegistry(View):
                 row.online = False
             else:
                 # As the aggregate folds it: the latest message's receive time, even when
-                # the clock stepped back (liveness compares it with that same clock).
+                # the clock stepped back (liveness compares it with that same clock); any
+                # message means the device is there.
                 row.last_seen_ms = e.received_ms
+                row.online = True
         if rows:
             cur.executemany(
                 "INSERT INTO parley_devices (product_id, device_id, online, state, last_seen_ms,"
                 " registered_ms) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (product_id, device_id) DO"
                 " UPDATE SET online = excluded.online, state = excluded.state,"
-                " last_seen_ms = excluded.last_seen_ms",
+                " last_seen_ms = excluded.last_seen_ms, registered_ms = excluded.registered_ms",
                 [(r.product_id, r.device_id, int(r.online), dumps(r.state), r.last_seen_ms,
                   r.registered_ms) for r in rows.values()],
             )

@@ -59,6 +59,9 @@ class ProjectionRunner:
         # What this process's views reflect: the tables and mirrors (owner), or the mirrors
         # (follower, whose tables are written by the owner).
         self.position: int = row[0] if row else 0
+        # The last commit this process knows of: its own, and on PostgreSQL other
+        # processes' (NOTIFY). A read that must see every acknowledged write waits for it.
+        self.committed: int = self.position
         self.owner = db.claim(name)
         self._next_claim = 0.0
         self.applied = 0  # events this runner wrote to the view tables
@@ -78,6 +81,8 @@ class ProjectionRunner:
         self._thread.start()
 
     def _on_commit(self, position: int) -> None:
+        if position > self.committed:
+            self.committed = position  # one writer at a time calls this (the journal's lock)
         self._wake.set()
 
     def _on_events(self, events: list[LoggedEvent]) -> None:
@@ -121,6 +126,15 @@ class ProjectionRunner:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.005)
+
+    def wait_for_committed(self, timeout: float) -> bool:
+        """Read-your-writes: block until the views reflect every commit this process knows
+        of, i.e. everything acknowledged before the call (an MQTT ack, an HTTP 2xx). Returns
+        at once when they do; otherwise the runner skips its gathering delay."""
+        target = self.committed
+        if self.position >= target and (self.owner or self.stored_position() >= target):
+            return True
+        return self.wait_for(target, timeout)
 
     def stored_position(self) -> int:
         """The position the view tables reflect (written by whichever process owns them)."""

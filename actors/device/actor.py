@@ -35,7 +35,8 @@ class DeviceActor(AggregateActor):
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        self.waiters: dict[str, tuple[Reply, Timer]] = {}
+        # request_id -> the HTTP caller, its deadline, the link's handle of the publish
+        self.waiters: dict[str, tuple[Reply, Timer, Any]] = {}
 
     @classmethod
     def stream_id(cls, key: Key) -> UUID:
@@ -80,19 +81,31 @@ class DeviceActor(AggregateActor):
         if not device.online:
             raise DeviceOffline(f"device {self.key[1]!r} is offline")
         link = self.system.device_link
-        if link is None:
-            raise Unavailable("no MQTT link to devices")
+        if link is None or not link.connected:
+            # Refused before anything is written: 503, and nothing reaches the device later.
+            raise Unavailable("no MQTT link to devices: the broker is not connected")
         sent = now_ms()
         device.send_command(msg.request_id, msg.command, msg.params, msg.timeout_ms, sent)
         # Written before publishing (a crash of the process cannot lose it), but not
         # flushed: the result's commit flushes both before the HTTP caller hears anything.
         self.commit(sync=False)
         # Arm before publishing: a fast device must find the waiter in place.
-        self.waiters[msg.request_id] = (msg.reply, self._arm_deadline(msg.request_id, msg.timeout_ms / 1000))
+        deadline = self._arm_deadline(msg.request_id, msg.timeout_ms / 1000)
+        self.waiters[msg.request_id] = (msg.reply, deadline, None)
         self.lease.pins += 1
-        link.publish_command(device.product_id, device.device_id, {
-            "cmd": msg.command, "params": msg.params, "requestId": msg.request_id, "ts": sent,
-        })
+        try:
+            handle = link.publish_command(device.product_id, device.device_id, {
+                "cmd": msg.command, "params": msg.params, "requestId": msg.request_id, "ts": sent,
+            })
+        except Unavailable as exc:
+            # The link went down between the check above and now: close the command in
+            # the log, so nobody waits for an answer that cannot come.
+            self._take_waiter(msg.request_id)
+            device.command_undelivered(msg.request_id, str(exc))
+            self.commit()
+            raise
+        if msg.request_id in self.waiters:  # not answered yet (the actor's thread: it cannot be)
+            self.waiters[msg.request_id] = (msg.reply, deadline, handle)
 
     def handle_DeviceResponded(self, msg: DeviceResponded) -> None:
         device = self.aggregate
@@ -118,6 +131,9 @@ class DeviceActor(AggregateActor):
         if device is None or msg.request_id not in device.pending:
             return
         timeout_ms = device.pending[msg.request_id]["timeout_ms"]
+        entry = self.waiters.get(msg.request_id)
+        if entry is not None and entry[2] is not None and self.system.device_link is not None:
+            self.system.device_link.withdraw(entry[2])  # expired: not sent after a reconnect
         device.command_timed_out(msg.request_id, timeout_ms)
         self.commit()
         self.log.info("device.command_timed_out", request_id=msg.request_id, timeout_ms=timeout_ms)
@@ -139,7 +155,7 @@ class DeviceActor(AggregateActor):
         entry = self.waiters.pop(request_id, None)
         if entry is None:
             return None
-        reply, timer = entry
+        reply, timer, _ = entry
         timer.cancel()
         self.lease.pins -= 1
         return reply

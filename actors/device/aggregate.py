@@ -95,6 +95,7 @@ class Device(Aggregate):
 
         def apply(self, device: Device) -> None:
             device.last_seen_ms = self.received_ms
+            device.online = True  # any message: the device is there (after WentSilent too)
 
     # -- commands --------------------------------------------------------------------
     def send_command(self, request_id: str, command: str, params: dict[str, Any],
@@ -133,6 +134,7 @@ class Device(Aggregate):
         def apply(self, device: Device) -> None:
             device.pending = {k: v for k, v in device.pending.items() if k != self.request_id}
             device.last_seen_ms = self.received_ms
+            device.online = True  # it answered: it is there
 
     class CommandSucceeded(CommandAnswered):
         pass
@@ -146,6 +148,19 @@ class Device(Aggregate):
     class CommandTimedOut(Aggregate.Event):
         request_id: str
         timeout_ms: int
+
+        def apply(self, device: Device) -> None:
+            device.pending = {k: v for k, v in device.pending.items() if k != self.request_id}
+
+    def command_undelivered(self, request_id: str, reason: str) -> None:
+        self.trigger_event(self.CommandUndelivered, request_id=request_id, reason=reason)
+
+    class CommandUndelivered(Aggregate.Event):
+        """Sent in the log, never handed to the broker (the link went down): it is not
+        delivered later either, and the caller was told 503."""
+
+        request_id: str
+        reason: str
 
         def apply(self, device: Device) -> None:
             device.pending = {k: v for k, v in device.pending.items() if k != self.request_id}

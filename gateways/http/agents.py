@@ -19,7 +19,7 @@ from actors.agent import AgentActor, AgentConfig, AgentPatch, CreateAgent, Delet
 from actors.agent.config import validation_errors
 from actors.errors import AgentAlreadyExists, AgentNotFound, InvalidCommand, ParleyError
 from gateways.bridge import TrioReply
-from gateways.http.app import ApiError, get_runtime, in_thread, json_object
+from gateways.http.app import ApiError, get_pending, get_runtime, in_thread, json_object, read_view
 from projections.agents import AgentRecord
 
 log = structlog.get_logger(__name__)
@@ -64,7 +64,7 @@ async def online_clients(product_ids: list[str]) -> dict[str, list[str]]:
     def query() -> dict[str, list[str]]:
         return {p: [d.device_id for d in devices.list_devices(p, True)] for p in product_ids}
 
-    return await in_thread(query)
+    return await read_view(query)
 
 
 async def render(record: AgentRecord) -> dict[str, Any]:
@@ -97,11 +97,15 @@ async def ask(agent_id: str, message_type: Any, *args: Any) -> int:
     """Send a command to the AgentActor; return the log position once the views have it."""
     runtime = get_runtime()
     reply = TrioReply()
-    runtime.system.tell(AgentActor, (agent_id,), message_type(*args, reply=reply))
+    pending = get_pending()
+    pending.add(reply)  # shutdown answers it (Unavailable); once shut down, raises before the tell
     try:
+        runtime.system.tell(AgentActor, (agent_id,), message_type(*args, reply=reply))
         position = await reply.wait(ACTOR_TIMEOUT_S)
     except trio.TooSlowError:
         raise ApiError.coded(503, "unavailable", "the agent did not answer in time") from None
+    finally:
+        pending.discard(reply)
     if not await in_thread(runtime.projections.wait_for, position, PROJECTION_TIMEOUT_S):
         # Committed, so it is done; only the read side is late. Say so in the log.
         log.warning("http.projection_lagging", agent_id=agent_id, position=position)

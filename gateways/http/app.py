@@ -19,12 +19,14 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from actors.errors import ParleyError
 from gateways import ids, json_input
+from gateways.bridge import PendingReplies
 from gateways.runtime import Runtime
 
 log = structlog.get_logger(__name__)
 
 MAX_BODY = 1024 * 1024  # 1 MiB: commands and agent configs are small; anything bigger is a mistake
 RUNTIME_KEY = "parley.runtime"
+PENDING_KEY = "parley.pending_replies"
 
 # Actor errors -> HTTP status. `code` comes from the error class itself (actors/errors.py).
 ACTOR_STATUS: dict[str, int] = {
@@ -89,9 +91,45 @@ def get_runtime() -> Runtime:
     return current_app.extensions[RUNTIME_KEY]
 
 
+def get_pending() -> PendingReplies:
+    """The app's registry of replies requests wait on: a handler that waits on an actor
+    adds its `TrioReply` before telling the actor and discards it when done, so shutdown
+    can answer it (`answer_waiting_requests`)."""
+    return current_app.extensions[PENDING_KEY]
+
+
+def answer_waiting_requests(app: QuartTrio) -> None:
+    """Shutdown begins: every request waiting on an actor gets its 503 `unavailable` now,
+    and a later one at once, while hypercorn can still send them (its graceful drain would
+    cancel them with no response). `serve_http` calls it as `on_shutdown`."""
+    app.extensions[PENDING_KEY].close("server is shutting down")
+
+
 async def in_thread(fn: Any, *args: Any) -> Any:
     """Run a blocking view query off the trio loop (views hit SQLite/PostgreSQL)."""
     return await trio.to_thread.run_sync(fn, *args)
+
+
+# How long a read waits for the views to catch up before it answers from what they hold.
+READ_WAIT_S = 2.0
+
+
+async def read_view(fn: Any, *args: Any) -> Any:
+    """A view query that sees every write acknowledged before it (read-your-writes, within
+    this process): a command's 200 comes when its result is committed, and the views follow
+    the log a few ms later, so a client that reads the device right after (the seed's own
+    call order) would see the state from before the command. In the worker thread, wait
+    until the views hold every commit this process knows of (usually they do already), at
+    most READ_WAIT_S, then query."""
+    projections = get_runtime().projections
+
+    def query() -> Any:
+        if not projections.wait_for_committed(READ_WAIT_S):
+            log.warning("http.projection_lagging", position=projections.position,
+                        committed=projections.committed)
+        return fn(*args)
+
+    return await trio.to_thread.run_sync(query)
 
 
 async def json_body() -> Any:
@@ -134,6 +172,7 @@ def create_app(runtime: Runtime) -> QuartTrio:
     app.json.sort_keys = False  # keep the documented field order
     app.json.ensure_ascii = False  # the agent API answers in Chinese; send it readable
     app.extensions[RUNTIME_KEY] = runtime
+    app.extensions[PENDING_KEY] = PendingReplies()
     for bp in (health_bp, devices_bp, agents_bp, openapi_bp):
         app.register_blueprint(bp)
 

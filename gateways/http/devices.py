@@ -1,7 +1,7 @@
 """Devices, commands and events (seed 000 family; errors `{"error", "code"}`).
 
 Reads come from the registry and events views (in a worker thread: they hit the
-database). Commands go to the DeviceActor, which publishes them over the DeviceLink
+database), once the views hold every write acknowledged before the read (`read_view`). Commands go to the DeviceActor, which publishes them over the DeviceLink
 (MQTT) and replies when the device answers or the command times out.
 """
 
@@ -18,7 +18,7 @@ from actors.device.messages import SendCommand
 from actors.errors import InvalidCommand, ParleyError
 from gateways import ids
 from gateways.bridge import TrioReply
-from gateways.http.app import ApiError, get_runtime, in_thread, json_object
+from gateways.http.app import ApiError, get_pending, get_runtime, json_object, read_view
 from projections.device_events import DeviceEventRow
 from projections.device_registry import DeviceRow
 
@@ -58,7 +58,7 @@ def _optional_str(value: Any, name: str) -> str | None:
 
 async def find_device(device_id: str, product_id: str | None) -> DeviceRow:
     """The device with this id; without a product, the most recently seen one."""
-    rows = await in_thread(get_runtime().devices.find, device_id, product_id)
+    rows = await read_view(get_runtime().devices.find, device_id, product_id)
     if not rows:
         where = f" in product {product_id!r}" if product_id else ""
         raise ApiError.coded(404, "device_not_found", f"device {device_id!r} not found{where}")
@@ -67,7 +67,8 @@ async def find_device(device_id: str, product_id: str | None) -> DeviceRow:
 
 async def command_product(device_id: str, product_id: str | None) -> str:
     """The product a command goes to. The registry's in-memory index answers without a
-    query; only a device id shared by several products needs the view (most recently seen)."""
+    query; only a device id shared by several products needs the view (most recently seen),
+    and so does a device the index does not know yet (`find_device` waits for the views)."""
     products = get_runtime().devices.products_of(device_id)
     if product_id is not None:
         if product_id in products:
@@ -87,7 +88,7 @@ async def list_devices(product_id: str) -> dict[str, Any]:
     if runtime.agents.get(product_id) is None:  # in-memory mirror: no query needed
         raise ApiError.coded(404, "product_not_found", f"product {product_id!r} not found")
     online = None if status is None else status == "online"
-    rows = await in_thread(runtime.devices.list_devices, product_id, online)
+    rows = await read_view(runtime.devices.list_devices, product_id, online)
     return {"productId": product_id, "devices": [device_json(r) for r in rows]}
 
 
@@ -134,7 +135,9 @@ async def send_command(device_id: str) -> dict[str, Any]:
 
     request_id = ids.request_id()
     reply = TrioReply()
+    pending = get_pending()
     try:
+        pending.add(reply)  # shutdown answers it (503); once shut down, raises before the tell
         runtime.system.tell(DeviceActor, (product_id, device_id),
                             SendCommand(request_id, command, params, timeout_ms, reply))
         return await reply.wait(timeout_ms / 1000 + REPLY_MARGIN_S)
@@ -144,6 +147,8 @@ async def send_command(device_id: str) -> dict[str, Any]:
         # The actor's own deadline should have answered first; reaching here means it is stuck.
         raise ApiError.coded(504, "command_timeout", f"no answer to {request_id} within "
                              f"{timeout_ms} ms", requestId=request_id) from None
+    finally:
+        pending.discard(reply)
 
 
 @bp.get("/api/devices/<device_id>/events")
@@ -158,7 +163,7 @@ async def list_events(device_id: str) -> dict[str, Any]:
         raise ApiError.coded(400, "invalid_request", f"limit must be an integer from 1 to 1000, not {raw_limit!r}")
     product_id = _optional_str(request.args.get("productId"), "productId")
     device = await find_device(device_id, product_id)
-    rows: list[DeviceEventRow] = await in_thread(
+    rows: list[DeviceEventRow] = await read_view(
         runtime.device_events.recent, device.product_id, device.device_id, limit)
     agent = runtime.agents.get(device.product_id)
     spec = agent.device_spec if agent is not None else None

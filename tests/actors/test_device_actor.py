@@ -78,10 +78,18 @@ class Link:
 
     def __init__(self) -> None:
         self.published: list[tuple[str, str, dict[str, Any]]] = []
+        self.withdrawn: list[str] = []
         self.system: ActorSystem | None = None
         self.answer: int | None = 0
+        self.connected = True
+        self.drop_on_publish = False  # the link goes down between the check and the publish
 
-    def publish_command(self, product_id: str, device_id: str, payload: dict[str, Any]) -> None:
+    def withdraw(self, handle: str) -> None:
+        self.withdrawn.append(handle)
+
+    def publish_command(self, product_id: str, device_id: str, payload: dict[str, Any]) -> str:
+        if self.drop_on_publish:
+            raise Unavailable("no MQTT link to devices: the broker connection is down")
         self.published.append((product_id, device_id, payload))
         if self.answer is not None and self.system is not None:
             rid, code = payload["requestId"], self.answer
@@ -89,6 +97,7 @@ class Link:
                 DeviceActor, (product_id, device_id),
                 DeviceResponded(rid, code, "ok" if code == 0 else "invalid params", payload["params"], now_ms()),
             )).start()
+        return payload["requestId"]  # the handle withdraw() gets
 
 
 def ask(system: ActorSystem, message_factory, key=KEY, timeout: float = 5.0) -> Any:
@@ -165,6 +174,28 @@ class TestDeviceActor:
         device = log.load(Device.create_id(*KEY))
         assert device.pending == {}
         assert type(list(log.read_stream(device.id))[-1]).__name__ == "CommandTimedOut"
+        assert link.withdrawn == ["rq-3"]  # expired: the link must not send it after a reconnect
+
+    def test_no_link_to_the_broker_refuses_before_anything_is_written(self, parts):
+        system, log, link = parts
+        online(system)
+        link.connected = False
+        with pytest.raises(Unavailable, match="broker is not connected"):
+            ask(system, lambda r: SendCommand("rq-6", "x", {}, 1000, reply=r))
+        assert link.published == []
+        assert log.load(Device.create_id(*KEY)).version == 2  # Registered, StatusReported
+
+    def test_a_command_the_link_cannot_send_is_closed_in_the_log(self, parts):
+        system, log, link = parts
+        online(system)
+        link.drop_on_publish = True
+        with pytest.raises(Unavailable, match="broker connection is down"):
+            ask(system, lambda r: SendCommand("rq-7", "x", {}, 1000, reply=r))
+        device = log.load(Device.create_id(*KEY))
+        assert device.pending == {}
+        assert [type(e).__name__ for e in log.read_stream(device.id)][-2:] == ["CommandSent", "CommandUndelivered"]
+        link.drop_on_publish = False  # the actor goes on: the next command is sent and answered
+        assert ask(system, lambda r: SendCommand("rq-8", "x", {}, 1000, reply=r))["code"] == 0
 
     def test_refusals_emit_nothing(self, parts):
         system, log, link = parts
@@ -404,7 +435,8 @@ def test_the_senders_log_context_follows_a_command_into_the_actor_and_its_deadli
 
 class DecoratorDevice:
     """What each command did to a Device in the `@event`-decorator version (the method
-    bodies of commit d44d395^, verbatim), without eventsourcing: the reference for the
+    bodies of commit d44d395^, verbatim, except that since 2026-11-22 an event or a command
+    answer also brings the device online), without eventsourcing: the reference for the
     explicit event classes' `apply`."""
 
     def __init__(self, product_id: str, device_id: str) -> None:
@@ -431,6 +463,7 @@ class DecoratorDevice:
 
     def report_event(self, name, data, device_ts, received_ms, metadata) -> None:
         self.last_seen_ms = received_ms
+        self.online = True  # since 2026-11-22: any message brings a silent device back
 
     def send_command(self, request_id, command, params, timeout_ms, sent_ms) -> None:
         self.pending = {**self.pending, request_id: {"command": command, "sent_ms": sent_ms,
@@ -439,10 +472,12 @@ class DecoratorDevice:
     def command_succeeded(self, request_id, code, msg, data, received_ms) -> None:
         self.pending = {k: v for k, v in self.pending.items() if k != request_id}
         self.last_seen_ms = received_ms
+        self.online = True
 
     def command_failed(self, request_id, code, msg, data, received_ms) -> None:
         self.pending = {k: v for k, v in self.pending.items() if k != request_id}
         self.last_seen_ms = received_ms
+        self.online = True
 
     def command_timed_out(self, request_id, timeout_ms) -> None:
         self.pending = {k: v for k, v in self.pending.items() if k != request_id}
@@ -470,8 +505,9 @@ COMMANDS: list[tuple[str, tuple, str, tuple[str, ...]]] = [
      ("request_id", "code", "msg", "data", "received_ms")),  # unknown: only last_seen
     ("command_timed_out", ("r3", 2000), "CommandTimedOut", ("request_id", "timeout_ms")),
     ("go_silent", (710, 90000), "WentSilent", ("last_seen_ms", "window_ms")),
-    ("report_event", ("alert", {}, None, 800, None), "EventReported", ()),  # an event is no sign of life
-    ("command_succeeded", ("r1", 0, "ok", {"v": 1}, 900), "CommandSucceeded", ()),
+    ("report_event", ("alert", {}, None, 800, None), "EventReported", ()),  # an event brings it back
+    ("go_silent", (800, 90000), "WentSilent", ()),
+    ("command_succeeded", ("r1", 0, "ok", {"v": 1}, 900), "CommandSucceeded", ()),  # so does an answer
     ("send_command", ("r1", "set", {"v": 3}, 5000, 950), "CommandSent", ()),  # a request id used again
     ("command_timed_out", ("r1", 5000), "CommandTimedOut", ()),
 ]
@@ -499,4 +535,4 @@ def test_each_event_applies_what_the_decorator_version_did():
     for e in events:
         replayed = e.mutate(replayed)
     assert facts(replayed) == facts(before) and replayed.version == len(COMMANDS) + 1
-    assert facts(before) == (False, {"a": 5, "n": {"y": 2}, "b": 2, "c": 3}, 900, {})
+    assert facts(before) == (True, {"a": 5, "n": {"y": 2}, "b": 2, "c": 3}, 900, {})

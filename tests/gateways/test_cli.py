@@ -44,7 +44,8 @@ def test_bad_settings_are_a_clear_error(tmp_path):
 
 def test_replay_device_timeline_and_state_at_version(tmp_path):
     rt = make_runtime(tmp_path)
-    rt.attach_device_link(type("Silent", (), {"publish_command": lambda *a: None})())  # never answers
+    rt.attach_device_link(type("Silent", (), {  # never answers
+        "connected": True, "publish_command": lambda *a: None, "withdraw": lambda *a: None})())
     try:
         key = ("thermostat", "t-9")
         for state in ({"temperature": 20}, {"temperature": 25}):
@@ -93,3 +94,21 @@ def test_serve_explains_a_taken_broker_port_instead_of_a_traceback(tmp_path):
     assert proc.returncode == 1
     assert "parley could not start" in out and "--mqtt-url" in out
     assert "Traceback" not in out
+
+
+def test_serve_takes_the_mqtt_client_id_and_shared_group_flags_as_docs_mqtt_md_says(monkeypatch):
+    import gateways.serve
+
+    seen = []
+
+    async def fake_main(settings):
+        seen.append(settings)
+
+    monkeypatch.setattr(gateways.serve, "main", fake_main)
+    monkeypatch.setenv("PARLEY_MQTT_CLIENT_ID", "from-env")
+    monkeypatch.setenv("PARLEY_MQTT_SHARED_GROUP", "env-group")
+    result = runner.invoke(app, ["serve", "--mqtt-client-id", "parley-a", "--mqtt-shared-group", "parley"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["serve"])  # no flags: the environment's
+    assert result.exit_code == 0, result.output
+    assert [(s.mqtt_client_id, s.mqtt_shared_group) for s in seen] == [("parley-a", "parley"), ("from-env", "env-group")]

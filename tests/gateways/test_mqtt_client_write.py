@@ -165,3 +165,58 @@ def test_a_manual_ack_from_another_thread_is_written_there(mqtt_broker) -> None:
     finally:
         stop(pub)
         stop(c)
+
+
+# -- withdraw: an outgoing QoS 1 message paho would otherwise send after a reconnect -------
+
+
+def test_a_withdrawn_message_is_not_sent_when_the_connection_comes(mqtt_broker) -> None:
+    topic = f"dw/{uuid.uuid4().hex[:8]}"
+    sub = Subscriber(mqtt_broker, topic)
+    c = BufferedClient(CallbackAPIVersion.VERSION2, client_id=f"dw-{uuid.uuid4().hex[:8]}")
+    try:
+        # Not connected yet: paho keeps QoS 1 messages and sends them once connected.
+        kept = c.publish(topic, b"withdrawn", qos=1)
+        also = c.publish(topic, b"kept", qos=1)
+        assert kept.rc == paho.MQTT_ERR_NO_CONN and also.rc == paho.MQTT_ERR_NO_CONN
+        assert c.withdraw(kept) is True
+        assert c.withdraw(kept) is False  # once
+        up = threading.Event()
+        c.on_connect = lambda *a: up.set()
+        c.connect(mqtt_broker.host, mqtt_broker.port)
+        c.loop_start()
+        assert up.wait(5)
+        c.publish(topic, b"after", qos=1)
+        wait_until(lambda: sub.got == [b"kept", b"after"], timeout=5)
+        wait_until(lambda: not c._out_messages, timeout=5)
+    finally:
+        stop(c)
+        sub.close()
+
+
+def test_withdrawing_an_in_flight_message_frees_its_slot(mqtt_broker) -> None:
+    """A message sent but not yet acknowledged holds one of the in-flight slots; withdrawn,
+    it gives the slot to the next queued message, which goes out at once."""
+    with publisher_and_subscriber(mqtt_broker, max_inflight=1) as (c, sub, topic):
+        with c._out_message_mutex:  # no PUBACK is handled meanwhile: both stay held
+            first = c.publish(topic, b"first", qos=1)
+            second = c.publish(topic, b"second", qos=1)
+            assert c._out_messages[first.mid].state == paho.mqtt_ms_wait_for_puback
+            assert c._out_messages[second.mid].state == paho.mqtt_ms_queued
+            assert c.withdraw(first) is True  # sent already: it arrives, but is not sent again
+            assert c._out_messages[second.mid].state == paho.mqtt_ms_wait_for_puback
+        wait_until(lambda: sub.got == [b"first", b"second"], timeout=5)
+        wait_until(lambda: not c._out_messages and c._inflight_messages == 0, timeout=5)
+
+
+def test_withdraw_knows_a_message_by_more_than_its_mid(mqtt_broker) -> None:
+    with publisher_and_subscriber(mqtt_broker) as (c, sub, topic):
+        acked = c.publish(topic, b"one", qos=1)
+        acked.wait_for_publish(5)
+        assert c.withdraw(acked) is False  # acknowledged: nothing to withdraw
+        other = paho.MQTTMessageInfo(acked.mid)  # same mid, another message
+        with c._out_message_mutex:
+            held = c.publish(topic, b"two", qos=1)
+            other.mid = held.mid
+            assert c.withdraw(other) is False and held.mid in c._out_messages
+        wait_until(lambda: sub.got == [b"one", b"two"], timeout=5)

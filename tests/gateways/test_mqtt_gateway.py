@@ -15,6 +15,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from actors.device import Device, DeviceActor, ReportTelemetry, SendCommand
+from actors.errors import Unavailable
 from actors.ports import FutureReply
 from gateways.mqtt import MqttGateway
 from gateways.mqtt_client import no_delay
@@ -223,12 +224,59 @@ def test_command_round_trip_over_mqtt(runtime, gateway, device):
 
 
 def test_ntp(runtime, gateway, device):
+    create_agent(runtime)
     device.subscribe(f"device-agent/{P}/device/{D}/ntp/response")
-    before = int(time.time() * 1000)
-    device.send(f"device-agent/{P}/device/{D}/ntp/request", {"deviceSendTime": 1710000010000})
-    topic, answer = device.inbox.get(timeout=5)
-    assert answer["deviceSendTime"] == 1710000010000
-    assert before <= answer["serverRecvTime"] <= answer["serverSendTime"] <= int(time.time() * 1000)
+    for sent in (1710000010000, 1710000010000.9):  # echoed exactly as sent; server times in whole ms
+        before = int(time.time() * 1000)
+        device.send(f"device-agent/{P}/device/{D}/ntp/request", {"deviceSendTime": sent})
+        topic, answer = device.inbox.get(timeout=5)
+        assert topic == f"device-agent/{P}/device/{D}/ntp/response"
+        assert answer["deviceSendTime"] == sent and type(answer["deviceSendTime"]) is type(sent)
+        assert isinstance(answer["serverRecvTime"], int) and isinstance(answer["serverSendTime"], int)
+        assert before <= answer["serverRecvTime"] <= answer["serverSendTime"] <= int(time.time() * 1000)
+    assert runtime.log.max_position() == 1  # the agent's creation: NTP stores nothing
+
+
+def test_ntp_for_an_unknown_product_is_dropped_like_any_other_topic(runtime, gateway, device):
+    """docs/mqtt.md: messages for a product that has no agent are acknowledged, logged once
+    per product and counted; that holds for NTP requests too, which get no answer."""
+    import structlog
+
+    device.subscribe("device-agent/nobody/device/d/ntp/response")
+    with structlog.testing.capture_logs() as logs:
+        mids = [device.send("device-agent/nobody/device/d/ntp/request", {"deviceSendTime": 1710000010000})
+                for _ in range(2)]
+        wait_until(lambda: all(m in device.acked for m in mids))
+        wait_until(lambda: gateway.stats["dropped.unknown_product"] == 2)
+    assert [e["product_id"] for e in logs if e["event"] == "mqtt.unknown_product"] == ["nobody"]
+    with pytest.raises(queue.Empty):
+        device.inbox.get(timeout=0.5)
+    assert runtime.log.max_position() == 0
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+def test_a_ts_beyond_64_bits_is_dropped_as_bad_input_not_a_crash(runtime, gateway, device, qos):
+    """`ts: 1e300` passed the codec, then failed to encode into the log: the actor crashed
+    (counted as poison at QoS 1, not at all at QoS 0) and nothing said mqtt.dropped."""
+    import structlog
+
+    create_agent(runtime)
+    position = runtime.log.max_position()
+    bad = [{"type": "status", "ts": ts, "data": {"status": "online"}} for ts in (1e300, -1e19, 1e20, 2**63)]
+    bad.append({"type": "event", "ts": 1e300, "data": {"event": "temperature_alert"}})
+    with structlog.testing.capture_logs() as logs:
+        for payload in bad[:-1]:
+            device.send(f"v1/{P}/{D}/telemetry", payload, qos=qos)
+        device.send(f"v1/{P}/{D}/event", bad[-1], qos=qos)
+        device.send(f"device-agent/{P}/device/{D}/ntp/request", {"deviceSendTime": 1e300}, qos=qos)
+        wait_until(lambda: gateway.stats["dropped.bad_field"] == len(bad) + 1)
+    dropped = [e for e in logs if e["event"] == "mqtt.dropped"]
+    assert len(dropped) == len(bad) + 1 and {e["reason"] for e in dropped} == {"bad_field"}
+    assert gateway.stats["poison"] == 0 and gateway.stats["acked"] == (len(bad) + 1 if qos else 0)
+    assert not [e for e in logs if e["event"] in ("actor.crashed", "journal.commit_failed")]
+    assert runtime.log.max_position() == position  # nothing stored, no device registered
+    device.send(f"v1/{P}/{D}/telemetry", status(), qos=qos)  # the device's next good message registers it
+    wait_until(lambda: stream(runtime)[:1] == ["Registered"])
 
 
 BAD = [b"{oops", b"\xff", b"[]", b"null", b'{"type": 5}', b'{"type": "status", "data": {"status": 1}}',
@@ -263,6 +311,24 @@ def test_silent_device_goes_offline_and_that_is_an_event(runtime, gateway, devic
     wait_until(lambda: runtime.devices.find(D)[0].online)
 
 
+def test_any_message_brings_a_silent_device_back(runtime, gateway, device):
+    """An event or a command's answer is a sign of life too: the device is online again,
+    in the log and in the registry view (docs/mqtt.md: "its next message brings it back")."""
+    create_agent(runtime)
+    device.send(f"v1/{P}/{D}/telemetry", status())
+    wait_until(lambda: stream(runtime).count("WentSilent") == 1, timeout=5)
+    wait_until(lambda: not runtime.devices.find(D)[0].online)
+    device.send(f"v1/{P}/{D}/event", {"type": "event", "data": {"event": "temperature_alert", "t": 40}})
+    wait_until(lambda: runtime.devices.find(D)[0].online)
+    assert runtime.log.load(Device.create_id(P, D)).online
+    # A device whose first message is an event: registered, online, and registered no
+    # later than it was last seen.
+    device.send(f"v1/{P}/e-1/event", {"type": "event", "data": {"event": "boot"}})
+    wait_until(lambda: runtime.devices.find("e-1"))
+    (row,) = runtime.devices.find("e-1")
+    assert row.online and row.registered_ms <= row.last_seen_ms
+
+
 def test_reconnects_and_resubscribes_after_the_broker_restarts(runtime):
     """The broker goes away and comes back empty (no session): Parley reconnects with
     backoff and subscribes again."""
@@ -289,6 +355,52 @@ def test_reconnects_and_resubscribes_after_the_broker_restarts(runtime):
         dev.close()
         gw.stop()
         broker.stop()
+
+
+def test_a_command_while_the_broker_is_down_is_refused_and_never_sent_later(tmp_path):
+    """Refused at once with Unavailable (HTTP 503), nothing written, and nothing published
+    when the broker is back: a caller that retries must not make the device act twice."""
+    from gateways.broker import BuiltinBroker
+
+    runtime = make_runtime(tmp_path, liveness_window=120)  # online throughout the outage
+    broker = BuiltinBroker(port=0)
+    port = broker.start()
+    gw = MqttGateway(runtime, f"mqtt://127.0.0.1:{port}", client_id=f"parley-outage-{time.monotonic_ns()}")
+    runtime.attach_device_link(gw)
+    gw.start()
+    create_agent(runtime)
+    dev = DeviceClient(port, client_id=f"dev-outage-{time.monotonic_ns()}")
+    try:
+        dev.send(f"v1/{P}/{D}/telemetry", status())
+        wait_until(lambda: "StatusReported" in stream(runtime))
+        broker.stop()
+        wait_until(lambda: not gw.connected, timeout=10)
+        reply = FutureReply()
+        runtime.system.tell(DeviceActor, (P, D), SendCommand("req-outage", "set_target_temperature",
+                                                            {"target_temperature": 1}, 60_000, reply=reply))
+        with pytest.raises(Unavailable, match="broker is not connected"):
+            reply.get(5)
+        assert "CommandSent" not in stream(runtime)
+        # The race the check cannot close: the link drops between the check and the publish.
+        with pytest.raises(Unavailable, match="broker connection is down"):
+            gw.publish_command(P, D, {"cmd": "set_target_temperature", "params": {}, "requestId": "req-race", "ts": 0})
+        broker = BuiltinBroker(port=port)
+        broker.start()
+        wait_until(lambda: gw.connected, timeout=40)  # backoff starts at 1 s
+        wait_until(lambda: dev.c.is_connected(), timeout=40)
+        dev.subscribe(f"device-agent/{P}/device/{D}/commands")
+        reply = FutureReply()
+        runtime.system.tell(DeviceActor, (P, D), SendCommand("req-after", "set_target_temperature",
+                                                            {"target_temperature": 2}, 5000, reply=reply))
+        topic, cmd = dev.inbox.get(timeout=5)
+        assert cmd["requestId"] == "req-after"  # the first command delivered: nothing queued before it
+        time.sleep(0.3)
+        assert dev.inbox.empty()
+    finally:
+        dev.close()
+        gw.stop()
+        broker.stop()
+        runtime.close()
 
 
 # -- hand-over per socket read (MqttGateway._hand_over, ActorSystem.tell_many) ------------

@@ -55,15 +55,26 @@ class FakeLink:
         self.published: list[tuple[str, str, dict[str, Any]]] = []
         self.silent = False  # True: devices never answer (for timeouts)
         self.answer: tuple[int, str] = (0, "ok")
+        self.connected = True
+        self.state_first = False  # True: report the params as state and an event before answering
 
     def publish_command(self, product_id: str, device_id: str, payload: dict[str, Any]) -> None:
         self.published.append((product_id, device_id, payload))
         if not self.silent:
             threading.Thread(target=self._respond, args=(product_id, device_id, payload)).start()
 
+    def withdraw(self, handle: Any) -> None:
+        pass
+
     def _respond(self, product_id: str, device_id: str, payload: dict[str, Any]) -> None:
         code, msg = self.answer
-        self.runtime.system.tell(DeviceActor, (product_id, device_id), DeviceResponded(
+        key = (product_id, device_id)
+        if self.state_first and code == 0:  # as the SDK does: its new state, then the answer
+            self.runtime.system.tell(DeviceActor, key, ReportTelemetry(
+                "state", None, dict(payload["params"]), None, now_ms()))
+            self.runtime.system.tell(DeviceActor, key, ReportEvent(
+                payload["cmd"], dict(payload["params"]), None, now_ms()))
+        self.runtime.system.tell(DeviceActor, key, DeviceResponded(
             payload["requestId"], code, msg, {"applied": payload["params"]}, now_ms()))
 
 

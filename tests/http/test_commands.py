@@ -123,7 +123,8 @@ async def test_no_device_link_is_503(client: httpx.AsyncClient, runtime: Runtime
     await set_status(runtime, "thermostat", "t-001", "online")
     r = await send(client, {"command": "reboot"})  # no link attached: MQTT is down
     assert r.status_code == 503
-    assert r.json()["code"] == "unavailable" and r.json()["error"] == "no MQTT link to devices"
+    assert r.json()["code"] == "unavailable"
+    assert r.json()["error"] == "no MQTT link to devices: the broker is not connected"
 
 
 @pytest.mark.parametrize("body, message", [
@@ -153,3 +154,41 @@ async def test_malformed_json_is_400(client: httpx.AsyncClient, online: FakeLink
                           headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["code"] == "invalid_json"
     assert online.published == []
+
+
+async def test_a_read_right_after_a_command_sees_what_the_device_reported(
+        client: httpx.AsyncClient, runtime: Runtime, online: FakeLink) -> None:
+    """The seed's call order: send a command, then read the device's state and events.
+    The device reports its new state (and an event) before answering; the 200 comes once
+    the answer is committed; the read that follows must see that state, though the views
+    follow the log later (here 0.3 s later, unless a read asks for them)."""
+    runtime.projections.coalesce = 0.3
+    online.state_first = True
+    for target in (18, 19, 20):
+        r = await send(client, {"command": "set_target_temperature", "params": {"target_temperature": target}})
+        assert r.status_code == 200 and r.json()["code"] == 0
+        device = (await client.get("/api/devices/t-001")).json()
+        assert device["state"]["target_temperature"] == target
+        events = (await client.get("/api/devices/t-001/events?limit=1")).json()["events"]
+        assert events[0]["event"] == "set_target_temperature" and events[0]["data"] == {"target_temperature": target}
+        listed = (await client.get("/api/products/thermostat/devices")).json()["devices"]
+        assert listed[0]["state"]["target_temperature"] == target
+
+
+async def test_a_command_right_after_a_new_devices_first_message_finds_it(
+        client: httpx.AsyncClient, runtime: Runtime, link: FakeLink) -> None:
+    """Acknowledged (committed) but not yet in the views: the device is found, not 404."""
+    import trio
+
+    from actors.device import DeviceActor, ReportTelemetry
+    from actors.ports import FutureReply
+    from tests.http.conftest import now_ms
+
+    await create_agent(client)
+    runtime.projections.coalesce = 0.3
+    reply = FutureReply()
+    runtime.system.tell(DeviceActor, ("thermostat", "t-new"),
+                        ReportTelemetry("status", "online", None, None, now_ms(), reply=reply))
+    await trio.to_thread.run_sync(reply.get)  # what the MQTT ack waits for: the commit
+    r = await send(client, {"command": "set_target_temperature", "params": {"target_temperature": 21}}, "t-new")
+    assert r.status_code == 200, r.text
