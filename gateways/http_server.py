@@ -22,6 +22,8 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from gateways import hypercorn_fixes
+
 Message = MutableMapping[str, Any]
 Send = Callable[[Message], Awaitable[None]]
 Receive = Callable[[], Awaitable[Message]]
@@ -89,6 +91,9 @@ async def serve_http(
     wait out the drain, e.g. ``answer_waiting_requests``), then shuts down gracefully:
     in-flight requests get ``graceful_timeout`` and the whole drain is capped.
     """
+    # A client that stops reading cannot hold its connection (or shutdown) forever, and
+    # malformed HTTP gets a JSON refusal and a log line (gateways/hypercorn_fixes.py).
+    hypercorn_fixes.install()
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.keep_alive_timeout = keep_alive_timeout

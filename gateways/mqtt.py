@@ -9,6 +9,7 @@ payload) is acknowledged at once, so the broker does not redeliver it forever.
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import threading
 import time
@@ -55,17 +56,32 @@ class _Ack:
             self.gw._retry(self, error)
 
 
+def default_client_id(store_url: str) -> str:
+    """`parley-<host>-<store>`: the same after a restart (the broker keeps our persistent
+    session and what it queued meanwhile), different for a second checkout or data dir on
+    the same host. With one id for both, each connect would take the other's session and
+    knock it off, about once a second, for as long as both run."""
+    digest = hashlib.sha256(store_url.encode()).hexdigest()[:8]
+    return f"parley-{socket.gethostname()}-{digest}"
+
+
 class MqttGateway:
     def __init__(self, runtime: Runtime, url: str, *, client_id: str | None = None,
                  shared_group: str | None = None, keepalive: int = 30) -> None:
         u = urlparse(url)
-        if u.scheme not in ("mqtt", "tcp", ""):
+        # A scheme is required: "127.0.0.1:1884" parses as a path, and the defaults would
+        # have sent us to port 1883 of localhost while the log said 1884.
+        try:
+            port = u.port
+        except ValueError:
+            port = -1
+        if u.scheme not in ("mqtt", "tcp") or not u.hostname or port == -1:
             raise ValueError(f"unsupported MQTT URL {url!r}: use mqtt://host:port")
         self.runtime = runtime
-        self.host = u.hostname or "127.0.0.1"
-        self.port = u.port or 1883
+        self.host = u.hostname
+        self.port = port or 1883
         self.keepalive = keepalive
-        self.client_id = client_id or f"parley-{socket.gethostname()}"
+        self.client_id = client_id or default_client_id(runtime.store.url)
         self.shared_group = shared_group
         self.stats: Counter[str] = Counter()
         self._ready = threading.Event()
@@ -89,6 +105,9 @@ class MqttGateway:
         self._held_unacked = 0  # QoS 1 messages among them: the broker waits for their acks
         self.client.on_read_end = self._hand_over
         self._connection = 0  # counts connects (each may redeliver what was not acknowledged)
+        self._connected_at = 0.0
+        self._short_drops: list[float] = []
+        self._warned_takeover_at = -60.0
         self._stopping = False
 
     # -- lifecycle -------------------------------------------------------------------
@@ -111,6 +130,7 @@ class MqttGateway:
             log.error("mqtt.connect_refused", reason=str(reason))
             return
         no_delay(client)
+        self._connected_at = time.monotonic()
         self._connection += 1  # retries of messages from an earlier connection stop: redelivered
         prefix = f"$share/{self.shared_group}/" if self.shared_group else ""
         # Subscribe on every connect: the broker may have lost our persistent session.
@@ -121,11 +141,33 @@ class MqttGateway:
     def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
         self._ready.set()
 
+    # Dropped this soon after connecting, this often: another client is taking our session.
+    SHORT_LIVED_S = 5.0
+    TAKEOVER_DROPS = 3
+
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         self._ready.clear()
         self._flush()  # nothing held waits for a reconnect
         if reason.is_failure:
             log.warning("mqtt.disconnected", reason=str(reason), will_retry=True)
+            self._note_short_connection()
+
+    def _note_short_connection(self) -> None:
+        """MQTT 3.1.1 gives no reason when a broker drops us because another client
+        connected with our client id; the sign is a connection closed right after it was
+        made, again and again. Say what is probably wrong (once a minute at most)."""
+        now = time.monotonic()
+        if now - self._connected_at > self.SHORT_LIVED_S:
+            self._short_drops.clear()
+            return
+        self._short_drops.append(now)
+        recent = [t for t in self._short_drops if now - t < 60]
+        self._short_drops[:] = recent
+        if len(recent) >= self.TAKEOVER_DROPS and now - self._warned_takeover_at > 60:
+            self._warned_takeover_at = now
+            log.error("mqtt.session_taken_over", client_id=self.client_id, drops=len(recent),
+                      hint="another MQTT client is probably connecting with this client id: give "
+                           "each Parley process its own (--mqtt-client-id / PARLEY_MQTT_CLIENT_ID)")
 
     # -- device -> Parley ------------------------------------------------------------
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:

@@ -4,6 +4,7 @@ started in order and stopped in reverse."""
 from __future__ import annotations
 
 import signal
+import socket
 from dataclasses import dataclass
 from functools import partial
 
@@ -19,6 +20,16 @@ from gateways.mqtt import MqttGateway
 from gateways.runtime import Runtime, RuntimeSettings
 
 log = structlog.get_logger(__name__)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise OSError (EADDRINUSE) if `port` cannot be listened on, as hypercorn would later."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as hypercorn binds
+        probe.bind((host, port))
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,9 @@ async def serve(settings: Settings, *, task_status: trio.TaskStatus[Running] = t
     gateway: MqttGateway | None = None
     try:
         await trio.to_thread.run_sync(runtime.start)
+        # Before the broker: a second `parley serve` whose HTTP port is taken must stop here,
+        # not first connect with the running server's MQTT session and knock it off.
+        check_port_free(settings.host, settings.http_port)
         mqtt_url = settings.mqtt_url
         if not mqtt_url:
             broker = BuiltinBroker(settings.host, settings.builtin_broker_port)

@@ -112,3 +112,28 @@ def test_serve_takes_the_mqtt_client_id_and_shared_group_flags_as_docs_mqtt_md_s
     result = runner.invoke(app, ["serve"])  # no flags: the environment's
     assert result.exit_code == 0, result.output
     assert [(s.mqtt_client_id, s.mqtt_shared_group) for s in seen] == [("parley-a", "parley"), ("from-env", "env-group")]
+
+
+async def test_serve_with_its_http_port_taken_stops_before_touching_the_broker(tmp_path, monkeypatch):
+    """A second `parley serve` on a taken port used to connect to the broker first, with the
+    running server's client id, and knock that server off before failing."""
+    import socket
+
+    import gateways.serve as serve_module
+    from gateways.config import Settings
+
+    made: list[object] = []
+    monkeypatch.setattr(serve_module, "MqttGateway", lambda *a, **k: made.append(a))
+    monkeypatch.setattr(serve_module, "BuiltinBroker", lambda *a, **k: made.append(a))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = Settings(http_port=port, data_dir=tmp_path, mqtt_url="mqtt://127.0.0.1:1")
+        with pytest.raises(BaseException) as caught:
+            await serve_module.serve(settings)
+    leaves = [caught.value]
+    while any(isinstance(e, BaseExceptionGroup) for e in leaves):
+        leaves = [x for e in leaves for x in (e.exceptions if isinstance(e, BaseExceptionGroup) else [e])]
+    assert any(isinstance(e, OSError) and e.errno == 98 for e in leaves), leaves
+    assert made == []  # neither a broker nor a gateway was started

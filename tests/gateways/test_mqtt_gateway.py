@@ -812,3 +812,45 @@ def test_a_flood_of_qos0_telemetry_is_committed_in_order_in_few_transactions(run
     assert gateway.stats["received"] == len(devices) * per_device
     assert not [k for k in gateway.stats if k.startswith("dropped.")]
     assert gateway._held == 0 and gateway.client.hold_until is None  # nothing left behind
+
+
+# -- the connection: URL, client id, a client id used twice ----------------------------
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:1884", "localhost:1884", "http://127.0.0.1:1883",
+                                 "mqtt://", "mqtt://127.0.0.1:99999"])
+def test_an_mqtt_url_parley_cannot_use_is_refused(runtime, url):
+    # "127.0.0.1:1884" used to connect to port 1883 while the log said 1884.
+    with pytest.raises(ValueError, match="use mqtt://host:port"):
+        MqttGateway(runtime, url)
+
+
+def test_the_default_client_id_is_per_host_and_store(runtime, tmp_path):
+    from gateways.mqtt import default_client_id
+
+    gw = MqttGateway(runtime, "mqtt://127.0.0.1:1884")
+    assert (gw.host, gw.port) == ("127.0.0.1", 1884)
+    assert gw.client_id == default_client_id(runtime.store.url)  # the same after a restart
+    assert gw.client_id.startswith(f"parley-{socket.gethostname()}-")
+    assert default_client_id("sqlite:////elsewhere/events.sqlite") != gw.client_id  # another checkout
+
+
+def test_a_client_id_used_by_two_processes_is_reported(runtime, takeover_broker):
+    """Two gateways with one client id take the session from each other about once a
+    second, forever; MQTT 3.1.1 says nothing about why, so Parley says what is likely."""
+    import structlog
+
+    client_id = f"parley-twice-{time.monotonic_ns()}"
+    first = MqttGateway(runtime, takeover_broker.url, client_id=client_id)
+    second = MqttGateway(runtime, takeover_broker.url, client_id=client_id)
+    with structlog.testing.capture_logs() as logs:
+        first.start()
+        try:
+            second.client.connect_async(second.host, second.port, keepalive=second.keepalive)
+            second.client.loop_start()
+            wait_until(lambda: any(e["event"] == "mqtt.session_taken_over" for e in logs), timeout=30)
+        finally:
+            second.stop()
+            first.stop()
+    warning = next(e for e in logs if e["event"] == "mqtt.session_taken_over")
+    assert warning["client_id"] == client_id and "PARLEY_MQTT_CLIENT_ID" in warning["hint"]

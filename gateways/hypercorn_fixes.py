@@ -1,0 +1,97 @@
+"""Two gaps in hypercorn 0.18's HTTP/1.1 server, closed for Parley's HTTP API.
+
+1. A client that stops reading holds its connection forever, and holds up shutdown too.
+   hypercorn writes every response shielded from cancellation (`TCPServer.protocol_send`)
+   and with no timeout, so neither its idle timer nor the deadline `serve_http` puts on
+   shutdown can end a write to a peer whose receive window stays shut (an audit held one
+   connection for 90 s, and a shutdown for 44 s). `StallBoundedTCPServer` writes in chunks
+   and closes the connection when one chunk makes no progress for WRITE_STALL_S.
+2. A request h11 cannot parse (a malformed request line, a 64 KiB header, two
+   Content-Lengths, ...) got an empty 400/431/501 with no X-Request-Id and no log line,
+   while every other refusal is JSON `{"error", "code"}` and logged.
+   `JsonErrorH11Protocol` answers those in the API's shape and logs them.
+
+hypercorn has no hook for either, so `install()` puts the two subclasses where hypercorn
+looks them up when a connection starts (`hypercorn.trio.run.TCPServer`,
+`hypercorn.protocol.H11Protocol`). hypercorn is pinned to 0.18 in pyproject.toml for this,
+and tests/gateways/test_hypercorn_fixes.py covers both over real sockets.
+"""
+
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+
+import h11
+import hypercorn.protocol
+import hypercorn.trio.run
+import structlog
+import trio
+from hypercorn.events import Closed, Event, RawData
+from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.trio.tcp_server import TCPServer
+
+from gateways import ids
+
+log = structlog.get_logger(__name__)
+
+# A response write that moves no bytes for this long means the client stopped reading (as
+# long as the keep-alive timeout: a client silent that long is gone). Chunks are small
+# enough that a slow but reading client always makes progress within it.
+WRITE_STALL_S = 5.0
+WRITE_CHUNK = 64 * 1024
+
+
+class StallBoundedTCPServer(TCPServer):
+    async def protocol_send(self, event: Event) -> None:
+        if not isinstance(event, RawData):
+            await super().protocol_send(event)
+            return
+        async with self.send_lock:
+            data = memoryview(event.data)
+            try:
+                # Shielded as in hypercorn (a cancelled write would leave half a response
+                # on the wire), but each chunk bounded: the shield keeps outer cancellation
+                # out, not this inner deadline.
+                with trio.CancelScope(shield=True):
+                    for start in range(0, len(data), WRITE_CHUNK):
+                        with trio.fail_after(WRITE_STALL_S):
+                            await self.stream.send_all(data[start:start + WRITE_CHUNK])
+            except trio.TooSlowError:
+                log.info("http.write_stalled", client=_peer(self.stream), stall_s=WRITE_STALL_S,
+                         unsent=len(data) - start)
+                await self.protocol.handle(Closed())
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.protocol.handle(Closed())
+
+
+def _peer(stream: object) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]  # type: ignore[attr-defined]
+        return f"{host}:{port}"
+    except (AttributeError, OSError):
+        return "?"
+
+
+class JsonErrorH11Protocol(H11Protocol):
+    async def _send_error_response(self, status_code: int) -> None:
+        status = HTTPStatus(status_code)
+        code = status.phrase.lower().replace(" ", "_")  # as app.py names Quart's refusals
+        body = json.dumps({"error": f"malformed HTTP request: {status.phrase.lower()}",
+                           "code": code}).encode()
+        trace_id = ids.trace_id()
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else "?"
+        log.info("http.request_refused", status=status_code, code=code, reason="malformed HTTP",
+                 client=client, trace_id=trace_id)
+        await self._send_h11_event(h11.Response(status_code=status_code, headers=[
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"), (b"x-request-id", trace_id.encode()),
+            *self.config.response_headers("h11")]))
+        await self._send_h11_event(h11.Data(data=body))
+        await self._send_h11_event(h11.EndOfMessage())
+
+
+def install() -> None:
+    """Make hypercorn use the two classes above for the connections it starts from now on."""
+    hypercorn.trio.run.TCPServer = StallBoundedTCPServer  # type: ignore[misc]
+    hypercorn.protocol.H11Protocol = JsonErrorH11Protocol  # type: ignore[misc]
