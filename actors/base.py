@@ -243,7 +243,15 @@ class AggregateActor(pykka.ThreadingActor, ABC):
             # refuses the message (a value the log cannot encode).
             raise
         except Exception as exc:
-            self.reload()
+            # The store failed (down, full, locked): nothing of this is committed. Rebuild
+            # from the log; if that fails too (the store is still down), the next message
+            # loads again. Either way the caller hears Unavailable, so an MQTT message stays
+            # unacknowledged and is tried again, never acknowledged as poison.
+            try:
+                self.reload()
+            except Exception as reload_exc:
+                self.log.warning("actor.reload_failed", error=repr(reload_exc))
+                self.aggregate, self._loaded = None, False
             raise Unavailable(f"could not commit: {exc}") from exc
         before = events[0].originator_version - 1
         if before // self.snapshot_every != self.aggregate.version // self.snapshot_every:

@@ -13,6 +13,7 @@ import queue
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,11 +29,26 @@ class JournalClosed(RuntimeError):
     """The journal is shut down; nothing more can be committed."""
 
 
+class JournalTimeout(RuntimeError):
+    """Not committed within the caller's timeout; it never will be (withdrawn)."""
+
+
 @dataclass
 class _Batch:
     events: Sequence[Any]
     sync: bool = True  # someone is acknowledged after this commit: flush it to disk
     future: Future[list[int]] = field(default_factory=Future)
+    # Taken once, by the writer (to write it) or by its caller (giving up on it): a batch
+    # whose caller gave up is never written later, behind events committed since.
+    _taken: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def take(self) -> bool:
+        with self._lock:
+            if self._taken:
+                return False
+            self._taken = True
+            return True
 
 
 class Journal:
@@ -78,7 +94,19 @@ class Journal:
             finally:
                 self._writing.release()
             return batch.future.result(0)
-        return self.submit(events, sync=sync).result(timeout)
+        if self._closed:
+            raise JournalClosed("journal is closed")
+        batch = _Batch(events, sync)
+        self._queue.put(batch)
+        try:
+            return batch.future.result(timeout)
+        except FutureTimeout:
+            if batch.take():
+                # Still queued (the store is stuck): withdrawn, so it is not committed
+                # after the caller gave up and moved on (reloaded, retried, answered 503).
+                raise JournalTimeout(f"not committed within {timeout} s") from None
+            # The writer has it in a transaction now: its outcome is the caller's.
+            return batch.future.result()
 
     def snapshot(self, snapshot: Any) -> None:
         """Store a snapshot later, off the caller's path; losing one costs only replay time."""
@@ -121,6 +149,7 @@ class Journal:
                         item = self._queue.get(timeout=self.LINGER)
                     except queue.Empty:
                         break
+            batches = [b for b in batches if b.take()]  # not those whose callers gave up
             self._last_callers = len(batches)
             if batches:
                 with self._writing:

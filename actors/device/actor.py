@@ -84,13 +84,23 @@ class DeviceActor(AggregateActor):
         if link is None or not link.connected:
             # Refused before anything is written: 503, and nothing reaches the device later.
             raise Unavailable("no MQTT link to devices: the broker is not connected")
+        if self._time_left(msg) <= 0:
+            # It waited out its whole timeout in line (a slow store, a busy actor): its
+            # caller has had its 504; sent now, a device would act on it unasked.
+            raise CommandTimedOut(f"{msg.request_id} waited {msg.timeout_ms} ms in line and was not sent")
         sent = now_ms()
         device.send_command(msg.request_id, msg.command, msg.params, msg.timeout_ms, sent)
         # Written before publishing (a crash of the process cannot lose it), but not
         # flushed: the result's commit flushes both before the HTTP caller hears anything.
         self.commit(sync=False)
+        left = self._time_left(msg)
+        if left <= 0:  # the write itself took that long: close the command unsent
+            device.command_undelivered(msg.request_id, "its timeout passed before it could be sent")
+            self.commit()
+            raise CommandTimedOut(f"{msg.request_id} was not sent: the store took longer than "
+                                  f"its timeout of {msg.timeout_ms} ms")
         # Arm before publishing: a fast device must find the waiter in place.
-        deadline = self._arm_deadline(msg.request_id, msg.timeout_ms / 1000)
+        deadline = self._arm_deadline(msg.request_id, left)
         self.waiters[msg.request_id] = (msg.reply, deadline, None)
         self.lease.pins += 1
         try:
@@ -140,6 +150,11 @@ class DeviceActor(AggregateActor):
         waiter = self._take_waiter(msg.request_id)
         if waiter is not None:
             waiter.fail(CommandTimedOut(f"device did not answer {msg.request_id} within {timeout_ms} ms"))
+
+    @staticmethod
+    def _time_left(msg: SendCommand) -> float:
+        """Seconds of the command's timeout not yet spent since its caller asked."""
+        return msg.timeout_ms / 1000 - (time.monotonic() - msg.requested_at)
 
     def _arm_deadline(self, request_id: str, delay: float) -> Timer:
         system, key = self.system, self.key

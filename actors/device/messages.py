@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,9 @@ class SendCommand:
     params: dict[str, Any]
     timeout_ms: int
     reply: Reply = field(default=NO_REPLY, compare=False)
+    # When the caller asked (monotonic s): time spent in the actor's inbox, or waiting for a
+    # slow store, counts against timeout_ms; a command past it is never sent.
+    requested_at: float = field(default_factory=time.monotonic, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

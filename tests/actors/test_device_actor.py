@@ -197,6 +197,29 @@ class TestDeviceActor:
         link.drop_on_publish = False  # the actor goes on: the next command is sent and answered
         assert ask(system, lambda r: SendCommand("rq-8", "x", {}, 1000, reply=r))["code"] == 0
 
+    def test_a_command_that_waited_out_its_timeout_in_line_is_never_sent(self, parts, monkeypatch):
+        """Its caller had its 504 already (the HTTP backstop): sent now, the device would act
+        on a command nobody waits for, and a caller who retried would get it done twice."""
+        system, log, link = parts
+        online(system)
+        with pytest.raises(CommandTimedOut, match="waited 1000 ms in line"):
+            ask(system, lambda r: SendCommand("rq-late", "x", {}, 1000, reply=r,
+                                              requested_at=time.monotonic() - 2))
+        assert link.published == [] and log.load(Device.create_id(*KEY)).version == 2
+        # The store took longer than the timeout to write CommandSent: closed, not sent.
+        journal, real_commit = system.journal, system.journal.commit
+
+        def slow_commit(events, *a, **k):
+            time.sleep(0.3)
+            return real_commit(events, *a, **k)
+
+        monkeypatch.setattr(journal, "commit", slow_commit)
+        with pytest.raises(CommandTimedOut, match="store took longer"):
+            ask(system, lambda r: SendCommand("rq-slow", "x", {}, 200, reply=r))
+        assert link.published == []
+        names = [type(e).__name__ for e in log.read_stream(Device.create_id(*KEY))]
+        assert names[-2:] == ["CommandSent", "CommandUndelivered"]
+
     def test_refusals_emit_nothing(self, parts):
         system, log, link = parts
         with pytest.raises(DeviceNotFound):
@@ -269,6 +292,23 @@ class TestDeviceActor:
         monkeypatch.setattr(log, "load", real_load)
         online(system, state={"back": True})
         assert log.load(Device.create_id(*KEY)).state == {"back": True}
+
+    def test_a_store_outage_at_commit_is_unavailable_even_when_reloading_fails_too(self, parts, monkeypatch):
+        """The store is down: the commit fails and so does the reload after it. That is
+        Unavailable (an MQTT message stays unacknowledged and is retried), not a crash (which
+        MQTT acknowledges as poison: the message would be lost)."""
+        system, log, _ = parts
+        online(system)
+        journal, real_commit, real_load = system.journal, system.journal.commit, log.load
+        down = OSError("couldn't get a connection after 5.00 sec")
+        monkeypatch.setattr(journal, "commit", lambda *a, **k: (_ for _ in ()).throw(down))
+        monkeypatch.setattr(log, "load", lambda *a, **k: (_ for _ in ()).throw(down))
+        with pytest.raises(Unavailable):
+            ask(system, lambda r: ReportTelemetry("state", None, {"lost": False}, None, now_ms(), reply=r))
+        monkeypatch.setattr(journal, "commit", real_commit)
+        monkeypatch.setattr(log, "load", real_load)
+        ask(system, lambda r: ReportTelemetry("state", None, {"lost": False}, None, now_ms(), reply=r))  # the retry
+        assert log.load(Device.create_id(*KEY)).state == {"lost": False}
 
     def test_queued_reports_are_folded_into_one_commit(self, parts):
         system, log, _ = parts

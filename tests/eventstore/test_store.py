@@ -169,6 +169,32 @@ class TestEventLog:
         queued.result(10)
         assert writers == ["caller", "journal-writer"]
 
+    def test_a_commit_whose_caller_gave_up_is_never_written_later(self, log, journal, monkeypatch):
+        """The store is stuck (a lock held, a database down): a caller whose commit times out
+        moves on (reloads, answers 503, retries). Written later, its events would land
+        behind others committed since, and be told to nobody."""
+        from eventstore.journal import JournalTimeout
+
+        stuck, release = threading.Event(), threading.Event()
+        real_append = log.append
+
+        def slow_append(events, **kw):
+            stuck.set()
+            release.wait(10)
+            return real_append(events, **kw)
+
+        monkeypatch.setattr(log, "append", slow_append)
+        blocker = journal.submit(Counter(name="first").collect_events())  # holds the writer
+        assert stuck.wait(5)
+        late = Counter(name="late")
+        with pytest.raises(JournalTimeout):
+            journal.commit(late.collect_events(), timeout=0.2)
+        release.set()
+        blocker.result(10)
+        journal.commit(Counter(name="after").collect_events())  # the writer moves on
+        assert [type(e).__name__ for e in log.read_stream(late.id)] == []  # never written
+        assert log.max_position() == 2
+
     def test_unflushed_commits_land_like_flushed_ones(self, log, journal):
         c = Counter(name="u")
         journal.commit(c.collect_events(), sync=False)  # e.g. QoS 0 telemetry: nobody is told
