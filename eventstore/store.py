@@ -47,6 +47,15 @@ class StoreConfig:
     def sqlite_path(self) -> str:
         return urlparse(self.url).path
 
+    @property
+    def display_url(self) -> str:
+        """The URL without its password, for messages and logs."""
+        u = urlparse(self.url)
+        if u.password is None:
+            return self.url
+        netloc = u.netloc.rsplit("@", 1)[1]
+        return u._replace(netloc=f"{u.username or ''}@{netloc}").geturl()
+
     def env(self) -> dict[str, str]:
         """The eventsourcing environment for this URL."""
         env = {"IS_SNAPSHOTTING_ENABLED": "y"}
@@ -105,13 +114,45 @@ class LoggedEvent(NamedTuple):
     event: Any
 
 
+class StoreUnavailable(Exception):
+    """The log's database cannot be reached or used; the message says why and where."""
+
+
+def _postgres_problem(config: StoreConfig) -> str | None:
+    """Why a PostgreSQL connection fails, from one direct attempt (eventsourcing's pool only
+    says "couldn't get a connection after 5.00 sec"), or None if it succeeds."""
+    import psycopg
+
+    env = config.env()
+    try:
+        psycopg.connect(dbname=env["POSTGRES_DBNAME"], host=env["POSTGRES_HOST"], port=env["POSTGRES_PORT"],
+                        user=env["POSTGRES_USER"], password=env["POSTGRES_PASSWORD"] or None,
+                        connect_timeout=5).close()
+    except Exception as exc:  # noqa: BLE001 - its message is all we want
+        # 'connection failed: connection to server at "h", port 5432 failed: FATAL:  database
+        # "x" does not exist': the server is in the URL we print, so keep what follows.
+        reason = "; ".join(" ".join(line.split()) for line in str(exc).splitlines() if line.strip())
+        reason = reason.rsplit(" failed: ", 1)[-1].removeprefix("FATAL: ").strip()
+        if f'database "{env["POSTGRES_DBNAME"]}" does not exist' in reason:
+            reason += (f" (create it: createdb -h {env['POSTGRES_HOST']} -p {env['POSTGRES_PORT']}"
+                       f" -U {env['POSTGRES_USER']} {env['POSTGRES_DBNAME']})")
+        return reason or type(exc).__name__
+    return None
+
+
 class EventLog:
     """Read and write the one append-only log. Thread-safe (the eventsourcing recorders are)."""
 
     def __init__(self, config: StoreConfig) -> None:
         self.config = config
         # Explicit env only: keep stray POSTGRES_*/SQLITE_* variables of the host out.
-        self._app = _ParleyApplication(env=config.env())
+        try:
+            self._app = _ParleyApplication(env=config.env())
+        except Exception as exc:
+            if not config.is_postgres:
+                raise
+            reason = _postgres_problem(config) or str(exc)
+            raise StoreUnavailable(f"cannot use the PostgreSQL log at {config.display_url}: {reason}") from exc
         self._listeners: list[Callable[[int], None]] = []
         self._event_listeners: list[Callable[[list[LoggedEvent]], None]] = []
         self._listen_thread: threading.Thread | None = None

@@ -2,49 +2,67 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import socket
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from gateways.config import Settings, load_settings
+from gateways.config import Settings, SettingsError, load_settings
 from gateways.logs import configure_logging
 
 app = typer.Typer(help="Parley: give every IoT device an LLM agent.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
 replay_app = typer.Typer(help="Replay what happened, from the log.", no_args_is_help=True)
 app.add_typer(replay_app, name="replay")
-console = Console()
+console = Console()  # results: tables, progress
+# Problems: one sentence each, on stderr, never wrapped (a log file or `2>&1 | grep` gets it whole).
+err_console = Console(stderr=True, soft_wrap=True, highlight=False)
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML settings file (default ./parley.toml).")]
-DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Where the SQLite log lives [./data].")]
-DbOpt = Annotated[Optional[str], typer.Option("--database-url", help="postgresql://user@host:port/db instead of SQLite.")]
+
+def _h(text: str) -> str:
+    """Help text as written: typer renders help as Rich markup, which swallows a
+    bracketed default like "[run until Ctrl-C]"."""
+    return escape(text)
+
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help=_h("TOML settings file [./parley.toml if present]."))]
+DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help=_h("Where the SQLite log lives [./data]."))]
+DbOpt = Annotated[Optional[str], typer.Option("--database-url", help=_h("postgresql://user@host:port/db instead of SQLite."))]
+
+
+def _fail(what: str, problem: str, code: int = 1) -> NoReturn:
+    err_console.print(f"[red]{escape(what)}:[/red] {escape(problem)}")
+    raise typer.Exit(code)
 
 
 def _settings(config: Path | None, **overrides: Any) -> Settings:
     try:
         return load_settings(config, **overrides)
-    except Exception as exc:
-        console.print(f"[red]invalid settings:[/red] {exc}")
-        raise typer.Exit(2) from None
+    except SettingsError as exc:
+        _fail("invalid settings", str(exc), 2)
+    except Exception as exc:  # noqa: BLE001 - anything else pydantic-settings may raise
+        _fail("invalid settings", " ".join(str(exc).split()), 2)
 
 
 @app.command()
 def serve(
-    host: Annotated[Optional[str], typer.Option(help="Address to bind [127.0.0.1].")] = None,
-    http_port: Annotated[Optional[int], typer.Option(help="HTTP API port [3000].")] = None,
-    voice_port: Annotated[Optional[int], typer.Option(help="Voice WebSocket port [3001] (reserved).")] = None,
-    mqtt_url: Annotated[Optional[str], typer.Option(help="mqtt://host:port of your broker; none: built-in broker on 1883.")] = None,
-    mqtt_client_id: Annotated[Optional[str], typer.Option(help="MQTT client id (default parley-<hostname>); one per process.")] = None,
-    mqtt_shared_group: Annotated[Optional[str], typer.Option(help="Subscribe as $share/<group>/… so several processes split the devices' messages.")] = None,
+    host: Annotated[Optional[str], typer.Option(help=_h("Address to bind [127.0.0.1]."))] = None,
+    http_port: Annotated[Optional[int], typer.Option(help=_h("HTTP API port, 0 for any free one [3000]."))] = None,
+    voice_port: Annotated[Optional[int], typer.Option(help=_h("Voice WebSocket port [3001] (reserved)."))] = None,
+    mqtt_url: Annotated[Optional[str], typer.Option(help=_h("mqtt://host:port of your broker [none: a built-in broker on port 1883, or PARLEY_BUILTIN_BROKER_PORT]."))] = None,
+    mqtt_client_id: Annotated[Optional[str], typer.Option(help=_h("MQTT client id, one per process [parley-<hostname>-<hash of the store>]."))] = None,
+    mqtt_shared_group: Annotated[Optional[str], typer.Option(help=_h("Subscribe as $share/<group>/… so several processes split the devices' messages."))] = None,
     database_url: DbOpt = None,
     data_dir: DataDirOpt = None,
-    demo: Annotated[Optional[bool], typer.Option("--demo", help="Create the thermostat demo agent.")] = None,
-    log_format: Annotated[Optional[str], typer.Option(help="auto, console or json.")] = None,
+    demo: Annotated[Optional[bool], typer.Option("--demo", help=_h("Create the thermostat demo agent."))] = None,
+    log_format: Annotated[Optional[str], typer.Option(help=_h("auto, console or json [auto]."))] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Run the server: MQTT device gateway and HTTP API."""
@@ -62,28 +80,90 @@ def serve(
         problem = _startup_problem(exc, settings)
         if problem is None:
             raise
-        console.print(f"[red]parley could not start:[/red] {problem}")
-        raise typer.Exit(1) from None
+        _fail("parley could not start", problem)
 
 
-def _startup_problem(exc: BaseException, settings: Settings) -> str | None:
-    """A sentence for the failures a user can fix (ports, broker, database), else None."""
-    from gateways.broker import BuiltinBrokerError
+_ADDRESS_NOT_HERE = {errno.EADDRNOTAVAIL}
+_NOT_ALLOWED = {errno.EACCES, errno.EPERM}
+_PATH_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EEXIST, errno.EROFS, errno.ENOSPC}
 
+
+def _leaves(exc: BaseException) -> list[BaseException]:
     leaves = [exc]
     while any(isinstance(e, BaseExceptionGroup) for e in leaves):
         leaves = [x for e in leaves for x in (e.exceptions if isinstance(e, BaseExceptionGroup) else [e])]
-    for e in leaves:
+    return leaves
+
+
+def _os_cause(exc: BaseException) -> OSError | None:
+    """The OSError behind `exc` (itself, or its __cause__/__context__ chain)."""
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None or isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _store_where(settings: Settings) -> str:
+    from eventstore import StoreConfig
+
+    if settings.database_url:
+        return StoreConfig(settings.database_url).display_url
+    return str(Path(settings.data_dir).expanduser().resolve() / "events.sqlite")
+
+
+def _address_problem(host: str, err: OSError) -> str:
+    if isinstance(err, socket.gaierror):
+        return (f"cannot listen on {host!r}: {err.strerror or err}; give --host an address of this "
+                f"machine (127.0.0.1 for this machine only, 0.0.0.0 for all its interfaces)")
+    return (f"cannot listen on {host}: no network interface of this machine has that address; use --host "
+            f"127.0.0.1 (this machine only) or 0.0.0.0 (all its interfaces)")
+
+
+def _startup_problem(exc: BaseException, settings: Settings) -> str | None:
+    """One sentence for a failure the user can fix (ports, addresses, broker, database, data
+    directory): what is wrong and what to do. None for anything else (a bug: traceback)."""
+    from eventstore import StoreUnavailable
+    from gateways.broker import BuiltinBrokerError
+
+    data_dir = Path(settings.data_dir).expanduser().resolve()
+    for e in _leaves(exc):
+        if isinstance(e, StoreUnavailable):
+            return str(e)
         if isinstance(e, BuiltinBrokerError):
-            return (f"{e}\n  Another MQTT broker may be running there: use it with "
-                    f"--mqtt-url mqtt://{settings.host}:{settings.builtin_broker_port}, or move the built-in "
-                    f"broker with PARLEY_BUILTIN_BROKER_PORT.")
-        if isinstance(e, ConnectionError):
-            return f"{e}\n  Check --mqtt-url ({settings.mqtt_url}) and that the broker is running."
-        if isinstance(e, OSError) and e.errno in (98, 48):  # EADDRINUSE (Linux, macOS)
-            return f"{e}\n  Port {settings.http_port} is taken: choose another with --http-port."
+            cause = _os_cause(e.__cause__) if e.__cause__ else None
+            if cause is not None and (cause.errno in _ADDRESS_NOT_HERE or isinstance(cause, socket.gaierror)):
+                return _address_problem(settings.host, cause)
+            if cause is not None and cause.errno == errno.EADDRINUSE:
+                return (f"{e}: another MQTT broker may be running there; use it with --mqtt-url "
+                        f"mqtt://{settings.host}:{settings.builtin_broker_port}, or move the built-in broker "
+                        f"to a free port with PARLEY_BUILTIN_BROKER_PORT=<port>")
+            return str(e)
+        if isinstance(e, ValueError) and ("MQTT URL" in str(e) or "database URL" in str(e)):
+            return str(e)  # the settings check these first; this is in case they let one through
+        if isinstance(e, ConnectionError) and e.errno is None:  # the MQTT gateway's: no broker there
+            return (f"{e}; check that the broker is running, and --mqtt-url "
+                    f"({settings.mqtt_url or 'none: the built-in broker'})")
+        if isinstance(e, OSError) and e.filename is None:
+            if e.errno == errno.EADDRINUSE:
+                return f"port {settings.http_port} on {settings.host} is taken: choose another with --http-port"
+            if e.errno in _ADDRESS_NOT_HERE or isinstance(e, socket.gaierror):
+                return _address_problem(settings.host, e)
+            if e.errno in _NOT_ALLOWED:
+                return (f"not allowed to listen on {settings.host}:{settings.http_port} (ports below 1024 "
+                        f"need root): choose another with --http-port")
+        if isinstance(e, OSError) and e.filename is not None and e.errno in _PATH_ERRNOS:
+            path = Path(str(e.filename))
+            if path == data_dir or data_dir.is_relative_to(path) or path.is_relative_to(data_dir):
+                why = "a file is in the way" if e.errno == errno.EEXIST else e.strerror
+                at = "" if path == data_dir else f" ({path})"
+                return (f"cannot use the data directory {data_dir}: {why}{at}; choose another "
+                        f"with --data-dir or PARLEY_DATA_DIR")
+            return f"{e.strerror}: {path}"
         if type(e).__module__.startswith(("psycopg", "eventsourcing", "sqlite3")):
-            return f"the event store is not usable: {e}"
+            hint = "" if settings.database_url else f"; check that the data directory {data_dir} is writable"
+            return f"the event store at {_store_where(settings)} is not usable: {e}{hint}"
     return None
 
 
@@ -95,20 +175,56 @@ def _ms(value: int | None) -> str:
 
 @replay_app.command("device")
 def replay_device(
-    device_id: Annotated[str, typer.Argument(help="The device id.")],
-    product: Annotated[Optional[str], typer.Option("--product", help="Product (agent) id, if ambiguous.")] = None,
-    at: Annotated[Optional[int], typer.Option("--at", help="Show the device's state at this version.")] = None,
+    device_id: Annotated[str, typer.Argument(help=_h("The device id."))],
+    product: Annotated[Optional[str], typer.Option("--product", help=_h("Product (agent) id, if ambiguous."))] = None,
+    at: Annotated[Optional[int], typer.Option("--at", help=_h("Show the device's state at this version."))] = None,
     data_dir: DataDirOpt = None,
     database_url: DbOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """A device's events as a timeline, or its state at a version."""
-    from actors.device import Device
-    from eventstore import EventLog, StoreConfig
-
     settings = _settings(config, data_dir=data_dir, database_url=database_url)
     configure_logging("console", "warning")
-    store = StoreConfig.resolve(settings.data_dir, settings.database_url)
+    store = _existing_store(settings)
+    try:
+        _replay(store, device_id, product, at)
+    except typer.Exit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - sorted by _startup_problem; anything unknown is re-raised
+        problem = _startup_problem(exc, settings)
+        if problem is None:
+            raise
+        _fail("parley could not read the log", problem)
+
+
+def _existing_store(settings: Settings) -> Any:
+    """The store to read, without creating one: a read-only command run from the wrong
+    directory must not leave an empty ./data behind and then report "not found"."""
+    from eventstore import StoreConfig
+
+    if settings.database_url:
+        return StoreConfig(settings.database_url)
+    data_dir = Path(settings.data_dir).expanduser().resolve()
+    try:
+        found = (data_dir / "events.sqlite").is_file()
+    except OSError:
+        found = False
+    if not found:
+        _fail("parley", f"no Parley data in {data_dir} (use --data-dir or --database-url)")
+    return StoreConfig(f"sqlite:///{data_dir / 'events.sqlite'}")
+
+
+def _where(store: Any) -> str:
+    """The store, as the user named it: the data directory or the URL (no password)."""
+    if store.is_postgres:
+        return store.display_url
+    return str(Path("/" + store.sqlite_path.lstrip("/")).parent)  # sqlite:////abs: path "//abs"
+
+
+def _replay(store: Any, device_id: str, product: str | None, at: int | None) -> None:
+    from actors.device import Device
+    from eventstore import EventLog
+
     log = EventLog(store)
     try:
         product = product or _find_product(log, device_id)
@@ -116,8 +232,7 @@ def replay_device(
         if at is not None:
             device = log.load(stream, version=at)
             if device is None:
-                console.print(f"[red]no events for device {device_id!r} in product {product!r}[/red]")
-                raise typer.Exit(1)
+                _fail("parley", f"no events for device {device_id!r} in product {product!r} in {_where(store)}")
             table = Table(title=f"{product}/{device_id} at version {device.version}")
             table.add_column("field")
             table.add_column("value")
@@ -146,8 +261,7 @@ def replay_device(
                           json.dumps(data, default=str, ensure_ascii=False, separators=(",", ":")))
             n += 1
         if not n:
-            console.print(f"[red]no events for device {device_id!r} in product {product!r}[/red]")
-            raise typer.Exit(1)
+            _fail("parley", f"no events for device {device_id!r} in product {product!r} in {_where(store)}")
         console.print(table)
     finally:
         log.close()
@@ -158,32 +272,37 @@ def _find_product(log: Any, device_id: str) -> str:
     from projections.db import ViewDatabase
     from projections.device_registry import DeviceRegistry
 
-    db = ViewDatabase(log.config)
-    try:
-        found = DeviceRegistry(db).find(device_id)
-    except Exception:
-        found = []
-    finally:
-        db.close()
+    found = []
+    # No views yet (a log no server has projected): do not create views.sqlite by asking.
+    if log.config.is_postgres or Path(log.config.sqlite_path).with_name("views.sqlite").is_file():
+        db = ViewDatabase(log.config)
+        try:
+            found = DeviceRegistry(db).find(device_id)
+        except Exception:
+            found = []
+        finally:
+            db.close()
     products = sorted({d.product_id for d in found})
     if len(products) == 1:
         return products[0]
     if not products:
-        console.print(f"[red]device {device_id!r} not found; pass --product to read its stream directly[/red]")
-    else:
-        console.print(f"[red]device {device_id!r} exists in several products ({', '.join(products)}): pass --product[/red]")
-    raise typer.Exit(1)
+        _fail("parley", f"device {device_id!r} not found in {_where(log.config)}; check --data-dir / "
+                        f"--database-url, or pass --product to read its stream directly")
+    _fail("parley", f"device {device_id!r} exists in several products ({', '.join(products)}): pass --product")
 
 
 @app.command()
 def simulate(
-    product: Annotated[str, typer.Option("--product", help="Product (agent) id the devices belong to.")] = "thermostat",
-    devices: Annotated[int, typer.Option("--devices", min=1, help="How many virtual devices.")] = 10,
-    interval: Annotated[float, typer.Option("--interval", min=0.001, help="Seconds between heartbeats.")] = 30.0,
-    mqtt_url: Annotated[str, typer.Option("--mqtt-url", help="The broker Parley listens on.")] = "mqtt://127.0.0.1:1883",
-    duration: Annotated[Optional[float], typer.Option("--duration", help="Stop after this many seconds [run until Ctrl-C].")] = None,
-    connections: Annotated[Optional[int], typer.Option("--connections", min=1, help="Shared MQTT connections [min(devices, 20)].")] = None,
-    spec_from_server: Annotated[Optional[str], typer.Option("--spec-from-server", help="http://host:port of a Parley: use its product's device_spec.")] = None,
+    product: Annotated[str, typer.Option("--product", help=_h("Product (agent) id the devices belong to."))] = "thermostat",
+    devices: Annotated[int, typer.Option("--devices", min=1, help=_h("How many virtual devices."))] = 10,
+    interval: Annotated[float, typer.Option("--interval", min=0.001, help=_h("Seconds between heartbeats."))] = 30.0,
+    mqtt_url: Annotated[Optional[str], typer.Option("--mqtt-url", help=_h(
+        "The broker Parley listens on [PARLEY_MQTT_URL or mqtt_url in parley.toml, else the built-in "
+        "broker's host and port: 127.0.0.1:1883 or PARLEY_BUILTIN_BROKER_PORT]."))] = None,
+    duration: Annotated[Optional[float], typer.Option("--duration", help=_h("Stop after this many seconds [run until Ctrl-C]."))] = None,
+    connections: Annotated[Optional[int], typer.Option("--connections", min=1, help=_h("Shared MQTT connections [min(devices, 20)]."))] = None,
+    spec_from_server: Annotated[Optional[str], typer.Option("--spec-from-server", help=_h("http://host:port of a Parley: use its product's device_spec."))] = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Run virtual devices that speak the MQTT device protocol (for demos and load)."""
     import time
@@ -193,19 +312,23 @@ def simulate(
     from gateways.demo import THERMOSTAT
     from gateways.simulate import Simulator, fetch_spec
 
+    # The broker `parley serve` uses, from the same flags, PARLEY_* variables and parley.toml.
+    settings = _settings(config, mqtt_url=mqtt_url)
+    if not settings.mqtt_url and not settings.builtin_broker_port:
+        _fail("parley simulate", "the built-in broker's port is 0 (any free port), so it is unknown here: "
+                                 "pass --mqtt-url with the URL `parley serve` logged (broker.builtin_started)", 2)
+    url = settings.mqtt_url or builtin_broker_url(settings)
     configure_logging("console", "warning")
     if spec_from_server:
         try:
             spec = fetch_spec(spec_from_server, product)
         except Exception as exc:
-            console.print(f"[red]cannot read the device spec of {product!r}:[/red] {exc}")
-            raise typer.Exit(1) from None
+            _fail(f"cannot read the device spec of {product!r}", " ".join(str(exc).split()))
     elif product == THERMOSTAT["agent_id"]:
         spec = THERMOSTAT["device_spec"]
     else:
-        console.print(f"[red]no built-in spec for {product!r}: pass --spec-from-server[/red]")
-        raise typer.Exit(2)
-    sim = Simulator(spec, product, devices=devices, interval=interval, mqtt_url=mqtt_url,
+        _fail("parley", f"no built-in spec for {product!r}: pass --spec-from-server", 2)
+    sim = Simulator(spec, product, devices=devices, interval=interval, mqtt_url=url,
                     connections=connections)
 
     def line() -> str:
@@ -217,19 +340,35 @@ def simulate(
     try:
         sim.start()
     except ConnectionError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from None
+        _fail("parley simulate", f"{exc}; is `parley serve` running with this broker? (--mqtt-url, "
+                                 f"PARLEY_MQTT_URL or PARLEY_BUILTIN_BROKER_PORT)")
+    console.print(f"simulating {devices} {product!r} devices on {url}", soft_wrap=True)
+    deadline = None if duration is None else time.monotonic() + duration
     try:
-        with Live(line(), console=console, refresh_per_second=4, transient=False) as live:
-            deadline = None if duration is None else time.monotonic() + duration
+        if console.is_terminal:
+            with Live(line(), console=console, refresh_per_second=4, transient=False) as live:
+                while deadline is None or time.monotonic() < deadline:
+                    time.sleep(0.25)
+                    live.update(line())
+        else:  # a file or a pipe: a line every 10 s, each ending in a newline
+            next_line = time.monotonic() + 10
             while deadline is None or time.monotonic() < deadline:
                 time.sleep(0.25)
-                live.update(line())
+                if time.monotonic() >= next_line:
+                    console.print(line(), soft_wrap=True)
+                    next_line += 10
     except KeyboardInterrupt:
         pass
     finally:
         sim.stop()
-    console.print(f"stopped: {line()}")
+    console.print(f"stopped: {line()}", soft_wrap=True)
+
+
+def builtin_broker_url(settings: Settings) -> str:
+    """Where `parley serve` with these settings starts its built-in broker, as a client
+    reaches it (a wildcard bind address means this machine)."""
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)
+    return f"mqtt://[{host}]:{settings.builtin_broker_port}" if ":" in host else f"mqtt://{host}:{settings.builtin_broker_port}"
 
 
 def main() -> None:

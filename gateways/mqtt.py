@@ -25,6 +25,7 @@ from actors.device import DeviceActor, DeviceResponded, ReportEvent, ReportTelem
 from actors.errors import ActorCrashed, Unavailable
 from actors.ports import NO_REPLY
 from gateways import mqtt_codec as codec
+from gateways.config import check_mqtt_url
 from gateways.mqtt_client import BufferedClient, no_delay
 from gateways.runtime import Runtime
 
@@ -68,18 +69,12 @@ def default_client_id(store_url: str) -> str:
 class MqttGateway:
     def __init__(self, runtime: Runtime, url: str, *, client_id: str | None = None,
                  shared_group: str | None = None, keepalive: int = 30) -> None:
-        u = urlparse(url)
         # A scheme is required: "127.0.0.1:1884" parses as a path, and the defaults would
         # have sent us to port 1883 of localhost while the log said 1884.
-        try:
-            port = u.port
-        except ValueError:
-            port = -1
-        if u.scheme not in ("mqtt", "tcp") or not u.hostname or port == -1:
-            raise ValueError(f"unsupported MQTT URL {url!r}: use mqtt://host:port")
+        u = urlparse(check_mqtt_url(url))
         self.runtime = runtime
-        self.host = u.hostname
-        self.port = port or 1883
+        self.host = u.hostname or "127.0.0.1"
+        self.port = u.port or 1883
         self.keepalive = keepalive
         self.client_id = client_id or default_client_id(runtime.store.url)
         self.shared_group = shared_group

@@ -1,0 +1,379 @@
+"""The CLI's answer to common mistakes: one sentence on stderr naming what is wrong and what
+to do, a non-zero exit, no traceback; and the settings `simulate` takes its broker from."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+import structlog
+from typer.testing import CliRunner
+
+import gateways.serve
+from gateways.cli import app, builtin_broker_url
+from gateways.config import Settings
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    """No parley.toml or PARLEY_* variable of the caller's; logging restored afterwards."""
+    monkeypatch.chdir(tmp_path)
+    for name in list(os.environ):
+        if name.upper().startswith("PARLEY_") and name.upper() not in ("PARLEY_TEST_BROKER", "PARLEY_REQUIRE_SERVICES"):
+            monkeypatch.delenv(name)
+    yield
+    structlog.reset_defaults()
+
+
+def one_sentence(result, code: int) -> str:
+    """The single stderr line of a failed command (stdout empty, no traceback)."""
+    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
+    assert result.stdout == "", result.stdout
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr  # not wrapped at 80 columns, no second line
+    assert "Traceback" not in result.stderr and "╭" not in result.stderr
+    return lines[0]
+
+
+# -- settings ----------------------------------------------------------------------------
+
+def test_an_unknown_key_in_parley_toml_names_the_file_the_key_and_the_known_ones(tmp_path):
+    Path("parley.toml").write_text("http_prot = 3000\n")
+    line = one_sentence(runner.invoke(app, ["replay", "device", "x"]), 2)
+    assert line.startswith("invalid settings: parley.toml: unknown setting 'http_prot' (did you mean 'http_port'?")
+    assert "known: host, http_port" in line and "pydantic" not in line and "_FromFile" not in line
+
+
+def test_a_toml_syntax_error_names_the_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("http_port = \n")
+    line = one_sentence(runner.invoke(app, ["serve", "--config", str(bad)]), 2)
+    assert line.startswith(f"invalid settings: {bad}: not valid TOML:") and "line 1" in line
+
+
+def test_a_bad_value_names_the_variable_the_flag_or_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("PARLEY_LOG_FORMAT", "xml")
+    line = one_sentence(runner.invoke(app, ["serve"]), 2)
+    assert line == "invalid settings: PARLEY_LOG_FORMAT: input should be 'auto', 'console' or 'json' (got 'xml')"
+    monkeypatch.delenv("PARLEY_LOG_FORMAT")
+    Path("parley.toml").write_text('log_level = "loud"\n')
+    line = one_sentence(runner.invoke(app, ["serve"]), 2)
+    assert line.startswith("invalid settings: parley.toml: log_level: input should be")
+    line = one_sentence(runner.invoke(app, ["serve", "--log-format", "xml"]), 2)
+    assert line.startswith("invalid settings: --log-format: input should be 'auto'")
+
+
+@pytest.mark.parametrize("args, where", [
+    (["--http-port", "99999"], "--http-port"),
+    (["--voice-port", "-1"], "--voice-port"),
+])
+def test_ports_are_checked_in_the_settings(args, where):
+    line = one_sentence(runner.invoke(app, ["serve", *args]), 2)
+    assert line.startswith(f"invalid settings: {where}: ") and "is not a port: use 1-65535 (or 0 for any free port)" in line
+
+
+def test_port_0_means_any_free_port_and_is_accepted(monkeypatch):
+    seen = []
+
+    async def fake_main(settings):
+        seen.append(settings)
+
+    monkeypatch.setattr(gateways.serve, "main", fake_main)
+    monkeypatch.setenv("PARLEY_BUILTIN_BROKER_PORT", "0")
+    result = runner.invoke(app, ["serve", "--http-port", "0"])
+    assert result.exit_code == 0, result.output
+    assert (seen[0].http_port, seen[0].builtin_broker_port) == (0, 0)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:1883", "localhost:1884", "127.0.0.1:1884", "mqtt://127.0.0.1:99999",
+                                 "mqtt://:1883"])
+def test_an_mqtt_url_parley_cannot_use_is_a_settings_error(url):
+    line = one_sentence(runner.invoke(app, ["serve", "--mqtt-url", url]), 2)
+    assert line == f"invalid settings: --mqtt-url: unsupported MQTT URL {url!r}: use mqtt://host:port"
+
+
+@pytest.mark.parametrize("url", ["mysql://u@h/db", "notaurl"])
+def test_a_database_url_parley_cannot_use_is_a_settings_error(url):
+    line = one_sentence(runner.invoke(app, ["replay", "device", "x", "--database-url", url]), 2)
+    assert line.startswith(f"invalid settings: --database-url: unsupported database URL {url!r}: use postgresql://")
+
+
+# -- failures at start -------------------------------------------------------------------
+
+def _serve_failing_with(monkeypatch, exc: BaseException, *args: str):
+    async def fake_main(settings):
+        raise exc
+
+    monkeypatch.setattr(gateways.serve, "main", fake_main)
+    return runner.invoke(app, ["serve", *args])
+
+
+def _chained(outer: BaseException, cause: BaseException) -> BaseException:
+    try:
+        raise outer from cause
+    except BaseException as e:  # noqa: BLE001
+        return e
+
+
+def test_a_value_error_about_the_mqtt_url_from_the_gateway_reaches_the_user_as_a_sentence(monkeypatch):
+    """gateways/mqtt.py checks the URL too (the settings should have caught it first)."""
+    exc = BaseExceptionGroup("serve", [ValueError("unsupported MQTT URL '127.0.0.1:1884': use mqtt://host:port")])
+    line = one_sentence(_serve_failing_with(monkeypatch, exc), 1)
+    assert line == "parley could not start: unsupported MQTT URL '127.0.0.1:1884': use mqtt://host:port"
+
+
+def test_an_address_not_on_this_machine_says_so_and_not_that_a_broker_runs_there(monkeypatch):
+    from gateways.broker import BuiltinBrokerError
+
+    not_here = OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address")
+    for exc in (not_here, _chained(BuiltinBrokerError("built-in MQTT broker failed to start on 10.9.9.9:1883"), not_here)):
+        line = one_sentence(_serve_failing_with(monkeypatch, exc, "--host", "10.9.9.9"), 1)
+        assert line.startswith("parley could not start: cannot listen on 10.9.9.9: no network interface of this machine")
+        assert "--host 127.0.0.1" in line and "broker may be running" not in line
+
+
+def test_a_taken_builtin_broker_port_points_to_mqtt_url_and_the_port_setting(monkeypatch):
+    from gateways.broker import BuiltinBrokerError
+
+    exc = _chained(BuiltinBrokerError("built-in MQTT broker failed to start on 127.0.0.1:1883: in use"),
+                   OSError(errno.EADDRINUSE, "Address already in use"))
+    line = one_sentence(_serve_failing_with(monkeypatch, exc), 1)
+    assert "--mqtt-url mqtt://127.0.0.1:1883" in line and "PARLEY_BUILTIN_BROKER_PORT" in line
+
+
+def test_a_taken_http_port_points_to_http_port(monkeypatch):
+    line = one_sentence(_serve_failing_with(monkeypatch, OSError(errno.EADDRINUSE, "in use"), "--http-port", "3456"), 1)
+    assert line == "parley could not start: port 3456 on 127.0.0.1 is taken: choose another with --http-port"
+
+
+@pytest.mark.parametrize("exc_type, code", [(PermissionError, errno.EACCES), (FileNotFoundError, errno.ENOENT),
+                                            (NotADirectoryError, errno.ENOTDIR)])
+def test_a_data_directory_that_cannot_be_created_names_it(tmp_path, monkeypatch, exc_type, code):
+    data = tmp_path / "locked" / "data"
+    exc = exc_type(code, os.strerror(code), str(tmp_path / "locked"))
+    line = one_sentence(_serve_failing_with(monkeypatch, exc, "--data-dir", str(data)), 1)
+    assert line == (f"parley could not start: cannot use the data directory {data}: {os.strerror(code)} "
+                    f"({tmp_path / 'locked'}); choose another with --data-dir or PARLEY_DATA_DIR")
+
+
+def _run_parley(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.upper().startswith("PARLEY_")}
+    return subprocess.run([sys.executable, "-m", "gateways.cli", *args], capture_output=True, text=True,
+                          timeout=90, env={**environ, **env}, cwd=Path(__file__).parents[2])
+
+
+def _problem_line(proc: subprocess.CompletedProcess[str]) -> str:
+    """The last stderr line (log lines of the runtime may come before it) of a failed run."""
+    assert "Traceback" not in proc.stderr and "╭" not in proc.stderr, proc.stderr
+    assert proc.stdout == "", proc.stdout
+    return proc.stderr.splitlines()[-1]
+
+
+def test_serve_with_its_data_dir_under_a_regular_file_says_so(tmp_path):
+    (tmp_path / "file").write_text("")
+    proc = _run_parley("serve", "--mqtt-url", "mqtt://127.0.0.1:1", "--data-dir", str(tmp_path / "file" / "data"))
+    assert proc.returncode == 1
+    assert _problem_line(proc).startswith(f"parley could not start: cannot use the data directory {tmp_path / 'file' / 'data'}: ")
+
+
+def test_serve_on_an_address_of_another_machine_says_so(tmp_path):
+    # 192.0.2.1 (TEST-NET-1) is on no machine's interface; port 0: the built-in broker's bind fails
+    for extra in ([], ["--http-port", "0"]):
+        proc = _run_parley("serve", "--host", "192.0.2.1", "--data-dir", str(tmp_path), *extra,
+                           PARLEY_BUILTIN_BROKER_PORT="0")
+        assert proc.returncode == 1, proc.stderr
+        line = _problem_line(proc)
+        assert line.startswith("parley could not start: cannot listen on 192.0.2.1: no network interface"), line
+        assert "broker may be running" not in line
+
+
+def test_closed_postgresql_port_gives_the_reason_and_the_url_without_password(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"postgresql://postgres:secret@127.0.0.1:{port}/parley"
+    line = one_sentence(runner.invoke(app, ["replay", "device", "x", "--database-url", url]), 1)
+    assert line.startswith(f"parley could not read the log: cannot use the PostgreSQL log at "
+                           f"postgresql://postgres@127.0.0.1:{port}/parley: ")
+    assert "refused" in line.lower() and "secret" not in line and "couldn't get a connection" not in line
+
+
+@pytest.mark.postgres
+def test_missing_postgresql_database_or_role_is_named(pg_url):
+    from urllib.parse import urlsplit
+
+    u = urlsplit(pg_url)
+    missing_db = u._replace(path=f"/parley_missing_{uuid.uuid4().hex[:8]}").geturl()
+    line = one_sentence(runner.invoke(app, ["replay", "device", "x", "--database-url", missing_db]), 1)
+    name = missing_db.rsplit("/", 1)[1]
+    assert f'database "{name}" does not exist (create it: createdb -h {u.hostname}' in line
+    role = f"nobody_{uuid.uuid4().hex[:8]}"
+    missing_role = u._replace(netloc=f"{role}@{u.hostname}:{u.port or 5432}").geturl()
+    line = one_sentence(runner.invoke(app, ["replay", "device", "x", "--database-url", missing_role]), 1)
+    assert f'role "{role}" does not exist' in line
+
+
+# -- replay reads, never creates -----------------------------------------------------------
+
+def test_replay_in_a_directory_without_data_says_so_and_creates_nothing(tmp_path):
+    line = one_sentence(runner.invoke(app, ["replay", "device", "x"]), 1)
+    assert line == f"parley: no Parley data in {tmp_path / 'data'} (use --data-dir or --database-url)"
+    assert list(tmp_path.iterdir()) == []
+    line = one_sentence(runner.invoke(app, ["replay", "device", "x", "--data-dir", "/proc/xx"]), 1)
+    assert line == "parley: no Parley data in /proc/xx (use --data-dir or --database-url)"
+
+
+def test_replay_of_an_unknown_device_names_the_store_it_read(tmp_path):
+    from eventstore import EventLog, StoreConfig
+
+    data = tmp_path / "elsewhere"
+    EventLog(StoreConfig.resolve(data, None)).close()  # a log, no views yet
+    line = one_sentence(runner.invoke(app, ["replay", "device", "nobody", "--data-dir", str(data)]), 1)
+    assert line.startswith(f"parley: device 'nobody' not found in {data}; ")
+    assert not (data / "views.sqlite").exists()  # asking did not create the views
+
+
+# -- simulate takes its broker from the settings -----------------------------------------
+
+class FakeSimulator:
+    made: list[str] = []
+
+    def __init__(self, spec, product, *, mqtt_url, **kw):
+        FakeSimulator.made.append(mqtt_url)
+
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+    def counters(self):
+        return {"connected_devices": 1, "devices": 1, "sent": 59, "events": 0, "answered": 0, "rejected": 0,
+                "rate": 1.0, "elapsed": 59.0}
+
+
+@pytest.fixture
+def fake_simulator(monkeypatch):
+    import gateways.simulate
+
+    FakeSimulator.made = []
+    monkeypatch.setattr(gateways.simulate, "Simulator", FakeSimulator)
+    return FakeSimulator.made
+
+
+def test_simulate_uses_the_broker_serve_would(tmp_path, monkeypatch, fake_simulator):
+    def run(*args: str) -> None:
+        result = runner.invoke(app, ["simulate", "--duration", "0", *args])
+        assert result.exit_code == 0, result.output
+
+    run()
+    monkeypatch.setenv("PARLEY_BUILTIN_BROKER_PORT", "18833")
+    run()
+    Path("parley.toml").write_text('mqtt_url = "mqtt://broker.example:1884"\n')
+    run()
+    monkeypatch.setenv("PARLEY_MQTT_URL", "mqtt://10.0.0.5:1885")
+    run()
+    run("--mqtt-url", "mqtt://127.0.0.1:1886")
+    assert fake_simulator == ["mqtt://127.0.0.1:1883", "mqtt://127.0.0.1:18833", "mqtt://broker.example:1884",
+                              "mqtt://10.0.0.5:1885", "mqtt://127.0.0.1:1886"]
+
+
+def test_builtin_broker_url_from_the_bind_address():
+    assert builtin_broker_url(Settings(host="0.0.0.0", builtin_broker_port=1900)) == "mqtt://127.0.0.1:1900"
+    assert builtin_broker_url(Settings(host="::", builtin_broker_port=1900)) == "mqtt://[::1]:1900"
+    assert builtin_broker_url(Settings(host="192.168.1.4")) == "mqtt://192.168.1.4:1883"
+
+
+def test_simulate_output_to_a_file_has_one_line_each(fake_simulator):
+    result = runner.invoke(app, ["simulate", "--duration", "0.3"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "simulating 10 'thermostat' devices on mqtt://127.0.0.1:1883"
+    assert lines[-1].startswith("stopped: devices connected 1/1  messages sent 59") and lines[-1].endswith("59 s")
+    assert "sstopped" not in result.stdout
+
+
+def test_simulate_with_a_bad_mqtt_url_is_a_settings_error(monkeypatch, fake_simulator):
+    monkeypatch.setenv("PARLEY_MQTT_URL", "localhost:1884")
+    line = one_sentence(runner.invoke(app, ["simulate", "--duration", "0"]), 2)
+    assert line == "invalid settings: PARLEY_MQTT_URL: unsupported MQTT URL 'localhost:1884': use mqtt://host:port"
+    assert fake_simulator == []
+
+
+@pytest.mark.mosquitto
+def test_simulate_finds_a_moved_builtin_broker_port(mqtt_broker):
+    """PARLEY_BUILTIN_BROKER_PORT moves `parley serve`'s broker; simulate must follow it."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    got = threading.Event()
+    subscribed = threading.Event()
+    observer = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"obs-{uuid.uuid4().hex[:8]}")
+    observer.on_message = lambda *a: got.set()
+    observer.on_subscribe = lambda *a: subscribed.set()
+    observer.connect(mqtt_broker.host, mqtt_broker.port)
+    observer.loop_start()
+    try:
+        observer.subscribe("v1/thermostat/+/telemetry")
+        assert subscribed.wait(5)
+        proc = _run_parley("simulate", "--devices", "1", "--interval", "1", "--duration", "1",
+                           PARLEY_HOST=mqtt_broker.host, PARLEY_BUILTIN_BROKER_PORT=str(mqtt_broker.port))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert got.wait(5)
+        assert proc.stdout.splitlines()[0].endswith(f"on mqtt://{mqtt_broker.host}:{mqtt_broker.port}")
+        assert proc.stdout.splitlines()[-1].startswith("stopped: ")
+    finally:
+        observer.disconnect()
+        observer.loop_stop()
+
+
+# -- help ------------------------------------------------------------------------------
+
+def _commands():
+    import typer.main
+
+    group = typer.main.get_command(app)
+    for name, cmd in group.commands.items():
+        subs = getattr(cmd, "commands", None)
+        if subs:
+            yield from (([name, sub], sub_cmd) for sub, sub_cmd in subs.items())
+        else:
+            yield [name], cmd
+
+
+@pytest.mark.parametrize("path", [p for p, _ in _commands()], ids=" ".join)
+def test_help_shows_every_help_text_whole_and_flags_without_a_value(path):
+    cmd = dict((tuple(p), c) for p, c in _commands())[tuple(path)]
+    result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"})
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    for param in cmd.params:
+        if param.help:
+            assert param.help.replace("\\[", "[") in out, (param.name, param.help)
+    for line in out.splitlines():
+        if "--demo" in line or "--help" in line:
+            assert "<bool>" not in line and "BOOLEAN" not in line, line
+    if path == ["simulate"]:
+        assert "[run until Ctrl-C]" in out and "[min(devices, 20)]" in out
+
+
+def test_demo_is_a_flag(monkeypatch):
+    seen = []
+
+    async def fake_main(settings):
+        seen.append(settings.demo)
+
+    monkeypatch.setattr(gateways.serve, "main", fake_main)
+    assert runner.invoke(app, ["serve", "--demo"]).exit_code == 0
+    assert runner.invoke(app, ["serve"]).exit_code == 0
+    assert runner.invoke(app, ["serve", "--demo", "true"]).exit_code == 2  # a flag takes no value
+    assert seen == [True, False]
