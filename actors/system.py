@@ -60,6 +60,10 @@ class ActorSystem:
         self.settings = settings or SystemSettings()
         self.device_link = device_link
         self.scheduler = Scheduler()
+        # request_id -> device key of the commands this process's callers wait on. Another
+        # process may record their outcome (a shared subscription gave it the device's
+        # answer): following the log, Runtime tells the actor to settle (CommandSettled).
+        self.inflight: dict[str, Any] = {}
         self._active: OrderedDict[tuple[type[AggregateActor], Key], _Entry] = OrderedDict()
         # Passivated actors still draining their queue: a new actor for the same key
         # waits for the old one to end, so two never run for one stream.

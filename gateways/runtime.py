@@ -9,20 +9,23 @@ from __future__ import annotations
 import gc
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
-from actors.device import DeviceActor, ExpireLiveness
+from actors.device import CommandSettled, Device, DeviceActor, ExpireLiveness
 from actors.ports import DeviceLink
 from actors.system import ActorSystem, SystemSettings
-from eventstore import EventLog, Journal, StoreConfig
+from eventstore import EventLog, Journal, LoggedEvent, StoreConfig
 from projections.agents import Agents
 from projections.db import ViewDatabase
 from projections.device_events import DeviceEvents
 from projections.device_registry import DeviceRegistry
 from projections.runner import ProjectionRunner
+from projections.view import View
 
 log = structlog.get_logger(__name__)
 
@@ -52,6 +55,34 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLD)
 
 
+class CommandOutcomes(View):
+    """No table: follows the log for outcomes of commands this process's callers wait on.
+    With several processes on one broker (a shared subscription), the device's answer may
+    reach another process, whose actor records it; this tells our actor to settle its
+    caller from the log instead of waiting for the deadline."""
+
+    name = "command_outcomes"
+    event_types = frozenset({Device.CommandSucceeded, Device.CommandFailed, Device.CommandTimedOut,
+                             Device.CommandUndelivered})
+
+    def __init__(self, db: ViewDatabase, system: ActorSystem) -> None:
+        super().__init__(db)
+        self.system = system
+
+    def apply(self, cur: Any, events: Sequence[LoggedEvent]) -> None:
+        pass  # nothing stored
+
+    def follow(self, events: Sequence[LoggedEvent]) -> None:
+        inflight = self.system.inflight
+        for le in events:
+            key = inflight.get(le.event.request_id)
+            if key is not None:
+                try:
+                    self.system.tell(DeviceActor, key, CommandSettled(le.event.request_id))
+                except Exception as exc:  # shutting down
+                    log.warning("runtime.settle_not_delivered", error=str(exc))
+
+
 class Runtime:
     def __init__(self, settings: RuntimeSettings) -> None:
         self.settings = settings
@@ -63,10 +94,10 @@ class Runtime:
         self.device_events = DeviceEvents(self.views_db, self.devices)
         self.agents = Agents(self.views_db)
         # Order matters: the registry maps streams to devices before device_events reads it.
-        self.projections = ProjectionRunner(self.log, self.views_db,
-                                            [self.devices, self.device_events, self.agents])
         self.system = ActorSystem(self.log, self.journal, SystemSettings(
             idle_timeout=settings.idle_timeout, max_active=settings.max_active_actors))
+        self.projections = ProjectionRunner(self.log, self.views_db, [
+            self.devices, self.device_events, self.agents, CommandOutcomes(self.views_db, self.system)])
         self._stop = threading.Event()
         self._liveness = threading.Thread(target=self._liveness_loop, name="liveness", daemon=True)
 

@@ -1,6 +1,7 @@
 from actors.device.actor import DeviceActor
 from actors.device.aggregate import Device
 from actors.device.messages import (
+    CommandSettled,
     DeviceResponded,
     ExpireLiveness,
     ReportEvent,
@@ -8,5 +9,5 @@ from actors.device.messages import (
     SendCommand,
 )
 
-__all__ = ["Device", "DeviceActor", "DeviceResponded", "ExpireLiveness", "ReportEvent",
+__all__ = ["CommandSettled", "Device", "DeviceActor", "DeviceResponded", "ExpireLiveness", "ReportEvent",
            "ReportTelemetry", "SendCommand"]

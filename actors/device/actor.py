@@ -13,6 +13,7 @@ from actors.base import AggregateActor, Key
 from actors.device.aggregate import Device
 from actors.device.messages import (
     CommandDeadline,
+    CommandSettled,
     DeviceResponded,
     ExpireLiveness,
     ReportEvent,
@@ -102,6 +103,7 @@ class DeviceActor(AggregateActor):
         # Arm before publishing: a fast device must find the waiter in place.
         deadline = self._arm_deadline(msg.request_id, left)
         self.waiters[msg.request_id] = (msg.reply, deadline, None)
+        self.system.inflight[msg.request_id] = self.key
         self.lease.pins += 1
         try:
             handle = link.publish_command(device.product_id, device.device_id, {
@@ -120,6 +122,11 @@ class DeviceActor(AggregateActor):
     def handle_DeviceResponded(self, msg: DeviceResponded) -> None:
         device = self.aggregate
         if device is None or msg.request_id not in device.pending:
+            # Another process sharing the log may have sent it (a shared subscription
+            # gave us its answer): catch up with the log before calling it unmatched.
+            self.reload()
+            device = self.aggregate
+        if device is None or msg.request_id not in device.pending:
             self.log.warning("device.response_unmatched", request_id=msg.request_id, code=msg.code)
             msg.reply.ok(None)
             return
@@ -136,9 +143,19 @@ class DeviceActor(AggregateActor):
             waiter.ok(result)  # the HTTP caller first: the MQTT ack is nobody's latency
         msg.reply.ok(positions[-1])
 
+    def handle_CommandSettled(self, msg: CommandSettled) -> None:
+        if msg.request_id in self.waiters:
+            self.reload()  # what another process wrote
+            if self.aggregate is None or msg.request_id not in self.aggregate.pending:
+                self._settle_from_log(msg.request_id)
+
     def handle_CommandDeadline(self, msg: CommandDeadline) -> None:
         device = self.aggregate
         if device is None or msg.request_id not in device.pending:
+            # Settled meanwhile, perhaps by another process (then a version conflict
+            # brought us here after a reload): its caller gets that outcome.
+            if msg.request_id in self.waiters:
+                self._settle_from_log(msg.request_id)
             return
         timeout_ms = device.pending[msg.request_id]["timeout_ms"]
         entry = self.waiters.get(msg.request_id)
@@ -166,7 +183,36 @@ class DeviceActor(AggregateActor):
 
         return system.scheduler.call_later(delay, expire)
 
+    # How far back in the stream to look for a command's outcome (its CommandSent is there
+    # too, unless thousands of reports came in between: then the caller hears Unavailable).
+    SETTLE_LOOKBACK = 1000
+
+    def _settle_from_log(self, request_id: str) -> None:
+        """Answer this process's caller with the outcome the log holds for `request_id`."""
+        reply = self._take_waiter(request_id)
+        if reply is None or self.aggregate is None:
+            return
+        command, outcome = None, None
+        since = max(0, self.aggregate.version - self.SETTLE_LOOKBACK)
+        for e in self.system.log.read_stream(self.aggregate.id, gt=since):
+            if getattr(e, "request_id", None) != request_id:
+                continue
+            if isinstance(e, Device.CommandSent):
+                command = e.command
+            else:
+                outcome = e
+        self.log.info("device.command_settled_from_log", request_id=request_id,
+                      outcome=type(outcome).__name__ if outcome else None)
+        if isinstance(outcome, Device.CommandAnswered):
+            reply.ok({"requestId": request_id, "command": command, "code": outcome.code,
+                      "msg": outcome.msg, "data": outcome.data})
+        elif isinstance(outcome, Device.CommandTimedOut):
+            reply.fail(CommandTimedOut(f"device did not answer {request_id} within {outcome.timeout_ms} ms"))
+        else:
+            reply.fail(Unavailable(f"the outcome of {request_id} is not in the log"))
+
     def _take_waiter(self, request_id: str) -> Reply | None:
+        self.system.inflight.pop(request_id, None)
         entry = self.waiters.pop(request_id, None)
         if entry is None:
             return None

@@ -62,6 +62,13 @@ class CommandDeadline:
 
 
 @dataclass(frozen=True, slots=True)
+class CommandSettled:
+    """The log holds an outcome of this command, perhaps written by another process."""
+
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class ExpireLiveness:
     """Sent by the liveness sweep: go offline if silent for longer than the window."""
 

@@ -1,0 +1,84 @@
+"""Two processes on one PostgreSQL log and one broker (shared subscription): the device's
+answer to a command sent through A may reach B. B records the outcome; A's caller hears
+it from the log (not a 504 for a command the device carried out). In process: two
+Runtimes on one database, a link that hands A's commands' answers to B."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from actors.device import Device, DeviceActor, DeviceResponded, ReportTelemetry, SendCommand
+from actors.errors import CommandTimedOut
+from actors.ports import FutureReply
+from tests.support import create_agent, make_runtime
+
+P, D = "thermostat", "shared-cmd"
+
+
+class AnsweredOnB:
+    """A's DeviceLink: the device answers, and the broker gives the answer to B."""
+
+    connected = True
+
+    def __init__(self, b) -> None:
+        self.b = b
+        self.answer = True
+
+    def publish_command(self, product_id: str, device_id: str, payload: dict[str, Any]) -> str:
+        if self.answer:
+            threading.Thread(target=lambda: self.b.system.tell(DeviceActor, (product_id, device_id), DeviceResponded(
+                payload["requestId"], 0, "ok", {"applied": payload["params"]}, int(time.time() * 1000)))).start()
+        return payload["requestId"]
+
+    def withdraw(self, handle: str) -> None:
+        pass
+
+
+def ask(runtime, message) -> Any:
+    runtime.system.tell(DeviceActor, (P, D), message)
+    return message.reply.get(15)
+
+
+@pytest.fixture
+def pair(tmp_path, pg_database):
+    a = make_runtime(tmp_path / "a", pg_database)
+    b = make_runtime(tmp_path / "b", pg_database)
+    a.attach_device_link(AnsweredOnB(b))
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+def test_an_answer_recorded_by_the_other_process_reaches_the_caller(pair):
+    a, b = pair
+    create_agent(a)
+    # B's actor is live and loaded before A writes CommandSent: it must catch up with the
+    # log rather than drop the answer as unmatched.
+    ask(b, ReportTelemetry("status", "online", None, None, int(time.time() * 1000), reply=FutureReply()))
+    ask(a, ReportTelemetry("status", "online", None, None, int(time.time() * 1000), reply=FutureReply()))
+    for i in range(3):
+        start = time.monotonic()
+        result = ask(a, SendCommand(f"shared-{i}", "set_target_temperature", {"target_temperature": i},
+                                    5000, reply=FutureReply()))
+        assert result["code"] == 0 and result["data"] == {"applied": {"target_temperature": i}}
+        assert result["command"] == "set_target_temperature"
+        assert time.monotonic() - start < 3.0  # from the log, not at the 5 s deadline
+    names = [type(e).__name__ for e in a.log.read_stream(Device.create_id(P, D))]
+    assert names.count("CommandSucceeded") == 3 and "CommandTimedOut" not in names
+    assert a.system.inflight == {}
+
+
+def test_a_timeout_is_still_a_timeout(pair):
+    a, b = pair
+    create_agent(a)
+    a.system.device_link.answer = False
+    ask(a, ReportTelemetry("status", "online", None, None, int(time.time() * 1000), reply=FutureReply()))
+    with pytest.raises(CommandTimedOut):
+        ask(a, SendCommand("shared-quiet", "set_target_temperature", {"target_temperature": 1}, 300,
+                           reply=FutureReply()))
