@@ -105,7 +105,9 @@ class DeviceSpec(BaseModel):
         validator = self._validators.get(command)
         if validator is None:
             known = ", ".join(sorted(self.commands)) or "none"
-            raise InvalidCommand(f"unknown command {command!r} (this product's commands: {known})")
+            # A client's name, maybe huge: the message (and its log line) shows 100 characters.
+            name = command if len(command) <= 100 else command[:100] + "…"
+            raise InvalidCommand(f"unknown command {name!r} (this product's commands: {known})")
         errors = sorted(validator.iter_errors(params), key=lambda e: list(e.path))
         if errors:
             details = "; ".join(

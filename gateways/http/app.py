@@ -9,13 +9,16 @@ Quart or a bug raises) into JSON, so no traceback ever reaches a client.
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, NoReturn
+from urllib.parse import unquote_to_bytes
 
 import structlog
 import trio
 from quart import Response, current_app, jsonify, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from werkzeug.routing import RequestRedirect
 
 from actors.errors import ParleyError
 from gateways import ids, json_input
@@ -41,10 +44,44 @@ ACTOR_STATUS: dict[str, int] = {
 }
 
 
+# How much of a client's input an error repeats. A message shows a client's value with
+# `shown` (at most ECHO_LIMIT characters of it); whatever else reaches an error body (a
+# JSON Schema message quoting a param value, a 422 naming a 1 MB unknown field) is cut at
+# TEXT_LIMIT characters by ApiError itself, so neither response nor log line can grow
+# with the input. Log lines cut the path they name the same way.
+ECHO_LIMIT = 100
+TEXT_LIMIT = 1000
+
+
+def shown(value: str) -> str:
+    """A client's value as an error message quotes it: its repr, or for a long one the repr
+    of its first ECHO_LIMIT characters with an ellipsis and the full length."""
+    if len(value) <= ECHO_LIMIT:
+        return repr(value)
+    return f"{value[:ECHO_LIMIT] + '…'!r} ({len(value)} characters)"
+
+
+def clip(text: str, limit: int = TEXT_LIMIT) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _clipped(value: Any) -> Any:
+    """`value` with every string in it (dict keys too) at most TEXT_LIMIT characters."""
+    if isinstance(value, str):
+        return clip(value)
+    if isinstance(value, dict):
+        return {_clipped(k): _clipped(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clipped(v) for v in value]
+    return value
+
+
 class ApiError(Exception):
-    """An HTTP error response with an explicit JSON body (either family's shape)."""
+    """An HTTP error response with an explicit JSON body (either family's shape). The body's
+    strings are cut at TEXT_LIMIT characters: an error never echoes a client's input whole."""
 
     def __init__(self, status: int, body: dict[str, Any]) -> None:
+        body = _clipped(body)
         super().__init__(body.get("error") or body.get("errors"))
         self.status = status
         self.body = body
@@ -72,12 +109,15 @@ class TraceIds:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"").decode("latin-1")
-        trace_id = given if 0 < len(given) <= 128 and given.isprintable() else ids.trace_id()
+        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
+        trace_id = _caller_id(given)
+        if trace_id is None:
+            trace_id = ids.trace_id()
+            given = trace_id.encode("ascii")
         structlog.contextvars.clear_contextvars()
         # `trace_id`, not `request_id`: that name is the device command's requestId in logs.
         structlog.contextvars.bind_contextvars(trace_id=trace_id)
-        header = (b"x-request-id", trace_id.encode("latin-1"))
+        header = (b"x-request-id", given)  # a caller's id: exactly the bytes it sent
 
         async def send_with_id(message: Any) -> None:
             if message["type"] == "http.response.start":
@@ -85,6 +125,90 @@ class TraceIds:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+def _caller_id(raw: bytes) -> str | None:
+    """A caller's X-Request-Id if it is usable: UTF-8, printable, 1..128 characters."""
+    if not 0 < len(raw) <= 4 * 128:  # 128 characters are at most 512 bytes of UTF-8
+        return None
+    try:
+        given = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return given if len(given) <= 128 and given.isprintable() else None
+
+
+def _target_refusal(raw_path: bytes | None, query: bytes) -> tuple[int, str, str] | None:
+    """Why a request target cannot be routed as sent (status, code, message), or None.
+    The routes see the path percent-decoded, so an encoded slash would route `a%2Fcommands`
+    as `a/commands` (ids never contain `/`: they are MQTT topic levels), and bytes that are
+    not UTF-8 would be read as U+FFFD in the path (different ids colliding) or left as the
+    literal `%FF` in the query."""
+    if raw_path is not None and b"%" in raw_path:
+        if b"%2f" in raw_path.lower():
+            return 404, "not_found", "no such route"
+        try:
+            unquote_to_bytes(raw_path).decode("utf-8")
+        except UnicodeDecodeError:
+            return 400, "invalid_request", "path is not valid UTF-8"
+    if b"%" in query:
+        try:
+            unquote_to_bytes(query).decode("utf-8")
+        except UnicodeDecodeError:
+            return 400, "invalid_request", "query string is not valid UTF-8"
+    return None
+
+
+class CheckTarget:
+    """ASGI middleware: refuse a request target that the routes would misread (see
+    `_target_refusal`), before Quart decodes it, with the generic JSON error and a log line.
+    A target with no `%` in it (nearly all) costs two substring tests. Inside TraceIds, so
+    the refusal carries X-Request-Id and its log line the trace_id."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            raw_path = scope.get("raw_path")
+            query = scope.get("query_string", b"")
+            if (raw_path is not None and b"%" in raw_path) or b"%" in query:
+                refusal = _target_refusal(raw_path, query)
+                if refusal is not None:
+                    await self._refuse(scope, send, *refusal)
+                    return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _refuse(scope: Any, send: Any, status: int, code: str, message: str) -> None:
+        body = {"error": message, "code": code}
+        raw_path = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
+        log.info("http.request_refused", method=scope["method"],
+                 path=clip(raw_path.decode("ascii", "backslashreplace")),
+                 query=clip(scope.get("query_string", b"").decode("ascii", "backslashreplace")),
+                 status=status, body=body)
+        data = (json.dumps(body, separators=(",", ":")) + "\n").encode()
+        await send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+        await send({"type": "http.response.body", "body": data})
+
+
+class _App(QuartTrio):
+    def raise_routing_exception(self, request: Any) -> NoReturn:
+        # Never werkzeug's HTML redirect (its Location is built from the Host header): slash
+        # merging is off and no rule ends in "/", so none should arise; if one does, 404.
+        if isinstance(request.routing_exception, RequestRedirect):
+            raise NotFound()
+        raise request.routing_exception
+
+
+def query_arg(name: str) -> str | None:
+    """The query parameter `name`, or None. Given more than once is 400: which one would
+    count is a guess (`?status=online&status=bogus` must not pass as `online`)."""
+    values = request.args.getlist(name)
+    if len(values) > 1:
+        raise ApiError.coded(400, "invalid_request", f"{name} given more than once")
+    return values[0] if values else None
 
 
 def get_runtime() -> Runtime:
@@ -166,8 +290,13 @@ def create_app(runtime: Runtime) -> QuartTrio:
     from gateways.http.health import bp as health_bp
     from gateways.http.openapi import bp as openapi_bp
 
-    app = QuartTrio(__name__, static_folder=None)  # an API: no /static route
+    app = _App(__name__, static_folder=None)  # an API: no /static route
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    # OPTIONS is a 405 like any method a route lacks (Quart would answer 200 text/html).
+    # Read when a rule is added, as is merge_slashes: both before the blueprints.
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
+    # `//api//health` is a 404, not a 308 HTML redirect to a Location built from Host.
+    app.url_map.merge_slashes = False
     app.config["JSON_SORT_KEYS"] = False
     app.json.sort_keys = False  # keep the documented field order
     app.json.ensure_ascii = False  # the agent API answers in Chinese; send it readable
@@ -176,12 +305,13 @@ def create_app(runtime: Runtime) -> QuartTrio:
     for bp in (health_bp, devices_bp, agents_bp, openapi_bp):
         app.register_blueprint(bp)
 
-    app.asgi_app = TraceIds(app.asgi_app)  # type: ignore[method-assign]
+    # TraceIds outermost: CheckTarget's refusals carry X-Request-Id and trace_id too.
+    app.asgi_app = TraceIds(CheckTarget(app.asgi_app))  # type: ignore[method-assign]
 
     @app.errorhandler(ApiError)
     async def api_error(exc: ApiError) -> Response:
         log_fn = log.error if exc.status >= 500 else log.info
-        log_fn("http.request_refused", method=request.method, path=request.path,
+        log_fn("http.request_refused", method=request.method, path=clip(request.path),
                status=exc.status, body=exc.body)
         return _json(exc.status, exc.body)
 
@@ -192,9 +322,10 @@ def create_app(runtime: Runtime) -> QuartTrio:
         code = (exc.name or "error").lower().replace(" ", "_")
         message = {404: "no such route", 413: f"request body exceeds {MAX_BODY} bytes"}.get(
             status, exc.description or exc.name)
-        log.info("http.request_refused", method=request.method, path=request.path,
-                 status=status, code=code)
-        response = _json(status, {"error": message, "code": code})
+        body = {"error": message, "code": code}
+        log.info("http.request_refused", method=request.method, path=clip(request.path),
+                 status=status, body=body)
+        response = _json(status, body)
         if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
             response.headers["Allow"] = ", ".join(sorted(exc.valid_methods))
         return response
@@ -202,7 +333,7 @@ def create_app(runtime: Runtime) -> QuartTrio:
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Response:
         # A bug: log the traceback for us, give the client only a generic message.
-        log.exception("http.unhandled_error", method=request.method, path=request.path)
+        log.exception("http.unhandled_error", method=request.method, path=clip(request.path))
         return _json(500, {"error": "internal server error", "code": "internal_error"})
 
     return app

@@ -11,14 +11,15 @@ from datetime import datetime, timezone
 from typing import Any
 
 import trio
-from quart import Blueprint, request
+from quart import Blueprint
 
 from actors.device import DeviceActor
 from actors.device.messages import SendCommand
 from actors.errors import InvalidCommand, ParleyError
 from gateways import ids
 from gateways.bridge import TrioReply
-from gateways.http.app import ApiError, get_pending, get_runtime, json_object, read_view
+from gateways.http.app import (ApiError, get_pending, get_runtime, json_object, query_arg, read_view,
+                               shown)
 from projections.device_events import DeviceEventRow
 from projections.device_registry import DeviceRow
 
@@ -60,8 +61,8 @@ async def find_device(device_id: str, product_id: str | None) -> DeviceRow:
     """The device with this id; without a product, the most recently seen one."""
     rows = await read_view(get_runtime().devices.find, device_id, product_id)
     if not rows:
-        where = f" in product {product_id!r}" if product_id else ""
-        raise ApiError.coded(404, "device_not_found", f"device {device_id!r} not found{where}")
+        where = f" in product {shown(product_id)}" if product_id else ""
+        raise ApiError.coded(404, "device_not_found", f"device {shown(device_id)} not found{where}")
     return rows[0]
 
 
@@ -81,12 +82,12 @@ async def command_product(device_id: str, product_id: str | None) -> str:
 @bp.get("/api/products/<product_id>/devices")
 async def list_devices(product_id: str) -> dict[str, Any]:
     runtime = get_runtime()
-    status = request.args.get("status")
+    status = query_arg("status")
     if status not in (None, "online", "offline"):
         raise ApiError.coded(400, "invalid_request",
-                             f"status must be 'online' or 'offline', not {status!r}")
+                             f"status must be 'online' or 'offline', not {shown(status)}")
     if runtime.agents.get(product_id) is None:  # in-memory mirror: no query needed
-        raise ApiError.coded(404, "product_not_found", f"product {product_id!r} not found")
+        raise ApiError.coded(404, "product_not_found", f"product {shown(product_id)} not found")
     online = None if status is None else status == "online"
     rows = await read_view(runtime.devices.list_devices, product_id, online)
     return {"productId": product_id, "devices": [device_json(r) for r in rows]}
@@ -94,7 +95,7 @@ async def list_devices(product_id: str) -> dict[str, Any]:
 
 @bp.get("/api/devices/<device_id>")
 async def get_device(device_id: str) -> dict[str, Any]:
-    product_id = _optional_str(request.args.get("productId"), "productId")
+    product_id = _optional_str(query_arg("productId"), "productId")
     return device_json(await find_device(device_id, product_id))
 
 
@@ -127,7 +128,7 @@ async def send_command(device_id: str) -> dict[str, Any]:
     spec = agent.device_spec if agent is not None else None
     if spec is None:
         raise ApiError.coded(400, "invalid_command",
-                             f"product {product_id!r} has no device spec; it accepts no commands")
+                             f"product {shown(product_id)} has no device spec; it accepts no commands")
     try:
         spec.check_command(command, params)
     except InvalidCommand as exc:
@@ -151,17 +152,20 @@ async def send_command(device_id: str) -> dict[str, Any]:
         pending.discard(reply)
 
 
+def _limit(raw: str | None) -> int:
+    """`limit` as ASCII digits for 1..1000 (int() would also take "1_0", "+1", " 1 ", "١")."""
+    if raw is None:
+        return 50
+    if raw.isascii() and raw.isdigit() and len(raw.lstrip("0")) <= 4 and 1 <= int(raw) <= 1000:
+        return int(raw)
+    raise ApiError.coded(400, "invalid_request", f"limit must be an integer from 1 to 1000, not {shown(raw)}")
+
+
 @bp.get("/api/devices/<device_id>/events")
 async def list_events(device_id: str) -> dict[str, Any]:
     runtime = get_runtime()
-    raw_limit = request.args.get("limit", "50")
-    try:
-        limit = int(raw_limit)
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= 1000:
-        raise ApiError.coded(400, "invalid_request", f"limit must be an integer from 1 to 1000, not {raw_limit!r}")
-    product_id = _optional_str(request.args.get("productId"), "productId")
+    limit = _limit(query_arg("limit"))
+    product_id = _optional_str(query_arg("productId"), "productId")
     device = await find_device(device_id, product_id)
     rows: list[DeviceEventRow] = await read_view(
         runtime.device_events.recent, device.product_id, device.device_id, limit)

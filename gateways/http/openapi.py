@@ -42,6 +42,26 @@ BAD_JSON = resp("Malformed JSON (code invalid_json) or wrong field types (code i
 TOO_LARGE = resp("Body larger than 1 MiB (code request_entity_too_large).")
 AGENT_404 = resp("No such agent.", "AgentNotFound")
 AGENT_422 = resp("Validation failed.", "AgentErrors")
+AGENT_503 = resp("The agent actor did not answer within 10 s, or the server is shutting down "
+                 "(code unavailable); the write may have been committed, so read the agent back.")
+
+# Generic refusals, the same on every route: documented once here (info.description points
+# to them) rather than repeated in each operation.
+GENERIC: dict[str, Any] = {
+    "InvalidRequestTarget": resp(
+        "400 invalid_request: the path or the query string is not valid UTF-8 once "
+        "percent-decoded, or a query parameter the route reads is given more than once."),
+    "NoSuchRoute": resp(
+        "404 not_found ({error: 'no such route', code: 'not_found'}): no such route, which "
+        "includes a path with an encoded slash (%2F) or an empty segment (/api//health); never "
+        "a redirect."),
+    "MethodNotAllowed": resp(
+        "405 method_not_allowed: the route exists, the method does not (OPTIONS included); "
+        "the Allow header lists the methods. HEAD is allowed wherever GET is."),
+    "RequestTimeout": resp("408 request_timeout: the request body did not arrive within 60 s."),
+    "RequestEntityTooLarge": resp("413 request_entity_too_large: a body larger than 1 MiB."),
+    "InternalError": resp("500 internal_error: a bug; details are in the server log only."),
+}
 
 SCHEMAS: dict[str, Any] = {
     "Error": {"type": "object", "required": ["error", "code"], "properties": {
@@ -119,12 +139,14 @@ PATHS: dict[str, Any] = {
         "parameters": [param("productId", "path", STR, "The product (= agent_id)."),
                        param("status", "query", {"enum": ["online", "offline"]}, "Filter.")],
         "responses": {"200": resp("Devices, ordered by deviceId.", "DeviceList"),
-                      "400": resp("Bad status (code invalid_request)."),
+                      "400": resp("status neither online nor offline, or given twice "
+                                  "(code invalid_request)."),
                       "404": resp("Unknown product (code product_not_found).")}}},
     "/api/devices/{deviceId}": {"get": {
         "summary": "A device's status, state and last seen time.",
         "parameters": [DEVICE_ID, PRODUCT_Q],
         "responses": {"200": resp("The device.", "Device"),
+                      "400": resp("productId empty or given twice (code invalid_request)."),
                       "404": resp("No such device (code device_not_found).")}}},
     "/api/devices/{deviceId}/commands": {"post": {
         "summary": "Send a command from the product's device spec and wait for the answer.",
@@ -143,24 +165,26 @@ PATHS: dict[str, Any] = {
         "parameters": [DEVICE_ID, PRODUCT_Q, param(
             "limit", "query", {**INT, "minimum": 1, "maximum": 1000, "default": 50}, "How many.")],
         "responses": {"200": resp("Events.", "DeviceEvents"),
-                      "400": resp("Bad limit (code invalid_request)."),
+                      "400": resp("limit not an integer in 1..1000 (ASCII digits), productId "
+                                  "empty, or either given twice (code invalid_request)."),
                       "404": resp("No such device (code device_not_found).")}}},
     "/api/agents": {
         "get": {"summary": "List agents.", "responses": {"200": resp("Agents.", {
             "type": "object", "properties": {"agents": {"type": "array", "items": ref("Agent")}}})}},
         "post": {"summary": "Create an agent.", "requestBody": body("AgentInput"), "responses": {
             "201": resp("Created (message 智能体创建成功).", "AgentSaved"), "400": BAD_JSON,
-            "413": TOO_LARGE, "422": resp("Invalid, or agent_id already taken.", "AgentErrors")}}},
+            "413": TOO_LARGE, "422": resp("Invalid, or agent_id already taken.", "AgentErrors"),
+            "503": AGENT_503}}},
     "/api/agents/{id}": {
         "get": {"summary": "One agent.", "parameters": [AGENT_ID],
                 "responses": {"200": resp("The agent.", "Agent"), "404": AGENT_404}},
         "put": {"summary": "Update some fields of an agent.", "parameters": [AGENT_ID],
                 "requestBody": body("AgentInput"), "responses": {
                     "200": resp("Updated (message 智能体更新成功).", "AgentSaved"), "400": BAD_JSON,
-                    "404": AGENT_404, "413": TOO_LARGE, "422": AGENT_422}},
+                    "404": AGENT_404, "413": TOO_LARGE, "422": AGENT_422, "503": AGENT_503}},
         "delete": {"summary": "Delete an agent.", "parameters": [AGENT_ID], "responses": {
             "200": resp("Deleted.", {"type": "object", "properties": {"success": {"const": True}}}),
-            "404": AGENT_404}}},
+            "404": AGENT_404, "503": AGENT_503}}},
 }
 
 DOCUMENT: dict[str, Any] = {
@@ -168,9 +192,12 @@ DOCUMENT: dict[str, Any] = {
     "info": {"title": "Parley HTTP API", "version": "0.1.0", "description": (
         "Devices, commands and events (errors {error, code}) and agent management "
         "(errors {error: 'Agent not found'} / {success: false, errors}). See docs/http-api.md. "
-        "Any route: unknown path 404 and wrong method 405, both {error, code}.")},
+        "Any route may also answer the generic refusals in components.responses, all "
+        "{error, code}: 400 (path or query not UTF-8, a query parameter repeated), 404 (no "
+        "such route, an encoded slash), 405 (wrong method, OPTIONS included; with Allow), "
+        "408 (body not received within 60 s), 413 (body over 1 MiB), 500.")},
     "paths": PATHS,
-    "components": {"schemas": SCHEMAS},
+    "components": {"schemas": SCHEMAS, "responses": GENERIC},
 }
 
 

@@ -4,6 +4,7 @@ devices (the MQTT gateway does this for real; its end-to-end tests live elsewher
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -135,3 +136,38 @@ async def create_agent(client: httpx.AsyncClient, agent_id: str = "thermostat", 
     r = await client.post("/api/agents", json={"agent": agent_input(agent_id, **overrides)})
     assert r.status_code == 201, r.text
     return r.json()["agent"]
+
+
+class RawResponse:
+    """A response read off the socket: status, headers (lower-case names, raw bytes values)
+    and body. For requests whose exact target bytes matter (httpx could normalise a URL)."""
+
+    def __init__(self, data: bytes) -> None:
+        head, _, self.body = data.partition(b"\r\n\r\n")
+        status_line, *lines = head.split(b"\r\n")
+        self.status = int(status_line.split()[1])
+        self.headers: dict[str, bytes] = {}
+        for line in lines:
+            name, _, value = line.partition(b":")
+            self.headers[name.strip().lower().decode()] = value.strip()
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def raw_request(client: httpx.AsyncClient, method: str, target: str, body: bytes = b"",
+                      headers: dict[str, bytes] | None = None) -> RawResponse:
+    """Send `method target` exactly as written (no URL normalisation) to the client's server
+    on a fresh connection, and read the whole response (Connection: close)."""
+    headers = {"Host": b"127.0.0.1", **(headers or {})}
+    lines = [f"{method} {target} HTTP/1.1".encode(), b"Connection: close",
+             b"Content-Length: " + str(len(body)).encode()]
+    lines += [name.encode() + b": " + value for name, value in headers.items()]
+    stream = await trio.open_tcp_stream("127.0.0.1", client.base_url.port)
+    async with stream:
+        await stream.send_all(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+        data = b""
+        with trio.fail_after(10):
+            while chunk := await stream.receive_some():
+                data += chunk
+    return RawResponse(data)

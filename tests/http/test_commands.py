@@ -6,7 +6,9 @@ from typing import Any
 
 import httpx
 import pytest
+import structlog.testing
 
+from gateways.http.app import TEXT_LIMIT
 from gateways.runtime import Runtime
 from tests.http.conftest import FakeLink, create_agent, set_status
 
@@ -53,6 +55,25 @@ async def test_unknown_command_is_400_and_not_sent(client: httpx.AsyncClient, on
     assert r.status_code == 400
     assert r.json() == {"error": "unknown command 'self_destruct' (this product's commands: reboot, "
                                  "set_mode, set_target_temperature)", "code": "invalid_command"}
+    assert online.published == []
+
+
+async def test_long_input_is_not_echoed_whole(client: httpx.AsyncClient, online: FakeLink) -> None:
+    name = "x" * 1_000_000  # just under the 1 MiB body limit
+    with structlog.testing.capture_logs() as logs:
+        r = await send(client, {"command": name})
+        assert r.status_code == 400
+        assert r.json() == {"error": f"unknown command {'x' * 100 + '…'!r} (this product's commands: "
+                                     "reboot, set_mode, set_target_temperature)", "code": "invalid_command"}
+        # A param value the JSON Schema message quotes: cut where every error body is cut.
+        r = await send(client, {"command": "set_target_temperature",
+                                "params": {"target_temperature": "h" * 1_000_000}})
+        assert r.status_code == 400 and r.json()["code"] == "invalid_command"
+        error = r.json()["error"]
+        assert error.startswith("invalid params for 'set_target_temperature': target_temperature: 'hhh")
+        assert len(error) == TEXT_LIMIT + 1 and error.endswith("…")
+    refused = [e for e in logs if e["event"] == "http.request_refused"]
+    assert len(refused) == 2 and all(len(str(e)) < 2000 for e in refused)
     assert online.published == []
 
 

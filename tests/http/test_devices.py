@@ -6,9 +6,10 @@ import re
 from datetime import datetime
 
 import httpx
+import structlog.testing
 
 from gateways.runtime import Runtime
-from tests.http.conftest import create_agent, now_ms, report_event, set_status
+from tests.http.conftest import create_agent, now_ms, raw_request, report_event, set_status
 
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -123,3 +124,63 @@ async def test_events_errors(client: httpx.AsyncClient, runtime: Runtime) -> Non
     assert (await client.get("/api/devices/t-001/events?limit=1000")).json()["events"] == []
     r = await client.get("/api/devices/ghost/events")
     assert r.status_code == 404 and r.json()["code"] == "device_not_found"
+
+
+async def test_limit_is_ascii_digits_only(client: httpx.AsyncClient, runtime: Runtime) -> None:
+    await set_status(runtime, "thermostat", "t-001", "online")
+    await report_event(runtime, "thermostat", "t-001", "heartbeat", {})
+    # int() takes all of these; they are not "an integer from 1 to 1000" in a URL.
+    for sent, seen in [("1_0", "1_0"), ("%D9%A3", "٣"), ("%EF%BC%91", "１"), ("+1", " 1"),
+                       ("%2B1", "+1"), ("%201%20", " 1 "), ("1.0", "1.0"), ("", ""),
+                       ("1" + "0" * 5000, None)]:
+        r = await raw_request(client, "GET", f"/api/devices/t-001/events?limit={sent}")
+        assert r.status == 400, sent
+        assert r.json()["code"] == "invalid_request"
+        if seen is not None:
+            assert r.json()["error"] == f"limit must be an integer from 1 to 1000, not {seen!r}"
+    for good in ("1", "0001", "1000"):
+        r = await raw_request(client, "GET", f"/api/devices/t-001/events?limit={good}")
+        assert r.status == 200 and len(r.json()["events"]) == 1, good
+
+
+async def test_a_query_parameter_given_twice_is_400(client: httpx.AsyncClient, runtime: Runtime) -> None:
+    await create_agent(client)
+    await set_status(runtime, "thermostat", "t-001", "online")
+    for target, name in [
+            ("/api/products/thermostat/devices?status=online&status=bogus", "status"),
+            ("/api/products/thermostat/devices?status=online&status=online", "status"),
+            ("/api/devices/t-001/events?limit=1&limit=2", "limit"),
+            ("/api/devices/t-001/events?productId=thermostat&productId=lamp", "productId"),
+            ("/api/devices/t-001?productId=thermostat&productId=thermostat", "productId"),
+            ("/api/devices/t-001?productId=thermostat&productId=", "productId")]:
+        r = await client.get(target)
+        assert r.status_code == 400, target
+        assert r.json() == {"error": f"{name} given more than once", "code": "invalid_request"}
+    # Once each, or parameters the route does not read: as before.
+    assert (await client.get("/api/products/thermostat/devices?status=online&x=1&x=2")).status_code == 200
+    assert (await client.get("/api/devices/t-001/events?limit=1&productId=thermostat")).status_code == 200
+
+
+async def test_empty_product_id_query_is_400(client: httpx.AsyncClient, runtime: Runtime) -> None:
+    await set_status(runtime, "thermostat", "t-001", "online")
+    for target in ("/api/devices/t-001?productId=", "/api/devices/t-001/events?productId="):
+        r = await client.get(target)
+        assert r.status_code == 400, target
+        assert r.json() == {"error": "productId must be a non-empty string", "code": "invalid_request"}
+
+
+async def test_long_ids_are_not_echoed_whole(client: httpx.AsyncClient) -> None:
+    long_id = "d" * 10_000
+    with structlog.testing.capture_logs() as logs:
+        r = await client.get(f"/api/devices/{long_id}?productId={'p' * 5000}")
+    assert r.status_code == 404
+    assert r.json()["error"] == (f"device {'d' * 100 + '…'!r} (10000 characters) not found "
+                                 f"in product {'p' * 100 + '…'!r} (5000 characters)")
+    r = await client.get(f"/api/products/{long_id}/devices?status={'s' * 300}")
+    assert r.status_code == 400 and len(r.json()["error"]) < 200
+    r = await client.get(f"/api/products/{long_id}/devices")
+    assert r.json()["error"] == f"product {'d' * 100 + '…'!r} (10000 characters) not found"
+    r = await client.get(f"/api/devices/t-001/events?limit={'9' * 10_000}")
+    assert r.status_code == 400 and len(r.json()["error"]) < 200
+    (line,) = [e for e in logs if e["event"] == "http.request_refused"]
+    assert len(line["path"]) <= 1001 and len(line["body"]["error"]) < 300
