@@ -28,7 +28,9 @@ class ViewDatabase:
         if self.is_postgres:
             from psycopg_pool import ConnectionPool
 
-            self._pool = ConnectionPool(config.url, min_size=1, max_size=8, open=True,
+            # timeout: how long a query waits for a connection. 30 s (psycopg's default) kept
+            # HTTP reads hanging through a database outage; 5 s, then 503 (gateways/http/app.py).
+            self._pool = ConnectionPool(config.url, min_size=1, max_size=8, open=True, timeout=5.0,
                                         kwargs={"autocommit": False})
         else:
             self._path = str(Path(config.sqlite_path).with_name("views.sqlite"))

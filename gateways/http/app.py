@@ -283,6 +283,12 @@ def _json(status: int, body: dict[str, Any]) -> Response:
     return response
 
 
+def is_store_error(exc: BaseException) -> bool:
+    """An error of the database (PostgreSQL down, its pool out of connections, SQLite
+    locked or its disk full), not of Parley's code."""
+    return type(exc).__module__.split(".")[0] in ("psycopg", "psycopg_pool", "sqlite3", "eventsourcing")
+
+
 def create_app(runtime: Runtime) -> QuartTrio:
     # Imported here, not at the top: the blueprints import helpers from this module.
     from gateways.http.agents import bp as agents_bp
@@ -332,6 +338,11 @@ def create_app(runtime: Runtime) -> QuartTrio:
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Response:
+        if is_store_error(exc):
+            # Not a bug: the database is down, full or locked. 503, and the reason in the log.
+            log.error("http.store_unavailable", method=request.method, path=clip(request.path),
+                      error=clip(repr(exc)))
+            return _json(503, {"error": "the store is not reachable; try again later", "code": "unavailable"})
         # A bug: log the traceback for us, give the client only a generic message.
         log.exception("http.unhandled_error", method=request.method, path=clip(request.path))
         return _json(500, {"error": "internal server error", "code": "internal_error"})

@@ -184,3 +184,21 @@ async def test_long_ids_are_not_echoed_whole(client: httpx.AsyncClient) -> None:
     assert r.status_code == 400 and len(r.json()["error"]) < 200
     (line,) = [e for e in logs if e["event"] == "http.request_refused"]
     assert len(line["path"]) <= 1001 and len(line["body"]["error"]) < 300
+
+
+async def test_a_store_outage_on_a_read_is_503_not_500(client, runtime, monkeypatch) -> None:
+    import sqlite3
+
+    from psycopg_pool import PoolTimeout
+
+    for error in (sqlite3.OperationalError("database is locked"),
+                  PoolTimeout("couldn't get a connection after 5.00 sec")):
+        def down(*a, error=error, **k):
+            raise error
+
+        monkeypatch.setattr(runtime.devices, "find", down)
+        r = await client.get("/api/devices/d-1")
+        assert r.status_code == 503
+        assert r.json() == {"error": "the store is not reachable; try again later", "code": "unavailable"}
+    monkeypatch.setattr(runtime.log, "max_position", lambda: (_ for _ in ()).throw(sqlite3.OperationalError("disk I/O error")))
+    assert (await client.get("/api/health")).status_code == 503
