@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from actors.device import CommandSettled, Device, DeviceActor, ExpireLiveness
+from actors.device import CommandSettled, Device, DeviceActor, ExpireLiveness, Wake
 from actors.ports import DeviceLink
 from actors.system import ActorSystem, SystemSettings
 from eventstore import EventLog, Journal, LoggedEvent, StoreConfig
@@ -106,10 +106,17 @@ class Runtime:
 
     def start(self) -> None:
         caught = self.projections.catch_up()
+        # Commands in flight when the last process stopped: their actors load now, which
+        # arms their deadlines, so each still gets its CommandTimedOut on time (not when the
+        # device next speaks, or the liveness sweep next looks, up to 90 s late).
+        woken = self.devices.with_pending_commands()
+        for key in woken:
+            self.system.tell(DeviceActor, key, Wake())
         tune_gc()
         self.projections.start()
         self._liveness.start()
         log.info("runtime.started", store=self.store.url.split("@")[-1], position=caught,
+                 commands_in_flight_on=len(woken),
                  agents=len(self.agents.list()))
 
     def _liveness_loop(self) -> None:

@@ -15,7 +15,9 @@ from projections.view import View, dumps, loads
 
 _TOUCHES = (Device.StatusReported, Device.StateReported, Device.WentSilent, Device.EventReported,
             Device.CommandSucceeded, Device.CommandFailed)
-_SELECT = "SELECT product_id, device_id, online, state, last_seen_ms, registered_ms FROM parley_devices"
+# Command events that open or close a pending command (no sign of life by themselves).
+_OPENS, _CLOSES = (Device.CommandSent,), (Device.CommandTimedOut, Device.CommandUndelivered)
+_SELECT = "SELECT product_id, device_id, online, state, last_seen_ms, registered_ms, pending FROM parley_devices"
 
 
 @dataclass
@@ -26,16 +28,19 @@ class DeviceRow:
     state: dict[str, Any]
     last_seen_ms: int
     registered_ms: int
+    # Commands sent and not yet answered, timed out or closed: at start, the actors of
+    # these devices are activated, so their deadlines are armed again (Runtime.start).
+    pending: int = 0
 
 
 class DeviceRegistry(View):
     name = "device_registry"
-    event_types = frozenset({Device.Registered, *_TOUCHES})
+    event_types = frozenset({Device.Registered, *_TOUCHES, *_OPENS, *_CLOSES})
     schema = (
         "CREATE TABLE IF NOT EXISTS parley_devices ("
         " product_id TEXT NOT NULL, device_id TEXT NOT NULL, online INTEGER NOT NULL,"
         " state TEXT NOT NULL, last_seen_ms BIGINT NOT NULL, registered_ms BIGINT NOT NULL,"
-        " PRIMARY KEY (product_id, device_id))",
+        " pending INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (product_id, device_id))",
         "CREATE INDEX IF NOT EXISTS parley_devices_by_id ON parley_devices (device_id)",
         "CREATE INDEX IF NOT EXISTS parley_devices_liveness ON parley_devices (online, last_seen_ms)",
         # Most device events carry only their stream id: this maps it back to the device.
@@ -60,6 +65,7 @@ class DeviceRegistry(View):
 
     def create(self, cur: Cursor) -> None:
         super().create(cur)
+        self._add_pending_column(cur)
         cur.execute("SELECT device_id, product_id FROM parley_devices")
         products: dict[str, tuple[str, ...]] = {}
         for device_id, product_id in cur.fetchall():
@@ -99,6 +105,13 @@ class DeviceRegistry(View):
             row = self._row(cur, rows, le.stream_id)
             if row is None:
                 continue
+            if isinstance(e, _OPENS):
+                row.pending += 1
+                continue
+            if isinstance(e, (*_CLOSES, Device.CommandAnswered)):
+                row.pending = max(0, row.pending - 1)  # never below 0 (an answer after a timeout)
+                if isinstance(e, _CLOSES):
+                    continue
             if row.last_seen_ms == 0 and not isinstance(e, Device.WentSilent):
                 # Its first message: registered when it arrived, not when the Registered
                 # event was stamped (the commit, a little later), so registeredAt <= lastSeen.
@@ -123,11 +136,12 @@ class DeviceRegistry(View):
         if rows:
             cur.executemany(
                 "INSERT INTO parley_devices (product_id, device_id, online, state, last_seen_ms,"
-                " registered_ms) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (product_id, device_id) DO"
+                " registered_ms, pending) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (product_id, device_id) DO"
                 " UPDATE SET online = excluded.online, state = excluded.state,"
-                " last_seen_ms = excluded.last_seen_ms, registered_ms = excluded.registered_ms",
+                " last_seen_ms = excluded.last_seen_ms, registered_ms = excluded.registered_ms,"
+                " pending = excluded.pending",
                 [(r.product_id, r.device_id, int(r.online), dumps(r.state), r.last_seen_ms,
-                  r.registered_ms) for r in rows.values()],
+                  r.registered_ms, r.pending) for r in rows.values()],
             )
         self._staged = rows
 
@@ -198,6 +212,21 @@ class DeviceRegistry(View):
                              " AND last_seen_ms < ? LIMIT ?", (older_than_ms, limit))
         return [(r[0], r[1]) for r in rows]
 
+    def with_pending_commands(self, limit: int = 100_000) -> list[tuple[str, str]]:
+        rows = self.db.query("SELECT product_id, device_id FROM parley_devices WHERE pending > 0 LIMIT ?",
+                             (limit,))
+        return [(r[0], r[1]) for r in rows]
+
+    def _add_pending_column(self, cur: Cursor) -> None:
+        """Views made before the column existed get it (0: such a device's commands in
+        flight are found when its actor is next activated, as before)."""
+        if self.db.is_postgres:
+            cur.execute("ALTER TABLE parley_devices ADD COLUMN IF NOT EXISTS pending INTEGER NOT NULL DEFAULT 0")
+            return
+        cur.execute("PRAGMA table_info(parley_devices)")
+        if "pending" not in {r[1] for r in cur.fetchall()}:
+            cur.execute("ALTER TABLE parley_devices ADD COLUMN pending INTEGER NOT NULL DEFAULT 0")
+
     def count(self, product_id: str | None = None) -> int:
         if product_id is None:
             return self.db.query("SELECT COUNT(*) FROM parley_devices")[0][0]
@@ -205,4 +234,4 @@ class DeviceRegistry(View):
 
     @staticmethod
     def _to_row(r: Sequence[Any]) -> DeviceRow:
-        return DeviceRow(r[0], r[1], bool(r[2]), loads(r[3]), r[4], r[5])
+        return DeviceRow(r[0], r[1], bool(r[2]), loads(r[3]), r[4], r[5], r[6])

@@ -1,4 +1,6 @@
-"""Two processes on one PostgreSQL log and one broker (shared subscription): the device's
+"""Commands across processes and restarts.
+
+Two processes on one PostgreSQL log and one broker (shared subscription): the device's
 answer to a command sent through A may reach B. B records the outcome; A's caller hears
 it from the log (not a 504 for a command the device carried out). In process: two
 Runtimes on one database, a link that hands A's commands' answers to B."""
@@ -82,3 +84,44 @@ def test_a_timeout_is_still_a_timeout(pair):
     with pytest.raises(CommandTimedOut):
         ask(a, SendCommand("shared-quiet", "set_target_temperature", {"target_temperature": 1}, 300,
                            reply=FutureReply()))
+
+
+class Silent:
+    connected = True
+
+    def publish_command(self, *a) -> str:
+        return "h"
+
+    def withdraw(self, handle: str) -> None:
+        pass
+
+
+def test_a_command_in_flight_at_a_restart_times_out_on_time(tmp_path):
+    """The process stopped while a command waited for its device. The next process arms its
+    deadline at start: the timeout is an event at its time, not when the device next speaks
+    or the liveness sweep next looks (up to 90 s late)."""
+    first = make_runtime(tmp_path)
+    create_agent(first)
+    first.attach_device_link(Silent())
+    ask(first, ReportTelemetry("status", "online", None, None, int(time.time() * 1000), reply=FutureReply()))
+    first.system.tell(DeviceActor, (P, D), SendCommand("in-flight", "set_target_temperature",
+                                                       {"target_temperature": 1}, 1500, reply=FutureReply()))
+    stream = Device.create_id(P, D)
+    deadline = time.monotonic() + 5
+    while "CommandSent" not in [type(e).__name__ for e in first.log.read_stream(stream)]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert first.projections.wait_for(first.log.max_position(), 5)
+    first.close()  # the command is still pending in the log
+
+    second = make_runtime(tmp_path)
+    try:
+        assert second.devices.with_pending_commands() == [(P, D)]
+        deadline = time.monotonic() + 5
+        while "CommandTimedOut" not in [type(e).__name__ for e in second.log.read_stream(stream)]:
+            assert time.monotonic() < deadline, "no CommandTimedOut without any other message"
+            time.sleep(0.05)
+        assert second.projections.wait_for(second.log.max_position(), 5)
+        assert second.devices.with_pending_commands() == []
+    finally:
+        second.close()

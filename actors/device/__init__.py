@@ -7,7 +7,8 @@ from actors.device.messages import (
     ReportEvent,
     ReportTelemetry,
     SendCommand,
+    Wake,
 )
 
 __all__ = ["CommandSettled", "Device", "DeviceActor", "DeviceResponded", "ExpireLiveness", "ReportEvent",
-           "ReportTelemetry", "SendCommand"]
+           "ReportTelemetry", "SendCommand", "Wake"]

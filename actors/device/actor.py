@@ -19,6 +19,7 @@ from actors.device.messages import (
     ReportEvent,
     ReportTelemetry,
     SendCommand,
+    Wake,
 )
 from actors.errors import CommandTimedOut, DeviceNotFound, DeviceOffline, Unavailable
 from actors.ports import Reply
@@ -142,6 +143,9 @@ class DeviceActor(AggregateActor):
         if waiter is not None:
             waiter.ok(result)  # the HTTP caller first: the MQTT ack is nobody's latency
         msg.reply.ok(positions[-1])
+
+    def handle_Wake(self, msg: Wake) -> None:
+        pass  # activated: on_loaded has armed the deadlines
 
     def handle_CommandSettled(self, msg: CommandSettled) -> None:
         if msg.request_id in self.waiters:

@@ -62,6 +62,12 @@ class CommandDeadline:
 
 
 @dataclass(frozen=True, slots=True)
+class Wake:
+    """Only activates the actor: loading re-arms the deadlines of its commands in flight
+    (sent at start to the devices the registry says have some)."""
+
+
+@dataclass(frozen=True, slots=True)
 class CommandSettled:
     """The log holds an outcome of this command, perhaps written by another process."""
 
