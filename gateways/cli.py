@@ -244,27 +244,37 @@ def _replay(store: Any, device_id: str, product: str | None, at: int | None) -> 
                 table.add_row(f"pending {rid}", f"{p['command']} (timeout {p['timeout_ms']} ms)")
             console.print(table)
             return
-        table = Table(title=f"{product}/{device_id}: timeline")
-        # Version, time and type stay on one line each; the data takes what width is left.
-        for col in ("version", "time", "type"):
-            table.add_column(col, no_wrap=True)
-        table.add_column("data", overflow="fold")
-        n = 0
-        for event in log.read_stream(stream):
-            # What happened, without the envelope (ids, versions, topics) or empty fields.
-            data = {k: v for k, v in vars(event).items()
-                    if k not in ("originator_id", "originator_version", "timestamp", "originator_topic")
-                    and v is not None}
-            table.add_row(str(event.originator_version),
-                          event.timestamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                          type(event).__name__,
-                          json.dumps(data, default=str, ensure_ascii=False, separators=(",", ":")))
-            n += 1
-        if not n:
+        # Page by page: a device may have millions of events; reading them all first (and
+        # holding one table of them) took 2 GB for 290k events.
+        version = 0
+        while True:
+            page = list(log.read_stream(stream, gt=version, limit=REPLAY_PAGE))
+            if not page:
+                break
+            table = Table(title=f"{product}/{device_id}: timeline" if not version else None,
+                          show_header=not version)
+            # Version, time and type stay on one line each; the data takes what width is left.
+            for col in ("version", "time", "type"):
+                table.add_column(col, no_wrap=True)
+            table.add_column("data", overflow="fold")
+            for event in page:
+                # What happened, without the envelope (ids, versions, topics) or empty fields.
+                data = {k: v for k, v in vars(event).items()
+                        if k not in ("originator_id", "originator_version", "timestamp", "originator_topic")
+                        and v is not None}
+                table.add_row(str(event.originator_version),
+                              event.timestamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                              type(event).__name__,
+                              json.dumps(data, default=str, ensure_ascii=False, separators=(",", ":")))
+            console.print(table)
+            version = page[-1].originator_version
+        if not version:
             _fail("parley", f"no events for device {device_id!r} in product {product!r} in {_where(store)}")
-        console.print(table)
     finally:
         log.close()
+
+
+REPLAY_PAGE = 1000  # events read and printed at a time
 
 
 def _find_product(log: Any, device_id: str) -> str:

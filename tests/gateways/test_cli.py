@@ -69,6 +69,18 @@ def test_replay_device_timeline_and_state_at_version(tmp_path):
         assert result.exit_code == 0, result.output
         row = next(line for line in result.output.splitlines() if "state.temperature" in line)
         assert row.split("│")[2].strip() == "20" and "at version 2" in result.output
+        # Page by page (a long stream is never read whole): every version, once, in order.
+        import gateways.cli as cli
+
+        cli.REPLAY_PAGE, page = 2, cli.REPLAY_PAGE
+        try:
+            result = runner.invoke(app, ["replay", "device", "t-9", "--data-dir", str(tmp_path)], terminal_width=200)
+        finally:
+            cli.REPLAY_PAGE = page
+        versions = [line.split("│")[1].strip() for line in result.output.splitlines()
+                    if line.startswith("│") and line.split("│")[1].strip().isdigit()]
+        assert versions == [str(v) for v in range(1, len(versions) + 1)] and len(versions) >= 5
+        assert result.output.count("timeline") == 1
     finally:
         rt.close()
     result = runner.invoke(app, ["replay", "device", "nobody", "--data-dir", str(tmp_path)])
