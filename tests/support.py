@@ -54,3 +54,17 @@ def create_agent(runtime: Runtime, agent_id: str = "thermostat") -> None:
     reply = FutureReply()
     runtime.system.tell(AgentActor, (agent_id,), CreateAgent(agent_config(agent_id), reply=reply))
     assert runtime.projections.wait_for(reply.get(), 10)
+
+
+def capture_serve_settings(monkeypatch: Any) -> list[Any]:
+    """`parley serve` records its Settings here instead of serving (what the CLI made of
+    flags, PARLEY_* variables and parley.toml)."""
+    import gateways.serve
+
+    seen: list[Any] = []
+
+    async def fake_main(settings: Any) -> None:
+        seen.append(settings)
+
+    monkeypatch.setattr(gateways.serve, "main", fake_main)
+    return seen

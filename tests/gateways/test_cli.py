@@ -109,14 +109,9 @@ def test_serve_explains_a_taken_broker_port_instead_of_a_traceback(tmp_path):
 
 
 def test_serve_takes_the_mqtt_client_id_and_shared_group_flags_as_docs_mqtt_md_says(monkeypatch):
-    import gateways.serve
+    from tests.support import capture_serve_settings
 
-    seen = []
-
-    async def fake_main(settings):
-        seen.append(settings)
-
-    monkeypatch.setattr(gateways.serve, "main", fake_main)
+    seen = capture_serve_settings(monkeypatch)
     monkeypatch.setenv("PARLEY_MQTT_CLIENT_ID", "from-env")
     monkeypatch.setenv("PARLEY_MQTT_SHARED_GROUP", "env-group")
     result = runner.invoke(app, ["serve", "--mqtt-client-id", "parley-a", "--mqtt-shared-group", "parley"])

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 import gateways.serve
 from gateways.cli import app, builtin_broker_url
 from gateways.config import Settings
+from tests.support import capture_serve_settings
 
 runner = CliRunner()
 
@@ -82,12 +83,7 @@ def test_ports_are_checked_in_the_settings(args, where):
 
 
 def test_port_0_means_any_free_port_and_is_accepted(monkeypatch):
-    seen = []
-
-    async def fake_main(settings):
-        seen.append(settings)
-
-    monkeypatch.setattr(gateways.serve, "main", fake_main)
+    seen = capture_serve_settings(monkeypatch)
     monkeypatch.setenv("PARLEY_BUILTIN_BROKER_PORT", "0")
     result = runner.invoke(app, ["serve", "--http-port", "0"])
     assert result.exit_code == 0, result.output
@@ -367,13 +363,8 @@ def test_help_shows_every_help_text_whole_and_flags_without_a_value(path):
 
 
 def test_demo_is_a_flag(monkeypatch):
-    seen = []
-
-    async def fake_main(settings):
-        seen.append(settings.demo)
-
-    monkeypatch.setattr(gateways.serve, "main", fake_main)
+    seen = capture_serve_settings(monkeypatch)
     assert runner.invoke(app, ["serve", "--demo"]).exit_code == 0
     assert runner.invoke(app, ["serve"]).exit_code == 0
     assert runner.invoke(app, ["serve", "--demo", "true"]).exit_code == 2  # a flag takes no value
-    assert seen == [True, False]
+    assert [s.demo for s in seen] == [True, False]
