@@ -29,7 +29,7 @@ from rich.table import Table
 from bench.commands import COMMAND, HttpClient, _online
 from bench.common import console, pct, wait_until
 from bench.processes import ResponderProcess
-from tests.services import free_port, start_parley, start_private_mosquitto, stop_parley
+from tests.services import free_port, start_parley, stop_parley
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,11 +97,12 @@ def main() -> None:
     p.add_argument("-n", type=int, default=1000, help="request pairs per round (default 1000)")
     p.add_argument("--rounds", type=int, default=3, help="rounds, each with fresh servers (default 3)")
     args = p.parse_args()
-    from bench.common import quiet_logging
+    from bench.common import check_services, quiet_logging, start_broker
 
+    check_services(None, prog="python -m bench.ab")  # one line, not a traceback, without Mosquitto
     quiet_logging()
     work = Path(tempfile.mkdtemp(prefix="parley-ab-work-"))
-    broker = start_private_mosquitto(work / "mosquitto")
+    broker = start_broker(work / "mosquitto", prog="python -m bench.ab")
     table = Table(title=f"command round trip p50: this checkout (B) against {args.base} (A)")
     for column in ("round", "A p50 (ms)", "B p50 (ms)", "median of B - A per pair (ms)"):
         table.add_column(column, justify="right")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from rich.console import Console
 
@@ -37,6 +38,50 @@ class Options:
     broker: Any  # tests.services.BrokerHandle
     admin_database_url: str | None
     workdir: Path
+
+
+def fail(message: str, prog: str = "python -m bench") -> NoReturn:
+    """One line on stderr, then exit 1 (a service the benchmarks need is missing)."""
+    print(f"{prog}: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def check_services(admin_database_url: str | None, prog: str = "python -m bench") -> None:
+    """Stop with one line per missing service, before anything starts: the benchmarks need
+    a mosquitto binary, and with --database-url a PostgreSQL role that may create databases."""
+    from tests.services import (MOSQUITTO_FALLBACK_PATHS, ServiceUnavailable, create_database, drop_database,
+                                find_mosquitto, redact_url)
+
+    problems = []
+    if find_mosquitto() is None:
+        problems.append(
+            "the benchmarks run on a private Mosquitto and no mosquitto binary was found (on PATH or in "
+            f"{', '.join(MOSQUITTO_FALLBACK_PATHS)}); install it (Debian/Ubuntu: sudo apt install mosquitto; "
+            "macOS: brew install mosquitto) and run this again.")
+    if admin_database_url:
+        try:
+            drop_database(admin_database_url, create_database(admin_database_url, prefix="parley_bench_check_"))
+        except Exception as exc:  # unreachable, bad credentials, no CREATEDB, malformed URL
+            detail = " ".join(str(exc).split())
+            if not isinstance(exc, ServiceUnavailable):  # its message names the URL already
+                detail = f"--database-url {redact_url(admin_database_url)}: {detail}"
+            problems.append(
+                f"{detail} (--database-url takes an admin URL, a role that may CREATE DATABASE, e.g. "
+                "postgresql://postgres@127.0.0.1:5432/postgres: each benchmark creates and drops its own database)")
+    if problems:
+        for problem in problems[:-1]:
+            print(f"{prog}: {problem}", file=sys.stderr)
+        fail(problems[-1], prog)
+
+
+def start_broker(workdir: Path, prog: str = "python -m bench") -> Any:
+    """The private Mosquitto the benchmarks run on (tests.services.BrokerHandle), or one line and exit 1."""
+    from tests.services import start_private_mosquitto
+
+    try:
+        return start_private_mosquitto(workdir / "mosquitto")
+    except RuntimeError as exc:  # ServiceUnavailable included
+        fail(f"could not start a private Mosquitto: {exc}", prog)
 
 
 def pct(values: list[float], p: float) -> float:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set up (if needed) and run the tests. Uses a private Mosquitto if the binary exists
-# (else the built-in broker) and a fresh PostgreSQL database if one is reachable on
-# 127.0.0.1:5432 (else those suites are reported as NOT RUN at the end).
+# Set up (if needed) and run the tests (arguments go to pytest). Uses a private Mosquitto if
+# the binary exists (else the built-in broker) and fresh PostgreSQL databases, created through
+# the admin URL PARLEY_TEST_PG_ADMIN_URL [postgresql://postgres@127.0.0.1:5432/postgres], if
+# that server is reachable (else those suites are reported as NOT RUN at the end).
 # PARLEY_REQUIRE_SERVICES=1 turns a missing service into a failure (CI sets it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
