@@ -32,12 +32,14 @@ def write_stream(journal: Any, device_id: str, events: int, batch: int = 5000) -
 
 
 def probe() -> Any:
-    """A message that needs the actor's state but writes nothing: an unmatched response."""
-    from actors.device import DeviceResponded
+    """A message that needs the actor's state but writes nothing. (It was an unmatched
+    response until those began to reload the stream, which another process may have
+    written: that timed two loads.)"""
+    from actors.device import Wake
     from actors.ports import FutureReply
 
     reply = FutureReply()
-    return DeviceResponded("bench-probe", 0, "", None, 0, reply=reply), reply
+    return Wake(reply=reply), reply
 
 
 def timed_asks(system: Any, key: tuple[str, str], runs: int, *, passivate: bool) -> list[float]:

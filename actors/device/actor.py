@@ -145,7 +145,8 @@ class DeviceActor(AggregateActor):
         msg.reply.ok(positions[-1])
 
     def handle_Wake(self, msg: Wake) -> None:
-        pass  # activated: on_loaded has armed the deadlines
+        # Activated: on_loaded has armed the deadlines.
+        msg.reply.ok(self.aggregate.version if self.aggregate is not None else None)
 
     def handle_CommandSettled(self, msg: CommandSettled) -> None:
         if msg.request_id in self.waiters:

@@ -64,7 +64,10 @@ class CommandDeadline:
 @dataclass(frozen=True, slots=True)
 class Wake:
     """Only activates the actor: loading re-arms the deadlines of its commands in flight
-    (sent at start to the devices the registry says have some)."""
+    (sent at start to the devices the registry says have some). Replies with the version
+    it loaded (benchmarks time activations with it)."""
+
+    reply: Reply = field(default=NO_REPLY, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

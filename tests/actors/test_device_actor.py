@@ -220,6 +220,15 @@ class TestDeviceActor:
         names = [type(e).__name__ for e in log.read_stream(Device.create_id(*KEY))]
         assert names[-2:] == ["CommandSent", "CommandUndelivered"]
 
+    def test_wake_only_loads_and_answers_with_the_version(self, parts):
+        from actors.device import Wake
+
+        system, log, _ = parts
+        online(system)
+        system.passivate_idle(now=time.monotonic() + 10_000)
+        assert ask(system, lambda r: Wake(reply=r)) == 2
+        assert log.load(Device.create_id(*KEY)).version == 2  # nothing written
+
     def test_refusals_emit_nothing(self, parts):
         system, log, link = parts
         with pytest.raises(DeviceNotFound):
