@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from actors.device import CommandSettled, Device, DeviceActor, ExpireLiveness, Wake
+from actors.device import CatchUp, CommandSettled, Device, DeviceActor, ExpireLiveness, Wake
 from actors.ports import DeviceLink
 from actors.system import ActorSystem, SystemSettings
 from eventstore import EventLog, Journal, LoggedEvent, StoreConfig
@@ -62,12 +62,13 @@ class CommandOutcomes(View):
     caller from the log instead of waiting for the deadline."""
 
     name = "command_outcomes"
-    event_types = frozenset({Device.CommandSucceeded, Device.CommandFailed, Device.CommandTimedOut,
-                             Device.CommandUndelivered})
+    event_types = frozenset({Device.CommandSent, Device.CommandSucceeded, Device.CommandFailed,
+                             Device.CommandTimedOut, Device.CommandUndelivered})
 
-    def __init__(self, db: ViewDatabase, system: ActorSystem) -> None:
+    def __init__(self, db: ViewDatabase, system: ActorSystem, devices: DeviceRegistry) -> None:
         super().__init__(db)
         self.system = system
+        self.devices = devices
 
     def apply(self, cur: Any, events: Sequence[LoggedEvent]) -> None:
         pass  # nothing stored
@@ -75,12 +76,26 @@ class CommandOutcomes(View):
     def follow(self, events: Sequence[LoggedEvent]) -> None:
         inflight = self.system.inflight
         for le in events:
-            key = inflight.get(le.event.request_id)
+            rid = le.event.request_id
+            if isinstance(le.event, Device.CommandSent):
+                # Sent by another process (ours are in `inflight`): if this process has the
+                # device's actor live, it holds a state from before; it catches up and arms
+                # the deadline, so the command times out here should that process stop.
+                # (Not live: it loads the command, and arms it, when it next activates.)
+                if rid not in inflight:
+                    key = self.devices.key_of(le.stream_id)
+                    if key is not None and self.system.is_active(DeviceActor, key):
+                        self._tell(key, CatchUp())
+                continue
+            key = inflight.get(rid)
             if key is not None:
-                try:
-                    self.system.tell(DeviceActor, key, CommandSettled(le.event.request_id))
-                except Exception as exc:  # shutting down
-                    log.warning("runtime.settle_not_delivered", error=str(exc))
+                self._tell(key, CommandSettled(rid))
+
+    def _tell(self, key: Any, message: Any) -> None:
+        try:
+            self.system.tell(DeviceActor, key, message)
+        except Exception as exc:  # shutting down
+            log.warning("runtime.settle_not_delivered", error=str(exc))
 
 
 class Runtime:
@@ -97,7 +112,7 @@ class Runtime:
         self.system = ActorSystem(self.log, self.journal, SystemSettings(
             idle_timeout=settings.idle_timeout, max_active=settings.max_active_actors))
         self.projections = ProjectionRunner(self.log, self.views_db, [
-            self.devices, self.device_events, self.agents, CommandOutcomes(self.views_db, self.system)])
+            self.devices, self.device_events, self.agents, CommandOutcomes(self.views_db, self.system, self.devices)])
         self._stop = threading.Event()
         self._liveness = threading.Thread(target=self._liveness_loop, name="liveness", daemon=True)
 

@@ -212,6 +212,17 @@ class DeviceRegistry(View):
                              " AND last_seen_ms < ? LIMIT ?", (older_than_ms, limit))
         return [(r[0], r[1]) for r in rows]
 
+    def key_of(self, stream_id: UUID) -> tuple[str, str] | None:
+        """(product, device) of a device stream: from memory, else the stream table."""
+        key = self._keys.get(stream_id)
+        if key is None:
+            rows = self.db.query("SELECT product_id, device_id FROM parley_device_streams WHERE stream_id = ?",
+                                 (str(stream_id),))
+            if rows:
+                key = (rows[0][0], rows[0][1])
+                self._remember(stream_id, key)
+        return key
+
     def with_pending_commands(self, limit: int = 100_000) -> list[tuple[str, str]]:
         rows = self.db.query("SELECT product_id, device_id FROM parley_devices WHERE pending > 0 LIMIT ?",
                              (limit,))

@@ -125,3 +125,34 @@ def test_a_command_in_flight_at_a_restart_times_out_on_time(tmp_path):
         assert second.devices.with_pending_commands() == []
     finally:
         second.close()
+
+
+def test_a_command_of_a_process_that_stopped_times_out_in_the_other(tmp_path, pg_database):
+    """A sent a command and stopped before its deadline; B has the device's actor live (the
+    device talks to B), so nothing would load the command there until that actor went idle.
+    Following the log, B's actor catches up and arms the deadline: the timeout is an event
+    on time."""
+    a = make_runtime(tmp_path / "a", pg_database)
+    b = make_runtime(tmp_path / "b", pg_database)
+    try:
+        create_agent(a)
+        a.attach_device_link(Silent())
+        ask(b, ReportTelemetry("status", "online", None, None, int(time.time() * 1000), reply=FutureReply()))
+        assert a.projections.wait_for(a.log.max_position(), 5)
+        a.system.tell(DeviceActor, (P, D), SendCommand("orphan", "set_target_temperature",
+                                                       {"target_temperature": 1}, 1500, reply=FutureReply()))
+        stream = Device.create_id(P, D)
+        deadline = time.monotonic() + 5
+        while "CommandSent" not in [type(e).__name__ for e in b.log.read_stream(stream)]:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        a.close()
+        a = None
+        deadline = time.monotonic() + 6
+        while "CommandTimedOut" not in [type(e).__name__ for e in b.log.read_stream(stream)]:
+            assert time.monotonic() < deadline, "B never timed the orphaned command out"
+            time.sleep(0.05)
+    finally:
+        if a is not None:
+            a.close()
+        b.close()

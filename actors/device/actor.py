@@ -12,6 +12,7 @@ import structlog
 from actors.base import AggregateActor, Key
 from actors.device.aggregate import Device
 from actors.device.messages import (
+    CatchUp,
     CommandDeadline,
     CommandSettled,
     DeviceResponded,
@@ -147,6 +148,10 @@ class DeviceActor(AggregateActor):
     def handle_Wake(self, msg: Wake) -> None:
         # Activated: on_loaded has armed the deadlines.
         msg.reply.ok(self.aggregate.version if self.aggregate is not None else None)
+
+    def handle_CatchUp(self, msg: CatchUp) -> None:
+        self.reload()
+        self.on_loaded()  # a deadline armed twice fires twice; the second finds nothing pending
 
     def handle_CommandSettled(self, msg: CommandSettled) -> None:
         if msg.request_id in self.waiters:

@@ -71,6 +71,12 @@ class Wake:
 
 
 @dataclass(frozen=True, slots=True)
+class CatchUp:
+    """Another process wrote this device's stream (a command it sent): load what it wrote
+    and arm the deadlines of its commands, so they time out here should it stop."""
+
+
+@dataclass(frozen=True, slots=True)
 class CommandSettled:
     """The log holds an outcome of this command, perhaps written by another process."""
 
