@@ -40,6 +40,14 @@ class AnsweredOnB:
         pass
 
 
+def logged(runtime, name: str, timeout: float = 5.0) -> None:
+    """Wait until the device's stream holds an event of type `name`."""
+    stream, deadline = Device.create_id(P, D), time.monotonic() + timeout
+    while name not in [type(e).__name__ for e in runtime.log.read_stream(stream)]:
+        assert time.monotonic() < deadline, f"no {name} in the log"
+        time.sleep(0.02)
+
+
 def ask(runtime, message) -> Any:
     runtime.system.tell(DeviceActor, (P, D), message)
     return message.reply.get(15)
@@ -106,21 +114,14 @@ def test_a_command_in_flight_at_a_restart_times_out_on_time(tmp_path):
     ask(first, ReportTelemetry("status", "online", None, None, int(time.time() * 1000), reply=FutureReply()))
     first.system.tell(DeviceActor, (P, D), SendCommand("in-flight", "set_target_temperature",
                                                        {"target_temperature": 1}, 1500, reply=FutureReply()))
-    stream = Device.create_id(P, D)
-    deadline = time.monotonic() + 5
-    while "CommandSent" not in [type(e).__name__ for e in first.log.read_stream(stream)]:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    logged(first, "CommandSent")
     assert first.projections.wait_for(first.log.max_position(), 5)
     first.close()  # the command is still pending in the log
 
     second = make_runtime(tmp_path)
     try:
         assert second.devices.with_pending_commands() == [(P, D)]
-        deadline = time.monotonic() + 5
-        while "CommandTimedOut" not in [type(e).__name__ for e in second.log.read_stream(stream)]:
-            assert time.monotonic() < deadline, "no CommandTimedOut without any other message"
-            time.sleep(0.05)
+        logged(second, "CommandTimedOut")  # without any other message
         assert second.projections.wait_for(second.log.max_position(), 5)
         assert second.devices.with_pending_commands() == []
     finally:
@@ -141,17 +142,10 @@ def test_a_command_of_a_process_that_stopped_times_out_in_the_other(tmp_path, pg
         assert a.projections.wait_for(a.log.max_position(), 5)
         a.system.tell(DeviceActor, (P, D), SendCommand("orphan", "set_target_temperature",
                                                        {"target_temperature": 1}, 1500, reply=FutureReply()))
-        stream = Device.create_id(P, D)
-        deadline = time.monotonic() + 5
-        while "CommandSent" not in [type(e).__name__ for e in b.log.read_stream(stream)]:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        logged(b, "CommandSent")
         a.close()
         a = None
-        deadline = time.monotonic() + 6
-        while "CommandTimedOut" not in [type(e).__name__ for e in b.log.read_stream(stream)]:
-            assert time.monotonic() < deadline, "B never timed the orphaned command out"
-            time.sleep(0.05)
+        logged(b, "CommandTimedOut", timeout=6)  # B timed the orphaned command out
     finally:
         if a is not None:
             a.close()
