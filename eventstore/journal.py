@@ -72,11 +72,14 @@ class Journal:
         self.committed = 0
 
     def submit(self, events: Sequence[Any], *, sync: bool = True) -> Future[list[int]]:
+        return self._enqueue(events, sync).future
+
+    def _enqueue(self, events: Sequence[Any], sync: bool) -> _Batch:
         if self._closed:
             raise JournalClosed("journal is closed")
         batch = _Batch(events, sync)
         self._queue.put(batch)
-        return batch.future
+        return batch
 
     def commit(self, events: Sequence[Any], timeout: float = 30.0, *, sync: bool = True) -> list[int]:
         """Commit and wait; returns the events' global positions. `sync=False` for a commit
@@ -94,10 +97,7 @@ class Journal:
             finally:
                 self._writing.release()
             return batch.future.result(0)
-        if self._closed:
-            raise JournalClosed("journal is closed")
-        batch = _Batch(events, sync)
-        self._queue.put(batch)
+        batch = self._enqueue(events, sync)
         try:
             return batch.future.result(timeout)
         except FutureTimeout:

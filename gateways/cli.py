@@ -229,10 +229,11 @@ def _replay(store: Any, device_id: str, product: str | None, at: int | None) -> 
     try:
         product = product or _find_product(log, device_id)
         stream = Device.create_id(product, device_id)
+        no_events = f"no events for device {device_id!r} in product {product!r} in {_where(store)}"
         if at is not None:
             device = log.load(stream, version=at)
             if device is None:
-                _fail("parley", f"no events for device {device_id!r} in product {product!r} in {_where(store)}")
+                _fail("parley", no_events)
             table = Table(title=f"{product}/{device_id} at version {device.version}")
             table.add_column("field")
             table.add_column("value")
@@ -269,7 +270,7 @@ def _replay(store: Any, device_id: str, product: str | None, at: int | None) -> 
             console.print(table)
             version = page[-1].originator_version
         if not version:
-            _fail("parley", f"no events for device {device_id!r} in product {product!r} in {_where(store)}")
+            _fail("parley", no_events)
     finally:
         log.close()
 

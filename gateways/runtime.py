@@ -83,7 +83,7 @@ class CommandOutcomes(View):
                 # the deadline, so the command times out here should that process stop.
                 # (Not live: it loads the command, and arms it, when it next activates.)
                 if rid not in inflight:
-                    key = self.devices.key_of(le.stream_id)
+                    key = self.devices.device_of(le.stream_id)
                     if key is not None and self.system.is_active(DeviceActor, key):
                         self._tell(key, CatchUp())
                 continue

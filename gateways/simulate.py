@@ -41,6 +41,7 @@ import structlog
 from paho.mqtt.enums import CallbackAPIVersion
 
 from actors.errors import InvalidCommand
+from gateways.config import check_mqtt_url
 from actors.spec import DeviceSpec
 from gateways.mqtt_client import no_delay
 
@@ -92,9 +93,7 @@ class Simulator:
             raise ValueError("devices must be at least 1")
         if interval <= 0:
             raise ValueError("interval must be positive")
-        u = urlparse(mqtt_url)
-        if u.scheme not in ("mqtt", "tcp", ""):
-            raise ValueError(f"unsupported MQTT URL {mqtt_url!r}: use mqtt://host:port")
+        u = urlparse(check_mqtt_url(mqtt_url))
         self.spec = spec if isinstance(spec, DeviceSpec) else DeviceSpec.model_validate(spec)
         self.product_id = product_id
         self.model_id = model_id or product_id

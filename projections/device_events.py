@@ -43,7 +43,7 @@ class DeviceEvents(View):
         rows = []
         for le in events:  # EventReported only (`event_types`)
             e = le.event
-            key = self.registry.device_of(cur, le.stream_id)
+            key = self.registry.device_of(le.stream_id, cur)
             if key is None:
                 continue
             rows.append((le.position, key[0], key[1], e.name, dumps(e.data), e.device_ts, e.received_ms))

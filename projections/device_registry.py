@@ -17,6 +17,7 @@ _TOUCHES = (Device.StatusReported, Device.StateReported, Device.WentSilent, Devi
             Device.CommandSucceeded, Device.CommandFailed)
 # Command events that open or close a pending command (no sign of life by themselves).
 _OPENS, _CLOSES = (Device.CommandSent,), (Device.CommandTimedOut, Device.CommandUndelivered)
+_SETTLES = (*_CLOSES, Device.CommandAnswered)  # each ends one pending command
 _SELECT = "SELECT product_id, device_id, online, state, last_seen_ms, registered_ms, pending FROM parley_devices"
 
 
@@ -108,7 +109,7 @@ class DeviceRegistry(View):
             if isinstance(e, _OPENS):
                 row.pending += 1
                 continue
-            if isinstance(e, (*_CLOSES, Device.CommandAnswered)):
+            if isinstance(e, _SETTLES):
                 row.pending = max(0, row.pending - 1)  # never below 0 (an answer after a timeout)
                 if isinstance(e, _CLOSES):
                     continue
@@ -158,14 +159,17 @@ class DeviceRegistry(View):
             self._keys.clear()
         self._keys[stream_id] = key
 
-    def device_of(self, cur: Cursor, stream_id: UUID) -> tuple[str, str] | None:
-        """(product, device) of a device stream, from memory or, inside the view
-        transaction `cur`, from the stream table; None for a stream that is no device's."""
+    def device_of(self, stream_id: UUID, cur: Cursor | None = None) -> tuple[str, str] | None:
+        """(product, device) of a device stream, from memory or from the stream table (inside
+        the view transaction `cur` if given); None for a stream that is no device's."""
         key = self._keys.get(stream_id)
         if key is None:
-            cur.execute("SELECT product_id, device_id FROM parley_device_streams WHERE stream_id = ?",
-                        (str(stream_id),))
-            found = cur.fetchone()
+            sql, params = "SELECT product_id, device_id FROM parley_device_streams WHERE stream_id = ?", (str(stream_id),)
+            if cur is not None:
+                cur.execute(sql, params)
+                found = cur.fetchone()
+            else:
+                found = next(iter(self.db.query(sql, params)), None)
             if found is None:
                 return None
             key = (found[0], found[1])
@@ -173,7 +177,7 @@ class DeviceRegistry(View):
         return key
 
     def _row(self, cur: Cursor, rows: dict[tuple[str, str], DeviceRow], stream_id: UUID) -> DeviceRow | None:
-        key = self.device_of(cur, stream_id)
+        key = self.device_of(stream_id, cur)
         if key is None:
             return None
         row = rows.get(key)
@@ -211,17 +215,6 @@ class DeviceRegistry(View):
         rows = self.db.query("SELECT product_id, device_id FROM parley_devices WHERE online = 1"
                              " AND last_seen_ms < ? LIMIT ?", (older_than_ms, limit))
         return [(r[0], r[1]) for r in rows]
-
-    def key_of(self, stream_id: UUID) -> tuple[str, str] | None:
-        """(product, device) of a device stream: from memory, else the stream table."""
-        key = self._keys.get(stream_id)
-        if key is None:
-            rows = self.db.query("SELECT product_id, device_id FROM parley_device_streams WHERE stream_id = ?",
-                                 (str(stream_id),))
-            if rows:
-                key = (rows[0][0], rows[0][1])
-                self._remember(stream_id, key)
-        return key
 
     def with_pending_commands(self, limit: int = 100_000) -> list[tuple[str, str]]:
         rows = self.db.query("SELECT product_id, device_id FROM parley_devices WHERE pending > 0 LIMIT ?",

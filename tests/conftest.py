@@ -63,7 +63,7 @@ def pg_url():
             SERVICES_STATE["postgres"] = f"FAILED (PARLEY_REQUIRE_SERVICES=1): {problem}"
             pytest.fail(f"PARLEY_REQUIRE_SERVICES=1: {problem}", pytrace=False)
         SERVICES_STATE["postgres"] = f"NOT RUN (skipped): {problem}"
-        pytest.skip(problem)
+        pytest.skip(f"needs PostgreSQL (set PARLEY_TEST_PG_ADMIN_URL; CI requires it): {problem}")
     SERVICES_STATE["postgres"] = f"ran against fresh database {services.redact_url(url)}"
     try:
         yield url

@@ -31,6 +31,15 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def command_result(request_id: str, command: str | None, code: int, msg: str, data: Any) -> dict[str, Any]:
+    """What a command's caller gets when the device answered (the HTTP 200 body)."""
+    return {"requestId": request_id, "command": command, "code": code, "msg": msg, "data": data}
+
+
+def timed_out(request_id: str, timeout_ms: int) -> CommandTimedOut:
+    return CommandTimedOut(f"device did not answer {request_id} within {timeout_ms} ms")
+
+
 class DeviceActor(AggregateActor):
     kind = "device"
     # Device reports are folded: a burst of telemetry waiting in the inbox is one commit.
@@ -98,8 +107,7 @@ class DeviceActor(AggregateActor):
         self.commit(sync=False)
         left = self._time_left(msg)
         if left <= 0:  # the write itself took that long: close the command unsent
-            device.command_undelivered(msg.request_id, "its timeout passed before it could be sent")
-            self.commit()
+            self._close_unsent(msg.request_id, "its timeout passed before it could be sent")
             raise CommandTimedOut(f"{msg.request_id} was not sent: the store took longer than "
                                   f"its timeout of {msg.timeout_ms} ms")
         # Arm before publishing: a fast device must find the waiter in place.
@@ -115,11 +123,15 @@ class DeviceActor(AggregateActor):
             # The link went down between the check above and now: close the command in
             # the log, so nobody waits for an answer that cannot come.
             self._take_waiter(msg.request_id)
-            device.command_undelivered(msg.request_id, str(exc))
-            self.commit()
+            self._close_unsent(msg.request_id, str(exc))
             raise
-        if msg.request_id in self.waiters:  # not answered yet (the actor's thread: it cannot be)
-            self.waiters[msg.request_id] = (msg.reply, deadline, handle)
+        # Nothing can have answered it meanwhile: answers come through this thread.
+        self.waiters[msg.request_id] = (msg.reply, deadline, handle)
+
+    def _close_unsent(self, request_id: str, reason: str) -> None:
+        """Record that a command in the log never went to the broker, and never will."""
+        self.aggregate.command_undelivered(request_id, reason)
+        self.commit()
 
     def handle_DeviceResponded(self, msg: DeviceResponded) -> None:
         device = self.aggregate
@@ -138,8 +150,7 @@ class DeviceActor(AggregateActor):
         else:
             device.command_failed(msg.request_id, msg.code, msg.msg, msg.data, msg.received_ms)
         positions = self.commit()
-        result = {"requestId": msg.request_id, "command": command, "code": msg.code,
-                  "msg": msg.msg, "data": msg.data}
+        result = command_result(msg.request_id, command, msg.code, msg.msg, msg.data)
         waiter = self._take_waiter(msg.request_id)
         if waiter is not None:
             waiter.ok(result)  # the HTTP caller first: the MQTT ack is nobody's latency
@@ -176,7 +187,7 @@ class DeviceActor(AggregateActor):
         self.log.info("device.command_timed_out", request_id=msg.request_id, timeout_ms=timeout_ms)
         waiter = self._take_waiter(msg.request_id)
         if waiter is not None:
-            waiter.fail(CommandTimedOut(f"device did not answer {msg.request_id} within {timeout_ms} ms"))
+            waiter.fail(timed_out(msg.request_id, timeout_ms))
 
     @staticmethod
     def _time_left(msg: SendCommand) -> float:
@@ -214,10 +225,9 @@ class DeviceActor(AggregateActor):
         self.log.info("device.command_settled_from_log", request_id=request_id,
                       outcome=type(outcome).__name__ if outcome else None)
         if isinstance(outcome, Device.CommandAnswered):
-            reply.ok({"requestId": request_id, "command": command, "code": outcome.code,
-                      "msg": outcome.msg, "data": outcome.data})
+            reply.ok(command_result(request_id, command, outcome.code, outcome.msg, outcome.data))
         elif isinstance(outcome, Device.CommandTimedOut):
-            reply.fail(CommandTimedOut(f"device did not answer {request_id} within {outcome.timeout_ms} ms"))
+            reply.fail(timed_out(request_id, outcome.timeout_ms))
         else:
             reply.fail(Unavailable(f"the outcome of {request_id} is not in the log"))
 

@@ -19,7 +19,7 @@ from actors.agent import AgentActor, AgentConfig, AgentPatch, CreateAgent, Delet
 from actors.agent.config import validation_errors
 from actors.errors import AgentAlreadyExists, AgentNotFound, InvalidCommand, ParleyError
 from gateways.bridge import TrioReply
-from gateways.http.app import ApiError, get_pending, get_runtime, in_thread, json_object, read_view
+from gateways.http.app import ApiError, ascii_int, get_pending, get_runtime, in_thread, json_object, read_view
 from projections.agents import AgentRecord
 
 log = structlog.get_logger(__name__)
@@ -76,9 +76,8 @@ def lookup(ident: str) -> AgentRecord:
     """`<id>` is the numeric id (seed 001); as a convenience the agent_id works too.
     The numeric reading wins, since an agent_id may itself be all digits."""
     agents = get_runtime().agents
-    # ASCII digits only: str.isdigit() also takes "²" and "١", which int() refuses or reads.
-    numeric = ident.isascii() and ident.isdigit() and len(ident) <= 18
-    record = agents.get_by_id(int(ident)) if numeric else None
+    number = ascii_int(ident, 18)  # "²" and "١" are no ids
+    record = agents.get_by_id(number) if number is not None else None
     record = record or agents.get(ident)
     if record is None:
         raise not_found()

@@ -61,6 +61,14 @@ def shown(value: str) -> str:
     return f"{value[:ECHO_LIMIT] + '…'!r} ({len(value)} characters)"
 
 
+def ascii_int(text: str | None, max_digits: int) -> int | None:
+    """`text` as an integer if it is ASCII digits only, at most `max_digits` of them after
+    leading zeros; else None. (int() also takes "1_0", "+1", " 1 ", "١" and raises on "²".)"""
+    if text is None or not (text.isascii() and text.isdigit()) or len(text.lstrip("0")) > max_digits:
+        return None
+    return int(text)
+
+
 def clip(text: str, limit: int = TEXT_LIMIT) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 

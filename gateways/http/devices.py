@@ -1,7 +1,8 @@
 """Devices, commands and events (seed 000 family; errors `{"error", "code"}`).
 
 Reads come from the registry and events views (in a worker thread: they hit the
-database), once the views hold every write acknowledged before the read (`read_view`). Commands go to the DeviceActor, which publishes them over the DeviceLink
+database), once the views hold every write acknowledged before the read (`read_view`).
+Commands go to the DeviceActor, which publishes them over the DeviceLink
 (MQTT) and replies when the device answers or the command times out.
 """
 
@@ -18,8 +19,8 @@ from actors.device.messages import SendCommand
 from actors.errors import InvalidCommand, ParleyError
 from gateways import ids
 from gateways.bridge import TrioReply
-from gateways.http.app import (ApiError, get_pending, get_runtime, json_object, query_arg, read_view,
-                               shown)
+from gateways.http.app import (ApiError, ascii_int, get_pending, get_runtime, json_object, query_arg,
+                               read_view, shown)
 from projections.device_events import DeviceEventRow
 from projections.device_registry import DeviceRow
 
@@ -153,11 +154,12 @@ async def send_command(device_id: str) -> dict[str, Any]:
 
 
 def _limit(raw: str | None) -> int:
-    """`limit` as ASCII digits for 1..1000 (int() would also take "1_0", "+1", " 1 ", "١")."""
+    """`limit`: ASCII digits for 1..1000, else 400."""
     if raw is None:
         return 50
-    if raw.isascii() and raw.isdigit() and len(raw.lstrip("0")) <= 4 and 1 <= int(raw) <= 1000:
-        return int(raw)
+    limit = ascii_int(raw, 4)
+    if limit is not None and 1 <= limit <= 1000:
+        return limit
     raise ApiError.coded(400, "invalid_request", f"limit must be an integer from 1 to 1000, not {shown(raw)}")
 
 

@@ -176,25 +176,24 @@ class TestDeviceActor:
         assert type(list(log.read_stream(device.id))[-1]).__name__ == "CommandTimedOut"
         assert link.withdrawn == ["rq-3"]  # expired: the link must not send it after a reconnect
 
-    def test_no_link_to_the_broker_refuses_before_anything_is_written(self, parts):
+    @pytest.mark.parametrize("broken, fixed, match, logged", [
+        # Down before the command: refused before anything is written.
+        ({"connected": False}, {"connected": True}, "broker is not connected", []),
+        # Down between the check and the publish: closed in the log, never sent later.
+        ({"drop_on_publish": True}, {"drop_on_publish": False}, "broker connection is down",
+         ["CommandSent", "CommandUndelivered"]),
+    ])
+    def test_a_command_the_link_cannot_send_is_refused(self, parts, broken, fixed, match, logged):
         system, log, link = parts
         online(system)
-        link.connected = False
-        with pytest.raises(Unavailable, match="broker is not connected"):
+        vars(link).update(broken)
+        with pytest.raises(Unavailable, match=match):
             ask(system, lambda r: SendCommand("rq-6", "x", {}, 1000, reply=r))
         assert link.published == []
-        assert log.load(Device.create_id(*KEY)).version == 2  # Registered, StatusReported
-
-    def test_a_command_the_link_cannot_send_is_closed_in_the_log(self, parts):
-        system, log, link = parts
-        online(system)
-        link.drop_on_publish = True
-        with pytest.raises(Unavailable, match="broker connection is down"):
-            ask(system, lambda r: SendCommand("rq-7", "x", {}, 1000, reply=r))
         device = log.load(Device.create_id(*KEY))
+        assert [type(e).__name__ for e in log.read_stream(device.id)][2:] == logged  # after Registered, StatusReported
         assert device.pending == {}
-        assert [type(e).__name__ for e in log.read_stream(device.id)][-2:] == ["CommandSent", "CommandUndelivered"]
-        link.drop_on_publish = False  # the actor goes on: the next command is sent and answered
+        vars(link).update(fixed)  # the actor goes on: the next command is sent and answered
         assert ask(system, lambda r: SendCommand("rq-8", "x", {}, 1000, reply=r))["code"] == 0
 
     def test_a_command_that_waited_out_its_timeout_in_line_is_never_sent(self, parts, monkeypatch):
