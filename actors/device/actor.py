@@ -161,6 +161,8 @@ class DeviceActor(AggregateActor):
         msg.reply.ok(self.aggregate.version if self.aggregate is not None else None)
 
     def handle_CatchUp(self, msg: CatchUp) -> None:
+        if self.aggregate is not None and self.aggregate.version >= msg.version:
+            return  # our own command, seen by the log follower after it settled
         self.reload()
         self.on_loaded()  # a deadline armed twice fires twice; the second finds nothing pending
 

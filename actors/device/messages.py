@@ -73,7 +73,11 @@ class Wake:
 @dataclass(frozen=True, slots=True)
 class CatchUp:
     """Another process wrote this device's stream (a command it sent): load what it wrote
-    and arm the deadlines of its commands, so they time out here should it stop."""
+    and arm the deadlines of its commands, so they time out here should it stop.
+    `version` is that event's: an actor that holds it already (it wrote the event itself,
+    or loaded it since) has nothing to catch up."""
+
+    version: int
 
 
 @dataclass(frozen=True, slots=True)

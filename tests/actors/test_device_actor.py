@@ -228,6 +228,27 @@ class TestDeviceActor:
         assert ask(system, lambda r: Wake(reply=r)) == 2
         assert log.load(Device.create_id(*KEY)).version == 2  # nothing written
 
+    def test_catch_up_loads_only_an_event_the_actor_has_not_seen(self, parts, monkeypatch):
+        """The log follower tells CatchUp for every CommandSent it finds no caller waiting
+        on, this process's own included once they settled: those must cost no reload (a
+        reload per command stalled the actor every 50 ms)."""
+        from actors.device import CatchUp, Wake
+
+        system, log, _ = parts
+        online(system)
+        ask(system, lambda r: SendCommand("rq-10", "x", {}, 5000, reply=r))
+        version = ask(system, lambda r: Wake(reply=r))
+        loads: list[Any] = []
+        load = log.load
+        monkeypatch.setattr(log, "load", lambda *a, **kw: loads.append(a) or load(*a, **kw))
+        system.tell(DeviceActor, KEY, CatchUp(version - 1))  # our CommandSent
+        system.tell(DeviceActor, KEY, CatchUp(version))
+        assert ask(system, lambda r: Wake(reply=r)) == version
+        assert loads == []
+        system.tell(DeviceActor, KEY, CatchUp(version + 1))  # one another process wrote
+        assert ask(system, lambda r: Wake(reply=r)) == version
+        assert len(loads) == 1
+
     def test_refusals_emit_nothing(self, parts):
         system, log, link = parts
         with pytest.raises(DeviceNotFound):
