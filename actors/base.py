@@ -78,6 +78,17 @@ class AggregateActor(pykka.ThreadingActor, ABC):
         with self.system.loading:  # bounded: thousands of activations at once share a pool
             self.aggregate = self.system.log.load(self.stream_id(self.key))
 
+    def catch_up(self) -> None:
+        """Load what another process wrote to this stream since our state, if it wrote
+        anything: a read of one row when it did not. A store outage is Unavailable (an MQTT
+        message then stays unacknowledged and comes again), never a crash."""
+        version = self.aggregate.version if self.aggregate is not None else 0
+        try:
+            if next(iter(self.system.log.read_stream(self.stream_id(self.key), gt=version, limit=1)), None):
+                self.reload()
+        except Exception as exc:
+            raise Unavailable(f"could not read the log: {exc}") from exc
+
     def on_loaded(self) -> None:
         """Hook: runtime state to rebuild from the aggregate after the first load."""
 

@@ -39,6 +39,24 @@ class Lease:
         self.last_used = time.monotonic()
 
 
+class RecentIds:
+    """The last `size` ids added: a bounded set, safe to use from several threads."""
+
+    def __init__(self, size: int) -> None:
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def add(self, id_: str) -> None:
+        with self._lock:
+            self._ids[id_] = None
+            if len(self._ids) > self._size:
+                self._ids.popitem(last=False)
+
+    def __contains__(self, id_: object) -> bool:
+        return id_ in self._ids
+
+
 @dataclass
 class _Entry:
     ref: pykka.ActorRef[Any]
@@ -64,6 +82,10 @@ class ActorSystem:
         # process may record their outcome (a shared subscription gave it the device's
         # answer): following the log, Runtime tells the actor to settle (CommandSettled).
         self.inflight: dict[str, Any] = {}
+        # The commands that left `inflight` lately: following the log, Runtime sees a
+        # CommandSent only after its command settled, and must not take ours for another
+        # process's (tens of ms of commands at the least; more only costs a no-op message).
+        self.settled_here = RecentIds(10_000)
         self._active: OrderedDict[tuple[type[AggregateActor], Key], _Entry] = OrderedDict()
         # Passivated actors still draining their queue: a new actor for the same key
         # waits for the old one to end, so two never run for one stream.

@@ -74,17 +74,16 @@ class CommandOutcomes(View):
         pass  # nothing stored
 
     def follow(self, events: Sequence[LoggedEvent]) -> None:
-        inflight = self.system.inflight
+        inflight, settled_here = self.system.inflight, self.system.settled_here
         for le in events:
             rid = le.event.request_id
             if isinstance(le.event, Device.CommandSent):
-                # Perhaps sent by another process: if this process has the device's actor
-                # live, it may hold a state from before; it catches up and arms the
-                # deadline, so the command times out here should that process stop.
-                # (Not live: it loads the command, and arms it, when it next activates.)
-                # Ours have usually settled, and left `inflight`, by the time the runner
-                # sees them: the actor tells them apart by version and ignores them.
-                if rid not in inflight:
+                # Sent by another process: if this process has the device's actor live,
+                # it may hold a state from before; it catches up and arms the deadline,
+                # so the command times out here should that process stop. (Not live: it
+                # loads the command, and arms it, when it next activates.) Ours have
+                # usually settled by the time the runner sees them: `settled_here`.
+                if rid not in inflight and rid not in settled_here:
                     key = self.devices.device_of(le.stream_id)
                     if key is not None and self.system.is_active(DeviceActor, key):
                         self._tell(key, CatchUp(le.version))

@@ -128,11 +128,13 @@ def test_a_command_in_flight_at_a_restart_times_out_on_time(tmp_path):
         second.close()
 
 
-def test_a_command_of_a_process_that_stopped_times_out_in_the_other(tmp_path, pg_database):
+@pytest.mark.parametrize("b_learns", ["following the log", "from a version conflict"])
+def test_a_command_of_a_process_that_stopped_times_out_in_the_other(tmp_path, pg_database, b_learns):
     """A sent a command and stopped before its deadline; B has the device's actor live (the
     device talks to B), so nothing would load the command there until that actor went idle.
-    Following the log, B's actor catches up and arms the deadline: the timeout is an event
-    on time."""
+    B's actor learns of the command by following the log (CatchUp), or sooner, when the
+    device's telemetry reaches it and its commit conflicts with A's CommandSent; either way
+    it arms the deadline: the timeout is an event on time."""
     a = make_runtime(tmp_path / "a", pg_database)
     b = make_runtime(tmp_path / "b", pg_database)
     try:
@@ -143,6 +145,11 @@ def test_a_command_of_a_process_that_stopped_times_out_in_the_other(tmp_path, pg
         a.system.tell(DeviceActor, (P, D), SendCommand("orphan", "set_target_temperature",
                                                        {"target_temperature": 1}, 1500, reply=FutureReply()))
         logged(b, "CommandSent")
+        if b_learns == "from a version conflict":
+            # Within B's runner's 50 ms gathering: B's actor still holds the state before
+            # CommandSent, reloads on the conflict, and its CatchUp then finds nothing new.
+            ask(b, ReportTelemetry("state", None, {"temperature": 1}, None, int(time.time() * 1000),
+                                   reply=FutureReply()))
         a.close()
         a = None
         logged(b, "CommandTimedOut", timeout=6)  # B timed the orphaned command out
@@ -150,3 +157,25 @@ def test_a_command_of_a_process_that_stopped_times_out_in_the_other(tmp_path, pg
         if a is not None:
             a.close()
         b.close()
+
+
+def test_the_log_follower_leaves_this_process_s_own_commands_alone(tmp_path, monkeypatch):
+    """The runner sees a CommandSent only after its command settled here: no CatchUp for
+    it (one per command woke the device's actor for nothing, and once reloaded its stream)."""
+    caught_up: list[int] = []
+    handle = DeviceActor.handle_CatchUp
+    monkeypatch.setattr(DeviceActor, "handle_CatchUp", lambda self, msg: caught_up.append(msg.version) or handle(self, msg))
+    rt = make_runtime(tmp_path)
+    try:
+        create_agent(rt)
+        rt.attach_device_link(AnsweredOnB(rt))  # answered in the same process
+        ask(rt, ReportTelemetry("status", "online", None, None, int(time.time() * 1000), reply=FutureReply()))
+        for i in range(20):
+            result = ask(rt, SendCommand(f"own-{i}", "set_target_temperature", {"target_temperature": i},
+                                         5000, reply=FutureReply()))
+            assert result["code"] == 0
+        assert rt.projections.wait_for(rt.log.max_position(), 5)
+        assert rt.system.inflight == {} and "own-19" in rt.system.settled_here
+        assert caught_up == []
+    finally:
+        rt.close()

@@ -49,19 +49,31 @@ class DeviceActor(AggregateActor):
         super().__init__(*args)
         # request_id -> the HTTP caller, its deadline, the link's handle of the publish
         self.waiters: dict[str, tuple[Reply, Timer, Any]] = {}
+        # request_id -> the deadline armed for a command pending in the log, ours or not
+        self.deadlines: dict[str, Timer] = {}
 
     @classmethod
     def stream_id(cls, key: Key) -> UUID:
         product_id, device_id = key
         return Device.create_id(product_id, device_id)
 
+    def reload(self) -> None:
+        super().reload()
+        self._arm_pending()
+
     def on_loaded(self) -> None:
-        # Commands that were in flight when the previous actor (or process) ended still
-        # deserve their timeout event: arm their deadlines from the log.
+        self._arm_pending()
+
+    def _arm_pending(self) -> None:
+        """Every command pending in the log gets its timeout event, however the actor
+        learned of it: commands in flight when the previous actor (or process) ended, and
+        commands another process sent (found by any reload: a version conflict, catching
+        up), which time out here should that process stop."""
         if self.aggregate is not None:
             for request_id, p in self.aggregate.pending.items():
-                remaining = p["sent_ms"] + p["timeout_ms"] - now_ms()
-                self._arm_deadline(request_id, max(remaining, 0) / 1000)
+                if request_id not in self.deadlines:
+                    remaining = p["sent_ms"] + p["timeout_ms"] - now_ms()
+                    self._arm_deadline(request_id, max(remaining, 0) / 1000)
 
     def _device(self) -> Device:
         if self.aggregate is None:
@@ -138,7 +150,7 @@ class DeviceActor(AggregateActor):
         if device is None or msg.request_id not in device.pending:
             # Another process sharing the log may have sent it (a shared subscription
             # gave us its answer): catch up with the log before calling it unmatched.
-            self.reload()
+            self.catch_up()
             device = self.aggregate
         if device is None or msg.request_id not in device.pending:
             self.log.warning("device.response_unmatched", request_id=msg.request_id, code=msg.code)
@@ -161,10 +173,9 @@ class DeviceActor(AggregateActor):
         msg.reply.ok(self.aggregate.version if self.aggregate is not None else None)
 
     def handle_CatchUp(self, msg: CatchUp) -> None:
-        if self.aggregate is not None and self.aggregate.version >= msg.version:
-            return  # our own command, seen by the log follower after it settled
-        self.reload()
-        self.on_loaded()  # a deadline armed twice fires twice; the second finds nothing pending
+        if self.aggregate is None or self.aggregate.version < msg.version:
+            self.reload()  # arms the deadline of what it finds pending
+        # Else a reload since (a version conflict, say) brought the command in and armed it.
 
     def handle_CommandSettled(self, msg: CommandSettled) -> None:
         if msg.request_id in self.waiters:
@@ -173,6 +184,7 @@ class DeviceActor(AggregateActor):
                 self._settle_from_log(msg.request_id)
 
     def handle_CommandDeadline(self, msg: CommandDeadline) -> None:
+        self.deadlines.pop(msg.request_id, None)
         device = self.aggregate
         if device is None or msg.request_id not in device.pending:
             # Settled meanwhile, perhaps by another process (then a version conflict
@@ -204,7 +216,9 @@ class DeviceActor(AggregateActor):
             with structlog.contextvars.bound_contextvars(**context):
                 system.tell(DeviceActor, key, CommandDeadline(request_id))
 
-        return system.scheduler.call_later(delay, expire)
+        timer = system.scheduler.call_later(delay, expire)
+        self.deadlines[request_id] = timer
+        return timer
 
     # How far back in the stream to look for a command's outcome (its CommandSent is there
     # too, unless thousands of reports came in between: then the caller hears Unavailable).
@@ -234,12 +248,15 @@ class DeviceActor(AggregateActor):
             reply.fail(Unavailable(f"the outcome of {request_id} is not in the log"))
 
     def _take_waiter(self, request_id: str) -> Reply | None:
-        self.system.inflight.pop(request_id, None)
+        if self.system.inflight.pop(request_id, None) is not None:
+            self.system.settled_here.add(request_id)
         entry = self.waiters.pop(request_id, None)
         if entry is None:
             return None
         reply, timer, _ = entry
         timer.cancel()
+        if self.deadlines.get(request_id) is timer:
+            del self.deadlines[request_id]
         self.lease.pins -= 1
         return reply
 

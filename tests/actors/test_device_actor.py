@@ -260,11 +260,30 @@ class TestDeviceActor:
         assert link.published == []
         assert log.load(Device.create_id(*KEY)).version == 3
 
-    def test_a_late_response_is_dropped_without_harm(self, parts):
+    def test_a_late_response_is_dropped_without_harm(self, parts, monkeypatch):
         system, log, _ = parts
         online(system)
+        loads: list[Any] = []
+        load = log.load
+        monkeypatch.setattr(log, "load", lambda *a, **kw: loads.append(a) or load(*a, **kw))
         assert ask(system, lambda r: DeviceResponded("nobody-asked", 0, "ok", None, now_ms(), reply=r)) is None
+        assert loads == []  # it looked for events another process wrote, found none, loaded nothing
         assert log.load(Device.create_id(*KEY)).version == 2
+
+    def test_a_late_response_during_a_store_outage_is_unavailable_not_a_crash(self, parts, monkeypatch):
+        """Unavailable keeps a QoS 1 answer unacknowledged, to come again; a crash would
+        have it acknowledged as poison, and another process's caller would get a 504."""
+        system, log, _ = parts
+        online(system)
+
+        def down(*a: Any, **kw: Any) -> Any:
+            raise OSError("store down")
+
+        monkeypatch.setattr(log, "read_stream", down)
+        with pytest.raises(Unavailable, match="store down"):
+            ask(system, lambda r: DeviceResponded("nobody-asked", 0, "ok", None, now_ms(), reply=r))
+        monkeypatch.undo()
+        assert ask(system, lambda r: DeviceResponded("nobody-asked", 0, "ok", None, now_ms(), reply=r)) is None
 
     def test_liveness_expiry_goes_offline_once(self, parts):
         system, log, _ = parts
