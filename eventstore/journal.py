@@ -181,11 +181,11 @@ class Journal:
         except Exception:
             # One stream conflicted (or one event could not be encoded): fall back to one
             # transaction per caller so that only the guilty caller fails.
-            top = 0
             for b in batches:
                 try:
                     pos = self.log.append(b.events, sync=b.sync)
-                    top = max(top, *pos) if pos else top
+                    if pos:
+                        self.log.notify_committed(max(pos))  # before the caller hears (below)
                     b.future.set_result(pos)
                 except RecordConflictError as exc:
                     b.future.set_exception(exc)
@@ -194,16 +194,17 @@ class Journal:
                     b.future.set_exception(exc)
             self.batches += len(batches)
             self.flushed += sum(b.sync for b in batches)
-            if top:
-                self.log.notify_committed(top)
             return
         self.batches += 1
         self.flushed += sync
         self.committed += len(events)
+        # The log's listeners first: a caller acknowledges as soon as it hears (an MQTT ack,
+        # an HTTP 2xx), and a read after that must find the commit known (read-your-writes:
+        # ProjectionRunner.committed).
+        if positions:
+            self.log.publish_committed(events, positions)
         i = 0
         for b in batches:
             k = len(b.events)
             b.future.set_result(positions[i:i + k])
             i += k
-        if positions:
-            self.log.publish_committed(events, positions)
