@@ -225,7 +225,12 @@ class DeviceRegistry(View):
         """Views made before the column existed get it (0: such a device's commands in
         flight are found when its actor is next activated, as before)."""
         if self.db.is_postgres:
-            cur.execute("ALTER TABLE parley_devices ADD COLUMN IF NOT EXISTS pending INTEGER NOT NULL DEFAULT 0")
+            # Asked first: ALTER TABLE locks the table against reads too (ACCESS EXCLUSIVE),
+            # even when the column exists.
+            cur.execute("SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema()"
+                        " AND table_name = 'parley_devices' AND column_name = 'pending'")
+            if cur.fetchone() is None:
+                cur.execute("ALTER TABLE parley_devices ADD COLUMN pending INTEGER NOT NULL DEFAULT 0")
             return
         cur.execute("PRAGMA table_info(parley_devices)")
         if "pending" not in {r[1] for r in cur.fetchall()}:

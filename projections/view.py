@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -29,7 +30,8 @@ class View(ABC):
 
     def create(self, cur: Cursor) -> None:
         for statement in self.schema:
-            cur.execute(statement)
+            if not (self.db.is_postgres and _exists(cur, statement)):
+                cur.execute(statement)
 
     @abstractmethod
     def apply(self, cur: Cursor, events: Sequence[LoggedEvent]) -> None:
@@ -44,6 +46,21 @@ class View(ABC):
         """Update this process's in-memory mirror (if the view keeps one) with a batch of
         logged events. Every process calls this, the owner after its commit; it must be
         idempotent, since a process that becomes the owner may follow a batch twice."""
+
+
+_CREATES = re.compile(r"IF NOT EXISTS (\w+)")
+
+
+def _exists(cur: Cursor, statement: str) -> bool:
+    """Whether what `CREATE ... IF NOT EXISTS name` would create exists. On PostgreSQL that
+    statement locks the table even when there is nothing to create (an index: SHARE, which
+    holds up every write), so a process starting would hold up the one writing the views
+    for as long as its start-up transaction runs."""
+    m = _CREATES.search(statement)
+    if m is None:
+        return False
+    cur.execute("SELECT to_regclass(?)", (m.group(1),))
+    return cur.fetchone()[0] is not None
 
 
 def dumps(value: Any) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from actors.device import DeviceActor, ReportEvent, ReportTelemetry
@@ -75,6 +77,28 @@ class TestViews:
         runtime.projections.catch_up()
         assert runtime.devices.find("x")[0].state == {"v": 3}
 
+
+    @pytest.mark.parametrize("path", ["the caller's thread (idle)", "the writer thread (under load)"])
+    def test_a_commit_is_known_to_reads_before_its_caller_hears(self, runtime, monkeypatch, path):
+        """Read-your-writes: a read after an acknowledgement (an MQTT ack, an HTTP 2xx) waits
+        for the views to reach `committed`, so `committed` must move before the caller is
+        answered, not after (the writer used to answer first, then publish the commit)."""
+        key = ("thermostat", "ryw")
+        tell(runtime, key, lambda r: ReportTelemetry("status", "online", {"t": 1}, None, now_ms(), reply=r))
+        assert runtime.projections.wait_for(runtime.log.max_position(), 5)
+        if path.startswith("the writer"):
+            monkeypatch.setattr(runtime.journal, "BUSY_CALLERS", 0)
+        publish = runtime.log.publish_committed
+
+        def slow_publish(events, positions):  # the writer losing the GIL at the wrong moment
+            time.sleep(0.05)
+            publish(events, positions)
+
+        monkeypatch.setattr(runtime.log, "publish_committed", slow_publish)
+        pos = tell(runtime, key, lambda r: ReportTelemetry("state", None, {"t": 2}, None, now_ms(), reply=r))
+        assert runtime.projections.committed >= pos
+        assert runtime.projections.wait_for_committed(2.0)  # what read_view does
+        assert runtime.devices.find("ryw")[0].state["t"] == 2
 
     def test_the_log_is_on_disk_before_a_view_records_a_position(self, runtime, monkeypatch):
         """A power loss must never leave a view ahead of the log (on SQLite they are two
@@ -518,3 +542,29 @@ class TestRegistryRowCachePostgres(TestRegistryRowCache):
     @pytest.fixture
     def database_url(self, pg_database):
         return pg_database
+
+
+def test_a_process_starting_locks_no_view_table_against_writes(tmp_path, pg_database):
+    """Every process creates the view tables if they are missing, in its start-up
+    transaction. On PostgreSQL, CREATE INDEX IF NOT EXISTS and ALTER TABLE lock the table
+    even when there is nothing to do (SHARE, ACCESS EXCLUSIVE): a process starting would
+    hold up the owner's view writes, and reads too, for that whole transaction."""
+    import psycopg
+
+    from eventstore import StoreConfig
+    from projections.agents import Agents
+    from projections.db import ViewDatabase
+    from projections.device_events import DeviceEvents
+    from projections.device_registry import DeviceRegistry
+
+    make_runtime(tmp_path, pg_database).close()  # the tables exist
+    db = ViewDatabase(StoreConfig(pg_database))
+    registry = DeviceRegistry(db)
+    with psycopg.connect(pg_database, autocommit=True) as watcher, db.transaction() as cur:
+        for view in (registry, DeviceEvents(db, registry), Agents(db)):
+            view.create(cur)
+        locks = watcher.execute(
+            "SELECT c.relname, l.mode FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+            " WHERE c.relname LIKE 'parley%' AND l.pid <> pg_backend_pid()").fetchall()
+    assert locks and {mode for _, mode in locks} == {"AccessShareLock"}, locks
+    db.close()
