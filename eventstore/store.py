@@ -30,6 +30,8 @@ class StoreConfig:
     """Where the log lives: `sqlite:///abs/path.sqlite` or `postgresql://user@host:port/db`."""
 
     url: str
+    # False for readers (parley replay): they must not leave an empty log behind.
+    create_tables: bool = True
 
     @classmethod
     def resolve(cls, data_dir: str | Path, database_url: str | None) -> "StoreConfig":
@@ -58,7 +60,7 @@ class StoreConfig:
 
     def env(self) -> dict[str, str]:
         """The eventsourcing environment for this URL."""
-        env = {"IS_SNAPSHOTTING_ENABLED": "y"}
+        env = {"IS_SNAPSHOTTING_ENABLED": "y", "CREATE_TABLE": "y" if self.create_tables else "n"}
         if self.is_postgres:
             u = urlparse(self.url)
             env.update(

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gateways.config import Settings, SettingsError, load_settings
+from gateways.config import Settings, SettingsError, load_settings, shown_url
 from gateways.logs import configure_logging
 
 app = typer.Typer(help="Parley: give every IoT device an LLM agent.", no_args_is_help=True,
@@ -93,6 +93,17 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     while any(isinstance(e, BaseExceptionGroup) for e in leaves):
         leaves = [x for e in leaves for x in (e.exceptions if isinstance(e, BaseExceptionGroup) else [e])]
     return leaves
+
+
+def _no_table(exc: BaseException | None) -> bool:
+    """Whether PostgreSQL said a table does not exist, behind `exc` (eventsourcing wraps it)."""
+    for _ in range(10):
+        if exc is None:
+            return False
+        if type(exc).__name__ == "UndefinedTable":
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _os_cause(exc: BaseException) -> OSError | None:
@@ -191,6 +202,8 @@ def replay_device(
     except typer.Exit:
         raise
     except Exception as exc:  # noqa: BLE001 - sorted by _startup_problem; anything unknown is re-raised
+        if any(_no_table(e) for e in _leaves(exc)):  # PostgreSQL: no log in that database
+            _fail("parley", f"no Parley data in {_where(store)} (use --data-dir or --database-url)")
         problem = _startup_problem(exc, settings)
         if problem is None:
             raise
@@ -203,7 +216,7 @@ def _existing_store(settings: Settings) -> Any:
     from eventstore import StoreConfig
 
     if settings.database_url:
-        return StoreConfig(settings.database_url)
+        return StoreConfig(settings.database_url, create_tables=False)
     data_dir = Path(settings.data_dir).expanduser().resolve()
     try:
         found = (data_dir / "events.sqlite").is_file()
@@ -353,7 +366,7 @@ def simulate(
     except ConnectionError as exc:
         _fail("parley simulate", f"{exc}; is `parley serve` running with this broker? (--mqtt-url, "
                                  f"PARLEY_MQTT_URL or PARLEY_BUILTIN_BROKER_PORT)")
-    console.print(f"simulating {devices} {product!r} devices on {url}", soft_wrap=True)
+    console.print(f"simulating {devices} {product!r} devices on {shown_url(url)}", soft_wrap=True)
     deadline = None if duration is None else time.monotonic() + duration
     try:
         if console.is_terminal:

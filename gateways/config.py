@@ -25,6 +25,16 @@ class SettingsError(ValueError):
     (the flag, the PARLEY_* variable or the TOML file)."""
 
 
+def shown_url(url: str) -> str:
+    """`url` as an error message may show it: without its password."""
+    from eventstore.store import StoreConfig
+
+    try:
+        return StoreConfig(url).display_url
+    except ValueError:  # not even a URL (a bad port, say): show no user info at all
+        return url.rsplit("@", 1)[-1]
+
+
 def check_mqtt_url(url: str) -> str:
     """`url` if it is one Parley can connect to (mqtt://host[:port]), else ValueError."""
     u = urlparse(url)
@@ -33,13 +43,13 @@ def check_mqtt_url(url: str) -> str:
     except ValueError:  # not a number, or beyond 65535
         port = -1
     if u.scheme not in ("mqtt", "tcp") or not u.hostname or port == -1:
-        raise ValueError(f"unsupported MQTT URL {url!r}: use mqtt://host:port")
+        raise ValueError(f"unsupported MQTT URL {shown_url(url)!r}: use mqtt://host:port")
     return url
 
 
 def check_database_url(url: str) -> str:
     if not url.startswith(("postgresql://", "postgres://", "sqlite:///")):
-        raise ValueError(f"unsupported database URL {url!r}: use postgresql://user@host:port/database "
+        raise ValueError(f"unsupported database URL {shown_url(url)!r}: use postgresql://user@host:port/database "
                          "(or leave it out for SQLite under the data directory)")
     return url
 

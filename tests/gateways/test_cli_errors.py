@@ -103,6 +103,16 @@ def test_a_database_url_parley_cannot_use_is_a_settings_error(url):
     assert line.startswith(f"invalid settings: --database-url: unsupported database URL {url!r}: use postgresql://")
 
 
+@pytest.mark.parametrize("flag, url, shown", [
+    ("--database-url", "postgresql+psycopg://app:s3cret@h/db", "postgresql+psycopg://app@h/db"),
+    ("--mqtt-url", "ws://u:s3cret@h:1883", "ws://u@h:1883"),
+    ("--mqtt-url", "mqtt://u:s3cret@h:99999", "mqtt://u@h:99999"),
+])
+def test_a_refused_url_is_echoed_without_its_password(flag, url, shown):
+    line = one_sentence(runner.invoke(app, ["serve", flag, url]), 2)
+    assert "s3cret" not in line and f"{shown!r}" in line
+
+
 # -- failures at start -------------------------------------------------------------------
 
 def _serve_failing_with(monkeypatch, exc: BaseException, *args: str):
@@ -226,6 +236,17 @@ def test_replay_in_a_directory_without_data_says_so_and_creates_nothing(tmp_path
     assert list(tmp_path.iterdir()) == []
     line = one_sentence(runner.invoke(app, ["replay", "device", "x", "--data-dir", "/proc/xx"]), 1)
     assert line == "parley: no Parley data in /proc/xx (use --data-dir or --database-url)"
+
+
+def test_replay_of_an_empty_postgresql_database_says_so_and_creates_no_table(pg_database):
+    import psycopg
+
+    line = one_sentence(runner.invoke(app, ["replay", "device", "x", "--product", "p",
+                                            "--database-url", pg_database]), 1)
+    assert line == f"parley: no Parley data in {pg_database} (use --data-dir or --database-url)"
+    one_sentence(runner.invoke(app, ["replay", "device", "x", "--database-url", pg_database]), 1)
+    with psycopg.connect(pg_database) as conn:
+        assert conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'").fetchall() == []
 
 
 def test_replay_of_an_unknown_device_names_the_store_it_read(tmp_path):
