@@ -2,6 +2,12 @@
 
 Format from EMQX Device Agent; older specs say `properties` instead of `telemetry`.
 Command parameters are checked with a JSON Schema built from the spec.
+
+Two readings: input (the HTTP API) is checked strictly, `DeviceSpec.model_validate(data)`;
+a spec read back from the log or the views was checked by whichever version wrote it, and
+is loaded as written, `DeviceSpec.stored(data)`: lax types and none of the input rules, so
+an older version's spec never stops a newer server (a command is still checked against
+whatever the spec allows).
 """
 
 from __future__ import annotations
@@ -11,13 +17,26 @@ from typing import Any, Literal
 
 import jsonschema
 from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler,
-                      model_serializer, model_validator)
+                      ValidationError, ValidationInfo, model_serializer, model_validator)
 
 from actors.errors import InvalidCommand
 
 ParamType = Literal["string", "number", "integer", "boolean", "object", "array"]
 # JSON types as they arrive: "required": "yes" is refused, not read as true.
 STRICT = ConfigDict(extra="allow", strict=True)
+# The validation context of stored data (with strict=False): input rules do not apply.
+STORED: dict[str, Any] = {"stored": True}
+
+
+def is_stored(info: ValidationInfo) -> bool:
+    """Whether this validation reads stored data (see STORED) rather than input."""
+    return isinstance(info.context, dict) and bool(info.context.get("stored"))
+
+
+def error_summary(exc: ValidationError, limit: int = 1000) -> str:
+    """pydantic's errors on one line, `path: message; ...`, cut at `limit` characters."""
+    text = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}" for e in exc.errors())
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 class Parameter(BaseModel):
@@ -28,9 +47,12 @@ class Parameter(BaseModel):
     enum: list[Any] | None = None  # `enum?` in the format: absent unless given
 
     @model_validator(mode="after")
-    def _enum_fits_type(self) -> "Parameter":
+    def _enum_fits_type(self, info: ValidationInfo) -> "Parameter":
         # A value of another type could never pass check_command: the command would be
         # unusable. Say so when the spec is written, not when a device is commanded.
+        # (Stored specs from before this rule may have such values; they never match.)
+        if is_stored(info):
+            return self
         for value in self.enum or ():
             if not jsonschema.Draft202012Validator({"type": self.type}).is_valid(value):
                 raise ValueError(f"enum value {value!r} is not of type {self.type}")
@@ -76,10 +98,18 @@ class DeviceSpec(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _one_telemetry(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "telemetry" in data and "properties" in data:
+    def _one_telemetry(cls, data: Any, info: ValidationInfo) -> Any:
+        # A stored spec with both (older versions kept `properties` as an extra field)
+        # reads `telemetry`, and keeps `properties` as written.
+        if not is_stored(info) and isinstance(data, dict) and "telemetry" in data and "properties" in data:
             raise ValueError("give telemetry or properties (its older name), not both")
         return data
+
+    @classmethod
+    def stored(cls, data: Any) -> "DeviceSpec":
+        """A spec read back from the log or the views, loaded as written. Raises
+        ValidationError only for data no version of Parley could have stored."""
+        return cls.model_validate(data, strict=False, context=STORED)
 
     @cached_property
     def _validators(self) -> dict[str, jsonschema.protocols.Validator]:

@@ -94,7 +94,8 @@ class Simulator:
         if interval <= 0:
             raise ValueError("interval must be positive")
         u = urlparse(check_mqtt_url(mqtt_url))
-        self.spec = spec if isinstance(spec, DeviceSpec) else DeviceSpec.model_validate(spec)
+        # A spec from a server (--spec-from-server) is stored data: read as written.
+        self.spec = spec if isinstance(spec, DeviceSpec) else DeviceSpec.stored(spec)
         self.product_id = product_id
         self.model_id = model_id or product_id
         self.interval = interval

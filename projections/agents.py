@@ -4,6 +4,11 @@ An agent's numeric `id` is the log position of the event that created it: unique
 known to every process that follows the log, without a counter to coordinate. The
 view also keeps an in-memory mirror, so the MQTT gateway can ask "is this a known
 product?" for every message without a query.
+
+Stored specs are read as written (`DeviceSpec.stored`): what an older version accepted
+loads, whatever the input rules are now. One that cannot be read at all is logged
+(`agents.unreadable_spec`) and its agent has no spec, so it accepts no commands; the
+view and the server carry on.
 """
 
 from __future__ import annotations
@@ -14,11 +19,16 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import structlog
+from pydantic import ValidationError
+
 from actors.agent.aggregate import Agent
-from actors.spec import DeviceSpec
+from actors.spec import DeviceSpec, error_summary
 from eventstore import LoggedEvent
 from projections.db import Cursor
 from projections.view import View, dumps, loads
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass
@@ -32,8 +42,18 @@ class AgentRecord:
     device_spec: DeviceSpec | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        spec = self.config.get("device_spec")
-        self.device_spec = DeviceSpec.model_validate(spec) if spec else None
+        self.device_spec = stored_spec(self.agent_id, self.config.get("device_spec"))
+
+
+def stored_spec(agent_id: str, spec: Any) -> DeviceSpec | None:
+    """An agent's stored spec, read as written; None (logged) if it cannot be read at all."""
+    if not spec:
+        return None
+    try:
+        return DeviceSpec.stored(spec)
+    except ValidationError as exc:
+        log.warning("agents.unreadable_spec", agent_id=agent_id, reason=error_summary(exc))
+        return None
 
 
 def _iso(ts: datetime) -> str:

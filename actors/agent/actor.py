@@ -30,9 +30,8 @@ class AgentActor(AggregateActor):
 
     def handle_UpdateAgent(self, msg: UpdateAgent) -> None:
         agent = self._live()
-        merged = {**agent.config, **msg.changes, "agent_id": agent.agent_id}
         try:
-            AgentConfig.model_validate(merged)  # the whole agent must stay valid
+            AgentConfig.updated(agent.config, msg.changes, agent.agent_id)  # still a whole agent
         except Exception as exc:
             errors = validation_errors(exc)
             raise InvalidCommand("; ".join(f"{k}: {', '.join(v)}" for k, v in errors.items())) from exc

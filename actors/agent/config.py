@@ -3,6 +3,10 @@
 An agent is a product: its `agent_id` is the `productId` devices use on MQTT, and its
 `device_spec` says what those devices can do. Start/stop, MCP tool connections, data
 definitions and auth arrive later; their fields are already carried here.
+
+Input from the HTTP API is read strictly (`AgentConfig.model_validate`, `AgentPatch`). An
+agent read back from the log or the views is read as written (`STORED`, see actors.spec):
+an older version may have accepted what input no longer may (`"voice_type": ""`).
 """
 
 from __future__ import annotations
@@ -10,9 +14,9 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from actors.spec import DeviceSpec
+from actors.spec import STORED, DeviceSpec, is_stored
 
 AGENT_ID = re.compile(r"[A-Za-z0-9_-]+")  # whole string (fullmatch): `$` would let "id\n" in
 REQUIRED = ("agent_id", "name", "agent_type", "voice_type", "is_custom_agent")
@@ -23,18 +27,20 @@ SERVER_SET = ("id", "running", "current_clients", "inserted_at", "updated_at")
 
 
 def as_given(data: Any, required: tuple[str, ...], optional: tuple[str, ...] = (),
-             server_set: tuple[str, ...] = ()) -> Any:
+             server_set: tuple[str, ...] = (), stored: bool = False) -> Any:
     """Read fields the way the platform does (Phoenix/Ecto's changeset casting): in these
     fields a string that is empty or only whitespace is no value (`null`), and a required
     field without a value is missing: `"voice_type": ""` and `"name": null` are both
-    "can't be blank", and a built-in agent's `"custom_agent_endpoint": ""` is no endpoint."""
+    "can't be blank", and a built-in agent's `"custom_agent_endpoint": ""` is no endpoint.
+    Stored values keep their blanks (older versions stored them); null is still missing."""
     if not isinstance(data, dict):
         return data
     out = {}
     for key, value in data.items():
         if key in server_set:
             continue
-        if isinstance(value, str) and not value.strip() and (key in required or key in optional):
+        if not stored and isinstance(value, str) and not value.strip() \
+                and (key in required or key in optional):
             value = None
         if value is None and key in required:
             continue
@@ -53,8 +59,9 @@ class Tool(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _given(cls, data: Any) -> Any:
-        return as_given(data, ("name", "endpoint"), server_set=("status",))  # status: the server's
+    def _given(cls, data: Any, info: ValidationInfo) -> Any:
+        return as_given(data, ("name", "endpoint"), server_set=("status",),  # status: the server's
+                        stored=is_stored(info))
 
 
 class DataDefinition(BaseModel):
@@ -67,8 +74,8 @@ class DataDefinition(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _given(cls, data: Any) -> Any:
-        return as_given(data, ("topic_filter",))
+    def _given(cls, data: Any, info: ValidationInfo) -> Any:
+        return as_given(data, ("topic_filter",), stored=is_stored(info))
 
 
 class _Fields(BaseModel):
@@ -90,8 +97,8 @@ class _Fields(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _given(cls, data: Any) -> Any:
-        return as_given(data, REQUIRED, OPTIONAL_TEXT, SERVER_SET)
+    def _given(cls, data: Any, info: ValidationInfo) -> Any:
+        return as_given(data, REQUIRED, OPTIONAL_TEXT, SERVER_SET, stored=is_stored(info))
 
     @field_validator("custom_agent_endpoint")
     @classmethod
@@ -108,8 +115,9 @@ class AgentConfig(_Fields):
 
     @field_validator("agent_id")
     @classmethod
-    def _agent_id(cls, v: str) -> str:
-        if not AGENT_ID.fullmatch(v):
+    def _agent_id(cls, v: str, info: ValidationInfo) -> str:
+        # An agent_id is never changed, so a stored one stays (before fullmatch, "id\n" got in).
+        if not is_stored(info) and not AGENT_ID.fullmatch(v):
             raise ValueError("may contain only letters, digits, underscores and hyphens")
         return v
 
@@ -122,6 +130,16 @@ class AgentConfig(_Fields):
     def to_record(self) -> dict[str, Any]:
         """Plain data for the event (msgpack), without unset optional noise."""
         return self.model_dump(mode="json", by_alias=False)
+
+    @classmethod
+    def updated(cls, stored: dict[str, Any], changes: dict[str, Any], agent_id: str) -> "AgentConfig":
+        """The agent after an update, which must still be whole (a custom agent keeps its
+        endpoint, a required field set to null is "can't be blank"). `changes` are input,
+        checked strictly (`AgentPatch`); the rest is the stored agent, read as written, so
+        an agent an older version accepted can still be updated."""
+        changes = AgentPatch.model_validate(changes).changes()
+        return cls.model_validate({**stored, **changes, "agent_id": agent_id},
+                                  strict=False, context=STORED)
 
 
 class AgentPatch(BaseModel):

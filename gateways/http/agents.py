@@ -159,7 +159,7 @@ async def update_agent(ident: str) -> dict[str, Any]:
     try:
         changes = AgentPatch.model_validate(fields).changes()
         # The actor checks the merged agent too, but only we can report it per field.
-        AgentConfig.model_validate({**record.config, **changes, "agent_id": record.agent_id})
+        AgentConfig.updated(record.config, changes, record.agent_id)
     except ValidationError as exc:
         raise invalid(validation_errors(exc)) from None
     if changes:  # an empty update would only add a no-op event to the log

@@ -68,3 +68,41 @@ def test_checks_commands_against_the_spec() -> None:
         spec.check_command("set_mode", {})
     with pytest.raises(InvalidCommand, match=r"unknown command 'explode' \(this product's commands: set_mode\)"):
         spec.check_command("explode", {})
+
+
+@pytest.mark.parametrize("change, good, bad, message", [
+    ({"properties": {"b": {}}}, ("set_mode", {"mode": "on"}), ("set_mode", {"mode": "dim"}),
+     "mode: 'dim' is not one of"),
+    ({"commands": {"c": {"parameters": {"p": {"type": "integer", "enum": [1, "max"]}}}}},
+     ("c", {"p": 1}), ("c", {"p": "max"}), "p: 'max' is not of type 'integer'"),
+    ({"commands": {"c": {"parameters": {"p": {"type": "boolean", "enum": [1]}}}}},
+     ("c", {}), ("c", {"p": 1}), "p: 1 is not of type 'boolean'"),
+    ({"commands": {"c": {"parameters": {"p": {"required": "yes"}}}}},
+     ("c", {"p": "x"}), ("c", {}), "'p' is a required property"),
+], ids=["telemetry and properties", "enum of mixed types", "enum of another type", "lax bool"])
+def test_a_stored_spec_older_versions_accepted_loads_as_written(
+        change: dict[str, Any], good: tuple[str, dict[str, Any]], bad: tuple[str, dict[str, Any]],
+        message: str) -> None:
+    """Input rules are for input: a spec read back from the log or the views is not refused
+    for what an older version accepted (3872f37 stored all of these), and commands are
+    checked against what can be checked."""
+    with pytest.raises(ValidationError):
+        DeviceSpec.model_validate({**SPEC, **change})
+    spec = DeviceSpec.stored({**SPEC, **change})
+    dumped = spec.model_dump(mode="json")
+    assert DeviceSpec.stored(dumped).model_dump(mode="json") == dumped
+    assert set(spec.telemetry) == {"brightness"}  # `telemetry` wins; `properties` is kept as written
+    assert dumped.get("properties") == change.get("properties")
+    spec.check_command(*good)
+    with pytest.raises(InvalidCommand, match=message):
+        spec.check_command(*bad)
+
+
+@pytest.mark.parametrize("change", [
+    {"commands": {"c": {"parameters": {"p": {"type": "float"}}}}},
+    {"events": {"e": {"eventType": "warning"}}},
+    {"commands": "set_mode"},
+])
+def test_a_stored_spec_no_version_accepted_is_still_refused(change: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        DeviceSpec.stored({**SPEC, **change})
