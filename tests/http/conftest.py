@@ -4,6 +4,7 @@ devices (the MQTT gateway does this for real; its end-to-end tests live elsewher
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -79,14 +80,20 @@ class FakeLink:
             payload["requestId"], code, msg, {"applied": payload["params"]}, now_ms()))
 
 
-@pytest.fixture
-def runtime(tmp_path: Path) -> Iterator[Runtime]:
-    rt = Runtime(RuntimeSettings(data_dir=tmp_path))
+@contextlib.contextmanager
+def started_runtime(data_dir: Path) -> Iterator[Runtime]:
+    rt = Runtime(RuntimeSettings(data_dir=data_dir))
     rt.start()
     try:
         yield rt
     finally:
         rt.close()
+
+
+@pytest.fixture
+def runtime(tmp_path: Path) -> Iterator[Runtime]:
+    with started_runtime(tmp_path) as rt:
+        yield rt
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from gateways.runtime import Runtime, RuntimeSettings
-from tests.http.conftest import FakeLink, set_status
+from gateways.runtime import Runtime
+from tests.http.conftest import FakeLink, set_status, started_runtime
 from tests.projections.test_agents import CORRUPT_SPEC, OLD_CONFIG, OLD_SPEC, write_old_agents
 
 
@@ -21,12 +21,8 @@ def runtime(tmp_path: Path) -> Iterator[Runtime]:
     rules refuse) and `broken` (a spec nobody could read)."""
     write_old_agents(tmp_path, {"fan": OLD_CONFIG,
                                 "broken": {**OLD_CONFIG, "agent_id": "broken", "device_spec": CORRUPT_SPEC}})
-    rt = Runtime(RuntimeSettings(data_dir=tmp_path))
-    rt.start()
-    try:
+    with started_runtime(tmp_path) as rt:
         yield rt
-    finally:
-        rt.close()
 
 
 async def command(client: httpx.AsyncClient, product: str, params: dict[str, Any]) -> httpx.Response:
