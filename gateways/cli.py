@@ -329,6 +329,8 @@ def simulate(
     config: ConfigOpt = None,
 ) -> None:
     """Run virtual devices that speak the MQTT device protocol (for demos and load)."""
+    import signal
+    import threading
     import time
 
     from rich.live import Live
@@ -368,23 +370,31 @@ def simulate(
                                  f"PARLEY_MQTT_URL or PARLEY_BUILTIN_BROKER_PORT)")
     console.print(f"simulating {devices} {product!r} devices on {shown_url(url)}", soft_wrap=True)
     deadline = None if duration is None else time.monotonic() + duration
+    # SIGTERM (a supervisor, `kill`, a benchmark) stops it as cleanly as Ctrl-C does; so does
+    # SIGINT sent to a simulator started in the background by a script, which inherits
+    # SIGINT ignored and would otherwise never stop.
+    stopping = threading.Event()
+    before = {signum: signal.signal(signum, lambda *_: stopping.set())
+              for signum in (signal.SIGTERM, signal.SIGINT)}
+
+    def running() -> bool:
+        return not stopping.wait(0.25) and (deadline is None or time.monotonic() < deadline)
+
     try:
         if console.is_terminal:
             with Live(line(), console=console, refresh_per_second=4, transient=False) as live:
-                while deadline is None or time.monotonic() < deadline:
-                    time.sleep(0.25)
+                while running():
                     live.update(line())
         else:  # a file or a pipe: a line every 10 s, each ending in a newline
             next_line = time.monotonic() + 10
-            while deadline is None or time.monotonic() < deadline:
-                time.sleep(0.25)
+            while running():
                 if time.monotonic() >= next_line:
                     console.print(line(), soft_wrap=True)
                     next_line += 10
-    except KeyboardInterrupt:
-        pass
     finally:
         sim.stop()
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
     console.print(f"stopped: {line()}", soft_wrap=True)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import signal
 import subprocess
 import sys
 import threading
@@ -351,6 +352,30 @@ def test_simulate_finds_a_moved_builtin_broker_port(mqtt_broker):
     finally:
         observer.disconnect()
         observer.loop_stop()
+
+
+@pytest.mark.mosquitto
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_simulate_stops_cleanly_on_a_signal_even_started_in_the_background(mqtt_broker, signum):
+    """A script's `parley simulate &` inherits SIGINT ignored; SIGTERM (a supervisor, kill)
+    and SIGINT must both stop it with its final line, and exit 0."""
+    environ = {k: v for k, v in os.environ.items() if not k.upper().startswith("PARLEY_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateways.cli", "simulate", "--devices", "2", "--interval", "0.2",
+         "--mqtt-url", f"mqtt://{mqtt_broker.host}:{mqtt_broker.port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ,
+        cwd=Path(__file__).parents[2], preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        first = proc.stdout.readline()  # printed once the devices are connected
+        assert first.startswith("simulating 2 'thermostat' devices"), first + proc.stderr.read()
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    last = out.splitlines()[-1]
+    assert last.startswith("stopped: devices connected ") and "messages sent 0 " not in last, out
+    assert "Traceback" not in err, err
 
 
 # -- help ------------------------------------------------------------------------------

@@ -131,12 +131,16 @@ async def test_offline_device_is_409(client: httpx.AsyncClient, runtime: Runtime
 
 async def test_silent_device_times_out_504(client: httpx.AsyncClient, online: FakeLink) -> None:
     online.silent = True
-    r = await send(client, {"command": "reboot", "timeoutMs": 300})
+    with structlog.testing.capture_logs() as logs:
+        r = await send(client, {"command": "reboot", "timeoutMs": 300})
     assert r.status_code == 504
     body = r.json()
     request_id = online.published[0][2]["requestId"]
     assert body == {"error": f"device did not answer {request_id} within 300 ms",
                     "code": "command_timeout", "requestId": request_id}
+    # The device's trouble, not the server's: a warning, not an error.
+    (line,) = [e for e in logs if e["event"] == "http.request_refused"]
+    assert line["log_level"] == "warning" and line["status"] == 504
 
 
 async def test_no_device_link_is_503(client: httpx.AsyncClient, runtime: Runtime) -> None:
