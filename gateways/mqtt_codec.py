@@ -125,6 +125,9 @@ class Telemetry:
 
 def parse_telemetry(obj: dict[str, Any]) -> Telemetry:
     kind = obj.get("type")
+    if kind not in ("status", "state"):  # first: a message without it is told what it lacks
+        raise BadMessage("bad_field", f"telemetry type must be 'status' or 'state', not {kind!r}"
+                         if "type" in obj else "telemetry needs a type: 'status' or 'state'")
     data = _object(obj, "data")
     metadata = _object(obj, "metadata", required=False)
     if kind == "status":
@@ -133,9 +136,7 @@ def parse_telemetry(obj: dict[str, Any]) -> Telemetry:
             raise BadMessage("bad_field", "status telemetry needs data.status 'online' or 'offline'")
         state = _object(data, "state", required=False)
         return Telemetry("status", status, state, _ts(obj), metadata)
-    if kind == "state":
-        return Telemetry("state", None, data, _ts(obj), metadata)
-    raise BadMessage("bad_field", f"telemetry type must be 'status' or 'state', not {kind!r}")
+    return Telemetry("state", None, data, _ts(obj), metadata)
 
 
 @dataclass(frozen=True, slots=True)

@@ -103,7 +103,9 @@ async def get_device(device_id: str) -> dict[str, Any]:
 def _parse_command(body: dict[str, Any]) -> tuple[str, dict[str, Any], int, str | None]:
     command = body.get("command")
     if not isinstance(command, str) or not command:
-        raise ApiError.coded(400, "invalid_request", "command must be a non-empty string")
+        # `cmd` is the field's name on MQTT (the device's side): say which one HTTP wants.
+        hint = "; over HTTP the field is 'command' ('cmd' is its name on MQTT)" if "cmd" in body else ""
+        raise ApiError.coded(400, "invalid_request", "command must be a non-empty string" + hint)
     params = body.get("params", {})
     if params is None:
         params = {}

@@ -51,6 +51,17 @@ def test_bad_telemetry(obj):
         codec.parse_telemetry(obj)
 
 
+@pytest.mark.parametrize("obj, detail", [
+    ({"status": "online"}, "telemetry needs a type: 'status' or 'state'"),
+    ({"type": "weather", "data": {}}, "telemetry type must be 'status' or 'state', not 'weather'"),
+    ({"type": "state"}, "'data' must be an object"),
+])
+def test_bad_telemetry_says_what_it_lacks(obj, detail):
+    with pytest.raises(codec.BadMessage) as exc:
+        codec.parse_telemetry(obj)
+    assert exc.value.reason == "bad_field" and exc.value.detail == detail
+
+
 def test_event_flattens_fields_and_needs_a_name():
     e = codec.parse_event({"type": "event", "data": {"event": "temperature_alert", "temperature": 38.5, "level": "warning"}})
     assert (e.name, e.data) == ("temperature_alert", {"temperature": 38.5, "level": "warning"})

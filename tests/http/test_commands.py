@@ -158,6 +158,7 @@ async def test_no_device_link_is_503(client: httpx.AsyncClient, runtime: Runtime
     ({}, "command must be a non-empty string"),
     ({"command": 5}, "command must be a non-empty string"),
     ({"command": ""}, "command must be a non-empty string"),
+    ({"cmd": "reboot"}, "command must be a non-empty string; over HTTP the field is 'command' ('cmd' is its name on MQTT)"),
     ({"command": "reboot", "params": [1]}, "params must be a JSON object"),
     ({"command": "reboot", "params": "x"}, "params must be a JSON object"),
     ({"command": "reboot", "timeoutMs": "100"}, "timeoutMs must be an integer from 1 to 300000"),
