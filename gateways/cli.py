@@ -188,14 +188,15 @@ def _ms(value: int | None) -> str:
 def replay_device(
     device_id: Annotated[str, typer.Argument(help=_h("The device id."))],
     product: Annotated[Optional[str], typer.Option("--product", help=_h("Product (agent) id, if ambiguous."))] = None,
-    at: Annotated[Optional[int], typer.Option("--at", help=_h("Show the device's state at this version."))] = None,
+    at: Annotated[Optional[int], typer.Option("--at", min=1, help=_h(
+        "Show the device's state at this version (1 is its first event; the timeline lists them)."))] = None,
     data_dir: DataDirOpt = None,
     database_url: DbOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """A device's events as a timeline, or its state at a version."""
     settings = _settings(config, data_dir=data_dir, database_url=database_url)
-    configure_logging("console", "warning")
+    configure_logging(settings.log_format, "warning")  # JSON lines unless a terminal, as serve
     store = _existing_store(settings)
     try:
         _replay(store, device_id, product, at)
@@ -247,6 +248,9 @@ def _replay(store: Any, device_id: str, product: str | None, at: int | None) -> 
             device = log.load(stream, version=at)
             if device is None:
                 _fail("parley", no_events)
+            if device.version < at:  # the load stops at the last version there is
+                _fail("parley", f"device {device_id!r} in product {product!r} has versions 1 to "
+                                f"{device.version}, not {at}", 2)
             table = Table(title=f"{product}/{device_id} at version {device.version}")
             table.add_column("field")
             table.add_column("value")
@@ -344,7 +348,7 @@ def simulate(
         _fail("parley simulate", "the built-in broker's port is 0 (any free port), so it is unknown here: "
                                  "pass --mqtt-url with the URL `parley serve` logged (broker.builtin_started)", 2)
     url = settings.mqtt_url or builtin_broker_url(settings)
-    configure_logging("console", "warning")
+    configure_logging(settings.log_format, "warning")  # JSON lines unless a terminal, as serve
     if spec_from_server:
         try:
             spec = fetch_spec(spec_from_server, product)
@@ -368,7 +372,6 @@ def simulate(
     except ConnectionError as exc:
         _fail("parley simulate", f"{exc}; is `parley serve` running with this broker? (--mqtt-url, "
                                  f"PARLEY_MQTT_URL or PARLEY_BUILTIN_BROKER_PORT)")
-    console.print(f"simulating {devices} {product!r} devices on {shown_url(url)}", soft_wrap=True)
     deadline = None if duration is None else time.monotonic() + duration
     # SIGTERM (a supervisor, `kill`, a benchmark) stops it as cleanly as Ctrl-C does; so does
     # SIGINT sent to a simulator started in the background by a script, which inherits
@@ -376,6 +379,7 @@ def simulate(
     stopping = threading.Event()
     before = {signum: signal.signal(signum, lambda *_: stopping.set())
               for signum in (signal.SIGTERM, signal.SIGINT)}
+    console.print(f"simulating {devices} {product!r} devices on {shown_url(url)}", soft_wrap=True)
 
     def running() -> bool:
         return not stopping.wait(0.25) and (deadline is None or time.monotonic() < deadline)

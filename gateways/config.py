@@ -108,6 +108,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     if config_file is not None and not config_file.is_file():
         raise SettingsError(f"config file {config_file} not found")
     from_file = _read_toml(path) if path is not None else {}
+    _check_env_names()
     flags = {k: v for k, v in overrides.items() if v is not None}
 
     class _FromFile(Settings):
@@ -135,6 +136,22 @@ def _read_toml(path: Path) -> dict[str, Any]:
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise SettingsError(f"{path}: unknown setting {key!r} ({hint}known: {', '.join(known)})")
     return data
+
+
+# PARLEY_* variables that are not settings: the test suite's (tests/conftest.py, .ci/run).
+NOT_SETTINGS = ("PARLEY_TEST_", "PARLEY_REQUIRE_SERVICES")
+
+
+def _check_env_names() -> None:
+    """A misspelt PARLEY_* variable is refused as a misspelt key in the TOML file is: ignored,
+    PARLEY_DATABSE_URL would run the server on SQLite without a word."""
+    known = [(ENV_PREFIX + f).upper() for f in Settings.model_fields]
+    for name in sorted(os.environ):
+        upper = name.upper()
+        if upper.startswith(ENV_PREFIX) and upper not in known and not upper.startswith(NOT_SETTINGS):
+            close = difflib.get_close_matches(upper, known, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise SettingsError(f"unknown setting variable {name} ({hint}known: {', '.join(known)})")
 
 
 def _env_name(field: str) -> str | None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import heapq
 import json
 import random
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -360,6 +361,12 @@ class Simulator:
     def start(self, timeout: float = 15.0) -> None:
         """Connect all connections; return once every device has sent its connect sequence."""
         self._started_at = time.monotonic()
+        try:
+            # One plain connection first: a broker that is not there (refused, unknown host)
+            # is said at once, not after `timeout` of paho's quiet retries.
+            socket.create_connection((self.host, self.port), timeout=min(timeout, 5.0)).close()
+        except OSError as exc:
+            raise ConnectionError(f"MQTT broker at {self.host}:{self.port}: {exc.strerror or exc}") from None
         self._clients = [self._make_client(i) for i in range(self._k)]
         for client in self._clients:
             client.connect_async(self.host, self.port, keepalive=60)

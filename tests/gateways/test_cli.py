@@ -33,6 +33,19 @@ def test_settings_flags_beat_env_beat_toml_beat_defaults(tmp_path, monkeypatch):
     assert load_settings(toml).http_port == 4000
 
 
+def test_a_misspelt_variable_is_refused_like_a_misspelt_toml_key(monkeypatch):
+    from gateways.config import SettingsError
+
+    monkeypatch.setenv("PARLEY_DATABSE_URL", "postgresql://x@db/parley")
+    with pytest.raises(SettingsError) as exc:
+        load_settings()
+    assert str(exc.value).startswith("unknown setting variable PARLEY_DATABSE_URL (did you mean PARLEY_DATABASE_URL? known: ")
+    monkeypatch.delenv("PARLEY_DATABSE_URL")
+    monkeypatch.setenv("PARLEY_TEST_BROKER", "builtin")  # the test suite's own, not a setting
+    monkeypatch.setenv("parley_http_port", "4001")  # names are not case-sensitive
+    assert load_settings().http_port == 4001
+
+
 def test_bad_settings_are_a_clear_error(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("http_port = 'many'\n")
@@ -69,6 +82,11 @@ def test_replay_device_timeline_and_state_at_version(tmp_path):
         assert result.exit_code == 0, result.output
         row = next(line for line in result.output.splitlines() if "state.temperature" in line)
         assert row.split("│")[2].strip() == "20" and "at version 2" in result.output
+        # A version the stream does not have is named as such, not shown as another one.
+        for at, exit_code, words in (("99", 2, "has versions 1 to 5, not 99"), ("0", 2, "0 is not in the range x>=1")):
+            result = runner.invoke(app, ["replay", "device", "t-9", "--data-dir", str(tmp_path), "--at", at],
+                                   terminal_width=200)
+            assert result.exit_code == exit_code and words in " ".join(result.output.split()), result.output
         # Page by page (a long stream is never read whole): every version, once, in order.
         import gateways.cli as cli
 

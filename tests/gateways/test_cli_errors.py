@@ -354,6 +354,18 @@ def test_simulate_finds_a_moved_builtin_broker_port(mqtt_broker):
         observer.loop_stop()
 
 
+def test_simulate_without_a_broker_says_so_at_once():
+    """Refused: said straight away (not after 15 s of paho's quiet retries), as one line."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    proc = _run_parley("simulate", "--duration", "3", "--mqtt-url", f"mqtt://127.0.0.1:{port}")
+    assert proc.returncode == 1
+    assert _problem_line(proc) == (f"parley simulate: MQTT broker at 127.0.0.1:{port}: Connection refused; is "
+                                   "`parley serve` running with this broker? (--mqtt-url, PARLEY_MQTT_URL or "
+                                   "PARLEY_BUILTIN_BROKER_PORT)")
+
+
 @pytest.mark.mosquitto
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_simulate_stops_cleanly_on_a_signal_even_started_in_the_background(mqtt_broker, signum):
