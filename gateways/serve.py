@@ -47,10 +47,11 @@ async def serve(settings: Settings, *, task_status: trio.TaskStatus[Running] = t
     broker: BuiltinBroker | None = None
     gateway: MqttGateway | None = None
     try:
-        await trio.to_thread.run_sync(runtime.start)
-        # Before the broker: a second `parley serve` whose HTTP port is taken must stop here,
-        # not first connect with the running server's MQTT session and knock it off.
+        # First: a second `parley serve` whose HTTP port is taken must stop here, not first
+        # connect with the running server's MQTT session and knock it off (nor catch up
+        # with the log and log that it started).
         check_port_free(settings.host, settings.http_port)
+        await trio.to_thread.run_sync(runtime.start)
         mqtt_url = settings.mqtt_url
         if not mqtt_url:
             broker = BuiltinBroker(settings.host, settings.builtin_broker_port)

@@ -150,6 +150,7 @@ async def test_serve_with_its_http_port_taken_stops_before_touching_the_broker(t
     made: list[object] = []
     monkeypatch.setattr(serve_module, "MqttGateway", lambda *a, **k: made.append(a))
     monkeypatch.setattr(serve_module, "BuiltinBroker", lambda *a, **k: made.append(a))
+    monkeypatch.setattr(serve_module.Runtime, "start", lambda self: made.append("runtime"))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -161,4 +162,4 @@ async def test_serve_with_its_http_port_taken_stops_before_touching_the_broker(t
     while any(isinstance(e, BaseExceptionGroup) for e in leaves):
         leaves = [x for e in leaves for x in (e.exceptions if isinstance(e, BaseExceptionGroup) else [e])]
     assert any(isinstance(e, OSError) and e.errno == 98 for e in leaves), leaves
-    assert made == []  # neither a broker nor a gateway was started
+    assert made == []  # neither a broker nor a gateway was started, nor the runtime (no noise)
