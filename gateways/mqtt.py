@@ -21,7 +21,7 @@ import paho.mqtt.client as paho
 import structlog
 from paho.mqtt.enums import CallbackAPIVersion
 
-from actors.device import DeviceActor, DeviceResponded, ReportEvent, ReportTelemetry
+from actors.device import AnswerRefused, DeviceActor, DeviceResponded, ReportEvent, ReportTelemetry
 from actors.errors import ActorCrashed, Unavailable
 from actors.ports import NO_REPLY
 from gateways import mqtt_codec as codec
@@ -168,6 +168,7 @@ class MqttGateway:
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         received_ms = int(time.time() * 1000)
         self.stats["received"] += 1
+        obj: dict[str, Any] | None = None
         try:
             route = codec.parse_topic(msg.topic)
             obj = codec.decode(msg.payload)
@@ -199,10 +200,22 @@ class MqttGateway:
             self.stats[f"dropped.{exc.reason}"] += 1
             log.warning("mqtt.dropped", topic=msg.topic, reason=exc.reason, detail=exc.detail[:200])
             self._ack(msg.mid, msg.qos)
+            if obj is not None:
+                self._tell_refused(obj, exc.detail[:200])
         except Exception:
             # Never let one message kill the network thread.
             self.stats["dropped.error"] += 1
             log.exception("mqtt.message_failed", topic=msg.topic)
+
+    def _tell_refused(self, obj: dict[str, Any], detail: str) -> None:
+        """A dropped answer to a command waiting here: its caller's 504 will say why."""
+        request_id = obj.get("requestId")
+        key = self.runtime.system.inflight.get(request_id) if isinstance(request_id, str) else None
+        if key is not None:
+            try:
+                self.runtime.system.tell(DeviceActor, key, AnswerRefused(request_id, detail))
+            except Exception as exc:  # shutting down: the 504 just says less
+                log.info("mqtt.refusal_not_told", request_id=request_id, error=str(exc))
 
     # Under load, hold parsed messages back for up to this long (or this many), so that each
     # actor wakes once for a burst of its device's messages instead of once per socket read.

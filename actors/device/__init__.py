@@ -1,6 +1,7 @@
 from actors.device.actor import DeviceActor
 from actors.device.aggregate import Device
 from actors.device.messages import (
+    AnswerRefused,
     CatchUp,
     CommandSettled,
     DeviceResponded,
@@ -11,5 +12,5 @@ from actors.device.messages import (
     Wake,
 )
 
-__all__ = ["CatchUp", "CommandSettled", "Device", "DeviceActor", "DeviceResponded", "ExpireLiveness", "ReportEvent",
+__all__ = ["AnswerRefused", "CatchUp", "CommandSettled", "Device", "DeviceActor", "DeviceResponded", "ExpireLiveness", "ReportEvent",
            "ReportTelemetry", "SendCommand", "Wake"]

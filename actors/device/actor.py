@@ -12,6 +12,7 @@ import structlog
 from actors.base import AggregateActor, Key
 from actors.device.aggregate import Device
 from actors.device.messages import (
+    AnswerRefused,
     CatchUp,
     CommandDeadline,
     CommandSettled,
@@ -36,8 +37,9 @@ def command_result(request_id: str, command: str | None, code: int, msg: str, da
     return {"requestId": request_id, "command": command, "code": code, "msg": msg, "data": data}
 
 
-def timed_out(request_id: str, timeout_ms: int) -> CommandTimedOut:
-    return CommandTimedOut(f"device did not answer {request_id} within {timeout_ms} ms")
+def timed_out(request_id: str, timeout_ms: int, refused: str | None = None) -> CommandTimedOut:
+    why = f" (an answer to it was dropped as malformed: {refused})" if refused else ""
+    return CommandTimedOut(f"device did not answer {request_id} within {timeout_ms} ms{why}")
 
 
 class DeviceActor(AggregateActor):
@@ -51,6 +53,8 @@ class DeviceActor(AggregateActor):
         self.waiters: dict[str, tuple[Reply, Timer, Any]] = {}
         # request_id -> the deadline armed for a command pending in the log, ours or not
         self.deadlines: dict[str, Timer] = {}
+        # request_id -> why its device's answer was dropped (said in the caller's 504)
+        self.refused: dict[str, str] = {}
 
     @classmethod
     def stream_id(cls, key: Key) -> UUID:
@@ -168,6 +172,10 @@ class DeviceActor(AggregateActor):
             waiter.ok(result)  # the HTTP caller first: the MQTT ack is nobody's latency
         msg.reply.ok(positions[-1])
 
+    def handle_AnswerRefused(self, msg: AnswerRefused) -> None:
+        if msg.request_id in self.waiters:  # else settled meanwhile, or not ours to answer
+            self.refused[msg.request_id] = msg.detail
+
     def handle_Wake(self, msg: Wake) -> None:
         # Activated: on_loaded has armed the deadlines.
         msg.reply.ok(self.aggregate.version if self.aggregate is not None else None)
@@ -199,9 +207,10 @@ class DeviceActor(AggregateActor):
         device.command_timed_out(msg.request_id, timeout_ms)
         self.commit()
         self.log.info("device.command_timed_out", request_id=msg.request_id, timeout_ms=timeout_ms)
+        refused = self.refused.get(msg.request_id)
         waiter = self._take_waiter(msg.request_id)
         if waiter is not None:
-            waiter.fail(timed_out(msg.request_id, timeout_ms))
+            waiter.fail(timed_out(msg.request_id, timeout_ms, refused))
 
     @staticmethod
     def _time_left(msg: SendCommand) -> float:
@@ -250,6 +259,7 @@ class DeviceActor(AggregateActor):
     def _take_waiter(self, request_id: str) -> Reply | None:
         if self.system.inflight.pop(request_id, None) is not None:
             self.system.settled_here.add(request_id)
+        self.refused.pop(request_id, None)
         entry = self.waiters.pop(request_id, None)
         if entry is None:
             return None

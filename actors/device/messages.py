@@ -57,6 +57,15 @@ class DeviceResponded:
 
 
 @dataclass(frozen=True, slots=True)
+class AnswerRefused:
+    """A `/responses` message for a command in flight here that could not be used (a string
+    code, say): dropped, and its command still times out, but its 504 then says why."""
+
+    request_id: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
 class CommandDeadline:
     request_id: str
 

@@ -15,7 +15,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from actors.device import Device, DeviceActor, ReportTelemetry, SendCommand
-from actors.errors import Unavailable
+from actors.errors import CommandTimedOut, Unavailable
 from actors.ports import FutureReply
 from gateways.mqtt import MqttGateway
 from gateways.mqtt_client import no_delay
@@ -221,6 +221,27 @@ def test_command_round_trip_over_mqtt(runtime, gateway, device):
                  "metadata": {"productId": P}})
     assert reply.get(5)["data"] == {"target_temperature": 24}
     assert stream(runtime)[-2:] == ["CommandSent", "CommandSucceeded"]
+
+
+def test_a_malformed_answer_is_dropped_and_its_command_times_out_saying_why(runtime, gateway, device):
+    """A device SDK bug (a string code) must not pass as an answer, nor leave its caller with
+    a bare "did not answer": the 504 names the dropped answer; the log has the timeout."""
+    create_agent(runtime)
+    device.subscribe(f"device-agent/{P}/device/{D}/commands")
+    device.send(f"v1/{P}/{D}/telemetry", status())
+    wait_until(lambda: "StatusReported" in stream(runtime))
+    reply = FutureReply()
+    runtime.system.tell(DeviceActor, (P, D), SendCommand("req-bad", "set_target_temperature",
+                                                        {"target_temperature": 24}, 1000, reply=reply))
+    device.inbox.get(timeout=5)
+    device.send(f"device-agent/{P}/device/{D}/responses", {"code": "0", "msg": "ok", "requestId": "req-bad"})
+    with pytest.raises(CommandTimedOut) as exc:
+        reply.get(5)
+    assert str(exc.value) == ("device did not answer req-bad within 1000 ms (an answer to it was dropped as "
+                              "malformed: response needs an integer code)")
+    events = stream(runtime)  # (the fixture's liveness window of 0.5 s adds WentSilent)
+    assert events[-1] == "CommandTimedOut" and "CommandSent" in events and "CommandSucceeded" not in events
+    assert gateway.stats["dropped.bad_field"] == 1
 
 
 def test_ntp(runtime, gateway, device):
