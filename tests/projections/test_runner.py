@@ -568,3 +568,137 @@ def test_a_process_starting_locks_no_view_table_against_writes(tmp_path, pg_data
             " WHERE c.relname LIKE 'parley%' AND l.pid <> pg_backend_pid()").fetchall()
     assert locks and {mode for _, mode in locks} == {"AccessShareLock"}, locks
     db.close()
+
+
+# parley_devices as views made before the liveness index was dropped had it.
+OLD_REGISTRY_SCHEMA = (
+    "CREATE TABLE parley_devices (product_id TEXT NOT NULL, device_id TEXT NOT NULL, online INTEGER NOT NULL,"
+    " state TEXT NOT NULL, last_seen_ms BIGINT NOT NULL, registered_ms BIGINT NOT NULL,"
+    " pending INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (product_id, device_id))",
+    "CREATE INDEX parley_devices_by_id ON parley_devices (device_id)",
+    "CREATE INDEX parley_devices_liveness ON parley_devices (online, last_seen_ms)",
+    "CREATE TABLE parley_device_streams (stream_id TEXT PRIMARY KEY, product_id TEXT NOT NULL, device_id TEXT NOT NULL)",
+)
+
+
+class TestRegistryTable:
+    """Every message a device sends rewrites its row in parley_devices. On PostgreSQL that
+    update must be HOT (no new index entries, the old version reclaimed without VACUUM):
+    no index on a column it changes, and room for the new version in the row's page (a
+    fillfactor). Views made before had an index on (online, last_seen_ms): a start drops it."""
+
+    P = "thermostat"
+
+    @pytest.fixture
+    def database_url(self):
+        return None
+
+    @pytest.fixture
+    def db(self, tmp_path, database_url):
+        from eventstore import StoreConfig
+        from projections.db import ViewDatabase
+
+        db = ViewDatabase(StoreConfig.resolve(tmp_path, database_url))
+        yield db
+        db.close()
+
+    @staticmethod
+    def indexes(db) -> set[str]:
+        if db.is_postgres:
+            sql = "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() AND tablename = 'parley_devices'"
+        else:  # sql IS NULL: the primary key's automatic index
+            sql = "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'parley_devices' AND sql IS NOT NULL"
+        return {r[0] for r in db.query(sql)}
+
+    @staticmethod
+    def reloptions(db) -> list[str] | None:
+        return db.query("SELECT reloptions FROM pg_class WHERE oid = to_regclass('parley_devices')")[0][0]
+
+    @staticmethod
+    def create(db, registry) -> None:
+        """What a process starting does (ProjectionRunner.__init__)."""
+        with db.transaction() as cur:
+            registry.create(cur)
+
+    def report(self, db, registry, device, position: int) -> int | None:
+        """Apply the device's pending events as the runner does, in one view transaction;
+        on PostgreSQL, the number of HOT updates of parley_devices it made."""
+        from eventstore import LoggedEvent
+
+        events = [LoggedEvent(position + i, device.id, e.originator_version, "", e)
+                  for i, e in enumerate(device.collect_events())]
+        with db.transaction() as cur:
+            # Counted within the transaction: these counters move with each statement,
+            # and reach the shared statistics only after the commit.
+            sql = "SELECT pg_stat_get_xact_tuples_hot_updated(to_regclass('parley_devices'))"
+            if db.is_postgres:
+                cur.execute(sql)
+                before = cur.fetchone()[0]
+            registry.apply(cur, events)
+            hot = None
+            if db.is_postgres:
+                cur.execute(sql)
+                hot = cur.fetchone()[0] - before
+        registry.after_commit()
+        return hot
+
+    def test_a_new_view_has_no_index_on_what_messages_change(self, db):
+        from projections.device_registry import DeviceRegistry
+
+        self.create(db, DeviceRegistry(db))
+        assert self.indexes(db) == ({"parley_devices_pkey", "parley_devices_by_id"} if db.is_postgres
+                                    else {"parley_devices_by_id"})
+        if db.is_postgres:
+            assert self.reloptions(db) == [f"fillfactor={DeviceRegistry.FILLFACTOR}"]
+
+    def test_a_view_made_before_loses_its_liveness_index_at_start(self, db):
+        from actors.device import Device
+        from projections.device_registry import DeviceRegistry
+
+        with db.transaction() as cur:
+            for statement in OLD_REGISTRY_SCHEMA:
+                cur.execute(statement)
+        registry = DeviceRegistry(db)
+        d = Device(product_id=self.P, device_id="old")
+        d.report_status("online", {"t": 1}, None, 1000, None)
+        self.report(db, registry, d, 1)
+        d.report_state({"t": 2}, None, 2000, None)
+        # The old table: no update of a device row is HOT (last_seen_ms is indexed).
+        assert self.report(db, registry, d, 3) == (0 if db.is_postgres else None)
+        assert "parley_devices_liveness" in self.indexes(db)
+
+        registry = DeviceRegistry(db)  # the next process
+        self.create(db, registry)
+        assert "parley_devices_liveness" not in self.indexes(db)
+        assert "parley_devices_by_id" in self.indexes(db)
+        if db.is_postgres:
+            assert self.reloptions(db) == [f"fillfactor={DeviceRegistry.FILLFACTOR}"]
+        assert registry.products_of("old") == (self.P,)
+        (row,) = registry.find("old")
+        assert (row.online, row.state, row.last_seen_ms) == (True, {"t": 2}, 2000)
+        # The liveness sweep still finds who is silent, now by scanning the table.
+        assert registry.stale(2001) == [(self.P, "old")] and registry.stale(2000) == []
+        for t in (3000, 4000):
+            d.report_state({"t": t}, None, t, None)
+            assert self.report(db, registry, d, t) == (1 if db.is_postgres else None)
+        assert registry.find("old")[0].state == {"t": 4000}
+
+        self.create(db, DeviceRegistry(db))  # and the start after that finds nothing to change
+        assert "parley_devices_liveness" not in self.indexes(db)
+
+
+class TestRegistryTablePostgres(TestRegistryTable):
+    @pytest.fixture
+    def database_url(self, pg_database):
+        return pg_database
+
+    def test_a_fillfactor_set_by_hand_is_kept(self, db):
+        from projections.device_registry import DeviceRegistry
+
+        with db.transaction() as cur:
+            for statement in OLD_REGISTRY_SCHEMA:
+                cur.execute(statement)
+            cur.execute("ALTER TABLE parley_devices SET (fillfactor = 70)")
+        self.create(db, DeviceRegistry(db))
+        assert self.reloptions(db) == ["fillfactor=70"]
+        assert "parley_devices_liveness" not in self.indexes(db)
