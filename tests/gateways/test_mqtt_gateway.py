@@ -204,11 +204,16 @@ def test_device_events_are_stored_and_queryable(runtime, gateway, device):
     assert (ev.name, ev.data, ev.device_ts) == ("temperature_alert", {"temperature": 38.5, "level": "warning"}, 7)
 
 
-def test_command_round_trip_over_mqtt(runtime, gateway, device):
+def online_for_commands(runtime, device) -> None:
+    """The product exists, the device is online and listens on its command topic."""
     create_agent(runtime)
     device.subscribe(f"device-agent/{P}/device/{D}/commands")
     device.send(f"v1/{P}/{D}/telemetry", status())
     wait_until(lambda: "StatusReported" in stream(runtime))
+
+
+def test_command_round_trip_over_mqtt(runtime, gateway, device):
+    online_for_commands(runtime, device)
     reply = FutureReply()
     runtime.system.tell(DeviceActor, (P, D), SendCommand("req-001", "set_target_temperature",
                                                         {"target_temperature": 24}, 5000, reply=reply))
@@ -226,10 +231,7 @@ def test_command_round_trip_over_mqtt(runtime, gateway, device):
 def test_a_malformed_answer_is_dropped_and_its_command_times_out_saying_why(runtime, gateway, device):
     """A device SDK bug (a string code) must not pass as an answer, nor leave its caller with
     a bare "did not answer": the 504 names the dropped answer; the log has the timeout."""
-    create_agent(runtime)
-    device.subscribe(f"device-agent/{P}/device/{D}/commands")
-    device.send(f"v1/{P}/{D}/telemetry", status())
-    wait_until(lambda: "StatusReported" in stream(runtime))
+    online_for_commands(runtime, device)
     reply = FutureReply()
     runtime.system.tell(DeviceActor, (P, D), SendCommand("req-bad", "set_target_temperature",
                                                         {"target_temperature": 24}, 1000, reply=reply))
