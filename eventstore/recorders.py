@@ -10,6 +10,13 @@ PostgreSQL's WAL). Only a power loss in between can lose it, and then no one was
 `EventLog.append(events, sync=...)` hands `sync` to `insert_events` of these recorders,
 which are plugged in with eventsourcing's `APPLICATION_RECORDER_TOPIC` setting.
 
+On SQLite every write goes through one connection that the datastore keeps aside
+(`SingleWriterDatastore`); readers share eventsourcing's pool. SQLite discards a
+connection's page cache whenever another connection has written since its last
+transaction, and the pool hands out its connections in turn, so with writes spread over
+them no writer ever found its cache warm. Plugged in through `PERSISTENCE_MODULE`
+(`SQLiteFactory`).
+
 On SQLite, `synchronous` is FULL for a transaction that must be durable (the WAL is synced
 at commit) and NORMAL otherwise. The recorder also knows how far the log is on disk, so
 the projection runner can make sure of it before a view (a file of its own) records a
@@ -21,16 +28,18 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder
-from eventsourcing.sqlite import SQLiteApplicationRecorder
+from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteConnection, SQLiteDatastore
+from eventsourcing.sqlite import SQLiteFactory as _EventsourcingSQLiteFactory
 from psycopg.sql import SQL, Identifier
 
 _SQLITE_MODE = {True: "FULL", False: "NORMAL"}
-# Set once on each connection that writes events. Device streams interleave, so every
+# Set once on the connection that writes events (SingleWriterDatastore). Device streams interleave, so every
 # transaction touches index pages all over the (stream, version) index, and each one goes
 # to the WAL whole. Measured inserting 100k telemetry events, 250 per transaction:
 # - a 64 MiB page cache (SQLite's default is 2 MiB), so the index stays in memory;
@@ -43,6 +52,55 @@ _WRITER_PRAGMAS = (
     "PRAGMA wal_autocheckpoint=10000",
     "PRAGMA journal_size_limit=67108864",
 )
+
+
+class SingleWriterDatastore(SQLiteDatastore):
+    """eventsourcing's SQLite datastore with one connection for all writes.
+
+    SQLite runs one write transaction at a time anyway; what a single writer connection
+    adds is a page cache that stays valid from one commit to the next (the index pages of
+    streams written a moment ago). Appending at 1M events with a reader loading streams
+    meanwhile: 31-33.6 against 33.3-34.8 µs per event, transaction p50 4.8-5.2 against
+    5.3-5.8 ms (four paired runs). It also keeps the 64 MiB cache on one connection
+    instead of on each of the pool's. In-memory databases keep the pool's reader/writer
+    exclusion."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._writer_lock = threading.Lock()
+        self._writer: SQLiteConnection | None = None
+
+    @contextmanager
+    def get_connection(self, *, commit: bool) -> Iterator[SQLiteConnection]:
+        if not commit or self.pool.is_sqlite_memory_mode:
+            with super().get_connection(commit=commit) as conn:
+                yield conn
+            return
+        with self._writer_lock:
+            if self._writer is None or self._writer.closed:
+                self._writer = self.pool._create_connection()  # noqa: SLF001 - the pool's own factory
+                for pragma in _WRITER_PRAGMAS:
+                    self._writer.cursor().execute(pragma)
+            yield self._writer
+
+    def close(self) -> None:
+        with self._writer_lock:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+        super().close()
+
+
+class SQLiteFactory(_EventsourcingSQLiteFactory):
+    """eventsourcing's SQLite factory with a `SingleWriterDatastore`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        made = self.datastore  # its pool opens connections only when asked: nothing to undo
+        self.datastore = SingleWriterDatastore(
+            db_name=made.pool.db_name, lock_timeout=made.pool.lock_timeout,
+            single_row_tracking=made.single_row_tracking, originator_id_type=made.originator_id_type)
+        made.close()
 
 
 class SQLiteRecorder(SQLiteApplicationRecorder):
@@ -63,9 +121,6 @@ class SQLiteRecorder(SQLiteApplicationRecorder):
             # A connection-level setting that cannot change inside a transaction: set it on
             # the writer connection just before this one begins.
             mode = _SQLITE_MODE[sync]
-            if not hasattr(conn, "parley_synchronous"):
-                for pragma in _WRITER_PRAGMAS:
-                    conn.cursor().execute(pragma)
             if getattr(conn, "parley_synchronous", None) != mode:
                 conn.cursor().execute(f"PRAGMA synchronous={mode}")
                 conn.parley_synchronous = mode  # type: ignore[attr-defined]

@@ -78,7 +78,7 @@ class StoreConfig:
             )
         elif self.url.startswith("sqlite://"):
             env.update(
-                PERSISTENCE_MODULE="eventsourcing.sqlite",
+                PERSISTENCE_MODULE="eventstore.recorders:SQLiteFactory",
                 APPLICATION_RECORDER_TOPIC="eventstore.recorders:SQLiteRecorder",
                 SQLITE_DBNAME=self.sqlite_path,
                 SQLITE_LOCK_TIMEOUT="10",

@@ -239,6 +239,44 @@ def test_sqlite_flushes_only_the_transactions_that_ask(tmp_path, monkeypatch):
         "PRAGMA synchronous=NORMAL", "INSERT", "PRAGMA synchronous=FULL", "INSERT", "INSERT"]
 
 
+def test_sqlite_writes_all_go_through_one_connection_whose_cache_survives(tmp_path, monkeypatch):
+    """SQLite drops a connection's page cache when another connection wrote since: every
+    write (events, snapshots) goes through one connection set aside for it, and readers
+    use the pool, so the writer finds its cache as it left it."""
+    import eventsourcing.sqlite as es_sqlite
+    from eventsourcing.domain import Snapshot
+
+    writers: dict[int, list[str]] = {}
+    create = es_sqlite.SQLiteConnectionPool._create_connection
+
+    def traced(pool):
+        conn = create(pool)
+        seen = writers.setdefault(id(conn), [])
+        conn._sqlite_conn.set_trace_callback(
+            lambda sql: seen.append(sql) if sql.startswith(("INSERT", "PRAGMA cache_size")) else None)
+        return conn
+
+    monkeypatch.setattr(es_sqlite.SQLiteConnectionPool, "_create_connection", traced)
+    log = EventLog(StoreConfig.resolve(tmp_path, None))
+    try:
+        c = Counter(name="t")
+        for i in range(5):
+            c.add(1)
+            log.append(c.collect_events(), sync=i % 2 == 0)
+            assert log.load(c.id).total == i + 1  # a reader between writes
+        log.put_snapshot(Snapshot.take(c))
+        writer = log._app.recorder.datastore._writer
+        assert writer._sqlite_conn.execute("PRAGMA cache_size").fetchone()[0] == -65536
+    finally:
+        log.close()
+    busy = [sqls for sqls in writers.values() if any(s.startswith("INSERT") for s in sqls)]
+    assert len(busy) == 1
+    assert busy[0][0] == "PRAGMA cache_size=-65536"  # set once, before its first write
+    assert sum(s.startswith("INSERT INTO stored_events") for s in busy[0]) == 6
+    assert sum(s.startswith("INSERT INTO stored_snapshots") for s in busy[0]) == 1
+    assert len(writers) > 1  # the readers had connections of their own
+
+
 def _wal_syncs(monkeypatch) -> list[str]:
     """Record the files the recorder fdatasyncs (by path), and still sync them."""
     import eventstore.recorders as recorders
