@@ -19,6 +19,8 @@ _TOUCHES = (Device.StatusReported, Device.StateReported, Device.WentSilent, Devi
 _OPENS, _CLOSES = (Device.CommandSent,), (Device.CommandTimedOut, Device.CommandUndelivered)
 _SETTLES = (*_CLOSES, Device.CommandAnswered)  # each ends one pending command
 _SELECT = "SELECT product_id, device_id, online, state, last_seen_ms, registered_ms, pending FROM parley_devices"
+# Rows (and stream keys) a batch needs and memory lacks are read this many to a query.
+_PREFETCH = 500
 
 
 @dataclass
@@ -97,6 +99,7 @@ class DeviceRegistry(View):
             self._cache.clear()  # another process may have written the table since our last batch
         self._staged = None
         rows: dict[tuple[str, str], DeviceRow] = {}
+        fetched = self._prefetch(cur, events)
         for le in events:
             e = le.event
             if isinstance(e, Device.Registered):
@@ -107,7 +110,7 @@ class DeviceRegistry(View):
                             (str(le.stream_id), *key))
                 rows[key] = DeviceRow(*key, False, {}, 0, int(e.timestamp.timestamp() * 1000))
                 continue
-            row = self._row(cur, rows, le.stream_id)
+            row = self._row(cur, rows, le.stream_id, fetched)
             if row is None:
                 continue
             if isinstance(e, _OPENS):
@@ -180,7 +183,49 @@ class DeviceRegistry(View):
             self._remember(stream_id, key)
         return key
 
-    def _row(self, cur: Cursor, rows: dict[tuple[str, str], DeviceRow], stream_id: UUID) -> DeviceRow | None:
+    def _prefetch(self, cur: Cursor, events: Sequence[LoggedEvent]) -> dict[tuple[str, str], DeviceRow]:
+        """Read what the batch needs and memory lacks (stream keys, then rows) in a few
+        queries instead of one per device. After a restart, once other processes wrote the
+        table, or with more devices than the row cache holds, most devices of a batch miss
+        it; on PostgreSQL each miss was a round trip: at 150,000 devices an update cost
+        about 175 µs against 29 µs with every row cached."""
+        new = {le.stream_id for le in events if isinstance(le.event, Device.Registered)}
+        streams = {le.stream_id for le in events} - new
+        unknown = [str(s) for s in streams if s not in self._keys]
+        for i in range(0, len(unknown), _PREFETCH):
+            chunk = unknown[i:i + _PREFETCH]
+            cur.execute("SELECT stream_id, product_id, device_id FROM parley_device_streams"
+                        f" WHERE stream_id IN ({', '.join('?' * len(chunk))})", chunk)
+            for stream, product_id, device_id in cur.fetchall():
+                self._remember(UUID(stream), (product_id, device_id))
+        keys = {self._keys.get(s) for s in streams}
+        keys.discard(None)
+        missing = {k for k in keys if k not in self._cache}
+        fetched: dict[tuple[str, str], DeviceRow] = {}
+        if self.db.is_postgres:
+            # Row values: PostgreSQL joins them on the primary key (39 µs per update at
+            # 150,000 devices; 91 by device id alone).
+            wanted = sorted(missing)
+            for i in range(0, len(wanted), _PREFETCH):
+                chunk = wanted[i:i + _PREFETCH]
+                cur.execute(_SELECT + " WHERE (product_id, device_id) IN (VALUES "
+                            + ", ".join(["(?, ?)"] * len(chunk)) + ")", [v for k in chunk for v in k])
+                for found in cur.fetchall():
+                    fetched[(found[0], found[1])] = self._to_row(found)
+            return fetched
+        # SQLite scans the whole table for row values: by device id alone (its index),
+        # dropping other products' rows of the same id.
+        ids = sorted({device_id for _, device_id in missing})
+        for i in range(0, len(ids), _PREFETCH):
+            chunk = ids[i:i + _PREFETCH]
+            cur.execute(_SELECT + f" WHERE device_id IN ({', '.join('?' * len(chunk))})", chunk)
+            for found in cur.fetchall():
+                if (found[0], found[1]) in missing:
+                    fetched[(found[0], found[1])] = self._to_row(found)
+        return fetched
+
+    def _row(self, cur: Cursor, rows: dict[tuple[str, str], DeviceRow], stream_id: UUID,
+             fetched: dict[tuple[str, str], DeviceRow]) -> DeviceRow | None:
         key = self.device_of(stream_id, cur)
         if key is None:
             return None
@@ -191,6 +236,10 @@ class DeviceRegistry(View):
                 # A copy: this transaction may still roll back. Shallow is enough, because
                 # `apply` replaces `state`, never changes it in place.
                 row = rows[key] = copy.copy(cached)
+                return row
+            row = fetched.pop(key, None)
+            if row is not None:
+                rows[key] = row
                 return row
             cur.execute(_SELECT + " WHERE product_id = ? AND device_id = ?", key)
             found = cur.fetchone()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -367,14 +368,15 @@ class TestRegistryRowCache:
         log.close()
 
     @staticmethod
-    def row_selects(db) -> list[str]:
-        """The reads of a device row inside view transactions (`DeviceRegistry._row`; the
-        queries of `find` and `list_devices` end in ORDER BY), traced on this thread's SQLite
-        connection. Not traced on PostgreSQL: there the checks on the rows must do."""
+    def row_selects(db, table: str = "parley_(devices|device_streams)") -> list[str]:
+        """The reads of device rows (or of `parley_device_streams`) inside view transactions
+        (`DeviceRegistry._prefetch` and `_row`; the queries of `find` and `list_devices` end
+        in ORDER BY), traced on this thread's SQLite connection. Not traced on PostgreSQL:
+        there the checks on the rows must do."""
         seen: list[str] = []
 
         def trace(sql: str) -> None:
-            if "FROM parley_devices WHERE product_id = " in sql and "ORDER BY" not in sql:
+            if re.match(rf"SELECT .* FROM {table} WHERE ", sql) and "ORDER BY" not in sql:
                 seen.append(sql)
 
         if not db.is_postgres:
@@ -498,6 +500,36 @@ class TestRegistryRowCache:
         self.check_rows(log, registry, ["r1"])
         assert selects == []  # the table was still what the cache said: nothing read back
         assert failing.committed == 2  # after_commit only for the batches that committed
+
+    def test_rows_memory_lacks_are_read_a_few_hundred_to_a_query(self, parts):
+        """A process that just started knows no row and no stream (nor does one with more
+        devices than its caches hold): the rows a batch needs are read 500 to a query, not
+        one by one (on PostgreSQL each was a round trip). A device id that two products
+        share gets each product's own row."""
+        from actors.device import Device
+
+        _, log, journal, db, registry, _, runner = parts
+        runner.batch = 5000
+        devices = [Device(product_id=self.P, device_id=f"m{i}") for i in range(620)]
+        twin = Device(product_id="other", device_id="m7")
+        for d in (*devices, twin):
+            d.report_status("online", {"first": d.product_id}, None, 1000, None)
+        self.settle(journal, runner, *devices, twin)
+        registry._cache.clear()
+        registry._keys.clear()
+        selects = self.row_selects(db)
+        for i, d in enumerate(devices):
+            d.report_state({"i": i}, None, 2000 + i, None)
+        twin.report_state({"twin": True}, None, 3000, None)
+        self.settle(journal, runner, *devices, twin)
+        self.check_rows(log, registry, [d.device_id for d in devices])
+        (row,) = registry.find("m7", "other")
+        assert (row.state, row.last_seen_ms) == ({"first": "other", "twin": True}, 3000)
+        assert registry.find("m7", self.P)[0].state == {"first": self.P, "i": 7}
+        if not db.is_postgres:
+            streams = [q for q in selects if "FROM parley_device_streams" in q]
+            assert len(streams) == 2  # 621 streams: 500 + 121
+            assert len(selects) - len(streams) == 2  # 620 device ids (m7 once for both products): 500 + 120
 
     def test_a_batch_written_by_another_process_clears_the_cache(self, parts):
         from projections.db import ViewDatabase
