@@ -31,8 +31,9 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
+from uuid import UUID
 
-from eventsourcing.persistence import StoredEvent
+from eventsourcing.persistence import PersistenceError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteConnection, SQLiteDatastore
 from eventsourcing.sqlite import SQLiteFactory as _EventsourcingSQLiteFactory
@@ -132,6 +133,25 @@ class SQLiteRecorder(SQLiteApplicationRecorder):
                 if sync:  # the WAL is on disk up to this commit, and so are all before it
                     self._durable = max(self._durable, ids[-1])
         return ids
+
+    def _insert_events(self, c: Any, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int]:
+        # eventsourcing executes one INSERT per event to read each one's rowid (its
+        # notification id): 4.4 µs per event, where one executemany costs about 1.5. This
+        # is the only writer and holds SQLite's write lock for the transaction, so the rows
+        # take the rowids after the largest one, in order (SQLite's rule for a table whose
+        # largest rowid is below 2**63 - 1); the last one's rowid checks that.
+        if not stored_events:
+            return []
+        c.execute(f"SELECT MAX(rowid) FROM {self.events_table_name}")  # noqa: S608 - our table name
+        before = c.fetchone()[0] or 0
+        c.executemany(self.insert_events_statement, [
+            (s.originator_id.hex if isinstance(s.originator_id, UUID) else s.originator_id,
+             s.originator_version, s.topic, s.state) for s in stored_events])
+        c.execute("SELECT last_insert_rowid()")
+        last = c.fetchone()[0]
+        if last != before + len(stored_events):  # never seen; rolls the transaction back
+            raise PersistenceError(f"rowids {before + 1}..{last} for {len(stored_events)} events")
+        return range(before + 1, last + 1)
 
     def sync(self, position: int = 0) -> None:
         """Flush the WAL, and with it every transaction committed so far (by this process,
