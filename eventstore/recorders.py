@@ -136,22 +136,22 @@ class SQLiteRecorder(SQLiteApplicationRecorder):
 
     def _insert_events(self, c: Any, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int]:
         # eventsourcing executes one INSERT per event to read each one's rowid (its
-        # notification id): 4.4 µs per event, where one executemany costs about 1.5. This
-        # is the only writer and holds SQLite's write lock for the transaction, so the rows
-        # take the rowids after the largest one, in order (SQLite's rule for a table whose
-        # largest rowid is below 2**63 - 1); the last one's rowid checks that.
+        # notification id): 4.9 µs per event, against 4.15 for one executemany. The rows
+        # take consecutive rowids: SQLite gives a new row the largest rowid + 1 (until
+        # that would pass 2**63 - 1), and nobody else inserts while this transaction holds
+        # the write lock, which it takes with its first row. (Reading MAX(rowid) first
+        # would start the transaction as a reader; another process committing before the
+        # first row would then fail it at once with SQLITE_BUSY_SNAPSHOT.)
         if not stored_events:
             return []
-        c.execute(f"SELECT MAX(rowid) FROM {self.events_table_name}")  # noqa: S608 - our table name
-        before = c.fetchone()[0] or 0
         c.executemany(self.insert_events_statement, [
             (s.originator_id.hex if isinstance(s.originator_id, UUID) else s.originator_id,
              s.originator_version, s.topic, s.state) for s in stored_events])
         c.execute("SELECT last_insert_rowid()")
         last = c.fetchone()[0]
-        if last != before + len(stored_events):  # never seen; rolls the transaction back
-            raise PersistenceError(f"rowids {before + 1}..{last} for {len(stored_events)} events")
-        return range(before + 1, last + 1)
+        if last >= 2**63 - 1:  # SQLite picks random rowids from here on: never in practice
+            raise PersistenceError("the event log has run out of rowids")
+        return range(last - len(stored_events) + 1, last + 1)
 
     def sync(self, position: int = 0) -> None:
         """Flush the WAL, and with it every transaction committed so far (by this process,

@@ -101,6 +101,29 @@ class TestEventLog:
             assert (le.stream_id, le.version) == (event.originator_id, event.originator_version)
             assert type(le.event) is type(event) and vars(le.event) == vars(event)
 
+    def test_positions_stay_right_across_appends_and_a_rolled_back_one(self, log):
+        """On SQLite the positions of one append come from one executemany (the rowid of
+        its last row, counted back); a rolled-back append between two others must not
+        shift them."""
+        from eventsourcing.persistence import RecordConflictError
+
+        a, b = Counter(name="a"), Counter(name="b")
+        for i in range(3):
+            a.add(i)
+        a_events = a.collect_events()
+        first = log.append(a_events, sync=False)
+        b.add(1)
+        with pytest.raises(RecordConflictError):  # a's versions are taken: b's rows roll back too
+            log.append(b.collect_events() + a_events[:1], sync=False)
+        b = Counter(name="b2")
+        b.add(7)
+        second = log.append(b.collect_events(), sync=False)
+        assert len(first) == 4 and len(second) == 2 and first + second == sorted(first + second)
+        logged = {le.position: (le.stream_id, le.version) for le in log.read_all(0)}
+        events = [(a.id, v) for v in range(1, 5)] + [(b.id, 1), (b.id, 2)]
+        assert [logged[p] for p in first + second] == events
+        assert sorted(logged) == first + second  # nothing else was left in the log
+
     def test_read_by_stream_and_by_global_position(self, log, journal):
         a, b = Counter(name="a"), Counter(name="b")
         a.add(1)
