@@ -172,8 +172,16 @@ def parse_response(obj: dict[str, Any]) -> Response:
     code = obj.get("code")
     if isinstance(code, bool) or not isinstance(code, int):
         raise BadMessage("bad_field", "response needs an integer code")
-    msg = obj.get("msg", "")
-    return Response(request_id, code, msg if isinstance(msg, str) else str(msg), obj.get("data"))
+    return Response(request_id, code, _msg(obj.get("msg")), obj.get("data"))
+
+
+def _msg(msg: Any) -> str:
+    """A response's `msg` is a string; taken from a device that sends something else, as
+    that JSON reads: absent or null is "", 5 is "5", true is "true" (not Python's "None"
+    or "True")."""
+    if isinstance(msg, str):
+        return msg
+    return "" if msg is None else json.dumps(msg, ensure_ascii=False)
 
 
 def ntp_response(obj: dict[str, Any], received_ms: int, sent_ms: int) -> bytes:

@@ -58,20 +58,31 @@ def _optional_str(value: Any, name: str) -> str | None:
     raise ApiError.coded(400, "invalid_request", f"{name} must be a non-empty string")
 
 
+def _product_exists(product_id: str) -> bool:
+    return get_runtime().agents.get(product_id) is not None  # in-memory mirror: no query
+
+
 async def find_device(device_id: str, product_id: str | None) -> DeviceRow:
-    """The device with this id; without a product, the most recently seen one."""
+    """The device with this id; without a product, the most recently seen one. Only
+    devices of products that exist: a deleted product's devices stay in the log and the
+    registry (its history), but are no longer served, nor chosen over a live device that
+    shares their id."""
     rows = await read_view(get_runtime().devices.find, device_id, product_id)
-    if not rows:
+    live = [r for r in rows if _product_exists(r.product_id)]
+    if not live:
         where = f" in product {shown(product_id)}" if product_id else ""
-        raise ApiError.coded(404, "device_not_found", f"device {shown(device_id)} not found{where}")
-    return rows[0]
+        gone = sorted({r.product_id for r in rows})
+        why = "" if not gone else " (the product no longer exists)" if product_id else \
+            f" (its product {', '.join(map(shown, gone))} no longer exists)"
+        raise ApiError.coded(404, "device_not_found", f"device {shown(device_id)} not found{where}{why}")
+    return live[0]
 
 
 async def command_product(device_id: str, product_id: str | None) -> str:
     """The product a command goes to. The registry's in-memory index answers without a
     query; only a device id shared by several products needs the view (most recently seen),
     and so does a device the index does not know yet (`find_device` waits for the views)."""
-    products = get_runtime().devices.products_of(device_id)
+    products = [p for p in get_runtime().devices.products_of(device_id) if _product_exists(p)]
     if product_id is not None:
         if product_id in products:
             return product_id

@@ -71,7 +71,11 @@ def test_event_flattens_fields_and_needs_a_name():
 
 def test_responses():
     r = codec.parse_response({"code": 0, "msg": "ok", "requestId": "req-001", "data": {"target_temperature": 24}})
-    assert (r.request_id, r.code, r.data) == ("req-001", 0, {"target_temperature": 24})
+    assert (r.request_id, r.code, r.msg, r.data) == ("req-001", 0, "ok", {"target_temperature": 24})
+    # A msg that is no string reads as its JSON would: never Python's None or True.
+    for msg, seen in [(None, ""), (5, "5"), (True, "true"), ({"a": "é"}, '{"a": "é"}')]:
+        assert codec.parse_response({"requestId": "r", "code": 0, "msg": msg}).msg == seen
+    assert codec.parse_response({"requestId": "r", "code": 0}).msg == ""
     for bad in ({"code": 0}, {"requestId": "x", "code": "0"}, {"requestId": "x", "code": True}):
         with pytest.raises(codec.BadMessage):
             codec.parse_response(bad)

@@ -218,3 +218,33 @@ async def test_a_command_right_after_a_new_devices_first_message_finds_it(
     await trio.to_thread.run_sync(reply.get)  # what the MQTT ack waits for: the commit
     r = await send(client, {"command": "set_target_temperature", "params": {"target_temperature": 21}}, "t-new")
     assert r.status_code == 200, r.text
+
+
+async def test_a_deleted_products_devices_are_no_longer_served(
+        client: httpx.AsyncClient, runtime: Runtime, link: FakeLink) -> None:
+    """A device id in two products, and the product that spoke last is deleted: the device
+    routes and commands (without productId, as seed 000 sends them) go to the live
+    product's device. A device whose only product was deleted is 404, saying why; its
+    history stays in the log."""
+    await create_agent(client)
+    await create_agent(client, "prody")
+    await set_status(runtime, "thermostat", "twin", "online")
+    await set_status(runtime, "prody", "twin", "online")  # spoke last
+    await set_status(runtime, "prody", "solo", "online")
+    assert (await client.get("/api/devices/twin")).json()["productId"] == "prody"
+    assert (await client.delete("/api/agents/prody")).status_code == 200
+
+    assert (await client.get("/api/devices/twin")).json()["productId"] == "thermostat"
+    r = await send(client, {"command": "set_target_temperature", "params": {"target_temperature": 22}},
+                   device="twin")
+    assert r.status_code == 200 and r.json()["code"] == 0
+    assert [(p, d) for p, d, _ in link.published] == [("thermostat", "twin")]
+
+    gone = {"error": "device 'solo' not found (its product 'prody' no longer exists)", "code": "device_not_found"}
+    for r in (await client.get("/api/devices/solo"), await client.get("/api/devices/solo/events"),
+              await send(client, {"command": "reboot"}, device="solo")):
+        assert r.status_code == 404 and r.json() == gone
+    r = await client.get("/api/devices/twin?productId=prody")
+    assert r.status_code == 404
+    assert r.json()["error"] == "device 'twin' not found in product 'prody' (the product no longer exists)"
+    assert link.published == [("thermostat", "twin", link.published[0][2])]  # nothing sent to prody's

@@ -115,6 +115,7 @@ async def test_events_newest_first_with_event_type(client: httpx.AsyncClient, ru
 
 
 async def test_events_errors(client: httpx.AsyncClient, runtime: Runtime) -> None:
+    await create_agent(client)
     await set_status(runtime, "thermostat", "t-001", "online")
     for bad in ("0", "1001", "abc", "-1"):
         r = await client.get(f"/api/devices/t-001/events?limit={bad}")
@@ -127,6 +128,7 @@ async def test_events_errors(client: httpx.AsyncClient, runtime: Runtime) -> Non
 
 
 async def test_limit_is_ascii_digits_only(client: httpx.AsyncClient, runtime: Runtime) -> None:
+    await create_agent(client)
     await set_status(runtime, "thermostat", "t-001", "online")
     await report_event(runtime, "thermostat", "t-001", "heartbeat", {})
     # int() takes all of these; they are not "an integer from 1 to 1000" in a URL.
