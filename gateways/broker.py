@@ -24,8 +24,6 @@ amqtt 0.12 behaviour relevant to Parley (checked by tests/gateways/test_broker.p
     (not resent, not redelivered on reconnect).  amqtt logs "Timeout waiting for
     PUBACK for packet ID n" and "Received PUBACK for unknown pending message Id"
     at WARNING and the failed delivery task with a traceback at ERROR.
-  - Messages queued for an offline persistent session are delivered with the
-    RETAIN flag set (``_publish_session_retained_messages`` uses ``retain=True``).
   - Sessions and queued messages live in memory only (no persistence across
     broker restarts); disconnected persistent sessions never expire unless
     ``session_expiry_interval`` is given.
@@ -34,6 +32,11 @@ amqtt 0.12 behaviour relevant to Parley (checked by tests/gateways/test_broker.p
   Parley's QoS 1 subscription as QoS 1: acknowledged one by one and never held for a
   group commit. ``_Broker`` below delivers a QoS 0 publish at QoS 0. (A QoS 1 publish to
   a QoS 1 or 0 subscription already gets the right QoS; Parley uses no QoS 2.)
+* Worked around: amqtt delivered the messages it queued for an offline persistent
+  session with RETAIN set (``_publish_session_retained_messages`` used ``retain=True``).
+  They match an established subscription, so RETAIN must be 0 (MQTT-3.3.1-9), and Parley
+  ignores RETAIN 1 copies, which are replays of retained messages (gateways/mqtt.py).
+  ``_Broker`` below sends them with RETAIN 0, as Mosquitto does.
 * Worked around: on stop, amqtt cancels each connection's reader and waits for it. On
   Python 3.11 that cancellation can be lost inside ``asyncio.wait_for`` when a packet
   arrives at the same moment; the reader then waits for the client's next packet (up to
@@ -84,7 +87,8 @@ _PUBLISH_QOS: contextvars.ContextVar[int | None] = contextvars.ContextVar("publi
 
 
 class _Broker(Broker):
-    """amqtt's broker, delivering a QoS 0 publish at QoS 0 (module docstring). amqtt 0.12
+    """amqtt's broker, delivering a QoS 0 publish at QoS 0 and queued messages with RETAIN 0
+    (module docstring). amqtt 0.12
     internals: each client's task hands a PUBLISH to `_handle_message_delivery`, which
     calls `_broadcast_message` in the same task, without the message's QoS."""
 
@@ -102,6 +106,20 @@ class _Broker(Broker):
         if force_qos is None and _PUBLISH_QOS.get() == 0:
             force_qos = 0  # min(0, the subscription's QoS)
         await super()._broadcast_message(session, topic, data, force_qos)
+
+    async def _publish_session_retained_messages(self, session: Session) -> None:
+        # amqtt 0.12's own, but with RETAIN 0: these were queued while the client was away
+        # and match its established subscriptions (MQTT-3.3.1-9). A client takes RETAIN 1 as
+        # a replayed retained message, which Parley ignores.
+        handler = self._get_handler(session)
+        tasks = []
+        if handler:
+            while not session.retained_messages.empty():
+                queued = await session.retained_messages.get()
+                tasks.append(asyncio.ensure_future(
+                    handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=False)))
+        if tasks:
+            await asyncio.wait(tasks)
 
 
 class BuiltinBrokerError(RuntimeError):

@@ -103,6 +103,7 @@ class MqttGateway:
         self._connected_at = 0.0
         self._short_drops: list[float] = []
         self._warned_takeover_at = -60.0
+        self._warned_retained = -1  # the connection whose replayed retained messages were logged
         self._stopping = False
 
     # -- lifecycle -------------------------------------------------------------------
@@ -168,6 +169,9 @@ class MqttGateway:
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         received_ms = int(time.time() * 1000)
         self.stats["received"] += 1
+        if msg.retain:
+            self._ignore_retained(msg)
+            return
         obj: dict[str, Any] | None = None
         try:
             route = codec.parse_topic(msg.topic)
@@ -198,7 +202,9 @@ class MqttGateway:
                 self._urgent = True
         except codec.BadMessage as exc:
             self.stats[f"dropped.{exc.reason}"] += 1
-            log.warning("mqtt.dropped", topic=msg.topic, reason=exc.reason, detail=exc.detail[:200])
+            # An empty message is what a device clearing its retained message sends: no error.
+            (log.info if exc.reason == "empty" else log.warning)(
+                "mqtt.dropped", topic=msg.topic, reason=exc.reason, detail=exc.detail[:200])
             self._ack(msg.mid, msg.qos)
             if obj is not None:
                 self._tell_refused(obj, exc.detail[:200])
@@ -267,6 +273,23 @@ class MqttGateway:
             return ReportEvent(e.name, e.data, e.ts, received_ms, e.metadata, reply=reply)
         r = codec.parse_response(obj)
         return DeviceResponded(r.request_id, r.code, r.msg, r.data, received_ms, reply=reply)
+
+    def _ignore_retained(self, msg: paho.MQTTMessage) -> None:
+        """A message with RETAIN set is a retained message the broker replays because we
+        subscribed (on every connect): a message that matches an established subscription
+        comes with RETAIN 0 (MQTT-3.3.1-9), even one a device published retained. So this is
+        an old report of unknown age, taken already if we were connected when it was
+        published; taken again, it would store an alert twice and bring a device that
+        went away months ago back online. Logged once per connection, then counted."""
+        self.stats["dropped.retained"] += 1
+        if self._warned_retained != self._connection:
+            self._warned_retained = self._connection
+            log.info("mqtt.retained_ignored", topic=msg.topic,
+                     hint="retained messages are replays of old reports, not new ones; Parley takes "
+                          "only messages published while it is subscribed (see docs/mqtt.md)")
+        else:
+            log.debug("mqtt.retained_ignored", topic=msg.topic)
+        self._ack(msg.mid, msg.qos)
 
     def _unknown_product(self, route: codec.Route, msg: paho.MQTTMessage) -> None:
         self.stats["dropped.unknown_product"] += 1

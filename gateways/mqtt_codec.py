@@ -65,7 +65,13 @@ def ntp_response_topic(product_id: str, device_id: str) -> str:
     return f"device-agent/{product_id}/device/{device_id}/ntp/response"
 
 
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number",
+               bool: "boolean", type(None): "null"}
+
+
 def decode(payload: bytes) -> dict[str, Any]:
+    if not payload:
+        raise BadMessage("empty", "an empty message (what a device clearing its retained message sends)")
     if len(payload) > MAX_PAYLOAD:
         raise BadMessage("too_large", f"{len(payload)} bytes > {MAX_PAYLOAD}")
     try:
@@ -75,7 +81,7 @@ def decode(payload: bytes) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadMessage("malformed_json", str(exc)) from None
     if not isinstance(obj, dict):
-        raise BadMessage("not_an_object", f"payload is a JSON {type(obj).__name__}")
+        raise BadMessage("not_an_object", f"payload is a JSON {_JSON_TYPES.get(type(obj), 'value')}, not an object")
     return obj
 
 

@@ -50,8 +50,8 @@ class PahoClient:
         assert got_mid == mid
         assert [rc.value for rc in rcs] == [qos], rcs
 
-    def publish(self, topic: str, payload: bytes, qos: int) -> None:
-        info = self.client.publish(topic, payload, qos=qos)
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> None:
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
         info.wait_for_publish(TIMEOUT)  # QoS 1: returns once the broker's PUBACK arrived
         assert info.is_published()
 
@@ -303,13 +303,12 @@ def test_unacked_qos1_message_is_redelivered_after_reconnect(clients):
     assert m.payload == b"not-acked"
 
 
-def test_amqtt_quirk_offline_queued_messages_have_retain_flag(clients):
-    """Characterisation: amqtt sets RETAIN=1 on messages queued for an offline session.
-
-    Mosquitto delivers them with RETAIN=0.  Parley code must not treat retained-flagged
-    messages as stale state when running on the built-in broker.  If this starts failing
-    after an amqtt upgrade, update the gateways/broker.py docstring.
-    """
+def test_offline_queued_messages_arrive_without_the_retain_flag(clients):
+    """amqtt sets RETAIN=1 on messages queued for an offline session; they match an
+    established subscription, so RETAIN must be 0 (MQTT-3.3.1-9), as Mosquitto sends them.
+    `_Broker` fixes it: Parley ignores RETAIN=1 copies (replays of retained messages), and
+    would otherwise lose what was queued for it. A real retained message still comes with
+    RETAIN=1 to a new subscription."""
     client_id = cid("retainflag")
     sub = clients(client_id, clean_session=False)
     sub.subscribe("parley/test/retainflag", qos=1)
@@ -318,4 +317,9 @@ def test_amqtt_quirk_offline_queued_messages_have_retain_flag(clients):
     again = clients(client_id, clean_session=False)
     m = again.get()
     assert m.payload == b"queued"
-    assert m.retain is True
+    assert m.retain is False
+    clients(cid("pub2")).publish("parley/test/retained", b"kept", qos=1, retain=True)
+    late = clients(cid("late"))
+    late.subscribe("parley/test/retained", qos=1)
+    m = late.get()
+    assert (m.payload, m.retain) == (b"kept", True)

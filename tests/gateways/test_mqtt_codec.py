@@ -69,6 +69,12 @@ def test_event_flattens_fields_and_needs_a_name():
         codec.parse_event({"type": "event", "data": {"temperature": 1}})
 
 
+def test_a_payload_that_is_no_object_is_named_as_json_names_it():
+    for raw, name in [(b"[1]", "array"), (b"null", "null"), (b"true", "boolean"), (b'"x"', "string"), (b"1.5", "number")]:
+        with pytest.raises(codec.BadMessage, match=f"payload is a JSON {name}, not an object$"):
+            codec.decode(raw)
+
+
 def test_responses():
     r = codec.parse_response({"code": 0, "msg": "ok", "requestId": "req-001", "data": {"target_temperature": 24}})
     assert (r.request_id, r.code, r.msg, r.data) == ("req-001", 0, "ok", {"target_temperature": 24})
@@ -90,6 +96,7 @@ def test_ntp_response():
 
 @pytest.mark.parametrize("payload,reason", [
     (b"{not json", "malformed_json"), (b"\xff\xfe", "malformed_json"), (b"[1,2]", "not_an_object"),
+    (b"", "empty"),  # what a device clearing its retained message sends
     (b"x" * (codec.MAX_PAYLOAD + 1), "too_large"),
     # Valid to Python's json, but nothing Parley could store or give back (gateways/json_input.py):
     (b'{"data": {"x": 18446744073709551616}}', "unsupported_value"),  # 2**64

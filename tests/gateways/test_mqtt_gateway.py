@@ -12,6 +12,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
+import structlog.testing
 from paho.mqtt.enums import CallbackAPIVersion
 
 from actors.device import Device, DeviceActor, ReportTelemetry, SendCommand
@@ -202,6 +203,47 @@ def test_device_events_are_stored_and_queryable(runtime, gateway, device):
     wait_until(lambda: runtime.device_events.recent(P, D, 10))
     (ev,) = runtime.device_events.recent(P, D, 10)
     assert (ev.name, ev.data, ev.device_ts) == ("temperature_alert", {"temperature": 38.5, "level": "warning"}, 7)
+
+
+def test_retained_messages_are_replays_not_taken_again_but_queued_ones_are(runtime, mqtt_broker):
+    """A device publishes its status and an alert retained while Parley is subscribed: each
+    is taken once. Parley reconnects, and the broker replays them (RETAIN 1): nothing more
+    is stored. While Parley is away the device publishes another retained alert at QoS 1:
+    taken once, from Parley's session queue (RETAIN 0), and not again as the replay. An
+    empty message (a device clearing a retained one) is dropped without a warning."""
+    create_agent(runtime)
+    client_id = f"parley-retain-{time.monotonic_ns()}"
+    gw = MqttGateway(runtime, mqtt_broker.url, client_id=client_id)
+    gw.start()
+    dev = DeviceClient(mqtt_broker.port, client_id=f"dev-retain-{time.monotonic_ns()}")
+    alert = {"type": "event", "data": {"event": "temperature_alert", "temperature": 38.5}}
+    try:
+        dev.c.publish(f"v1/{P}/{D}/telemetry", json.dumps(status()), qos=1, retain=True).wait_for_publish(5)
+        dev.c.publish(f"v1/{P}/{D}/event", json.dumps(alert), qos=1, retain=True).wait_for_publish(5)
+        wait_until(lambda: stream(runtime) == ["Registered", "StatusReported", "EventReported"])
+        gw.stop()
+        later = {**alert, "data": {**alert["data"], "temperature": 41}}
+        dev.c.publish(f"v1/{P}/{D}/event", json.dumps(later), qos=1, retain=True).wait_for_publish(5)
+
+        gw = MqttGateway(runtime, mqtt_broker.url, client_id=client_id)
+        with structlog.testing.capture_logs() as logs:
+            gw.start()
+            # The status and the latest alert (the built-in broker replays them twice: for the
+            # session's subscriptions, then for our new SUBSCRIBE).
+            wait_until(lambda: gw.stats["dropped.retained"] >= 2)
+            dev.c.publish(f"v1/{P}/{D}/telemetry", b"", qos=1, retain=True).wait_for_publish(5)
+            dev.send(f"v1/{P}/{D}/telemetry", {"type": "state", "data": {"n": 3}})  # a marker, live
+            wait_until(lambda: stream(runtime)[-1:] == ["StateReported"])
+        assert stream(runtime) == ["Registered", "StatusReported", "EventReported", "EventReported", "StateReported"]
+        wait_until(lambda: [e.data["temperature"] for e in runtime.device_events.recent(P, D, 10)] == [41, 38.5])
+        assert gw.stats["dropped.retained"] in (2, 4) and gw.stats["dropped.empty"] == 1
+        retained = [e["log_level"] for e in logs if e["event"] == "mqtt.retained_ignored"]
+        assert retained == ["info"] + ["debug"] * (len(retained) - 1)  # at info once per connection
+        empty = [e for e in logs if e["event"] == "mqtt.dropped"]
+        assert [(e["reason"], e["log_level"]) for e in empty] == [("empty", "info")]
+    finally:
+        dev.close()
+        gw.stop()
 
 
 def online_for_commands(runtime, device) -> None:
