@@ -198,4 +198,11 @@ def ntp_response(obj: dict[str, Any], received_ms: int, sent_ms: int) -> bytes:
 
 
 def encode(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
+    """JSON in UTF-8, as devices send theirs: "温度" is 6 bytes, not 12 of `\\u6e29\\u5ea6`
+    (which small embedded parsers such as jsmn hand over undecoded). Strings that cannot be
+    UTF-8 (a lone surrogate; inputs refuse them) fall back to ASCII escapes."""
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(obj, separators=(",", ":")).encode()

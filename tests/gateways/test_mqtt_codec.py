@@ -174,3 +174,13 @@ def test_response_code_is_an_integer_within_what_decode_lets_through():
     for code in (1e300, 0.0, 200.5):
         with pytest.raises(codec.BadMessage):
             codec.parse_response({"requestId": "r", "code": code})
+
+
+def test_commands_go_out_as_utf8_json():
+    """"温度 🌡" is 11 bytes on the wire, not 42 of \\u escapes (and surrogate pairs) that
+    small embedded parsers may hand over undecoded; a string UTF-8 cannot carry (a lone
+    surrogate, which inputs refuse anyway) falls back to escapes rather than failing."""
+    raw = codec.encode({"cmd": "say", "params": {"text": "温度 🌡"}})
+    assert raw == '{"cmd":"say","params":{"text":"温度 🌡"}}'.encode()
+    assert json.loads(raw) == {"cmd": "say", "params": {"text": "温度 🌡"}}
+    assert codec.encode({"text": "\ud800"}) == b'{"text":"\\ud800"}'
