@@ -176,6 +176,8 @@ def parse_response(obj: dict[str, Any]) -> Response:
     if not isinstance(request_id, str) or not request_id:
         raise BadMessage("bad_field", "response needs a string requestId")
     code = obj.get("code")
+    if isinstance(code, float) and code.is_integer() and -2**53 <= code <= 2**53:
+        code = int(code)  # 0.0 from firmware whose JSON writer has only doubles (not 1e300)
     if isinstance(code, bool) or not isinstance(code, int):
         raise BadMessage("bad_field", "response needs an integer code")
     return Response(request_id, code, _msg(obj.get("msg")), obj.get("data"))

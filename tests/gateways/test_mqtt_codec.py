@@ -165,13 +165,17 @@ def test_ntp_echoes_device_send_time_exactly_as_sent(sent):
 
 
 def test_response_code_is_an_integer_within_what_decode_lets_through():
-    """`code` takes only JSON integers (no floats, so no 1e300), and decode has already
-    held integers to msgpack's range; the code is stored in the log only (no BIGINT view
+    """`code` takes JSON integers, and whole numbers written as floats by firmware whose
+    JSON writer has only doubles (0.0), up to 2**53 (not 1e300); decode has already held
+    integers to msgpack's range; the code is stored in the log only (no BIGINT view
     column), so every integer that reaches parse_response can be stored."""
     for code in (0, 404, -1, 2**63, 2**64 - 1):
         raw = json.dumps({"requestId": "r", "code": code}).encode()
         assert codec.parse_response(codec.decode(raw)).code == code
-    for code in (1e300, 0.0, 200.5):
+    for raw, code in ((b"0.0", 0), (b"404.0", 404), (b"-1.0", -1)):
+        parsed = codec.parse_response(codec.decode(b'{"requestId": "r", "code": ' + raw + b"}")).code
+        assert (parsed, type(parsed)) == (code, int)
+    for code in (1e300, 2.0**60, 200.5, float("nan")):
         with pytest.raises(codec.BadMessage):
             codec.parse_response({"requestId": "r", "code": code})
 
