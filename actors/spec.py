@@ -12,6 +12,7 @@ whatever the spec allows).
 
 from __future__ import annotations
 
+import json
 from functools import cached_property
 from typing import Any, Literal
 
@@ -33,9 +34,47 @@ def is_stored(info: ValidationInfo) -> bool:
     return isinstance(info.context, dict) and bool(info.context.get("stored"))
 
 
+def json_text(value: Any, limit: int = 100) -> str:
+    """A value for a message, as JSON writes it (true, null, not Python's True, None);
+    strings quoted as before ('hot'); cut at `limit` characters."""
+    if isinstance(value, str):
+        text = repr(value)
+    elif isinstance(value, list):
+        text = "[" + ", ".join(json_text(v, limit) for v in value) + "]"
+    else:
+        text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def schema_message(error: jsonschema.ValidationError) -> str:
+    """jsonschema's message, with the value as JSON writes it: its own reads
+    `True is not of type 'number'` for `true`."""
+    if error.validator == "type":
+        types = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
+        return f"{json_text(error.instance)} is not of type {', '.join(map(repr, types))}"
+    if error.validator == "enum":
+        return f"{json_text(error.instance)} is not one of {json_text(error.validator_value, 300)}"
+    python = repr(error.instance)
+    if error.message.startswith(python):
+        return json_text(error.instance) + error.message[len(python):]
+    return error.message
+
+
+# pydantic's messages that name Python types or our classes ("a valid dictionary or
+# instance of Tool"): said as the JSON a client sends.
+_PYDANTIC_MESSAGES = {"model_type": "Input should be a JSON object",
+                      "dict_type": "Input should be a JSON object",
+                      "list_type": "Input should be a JSON array"}
+
+
+def pydantic_message(error: Any) -> str:
+    """One of pydantic's `errors()` entries, its message in JSON's words."""
+    return _PYDANTIC_MESSAGES.get(error["type"], error["msg"])
+
+
 def error_summary(exc: ValidationError, limit: int = 1000) -> str:
     """pydantic's errors on one line, `path: message; ...`, cut at `limit` characters."""
-    text = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}" for e in exc.errors())
+    text = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'spec'}: {pydantic_message(e)}" for e in exc.errors())
     return text if len(text) <= limit else text[:limit] + "…"
 
 
@@ -55,7 +94,7 @@ class Parameter(BaseModel):
             return self
         for value in self.enum or ():
             if not jsonschema.Draft202012Validator({"type": self.type}).is_valid(value):
-                raise ValueError(f"enum value {value!r} is not of type {self.type}")
+                raise ValueError(f"enum value {json_text(value)} is not of type {self.type}")
         return self
 
     @model_serializer(mode="wrap")
@@ -141,7 +180,7 @@ class DeviceSpec(BaseModel):
         errors = sorted(validator.iter_errors(params), key=lambda e: list(e.path))
         if errors:
             details = "; ".join(
-                f"{'.'.join(map(str, e.path)) or 'params'}: {e.message}" for e in errors
+                f"{'.'.join(map(str, e.path)) or 'params'}: {schema_message(e)}" for e in errors
             )
             raise InvalidCommand(f"invalid params for {command!r}: {details}")
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from actors.spec import STORED, DeviceSpec, is_stored
+from actors.spec import STORED, DeviceSpec, is_stored, pydantic_message
 
 AGENT_ID = re.compile(r"[A-Za-z0-9_-]+")  # whole string (fullmatch): `$` would let "id\n" in
 REQUIRED = ("agent_id", "name", "agent_type", "voice_type", "is_custom_agent")
@@ -184,7 +184,7 @@ def validation_errors(exc: Exception) -> dict[str, list[str]]:
     if isinstance(exc, ValidationError):
         for err in exc.errors():
             loc = [str(p) for p in err["loc"]]
-            msg = err["msg"].removeprefix("Value error, ")
+            msg = pydantic_message(err).removeprefix("Value error, ")
             if not loc and ":" in msg:  # model-level rule that names its field
                 field, msg = msg.split(":", 1)
                 loc, msg = [field.strip()], msg.strip()

@@ -87,8 +87,10 @@ def lookup(ident: str) -> AgentRecord:
 async def agent_body() -> dict[str, Any]:
     body = await json_object()
     agent = body.get("agent")
-    if not isinstance(agent, dict):
+    if agent is None:  # absent or null, as the seed's own check reads
         raise invalid({"agent": ["can't be blank"]})
+    if not isinstance(agent, dict):
+        raise invalid({"agent": ["must be a JSON object"]})
     return agent
 
 

@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from actors.errors import InvalidCommand
-from actors.spec import DeviceSpec
+from actors.spec import DeviceSpec, error_summary, pydantic_message
 
 SPEC: dict[str, Any] = {
     "name": "Lamp",
@@ -57,6 +57,28 @@ def test_refuses_a_spec_no_device_could_use(change: dict[str, Any], where: tuple
     [error] = caught.value.errors()
     assert error["loc"] == where
     assert error["msg"].removeprefix("Value error, ") == message
+
+
+def test_messages_show_values_as_json_writes_them() -> None:
+    """A client sent JSON: its `true` and `null` are named so, not as Python's True and None,
+    and a wrong shape is "a JSON object", not "a valid dictionary or instance of Command"."""
+    spec = DeviceSpec.model_validate({**SPEC, "commands": {"set": {"parameters": {
+        "n": {"type": "number"}, "s": {"type": "string"}, "m": {"type": "string", "enum": ["a", "b"]}}}}})
+    for params, message in [({"n": True}, "n: true is not of type 'number'"),
+                            ({"s": None}, "s: null is not of type 'string'"),
+                            ({"n": [True, None]}, "n: [true, null] is not of type 'number'"),
+                            ({"n": {"a": False}}, 'n: {"a": false} is not of type \'number\''),
+                            ({"m": True}, "m: true is not of type 'string'; m: true is not one of ['a', 'b']")]:
+        with pytest.raises(InvalidCommand) as caught:
+            spec.check_command("set", params)
+        assert str(caught.value) == f"invalid params for 'set': {message}"
+    with pytest.raises(ValidationError) as refused:
+        DeviceSpec.model_validate({**SPEC, "commands": {"c": {"parameters": {"p": {"type": "integer", "enum": [True]}}}}})
+    assert "enum value true is not of type integer" in str(refused.value)
+    with pytest.raises(ValidationError) as refused:
+        DeviceSpec.model_validate({**SPEC, "commands": {"c": "not an object"}})
+    assert [pydantic_message(e) for e in refused.value.errors()] == ["Input should be a JSON object"]
+    assert error_summary(refused.value) == "commands.c: Input should be a JSON object"
 
 
 def test_checks_commands_against_the_spec() -> None:

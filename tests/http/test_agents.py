@@ -121,10 +121,14 @@ async def test_create_rejects_each_invalid_field(client: httpx.AsyncClient, chan
 
 
 async def test_create_without_agent_object_is_422(client: httpx.AsyncClient) -> None:
-    for body in ({}, {"agent": "thermostat"}, {"agent_id": "thermostat"}):
+    for body in ({}, {"agent": None}, {"agent_id": "thermostat"}):
         r = await client.post("/api/agents", json=body)
         assert r.status_code == 422
         assert r.json() == {"success": False, "errors": {"agent": ["can't be blank"]}}
+    for body in ({"agent": "thermostat"}, {"agent": []}, {"agent": 1}):  # there, but no object
+        r = await client.post("/api/agents", json=body)
+        assert r.status_code == 422
+        assert r.json() == {"success": False, "errors": {"agent": ["must be a JSON object"]}}
 
 
 async def test_custom_agent_with_wss_endpoint_is_accepted(client: httpx.AsyncClient) -> None:

@@ -65,15 +65,19 @@ async def test_long_input_is_not_echoed_whole(client: httpx.AsyncClient, online:
         assert r.status_code == 400
         assert r.json() == {"error": f"unknown command {'x' * 100 + '…'!r} (this product's commands: "
                                      "reboot, set_mode, set_target_temperature)", "code": "invalid_command"}
-        # A param value the JSON Schema message quotes: cut where every error body is cut.
+        # A param value the JSON Schema message quotes: its first 100 characters.
         r = await send(client, {"command": "set_target_temperature",
                                 "params": {"target_temperature": "h" * 1_000_000}})
+        assert r.status_code == 400 and r.json() == {
+            "error": f"invalid params for 'set_target_temperature': target_temperature: '{'h' * 99}… is not of type 'number'",
+            "code": "invalid_command"}
+        # Where many values are quoted, every error body is cut at TEXT_LIMIT.
+        r = await send(client, {"command": "set_target_temperature",
+                                "params": {"target_temperature": 1, **{f"x{i:03}" + "y" * 20: 0 for i in range(100)}}})
         assert r.status_code == 400 and r.json()["code"] == "invalid_command"
-        error = r.json()["error"]
-        assert error.startswith("invalid params for 'set_target_temperature': target_temperature: 'hhh")
-        assert len(error) == TEXT_LIMIT + 1 and error.endswith("…")
+        assert len(r.json()["error"]) == TEXT_LIMIT + 1 and r.json()["error"].endswith("…")
     refused = [e for e in logs if e["event"] == "http.request_refused"]
-    assert len(refused) == 2 and all(len(str(e)) < 2000 for e in refused)
+    assert len(refused) == 3 and all(len(str(e)) < 2000 for e in refused)
     assert online.published == []
 
 
