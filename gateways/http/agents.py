@@ -74,9 +74,12 @@ async def render(record: AgentRecord) -> dict[str, Any]:
 
 def lookup(ident: str) -> AgentRecord:
     """`<id>` is the numeric id (seed 001); as a convenience the agent_id works too.
-    The numeric reading wins, since an agent_id may itself be all digits."""
+    The numeric reading wins, since an agent_id may itself be all digits, but only as ids
+    are written: "001" is the agent_id "001", not the agent with id 1."""
     agents = get_runtime().agents
     number = ascii_int(ident, 18)  # "²" and "١" are no ids
+    if number is not None and str(number) != ident:
+        number = None
     record = agents.get_by_id(number) if number is not None else None
     record = record or agents.get(ident)
     if record is None:

@@ -76,6 +76,19 @@ async def test_only_ascii_digits_are_a_numeric_id(client: httpx.AsyncClient) -> 
     assert (await client.get("/api/agents/1")).json() == agent
 
 
+async def test_a_numeric_id_is_read_only_as_ids_are_written(client: httpx.AsyncClient) -> None:
+    """`001` is no way to write the id 1: it is the agent_id "001" (or nothing), so a PUT or
+    DELETE meant for that agent never lands on agent 1."""
+    first = await create_agent(client)
+    zeros = await create_agent(client, "001")
+    assert (first["id"], zeros["id"]) == (1, 2)
+    assert (await client.get("/api/agents/001")).json()["agent_id"] == "001"
+    assert (await client.get("/api/agents/01")).status_code == 404
+    assert (await client.delete("/api/agents/001")).status_code == 200
+    assert (await client.get("/api/agents/1")).json() == first
+    assert (await client.get("/api/agents/001")).status_code == 404
+
+
 @pytest.mark.parametrize("changes, field, message", [
     ({"agent_id": "has space"}, "agent_id", "may contain only letters, digits, underscores and hyphens"),
     ({"agent_id": "a/b"}, "agent_id", "may contain only letters, digits, underscores and hyphens"),
