@@ -14,6 +14,7 @@ bp = Blueprint("health", __name__)
 @bp.get("/api/health")
 async def health() -> dict[str, Any]:
     runtime = get_runtime()
+    link = runtime.system.device_link
     log_position = await in_thread(runtime.log.max_position)  # a query on the event store
     return {
         "status": "ok",
@@ -24,6 +25,9 @@ async def health() -> dict[str, Any]:
         "projectionOwner": runtime.projections.owner,
         "logPosition": log_position,
         "activeActors": runtime.system.active_count(),
+        # Whether commands can go out now (connected to the broker and subscribed): the
+        # HTTP API is up either way, but while this is false a command is a 503.
+        "mqttConnected": link.connected if link is not None else None,
         # MQTT gateway counters: received, acked, dropped.<reason> (e.g. unknown_product).
-        "mqtt": dict(getattr(runtime.system.device_link, "stats", {})),
+        "mqtt": dict(getattr(link, "stats", {})),
     }

@@ -130,6 +130,9 @@ SCHEMAS: dict[str, Any] = {
         "status": {"const": "ok"}, "projectionPosition": INT,
         "projectionOwner": {"type": "boolean", "description": "this process writes the views"},
         "logPosition": INT, "activeActors": INT,
+        "mqttConnected": {"type": ["boolean", "null"], "description":
+                          "whether commands can go out now (connected to the broker and subscribed); "
+                          "null without an MQTT gateway"},
         "mqtt": {"type": "object", "additionalProperties": INT,
                  "description": "MQTT gateway counters: received, acked, dropped.<reason>"}}},
     "Device": {"type": "object", "properties": {
@@ -140,7 +143,7 @@ SCHEMAS: dict[str, Any] = {
     "DeviceList": {"type": "object", "properties": {
         "productId": STR, "devices": {"type": "array", "items": ref("Device")}}},
     "CommandRequest": {"type": "object", "required": ["command"], "properties": {
-        "command": STR, "params": {**OBJ, "default": {}},
+        "command": STR, "params": {"type": ["object", "null"], "default": {}},
         "timeoutMs": {**INT, "minimum": 1, "maximum": 300000, "default": 30000},
         "productId": STR}},
     "CommandResult": {"type": "object", "description": (
@@ -165,7 +168,7 @@ SCHEMAS: dict[str, Any] = {
             "custom_agent_http_headers": HEADERS, "emqx_config_id": INT, "mqtt_opts": OBJ,
             "tools": {"type": "array", "items": ref("Tool")},
             "data_definitions": {"type": "array", "items": ref("DataDefinition")},
-            "device_spec": {**OBJ, "description": "Commands, telemetry and events of the devices."}},
+            "device_spec": {"type": ["object", "null"], "description": "Commands, telemetry and events of the devices; without one (null) the product accepts no commands."}},
         "description": "On create: agent_id, name, agent_type, voice_type, is_custom_agent are "
                        "required. On update: only the fields to change; agent_id cannot change. "
                        "Every field has exactly its JSON type (nothing is converted). In the "

@@ -20,12 +20,23 @@ async def test_health_reports_positions(client: httpx.AsyncClient) -> None:
     assert r.status_code == 200
     body = r.json()
     assert body["status"] == "ok"
-    assert set(body) == {"status", "projectionPosition", "projectionOwner", "logPosition", "activeActors", "mqtt"}
+    assert set(body) == {"status", "projectionPosition", "projectionOwner", "logPosition", "activeActors",
+                         "mqttConnected", "mqtt"}
+    assert body["mqttConnected"] is None  # no MQTT gateway in this test
     assert body["projectionOwner"] is True  # the only process on its database
     # The create waited for the views, so they are caught up with the log.
     assert body["logPosition"] >= 1
     assert body["projectionPosition"] == body["logPosition"]
     assert body["activeActors"] >= 1  # the agent's actor
+
+
+async def test_health_says_whether_commands_can_go_out(client: httpx.AsyncClient, link) -> None:
+    """The HTTP API is up (`status` ok) whether or not the broker is there; `mqttConnected`
+    says whether a command can go out now."""
+    assert (await client.get("/api/health")).json()["mqttConnected"] is True
+    link.connected = False
+    body = (await client.get("/api/health")).json()
+    assert (body["status"], body["mqttConnected"]) == ("ok", False)
 
 
 async def test_unknown_route_is_json_404(client: httpx.AsyncClient) -> None:
