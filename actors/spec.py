@@ -92,6 +92,8 @@ class Parameter(BaseModel):
         # (Stored specs from before this rule may have such values; they never match.)
         if is_stored(info):
             return self
+        if self.enum is not None and not self.enum:
+            raise ValueError("enum lists no value: no call could ever pass")
         for value in self.enum or ():
             if not jsonschema.Draft202012Validator({"type": self.type}).is_valid(value):
                 raise ValueError(f"enum value {json_text(value)} is not of type {self.type}")
@@ -142,6 +144,10 @@ class DeviceSpec(BaseModel):
         # reads `telemetry`, and keeps `properties` as written.
         if not is_stored(info) and isinstance(data, dict) and "telemetry" in data and "properties" in data:
             raise ValueError("give telemetry or properties (its older name), not both")
+        if not is_stored(info) and isinstance(data, dict) and isinstance(data.get("commands"), dict):
+            # HTTP refuses an empty command name: a command named so could never be sent.
+            if any(not name.strip() for name in data["commands"] if isinstance(name, str)):
+                raise ValueError("commands: a command needs a name")
         return data
 
     @classmethod

@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import re
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from actors.spec import STORED, DeviceSpec, is_stored, pydantic_message
 
 AGENT_ID = re.compile(r"[A-Za-z0-9_-]+")  # whole string (fullmatch): `$` would let "id\n" in
+# HTTP header names are tokens (RFC 9110 §5.1); values carry no control characters but tab
+# (§5.5): a CR or LF in a stored header would split the request Parley sends with it.
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+HEADER_VALUE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*")
 REQUIRED = ("agent_id", "name", "agent_type", "voice_type", "is_custom_agent")
 # Text fields that are null when not given: blank means not given.
 OPTIONAL_TEXT = ("sys_prompt", "welcome_message", "custom_agent_endpoint")
@@ -48,6 +53,25 @@ def as_given(data: Any, required: tuple[str, ...], optional: tuple[str, ...] = (
     return out
 
 
+def check_headers(headers: dict[str, str] | None, info: ValidationInfo) -> dict[str, str] | None:
+    if headers and not is_stored(info):
+        for name, value in headers.items():
+            if not HEADER_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is no HTTP header name (letters, digits and !#$%&'*+.^_`|~-)")
+            if not HEADER_VALUE.fullmatch(value):
+                raise ValueError(f"the value of {name!r} has a control character (CR, LF, ...)")
+    return headers
+
+
+def check_url(url: str | None, schemes: tuple[str, ...], info: ValidationInfo) -> str | None:
+    """A URL Parley can connect to later: one of `schemes` and a host."""
+    if url is not None and not is_stored(info):
+        parsed = urlparse(url)
+        if parsed.scheme not in schemes or not parsed.hostname:
+            raise ValueError(f"must be a {' or '.join(s + '://' for s in schemes)} URL with a host")
+    return url
+
+
 class Tool(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     name: str = Field(min_length=1, max_length=255)
@@ -62,6 +86,13 @@ class Tool(BaseModel):
     def _given(cls, data: Any, info: ValidationInfo) -> Any:
         return as_given(data, ("name", "endpoint"), server_set=("status",),  # status: the server's
                         stored=is_stored(info))
+
+    _headers = field_validator("http_headers")(check_headers)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str, info: ValidationInfo) -> str:
+        return check_url(v, ("http", "https"), info) or v
 
 
 class DataDefinition(BaseModel):
@@ -102,9 +133,22 @@ class _Fields(BaseModel):
 
     @field_validator("custom_agent_endpoint")
     @classmethod
-    def _ws_url(cls, v: str | None) -> str | None:
+    def _ws_url(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is not None and not v.startswith(("ws://", "wss://")):
             raise ValueError("must start with ws:// or wss://")
+        return check_url(v, ("ws", "wss"), info)
+
+    _headers = field_validator("custom_agent_http_headers")(check_headers)
+
+    @field_validator("tools")
+    @classmethod
+    def _tool_names(cls, v: list[Tool] | None, info: ValidationInfo) -> list[Tool] | None:
+        # A model calls a tool by its name: two of one name could never both be called.
+        seen: set[str] = set()
+        for tool in v or ():
+            if tool.name in seen and not is_stored(info):
+                raise ValueError(f"two tools are named {tool.name!r}")
+            seen.add(tool.name)
         return v
 
 
@@ -163,6 +207,8 @@ class AgentPatch(BaseModel):
     agent_id: str | None = None
 
     _ws_url = field_validator("custom_agent_endpoint")(_Fields._ws_url.__func__)  # type: ignore[attr-defined]
+    _headers = field_validator("custom_agent_http_headers")(check_headers)
+    _tool_names = field_validator("tools")(_Fields._tool_names.__func__)  # type: ignore[attr-defined]
 
     @model_validator(mode="before")
     @classmethod

@@ -118,6 +118,23 @@ async def test_a_numeric_id_is_read_only_as_ids_are_written(client: httpx.AsyncC
     ({"is_custom_agent": True}, "custom_agent_endpoint", "can't be blank for a custom agent"),
     ({"sys_prompt": "p" * 2001}, "sys_prompt", "String should have at most 2000 characters"),
     ({"welcome_message": "w" * 501}, "welcome_message", "String should have at most 500 characters"),
+    # What could never work later: a header that would split a request, a URL with no
+    # host, a tool no model could call by name, a command no client could send.
+    ({"custom_agent_http_headers": {"X-A": "ok\r\nX-Injected: 1"}}, "custom_agent_http_headers",
+     "the value of 'X-A' has a control character (CR, LF, ...)"),
+    ({"custom_agent_http_headers": {"Bad Name": "v"}}, "custom_agent_http_headers",
+     "'Bad Name' is no HTTP header name (letters, digits and !#$%&'*+.^_`|~-)"),
+    ({"is_custom_agent": True, "custom_agent_endpoint": "ws://"}, "custom_agent_endpoint",
+     "must be a ws:// or wss:// URL with a host"),
+    ({"tools": [{"name": "t", "endpoint": "not a url"}]}, "tools.0.endpoint",
+     "must be a http:// or https:// URL with a host"),
+    ({"tools": [{"name": "t", "endpoint": "http://a.example/mcp", "http_headers": {"X": "a\nb"}}]},
+     "tools.0.http_headers", "the value of 'X' has a control character (CR, LF, ...)"),
+    ({"tools": [{"name": "t", "endpoint": "http://a.example/mcp"}, {"name": "t", "endpoint": "http://b.example/mcp"}]},
+     "tools", "two tools are named 't'"),
+    ({"device_spec": {"commands": {"": {}}}}, "device_spec", "commands: a command needs a name"),
+    ({"device_spec": {"commands": {"c": {"parameters": {"p": {"enum": []}}}}}},
+     "device_spec.commands.c.parameters.p", "enum lists no value: no call could ever pass"),
 ])
 async def test_create_rejects_each_invalid_field(client: httpx.AsyncClient, changes: dict[str, Any],
                                                  field: str, message: str) -> None:
