@@ -135,7 +135,12 @@ def _parse_command(body: dict[str, Any]) -> tuple[str, dict[str, Any], int, str 
 async def send_command(device_id: str) -> dict[str, Any]:
     runtime = get_runtime()
     command, params, timeout_ms, product_id = _parse_command(await json_object())
-    product_id = await command_product(device_id, product_id)
+    # `?productId=` as on the device's GET routes, or in the body; both must agree.
+    in_query = _optional_str(query_arg("productId"), "productId")
+    if in_query is not None and product_id is not None and in_query != product_id:
+        raise ApiError.coded(400, "invalid_request", f"productId {shown(in_query)} in the query and "
+                             f"{shown(product_id)} in the body differ")
+    product_id = await command_product(device_id, product_id or in_query)
     # Check against the product's spec before anything is committed or published:
     # a typo must not reach the device, nor leave a CommandSent in the log.
     agent = runtime.agents.get(product_id)

@@ -252,3 +252,21 @@ async def test_a_deleted_products_devices_are_no_longer_served(
     assert r.status_code == 404
     assert r.json()["error"] == "device 'twin' not found in product 'prody' (the product no longer exists)"
     assert link.published == [("thermostat", "twin", link.published[0][2])]  # nothing sent to prody's
+
+
+async def test_product_id_in_the_query_as_on_the_get_routes(
+        client: httpx.AsyncClient, runtime: Runtime, link: FakeLink) -> None:
+    """`?productId=` chooses the device's product, as on GET /api/devices/:id; given in the
+    body too, the two must agree."""
+    await create_agent(client)
+    await create_agent(client, "other")
+    await set_status(runtime, "thermostat", "twin", "online")
+    await set_status(runtime, "other", "twin", "online")  # spoke last: the default
+    body = {"command": "set_target_temperature", "params": {"target_temperature": 22}}
+    r = await client.post("/api/devices/twin/commands?productId=thermostat", json=body)
+    assert r.status_code == 200 and r.json()["code"] == 0
+    assert [(p, d) for p, d, _ in link.published] == [("thermostat", "twin")]
+    r = await client.post("/api/devices/twin/commands?productId=thermostat", json={**body, "productId": "other"})
+    assert r.status_code == 400 and r.json() == {
+        "error": "productId 'thermostat' in the query and 'other' in the body differ", "code": "invalid_request"}
+    assert len(link.published) == 1
