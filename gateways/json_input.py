@@ -98,6 +98,9 @@ def loads(data: bytes | str) -> Any:
         except orjson.JSONDecodeError:
             pass  # say precisely why, below
     text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
+    if text.startswith("\ufeff"):  # else the message would be "Expecting value: line 1 column 1"
+        raise json.JSONDecodeError("starts with a UTF-8 byte order mark (BOM), which JSON text must not "
+                                   "have (RFC 8259 §8.1)", text, 0)
     try:
         value = _DECODER.decode(text)
     except RecursionError:

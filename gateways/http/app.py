@@ -267,6 +267,10 @@ async def read_view(fn: Any, *args: Any) -> Any:
 async def json_body() -> Any:
     """The request body parsed as JSON, whatever the Content-Type says (curl -d sends
     form-encoded by default). Too large -> 413 (raised by Quart), not JSON -> 400."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):  # a gzip body would read as "can't decode byte 0x8b"
+        raise ApiError.coded(415, "unsupported_media_type",
+                             f"Content-Encoding {shown(encoding)} is not supported: send the body uncompressed")
     raw = await request.get_data(as_text=False)  # enforces MAX_CONTENT_LENGTH
     if not raw.strip():
         raise ApiError.coded(400, "invalid_json", "request body is empty; expected a JSON object")

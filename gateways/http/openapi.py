@@ -66,6 +66,7 @@ AGENT_503 = resp("The agent actor did not answer within 10 s, the server is shut
 MALFORMED_HEADERS = {
     "Connection": {"schema": {"const": "close"}, "description": "The connection is closed."},
     "X-Request-Id": {"schema": STR, "description": "A new id; the log line carries it as trace_id."}}
+COMPRESSED = resp("A body with a Content-Encoding (code unsupported_media_type): bodies are taken uncompressed.")
 
 
 def malformed(description: str) -> dict[str, Any]:
@@ -239,7 +240,7 @@ PATHS: dict[str, Any] = {
                         "a field of the wrong type or range), or invalid_command: unknown "
                         "command, bad params, or no device spec. Nothing was sent."),
             "404": resp("No such device (code device_not_found)."),
-            "409": resp("Device offline (code device_offline)."), "413": TOO_LARGE,
+            "409": resp("Device offline (code device_offline)."), "413": TOO_LARGE, "415": COMPRESSED,
             "500": resp("The device actor failed (code internal_error)."),
             "503": resp("No MQTT link, the server is shutting down, or the store is down "
                         "(code unavailable)."),
@@ -259,7 +260,7 @@ PATHS: dict[str, Any] = {
             "503": STORE_503}},
         "post": {"summary": "Create an agent.", "requestBody": body("AgentInput"), "responses": {
             "201": resp("Created (message 智能体创建成功).", "AgentSaved"), "400": AGENT_400,
-            "413": TOO_LARGE,
+            "413": TOO_LARGE, "415": COMPRESSED,
             "422": resp(f"Validation failed: {AGENT_422_RULES}; or agent_id already taken (by a "
                         "live agent: a deleted one's agent_id can be created again).",
                         "AgentErrors"),
@@ -271,7 +272,7 @@ PATHS: dict[str, Any] = {
         "put": {"summary": "Update some fields of an agent.", "parameters": [AGENT_ID],
                 "requestBody": body("AgentInput"), "responses": {
                     "200": resp("Updated (message 智能体更新成功).", "AgentSaved"), "400": AGENT_400,
-                    "404": AGENT_404, "413": TOO_LARGE,
+                    "404": AGENT_404, "413": TOO_LARGE, "415": COMPRESSED,
                     "422": resp(f"Validation failed: {AGENT_422_RULES}, also of the merged "
                                 "agent; or a different agent_id (cannot be changed).",
                                 "AgentErrors"),

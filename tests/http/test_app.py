@@ -53,6 +53,24 @@ async def test_wrong_method_is_json_405(client: httpx.AsyncClient) -> None:
     assert "GET" in r.headers["allow"]
 
 
+async def test_a_compressed_body_is_415_and_a_bom_is_named(client: httpx.AsyncClient) -> None:
+    """A gzip body is not read as broken UTF-8, and a body that starts with a byte order
+    mark is told so, not "Expecting value: line 1 column 1"."""
+    import gzip
+
+    for path in ("/api/agents", "/api/devices/d1/commands"):
+        r = await client.post(path, content=gzip.compress(b'{"agent": {}}'),
+                              headers={"content-type": "application/json", "content-encoding": "gzip"})
+        assert (r.status_code, r.json()) == (415, {
+            "error": "Content-Encoding 'gzip' is not supported: send the body uncompressed",
+            "code": "unsupported_media_type"}), path
+        r = await client.post(path, content=b'\xef\xbb\xbf{"agent": {}}', headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["code"] == "invalid_json", path
+        assert "byte order mark (BOM)" in r.json()["error"]
+    r = await client.post("/api/agents", content=b'{"agent": null}', headers={"content-encoding": "identity"})
+    assert r.status_code == 422  # identity is no encoding: read as usual
+
+
 async def test_malformed_json_is_400(client: httpx.AsyncClient) -> None:
     for path in ("/api/agents", "/api/devices/d1/commands"):
         r = await client.post(path, content=b'{"agent": ', headers={"content-type": "application/json"})
