@@ -175,6 +175,17 @@ class DeviceSpec(BaseModel):
             out[name] = jsonschema.Draft202012Validator(schema)
         return out
 
+    def as_sent(self, command: str, params: dict[str, Any]) -> dict[str, Any]:
+        """The params of a checked command as the device gets them: an integer parameter
+        given as a whole float (JSON Schema takes 2.0 as an integer) is sent as 2, which a
+        device that reads it into an int can parse."""
+        cmd = self.commands.get(command)
+        if cmd is None:
+            return params
+        return {name: int(value) if isinstance(value, float) and value.is_integer()
+                and name in cmd.parameters and cmd.parameters[name].type == "integer" else value
+                for name, value in params.items()}
+
     def check_command(self, command: str, params: dict[str, Any]) -> None:
         """Raise InvalidCommand unless the command exists and its params fit the spec."""
         validator = self._validators.get(command)

@@ -122,7 +122,9 @@ def _parse_command(body: dict[str, Any]) -> tuple[str, dict[str, Any], int, str 
         params = {}
     if not isinstance(params, dict):
         raise ApiError.coded(400, "invalid_request", "params must be a JSON object")
-    timeout_ms = body.get("timeoutMs", DEFAULT_TIMEOUT_MS)
+    timeout_ms = body.get("timeoutMs")
+    if timeout_ms is None:  # absent or null: the default, as for params
+        timeout_ms = DEFAULT_TIMEOUT_MS
     # bool is an int in Python; `true` is not a timeout.
     if not isinstance(timeout_ms, int) or isinstance(timeout_ms, bool) \
             or not 1 <= timeout_ms <= MAX_TIMEOUT_MS:
@@ -152,6 +154,7 @@ async def send_command(device_id: str) -> dict[str, Any]:
         spec.check_command(command, params)
     except InvalidCommand as exc:
         raise ApiError.from_actor(exc) from None
+    params = spec.as_sent(command, params)
 
     request_id = ids.request_id()
     reply = TrioReply()

@@ -145,7 +145,7 @@ SCHEMAS: dict[str, Any] = {
         "productId": STR, "devices": {"type": "array", "items": ref("Device")}}},
     "CommandRequest": {"type": "object", "required": ["command"], "properties": {
         "command": STR, "params": {"type": ["object", "null"], "default": {}},
-        "timeoutMs": {**INT, "minimum": 1, "maximum": 300000, "default": 30000},
+        "timeoutMs": {"type": ["integer", "null"], "minimum": 1, "maximum": 300000, "default": 30000},
         "productId": STR}},
     "CommandResult": {"type": "object", "description": (
         "The device's answer. `code` is the device's own code: a device answering 400 or 404 "

@@ -270,3 +270,21 @@ async def test_product_id_in_the_query_as_on_the_get_routes(
     assert r.status_code == 400 and r.json() == {
         "error": "productId 'thermostat' in the query and 'other' in the body differ", "code": "invalid_request"}
     assert len(link.published) == 1
+
+
+async def test_an_integer_given_as_a_whole_float_is_sent_as_an_integer(
+        client: httpx.AsyncClient, runtime: Runtime, link: FakeLink) -> None:
+    """JSON Schema takes 2.0 as an integer; the device gets 2, which firmware reading an int
+    can parse. A number parameter keeps what was sent. timeoutMs null is the default, as
+    params null is {}."""
+    spec = {"commands": {"set_speed": {"parameters": {"speed": {"type": "integer"}, "ratio": {"type": "number"}}}}}
+    await create_agent(client, "fan", device_spec=spec)
+    await set_status(runtime, "fan", "f-1", "online")
+    r = await send(client, {"command": "set_speed", "params": {"speed": 2.0, "ratio": 1.0}, "timeoutMs": None},
+                   device="f-1")
+    assert r.status_code == 200 and r.json()["code"] == 0
+    params = link.published[0][2]["params"]
+    assert params == {"speed": 2, "ratio": 1.0}
+    assert (type(params["speed"]), type(params["ratio"])) == (int, float)
+    r = await send(client, {"command": "set_speed", "params": {"speed": 2.5}}, device="f-1")
+    assert r.status_code == 400 and "2.5 is not of type 'integer'" in r.json()["error"]
