@@ -212,18 +212,19 @@ def test_retained_messages_are_replays_not_taken_again_but_queued_ones_are(runti
     taken once, from Parley's session queue (RETAIN 0), and not again as the replay. An
     empty message (a device clearing a retained one) is dropped without a warning."""
     create_agent(runtime)
+    d = f"retain-{time.monotonic_ns()}"  # its retained messages must not reach other tests' gateways
     client_id = f"parley-retain-{time.monotonic_ns()}"
     gw = MqttGateway(runtime, mqtt_broker.url, client_id=client_id)
     gw.start()
     dev = DeviceClient(mqtt_broker.port, client_id=f"dev-retain-{time.monotonic_ns()}")
     alert = {"type": "event", "data": {"event": "temperature_alert", "temperature": 38.5}}
     try:
-        dev.c.publish(f"v1/{P}/{D}/telemetry", json.dumps(status()), qos=1, retain=True).wait_for_publish(5)
-        dev.c.publish(f"v1/{P}/{D}/event", json.dumps(alert), qos=1, retain=True).wait_for_publish(5)
-        wait_until(lambda: stream(runtime) == ["Registered", "StatusReported", "EventReported"])
+        dev.c.publish(f"v1/{P}/{d}/telemetry", json.dumps(status()), qos=1, retain=True).wait_for_publish(5)
+        dev.c.publish(f"v1/{P}/{d}/event", json.dumps(alert), qos=1, retain=True).wait_for_publish(5)
+        wait_until(lambda: stream(runtime, device_id=d) == ["Registered", "StatusReported", "EventReported"])
         gw.stop()
         later = {**alert, "data": {**alert["data"], "temperature": 41}}
-        dev.c.publish(f"v1/{P}/{D}/event", json.dumps(later), qos=1, retain=True).wait_for_publish(5)
+        dev.c.publish(f"v1/{P}/{d}/event", json.dumps(later), qos=1, retain=True).wait_for_publish(5)
 
         gw = MqttGateway(runtime, mqtt_broker.url, client_id=client_id)
         with structlog.testing.capture_logs() as logs:
@@ -231,17 +232,19 @@ def test_retained_messages_are_replays_not_taken_again_but_queued_ones_are(runti
             # The status and the latest alert (the built-in broker replays them twice: for the
             # session's subscriptions, then for our new SUBSCRIBE).
             wait_until(lambda: gw.stats["dropped.retained"] >= 2)
-            dev.c.publish(f"v1/{P}/{D}/telemetry", b"", qos=1, retain=True).wait_for_publish(5)
-            dev.send(f"v1/{P}/{D}/telemetry", {"type": "state", "data": {"n": 3}})  # a marker, live
-            wait_until(lambda: stream(runtime)[-1:] == ["StateReported"])
-        assert stream(runtime) == ["Registered", "StatusReported", "EventReported", "EventReported", "StateReported"]
-        wait_until(lambda: [e.data["temperature"] for e in runtime.device_events.recent(P, D, 10)] == [41, 38.5])
+            dev.c.publish(f"v1/{P}/{d}/telemetry", b"", qos=1, retain=True).wait_for_publish(5)
+            dev.send(f"v1/{P}/{d}/telemetry", {"type": "state", "data": {"n": 3}})  # a marker, live
+            wait_until(lambda: stream(runtime, device_id=d)[-1:] == ["StateReported"])
+        assert stream(runtime, device_id=d) == ["Registered", "StatusReported", "EventReported", "EventReported", "StateReported"]
+        wait_until(lambda: [e.data["temperature"] for e in runtime.device_events.recent(P, d, 10)] == [41, 38.5])
         assert gw.stats["dropped.retained"] in (2, 4) and gw.stats["dropped.empty"] == 1
         retained = [e["log_level"] for e in logs if e["event"] == "mqtt.retained_ignored"]
         assert retained == ["info"] + ["debug"] * (len(retained) - 1)  # at info once per connection
         empty = [e for e in logs if e["event"] == "mqtt.dropped"]
         assert [(e["reason"], e["log_level"]) for e in empty] == [("empty", "info")]
     finally:
+        for kind in ("telemetry", "event"):  # clear them: the broker outlives this test
+            dev.c.publish(f"v1/{P}/{d}/{kind}", b"", qos=1, retain=True).wait_for_publish(5)
         dev.close()
         gw.stop()
 
