@@ -399,8 +399,18 @@ class Simulator:
                 pass
         for client in self._clients:
             client.disconnect()
-        for client in self._clients:
-            client.loop_stop()
+        # paho's loop_stop waits for its network thread without a limit; a thread stuck on
+        # a broker that stopped answering must not keep the simulator from exiting (its
+        # threads are daemons).
+        stoppers = [threading.Thread(target=client.loop_stop, daemon=True) for client in self._clients]
+        for t in stoppers:
+            t.start()
+        deadline = time.monotonic() + 5
+        for t in stoppers:
+            t.join(max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in stoppers):
+            log.warning("simulate.stop_incomplete", connections=sum(t.is_alive() for t in stoppers),
+                        detail="an MQTT network thread did not end within 5 s; exiting anyway")
         self._connected.clear()
 
     def counters(self) -> dict[str, Any]:

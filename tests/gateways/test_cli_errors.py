@@ -372,6 +372,7 @@ def test_simulate_stops_cleanly_on_a_signal_even_started_in_the_background(mqtt_
     """A script's `parley simulate &` inherits SIGINT ignored; SIGTERM (a supervisor, kill)
     and SIGINT must both stop it with its final line, and exit 0."""
     environ = {k: v for k, v in os.environ.items() if not k.upper().startswith("PARLEY_")}
+    environ["PYTHONFAULTHANDLER"] = "1"  # SIGABRT (below) dumps every thread's stack
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateways.cli", "simulate", "--devices", "2", "--interval", "0.2",
          "--mqtt-url", f"mqtt://{mqtt_broker.host}:{mqtt_broker.port}"],
@@ -381,7 +382,12 @@ def test_simulate_stops_cleanly_on_a_signal_even_started_in_the_background(mqtt_
         first = proc.stdout.readline()  # printed once the devices are connected
         assert first.startswith("simulating 2 'thermostat' devices"), first + proc.stderr.read()
         proc.send_signal(signum)
-        out, err = proc.communicate(timeout=20)
+        try:
+            out, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)  # where it hangs, for the failure message
+            out, err = proc.communicate(timeout=10)
+            pytest.fail(f"simulate did not stop within 20 s of {signum.name}:\n{err[-6000:]}")
     finally:
         proc.kill()
     assert proc.returncode == 0, err

@@ -270,3 +270,26 @@ def test_offline_on_stop(mqtt_broker, observer):
         msgs = observer.wait_for(lambda _: len(observer.of(topic)) >= 4 and observer.of(topic))
         assert msgs[-1]["type"] == "status" and msgs[-1]["data"] == {"status": "offline"}
     assert s.counters()["connected_devices"] == 0
+
+
+def test_stop_is_bounded_when_a_network_thread_does_not_end(mqtt_broker, monkeypatch):
+    """paho's loop_stop waits for its thread without a limit: a stuck one must not keep the
+    simulator (and `parley simulate` on SIGTERM) from stopping."""
+    import structlog.testing
+
+    s = Simulator(SPEC, "thermostat", devices=1, interval=3600, mqtt_url=mqtt_broker.url, connections=1,
+                  prefix=f"stuck-{uuid.uuid4().hex[:6]}")
+    s.start()
+    client = s._clients[0]
+    release = threading.Event()
+    real_loop_stop = client.loop_stop
+    monkeypatch.setattr(client, "loop_stop", lambda: release.wait(30))
+    started = time.monotonic()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            s.stop()
+        assert time.monotonic() - started < 8
+        assert [e["connections"] for e in logs if e["event"] == "simulate.stop_incomplete"] == [1]
+    finally:
+        release.set()
+        real_loop_stop()
