@@ -42,7 +42,8 @@ from psycopg.sql import SQL, Identifier
 _SQLITE_MODE = {True: "FULL", False: "NORMAL"}
 # Set once on the connection that writes events (SingleWriterDatastore). Device streams
 # interleave, so every transaction touches index pages all over the (stream, version)
-# index, and each one goes to the WAL whole. Measured inserting 100k telemetry events, 250 per transaction:
+# index, and each one goes to the WAL whole. Measured inserting 100k telemetry events,
+# 250 per transaction:
 # - a 64 MiB page cache (SQLite's default is 2 MiB), so the index stays in memory;
 # - a checkpoint every 10,000 WAL pages instead of 1,000: each checkpoint copies the
 #   pages back and syncs twice, and fewer of them took an insert from 18-19 to 12-14 µs;

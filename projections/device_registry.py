@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -21,6 +21,15 @@ _SETTLES = (*_CLOSES, Device.CommandAnswered)  # each ends one pending command
 _SELECT = "SELECT product_id, device_id, online, state, last_seen_ms, registered_ms, pending FROM parley_devices"
 # Rows (and stream keys) a batch needs and memory lacks are read this many to a query.
 _PREFETCH = 500
+
+
+def _chunks(items: list[Any]) -> Iterator[list[Any]]:
+    for i in range(0, len(items), _PREFETCH):
+        yield items[i:i + _PREFETCH]
+
+
+def _marks(n: int) -> str:
+    return ", ".join("?" * n)  # the placeholders of an IN list
 
 
 @dataclass
@@ -191,34 +200,27 @@ class DeviceRegistry(View):
         about 175 µs against 29 µs with every row cached."""
         new = {le.stream_id for le in events if isinstance(le.event, Device.Registered)}
         streams = {le.stream_id for le in events} - new
-        unknown = [str(s) for s in streams if s not in self._keys]
-        for i in range(0, len(unknown), _PREFETCH):
-            chunk = unknown[i:i + _PREFETCH]
+        for chunk in _chunks([str(s) for s in streams if s not in self._keys]):
             cur.execute("SELECT stream_id, product_id, device_id FROM parley_device_streams"
-                        f" WHERE stream_id IN ({', '.join('?' * len(chunk))})", chunk)
+                        f" WHERE stream_id IN ({_marks(len(chunk))})", chunk)
             for stream, product_id, device_id in cur.fetchall():
                 self._remember(UUID(stream), (product_id, device_id))
         keys = {self._keys.get(s) for s in streams}
         keys.discard(None)
         missing = {k for k in keys if k not in self._cache}
-        fetched: dict[tuple[str, str], DeviceRow] = {}
         if self.db.is_postgres:
             # Row values: PostgreSQL joins them on the primary key (39 µs per update at
             # 150,000 devices; 91 by device id alone).
-            wanted = sorted(missing)
-            for i in range(0, len(wanted), _PREFETCH):
-                chunk = wanted[i:i + _PREFETCH]
-                cur.execute(_SELECT + " WHERE (product_id, device_id) IN (VALUES "
-                            + ", ".join(["(?, ?)"] * len(chunk)) + ")", [v for k in chunk for v in k])
-                for found in cur.fetchall():
-                    fetched[(found[0], found[1])] = self._to_row(found)
-            return fetched
-        # SQLite scans the whole table for row values: by device id alone (its index),
-        # dropping other products' rows of the same id.
-        ids = sorted({device_id for _, device_id in missing})
-        for i in range(0, len(ids), _PREFETCH):
-            chunk = ids[i:i + _PREFETCH]
-            cur.execute(_SELECT + f" WHERE device_id IN ({', '.join('?' * len(chunk))})", chunk)
+            queries = [(" WHERE (product_id, device_id) IN (VALUES " + ", ".join(["(?, ?)"] * len(chunk)) + ")",
+                        [v for key in chunk for v in key]) for chunk in _chunks(sorted(missing))]
+        else:
+            # SQLite scans the whole table for row values: by device id alone (its index),
+            # dropping other products' rows of the same id below.
+            queries = [(f" WHERE device_id IN ({_marks(len(chunk))})", chunk)
+                       for chunk in _chunks(sorted({device_id for _, device_id in missing}))]
+        fetched: dict[tuple[str, str], DeviceRow] = {}
+        for where, params in queries:
+            cur.execute(_SELECT + where, params)
             for found in cur.fetchall():
                 if (found[0], found[1]) in missing:
                     fetched[(found[0], found[1])] = self._to_row(found)

@@ -71,9 +71,12 @@ async def find_device(device_id: str, product_id: str | None) -> DeviceRow:
     live = [r for r in rows if _product_exists(r.product_id)]
     if not live:
         where = f" in product {shown(product_id)}" if product_id else ""
-        gone = sorted({r.product_id for r in rows})
-        why = "" if not gone else " (the product no longer exists)" if product_id else \
-            f" (its product {', '.join(map(shown, gone))} no longer exists)"
+        why = ""
+        if rows and product_id:
+            why = " (the product no longer exists)"
+        elif rows:
+            gone = ", ".join(map(shown, sorted({r.product_id for r in rows})))
+            why = f" (its product {gone} no longer exists)"
         raise ApiError.coded(404, "device_not_found", f"device {shown(device_id)} not found{where}{why}")
     return live[0]
 

@@ -66,7 +66,8 @@ AGENT_503 = resp("The agent actor did not answer within 10 s, the server is shut
 MALFORMED_HEADERS = {
     "Connection": {"schema": {"const": "close"}, "description": "The connection is closed."},
     "X-Request-Id": {"schema": STR, "description": "A new id; the log line carries it as trace_id."}}
-COMPRESSED = resp("A body with a Content-Encoding (code unsupported_media_type): bodies are taken uncompressed.")
+COMPRESSED = resp("A body with a Content-Encoding (code unsupported_media_type): bodies are "
+                  "taken uncompressed.")
 
 
 def malformed(description: str) -> dict[str, Any]:
@@ -169,7 +170,8 @@ SCHEMAS: dict[str, Any] = {
             "custom_agent_http_headers": HEADERS, "emqx_config_id": INT, "mqtt_opts": OBJ,
             "tools": {"type": "array", "items": ref("Tool")},
             "data_definitions": {"type": "array", "items": ref("DataDefinition")},
-            "device_spec": {"type": ["object", "null"], "description": "Commands, telemetry and events of the devices; without one (null) the product accepts no commands."}},
+            "device_spec": {"type": ["object", "null"], "description": "Commands, telemetry and events "
+                            "of the devices; without one (null) the product accepts no commands."}},
         "description": "On create: agent_id, name, agent_type, voice_type, is_custom_agent are "
                        "required. On update: only the fields to change; agent_id cannot change. "
                        "Every field has exactly its JSON type (nothing is converted). In the "
@@ -233,7 +235,7 @@ PATHS: dict[str, Any] = {
                       "503": STORE_503}}},
     "/api/devices/{deviceId}/commands": {"post": {
         "summary": "Send a command from the product's device spec and wait for the answer.",
-        "parameters": [DEVICE_ID], "requestBody": body("CommandRequest"),
+        "parameters": [DEVICE_ID, PRODUCT_Q], "requestBody": body("CommandRequest"),
         "responses": {
             "200": resp("The device answered (whatever its own code).", "CommandResult"),
             "400": resp("invalid_json (malformed body), invalid_request (body not an object, "
