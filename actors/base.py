@@ -21,7 +21,7 @@ from eventsourcing.domain import Snapshot
 from eventsourcing.persistence import RecordConflictError
 
 from actors.errors import ActorCrashed, ParleyError, Unavailable
-from actors.ports import NO_REPLY, Burst, Traced, unpacked, untraced
+from actors.ports import NO_REPLY, Burst, NoReply, Traced, unpacked, untraced
 from eventstore import UnencodableValue
 
 if TYPE_CHECKING:
@@ -160,14 +160,22 @@ class AggregateActor(pykka.ThreadingActor, ABC):
         return None
 
     def _receive_batch(self, messages: list[Any]) -> None:
-        """Apply every message, commit once, then reply to each with the last position."""
+        """Apply every message, commit once, then reply to each with the last position.
+        A message its handler refuses (a ParleyError, raised before any event) is answered
+        with that error, after the others' commit; the others are not held up by it."""
         for attempt in range(self.max_conflict_retries):
+            refused: list[tuple[Any, ParleyError]] = []
             try:
                 for m in messages:
-                    self._handler(m)(m)
+                    try:
+                        self._handler(m)(m)
+                    except ParleyError as exc:
+                        if isinstance(exc, Unavailable):
+                            raise
+                        refused.append((m, exc))
                 # Flush to disk only if someone is acknowledged (a QoS 1 PUBACK, say);
                 # a burst of QoS 0 telemetry is written and left to the next flush.
-                positions = self.commit(sync=any(m.reply is not NO_REPLY for m in messages))
+                positions = self.commit(sync=any(not isinstance(m.reply, NoReply) for m in messages))
             except RecordConflictError:
                 self.log.info("actor.version_conflict", attempt=attempt, batch=len(messages))
                 self.reload()
@@ -183,12 +191,21 @@ class AggregateActor(pykka.ThreadingActor, ABC):
                     return
                 self._crashed(exc, messages)
                 return
+            for m, exc in refused:
+                self.on_refused(m, exc)
             position = positions[-1] if positions else None
+            failed = {id(m) for m, _ in refused}
             for m in messages:
-                m.reply.ok(position)
+                if id(m) not in failed:
+                    m.reply.ok(position)
             return
         for m in messages:
             m.reply.fail(ActorCrashed("too many version conflicts"))
+
+    def on_refused(self, message: Any, error: ParleyError) -> None:
+        """A batchable message its handler refused (bad input, nothing stored): say why."""
+        self.log.warning("actor.refused", message=type(message).__name__, code=error.code, error=str(error))
+        message.reply.fail(error)
 
     def _crashed(self, exc: Exception, messages: list[Any]) -> None:
         # Supervision: the commands that crashed get an error reply; state is rebuilt from

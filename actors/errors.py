@@ -19,6 +19,12 @@ class InvalidCommand(ParleyError):
     code = "invalid_command"
 
 
+class StateTooLarge(ParleyError):
+    """A device report whose state would grow the device's past its bound (nothing stored)."""
+
+    code = "state_too_large"
+
+
 class CommandTimedOut(ParleyError):
     code = "command_timeout"
 

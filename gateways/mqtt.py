@@ -23,7 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from actors.device import AnswerRefused, DeviceActor, DeviceResponded, ReportEvent, ReportTelemetry
 from actors.errors import ActorCrashed, Unavailable
-from actors.ports import NO_REPLY
+from actors.ports import NoReply
 from gateways import mqtt_codec as codec
 from gateways.config import check_mqtt_url
 from gateways.mqtt_client import BufferedClient, no_delay
@@ -51,10 +51,33 @@ class _Ack:
             # A message that crashes its actor would crash it again on every redelivery.
             self.gw.stats["poison"] += 1
             self.gw._ack(self.mid, self.qos)
-        else:
+        elif isinstance(error, Unavailable):
             # Not committed (the store is unavailable): unacknowledged, and tried again.
             self.gw.stats["not_committed"] += 1
             self.gw._retry(self, error)
+        else:
+            # Refused by its actor (the actor logged why): it would be refused again.
+            self.gw.stats[f"dropped.{getattr(error, 'code', 'error')}"] += 1
+            self.gw._ack(self.mid, self.qos)
+
+
+class _Unacked(NoReply):
+    """The reply of a QoS 0 message: nobody waits for its commit (so a burst of them is
+    not flushed to disk for its sake, actors/base.py), but a refusal or a lost one is
+    counted like any other drop."""
+
+    __slots__ = ("gw",)
+
+    def __init__(self, gw: MqttGateway) -> None:
+        self.gw = gw
+
+    def fail(self, error: Exception) -> None:
+        if isinstance(error, ActorCrashed):
+            self.gw.stats["poison"] += 1
+        elif isinstance(error, Unavailable):
+            self.gw.stats["lost"] += 1  # not committed; QoS 0 is at most once: not tried again
+        else:
+            self.gw.stats[f"dropped.{getattr(error, 'code', 'error')}"] += 1
 
 
 def default_client_id(store_url: str) -> str:
@@ -79,6 +102,7 @@ class MqttGateway:
         self.client_id = client_id or default_client_id(runtime.store.url)
         self.shared_group = shared_group
         self.stats: Counter[str] = Counter()
+        self._unacked = _Unacked(self)
         self._ready = threading.Event()
         self._warned_products: set[str] = set()
         self.client = BufferedClient(CallbackAPIVersion.VERSION2, client_id=self.client_id,
@@ -185,7 +209,7 @@ class MqttGateway:
                 self._ack(msg.mid, msg.qos)
                 return
             key = (route.product_id, route.device_id)
-            reply = _Ack(self, msg.mid, msg.qos, key) if msg.qos else NO_REPLY
+            reply = _Ack(self, msg.mid, msg.qos, key) if msg.qos else self._unacked
             message = self._message(route, obj, received_ms, reply)
             if msg.qos:
                 reply.message = message  # to try it again if its commit fails

@@ -3,12 +3,15 @@ on SQLite and (by subclassing) PostgreSQL."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from datetime import datetime, timezone
 from typing import Any
 
 import pytest
+import structlog.testing
+from eventsourcing.domain import Snapshot
 
 from actors.device import (
     Device,
@@ -19,7 +22,8 @@ from actors.device import (
     ReportTelemetry,
     SendCommand,
 )
-from actors.errors import ActorCrashed, CommandTimedOut, DeviceNotFound, DeviceOffline, Unavailable
+from actors.device.aggregate import MAX_STATE_BYTES, state_growth
+from actors.errors import ActorCrashed, CommandTimedOut, DeviceNotFound, DeviceOffline, StateTooLarge, Unavailable
 from actors.ports import FutureReply
 from actors.system import ActorSystem, SystemSettings
 from eventsourcing.persistence import StoredEvent
@@ -395,6 +399,56 @@ class TestDeviceActor:
         assert log.load(Device.create_id(*KEY)).state == {"i": 4}
         stored = [e.state["i"] for e in log.read_stream(Device.create_id(*KEY)) if hasattr(e, "state") and e.state]
         assert stored[-4:] == [0, 1, 3, 4]
+
+    def test_a_report_that_would_grow_the_state_past_its_bound_is_refused_alone(self, parts):
+        """A device sending a new big key in every message: the report that would take its
+        state past MAX_STATE_BYTES is refused (nothing of it stored, logged, the sender told
+        StateTooLarge); the rest of its burst is committed; a report that does not grow the
+        state, or one without state, is still taken."""
+        system, log, _ = parts
+        online(system)
+        blob = "x" * (MAX_STATE_BYTES // 4)
+        gate = threading.Event()
+        system.tell(DeviceActor, KEY, Hold(gate))
+        replies = [FutureReply() for _ in range(4)]
+        for i, r in enumerate(replies):  # keys k0..k3: the fourth would pass the bound
+            system.tell(DeviceActor, KEY, ReportTelemetry("state", None, {f"k{i}": blob}, None, now_ms(), reply=r))
+        tail = FutureReply()
+        system.tell(DeviceActor, KEY, ReportTelemetry("state", None, {"k0": "small"}, None, now_ms(), reply=tail))
+        with structlog.testing.capture_logs() as logs:
+            gate.set()
+            with pytest.raises(StateTooLarge, match="over the limit"):
+                replies[3].get(5)
+            assert all(isinstance(r.get(5), int) for r in replies[:3]) and isinstance(tail.get(5), int)
+        assert [e["code"] for e in logs if e["event"] == "actor.refused"] == ["state_too_large"]
+        device = log.load(Device.create_id(*KEY))
+        assert sorted(device.state) == ["k0", "k1", "k2"] and device.state["k0"] == "small"
+        # Strings are counted exactly: the compact JSON, less its braces, plus a comma per key.
+        assert device.state_bytes == len(json.dumps(device.state, separators=(",", ":"))) - 1
+        stored = [e.state for e in log.read_stream(device.id) if type(e).__name__ == "StateReported"]
+        assert [sorted(s) for s in stored] == [["k0"], ["k1"], ["k2"], ["k0"]]
+        # Three blobs again, then a fourth under a new key, in a status message this time.
+        ask(system, lambda r: ReportTelemetry("state", None, {"k0": blob}, None, now_ms(), reply=r))
+        with pytest.raises(StateTooLarge):
+            ask(system, lambda r: ReportTelemetry("status", "online", {"k9": blob}, None, now_ms(), reply=r))
+        # Changing a value to one of the same size, and a bare heartbeat, are taken.
+        ask(system, lambda r: ReportTelemetry("state", None, {"k1": "y" * len(blob)}, None, now_ms(), reply=r))
+        ask(system, lambda r: ReportTelemetry("status", "online", None, None, now_ms(), reply=r))
+        assert log.load(device.id).state["k1"][0] == "y"
+
+    def test_state_size_is_kept_through_snapshots_and_upcast_from_older_ones(self, parts):
+        system, log, _ = parts
+        for i in range(105):
+            ask(system, lambda r: ReportTelemetry("state", None, {f"k{i % 7}": [i, "v"]}, None, now_ms(), reply=r))
+        stream = Device.create_id(*KEY)
+        wait_until(lambda: log.snapshot_version(stream) is not None)
+        expected = state_growth({}, log.load(stream).state)
+        assert log.load(stream).state_bytes == expected
+        # A snapshot taken before state_bytes existed (class_version 1) is upcast on load.
+        device = log.load(stream)
+        old = Snapshot.take(device)
+        del old.state["class_version"], old.state["state_bytes"]
+        assert Snapshot.mutate(old, None).state_bytes == expected
 
     def test_actor_snapshots_every_hundred_events(self, parts):
         system, log, _ = parts

@@ -205,6 +205,25 @@ def test_device_events_are_stored_and_queryable(runtime, gateway, device):
     assert (ev.name, ev.data, ev.device_ts) == ("temperature_alert", {"temperature": 38.5, "level": "warning"}, 7)
 
 
+def test_a_device_growing_its_state_without_end_is_refused_counted_and_acknowledged(runtime, gateway, device):
+    """A new 100 KB key in every message: the message that would take the device's state
+    past its bound (actors/device/aggregate.py) is acknowledged (QoS 1; it would be refused
+    again), counted by reason like any drop, QoS 0 too, and stores nothing; the device
+    keeps working with the keys it has."""
+    create_agent(runtime)
+    blob = "x" * 100_000
+    mids = [device.send(f"v1/{P}/{D}/telemetry", {"type": "state", "data": {f"k{i}": blob}}) for i in range(3)]
+    wait_until(lambda: all(m in device.acked for m in mids))
+    wait_until(lambda: gateway.stats["dropped.state_too_large"] == 1)
+    device.send(f"v1/{P}/{D}/telemetry", {"type": "state", "data": {"k9": blob}}, qos=0)
+    wait_until(lambda: gateway.stats["dropped.state_too_large"] == 2)
+    mid = device.send(f"v1/{P}/{D}/telemetry", status({"k0": 1}))
+    wait_until(lambda: mid in device.acked)
+    assert stream(runtime) == ["Registered", "StateReported", "StateReported", "StatusReported"]
+    wait_until(lambda: runtime.devices.find(D) and runtime.devices.find(D)[0].state.get("k0") == 1)
+    assert sorted(runtime.devices.find(D)[0].state) == ["k0", "k1"]
+
+
 def test_retained_messages_are_replays_not_taken_again_but_queued_ones_are(runtime, mqtt_broker):
     """A device publishes its status and an alert retained while Parley is subscribed: each
     is taken once. Parley reconnects, and the broker replays them (RETAIN 1): nothing more
