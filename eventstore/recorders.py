@@ -27,6 +27,7 @@ one `fdatasync` of the WAL file brings it there (what FULL does at commit).
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -54,6 +55,57 @@ _WRITER_PRAGMAS = (
     "PRAGMA wal_autocheckpoint=10000",
     "PRAGMA journal_size_limit=67108864",
 )
+
+
+# How many WAL frames (pages) the writer fills before its checkpoint (wal_autocheckpoint
+# above), and a little more: one pass of writes, after which SQLite writes the WAL again
+# from its start.
+WARM_WAL_FRAMES = 10_200
+
+
+def warm_wal(db_path: str, frames: int = WARM_WAL_FRAMES) -> bool:
+    """Give the log's WAL file the size it reaches before its first checkpoint, so that
+    commits write over pages of the file instead of growing it. An fdatasync that grows
+    a file must also flush its size (an ext4 journal commit): a one-event durable commit
+    took 0.30-0.36 ms on a fresh WAL and 0.21-0.22 ms on one written before. SQLite writes
+    the WAL again from its start once a checkpoint has copied all of it back, and keeps
+    its size (up to journal_size_limit), so only the first pass after the WAL file was
+    created, at each start of the server, grows it: this does that pass at once.
+
+    Frames come from rewriting a scratch table of one row per page (different bytes each
+    time: SQLite does not write a page whose content is unchanged), then dropping it; a
+    RESTART checkpoint copies the few distinct pages back and makes the next writer begin
+    at the start of the WAL. About 0.2 s and 40 MiB of writes, not flushed. Returns False
+    (doing nothing) if the WAL is that large already, or another connection is busy."""
+    try:
+        size = os.path.getsize(db_path + "-wal")
+    except FileNotFoundError:
+        size = 0
+    conn = sqlite3.connect(db_path, isolation_level=None, timeout=1.0)
+    try:
+        page = conn.execute("PRAGMA page_size").fetchone()[0]
+        if size >= frames * (page + 24) or conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            return False
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA wal_autocheckpoint=0")  # else it restarts the WAL midway
+        rows = 100
+        pads = (b"\x00" * (page - 200), b"\x01" * (page - 200))  # one row fills a page
+        conn.execute("CREATE TABLE IF NOT EXISTS parley_wal_warmup (id INTEGER PRIMARY KEY, pad BLOB)")
+        conn.execute("BEGIN")
+        conn.executemany("INSERT OR REPLACE INTO parley_wal_warmup VALUES (?, ?)",
+                         [(i, pads[0]) for i in range(rows)])
+        conn.execute("COMMIT")
+        for n in range(frames // rows):
+            conn.execute("BEGIN")
+            conn.execute("UPDATE parley_wal_warmup SET pad = ?", (pads[(n + 1) % 2],))
+            conn.execute("COMMIT")
+        conn.execute("DROP TABLE parley_wal_warmup")
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+        return not busy
+    except sqlite3.OperationalError:  # locked by another process: it will grow the WAL itself
+        return False
+    finally:
+        conn.close()
 
 
 class SingleWriterDatastore(SQLiteDatastore):

@@ -172,6 +172,16 @@ class EventLog:
         ids = self._app.recorder.insert_events(stored, sync=sync)
         return list(ids) if ids else []
 
+    def warm_up(self) -> bool:
+        """For a server about to start: on SQLite, give the WAL file its working size now,
+        so that durable commits do not grow it (recorders.warm_wal); nothing on PostgreSQL,
+        which recycles WAL segments of fixed size. True if it did something."""
+        if self.config.is_postgres:
+            return False
+        from eventstore.recorders import warm_wal
+
+        return warm_wal(self.config.sqlite_path)
+
     def make_durable(self, position: int) -> None:
         """Return once the log is on disk up to `position`. The projection runner calls this
         before a view records a position: after a power loss a view must never be ahead of

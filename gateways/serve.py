@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -51,6 +52,9 @@ async def serve(settings: Settings, *, task_status: trio.TaskStatus[Running] = t
         # connect with the running server's MQTT session and knock it off (nor catch up
         # with the log and log that it started).
         check_port_free(settings.host, settings.http_port)
+        started = time.monotonic()
+        if await trio.to_thread.run_sync(runtime.log.warm_up):
+            log.info("store.wal_warmed", seconds=round(time.monotonic() - started, 3))
         await trio.to_thread.run_sync(runtime.start)
         mqtt_url = settings.mqtt_url
         if not mqtt_url:

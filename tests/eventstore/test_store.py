@@ -358,6 +358,66 @@ def test_a_fresh_process_syncs_once_before_trusting_what_it_found(tmp_path, monk
         log.close()
 
 
+def test_a_warmed_wal_is_written_over_from_its_start_instead_of_growing(tmp_path):
+    """`warm_up` gives the WAL its working size; the log's next commits then write over it
+    from the start (no fdatasync has to flush a new file size), the scratch table is gone,
+    and the log reads and writes as before. A second warm-up has nothing to do."""
+    from eventstore.recorders import WARM_WAL_FRAMES
+
+    config = StoreConfig.resolve(tmp_path, None)
+    log = EventLog(config)
+    journal = Journal(log)
+    wal = config.sqlite_path + "-wal"
+    try:
+        c = Counter(name="before")
+        journal.commit(c.collect_events())
+        assert os.path.getsize(wal) < 1 << 20
+        assert log.warm_up()
+        warmed = os.path.getsize(wal)
+        assert warmed >= WARM_WAL_FRAMES * 4096
+        assert not log.warm_up()
+        for i in range(200):
+            c.add(i)
+            journal.commit(c.collect_events())
+        assert os.path.getsize(wal) == warmed  # written over, not grown
+        assert log.load(c.id).total == sum(range(200))
+        import sqlite3
+
+        with sqlite3.connect(config.sqlite_path) as conn:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert "parley_wal_warmup" not in tables
+    finally:
+        journal.close()
+        log.close()
+
+
+def test_warming_the_wal_gives_way_to_a_reader_and_is_a_no_op_on_postgres(tmp_path, pg_database):
+    import sqlite3
+
+    config = StoreConfig.resolve(tmp_path, None)
+    log = EventLog(config)
+    try:
+        c = Counter(name="r")
+        log.append(c.collect_events())
+        reader = sqlite3.connect(config.sqlite_path, isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM stored_events").fetchone()  # holds a read snapshot
+        assert not log.warm_up()  # RESTART cannot finish while the reader reads: not done
+        reader.execute("COMMIT")
+        reader.close()
+        assert log.load(c.id).name == "r"
+        c.add(2)
+        log.append(c.collect_events())
+        assert log.load(c.id).total == 2
+    finally:
+        log.close()
+    pg = EventLog(StoreConfig.resolve(".", pg_database))
+    try:
+        assert not pg.warm_up()
+    finally:
+        pg.close()
+
+
 class TestEventLogPostgres(TestEventLog):
     @pytest.fixture
     def store(self, pg_database) -> StoreConfig:
