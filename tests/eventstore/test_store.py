@@ -391,7 +391,8 @@ def test_a_warmed_wal_is_written_over_from_its_start_instead_of_growing(tmp_path
         log.close()
 
 
-def test_warming_the_wal_gives_way_to_a_reader_and_is_a_no_op_on_postgres(tmp_path, pg_database):
+def test_warming_the_wal_gives_way_to_a_reader_and_a_full_disk_and_is_a_no_op_on_postgres(
+        tmp_path, pg_database, monkeypatch):
     import sqlite3
 
     config = StoreConfig.resolve(tmp_path, None)
@@ -411,6 +412,20 @@ def test_warming_the_wal_gives_way_to_a_reader_and_is_a_no_op_on_postgres(tmp_pa
         assert log.load(c.id).total == 2
     finally:
         log.close()
+    import shutil
+    from collections import namedtuple
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("U", "total used free")(1 << 30, 0, 100 << 20))
+    fresh = StoreConfig.resolve(tmp_path / "nearly-full", None)
+    small = EventLog(fresh)
+    try:
+        small.append(Counter(name="s").collect_events())
+        assert not small.warm_up()  # 100 MiB free: the space is left to the events
+        assert os.path.getsize(fresh.sqlite_path + "-wal") < 1 << 20
+    finally:
+        small.close()
+        monkeypatch.setattr(shutil, "disk_usage", real)
     pg = EventLog(StoreConfig.resolve(".", pg_database))
     try:
         assert not pg.warm_up()
