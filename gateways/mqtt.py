@@ -210,7 +210,7 @@ class MqttGateway:
                 return
             key = (route.product_id, route.device_id)
             reply = _Ack(self, msg.mid, msg.qos, key) if msg.qos else self._unacked
-            message = self._message(route, obj, received_ms, reply)
+            message = self._message(route, obj, received_ms, reply, len(msg.payload))
             if msg.qos:
                 reply.message = message  # to try it again if its commit fails
                 self._held_unacked += 1
@@ -288,10 +288,11 @@ class MqttGateway:
                           messages=len(messages), error=str(exc))
 
     @staticmethod
-    def _message(route: codec.Route, obj: dict[str, Any], received_ms: int, reply: Any) -> Any:
+    def _message(route: codec.Route, obj: dict[str, Any], received_ms: int, reply: Any, size: int) -> Any:
         if route.kind == "telemetry":
             t = codec.parse_telemetry(obj)
-            return ReportTelemetry(t.kind, t.status, t.state, t.ts, received_ms, t.metadata, reply=reply)
+            return ReportTelemetry(t.kind, t.status, t.state, t.ts, received_ms, t.metadata, reply=reply,
+                                   payload_bytes=size)
         if route.kind == "event":
             e = codec.parse_event(obj)
             return ReportEvent(e.name, e.data, e.ts, received_ms, e.metadata, reply=reply)

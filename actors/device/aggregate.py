@@ -15,64 +15,52 @@ from uuid import UUID
 
 from eventsourcing.domain import Aggregate, event
 
-from actors.errors import StateTooLarge
 from eventstore import stream_id
 
 # A device's merged state may grow to about this size (written as JSON): what one MQTT
 # message may carry (gateways/mqtt_codec.py MAX_PAYLOAD), so a device can always report its
 # whole state at once. Without a bound, a device sending a new key in every message would
 # grow its state, every snapshot of it and its registry row (rewritten on each report)
-# without end.
+# without end. DeviceActor enforces it.
 MAX_STATE_BYTES = 256 * 1024
 
-_FLAT = {int: 8, float: 8, bool: 8, type(None): 8}
+_FLAT = frozenset({int, float, bool, type(None)})
 _ABSENT = object()
 
 
 def value_size(value: Any) -> int:
-    """About the size of `value` written as JSON. Numbers, true, false and null count 8 and
-    strings their length: telemetry is mostly those, and this runs on every report (twice:
-    to decide, then to apply). Arrays and objects are written out, compactly."""
-    size = _FLAT.get(type(value))
-    if size is not None:
-        return size
-    if type(value) is str:
+    """About the size of `value` written as JSON: numbers, true, false and null count 8,
+    strings their length plus quotes, arrays and objects their compact JSON."""
+    t = type(value)
+    if t in _FLAT:
+        return 8
+    if t is str:
         return len(value) + 2
     return len(json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str))
 
 
 def state_growth(state: dict[str, Any], update: dict[str, Any]) -> int:
-    """How many bytes merging `update` into `state` adds (negative if it shrinks)."""
-    # value_size inlined for numbers and strings: this runs on every report.
+    """How many bytes (as `value_size` counts them) merging `update` into `state` adds;
+    negative if it shrinks. `state_growth({}, state)` is the size of `state`."""
     flat, absent, get = _FLAT, _ABSENT, state.get
     growth = 0
     for key, value in update.items():
         old = get(key, absent)
-        if old is value:
-            continue
         t = type(value)
-        size = flat.get(t) or (len(value) + 2 if t is str else value_size(value))
+        if t is type(old):  # the usual case, settled without a call
+            if t in flat:
+                continue
+            if t is str:
+                growth += len(value) - len(old)
+                continue
         if old is absent:
-            growth += len(key) + 4 + size  # "key": value,
+            growth += len(key) + 4 + value_size(value)  # "key": value,
         else:
-            t = type(old)
-            growth += size - (flat.get(t) or (len(old) + 2 if t is str else value_size(old)))
+            growth += value_size(value) - value_size(old)
     return growth
 
 
-def _merge(device: Device, update: dict[str, Any]) -> None:
-    # The growth the decider worked out for this very update, if it did (it does for
-    # every report a DeviceActor takes; a replay from the log works it out here).
-    known = device.__dict__.pop("_growth", None)
-    growth = known[1] if known is not None and known[0] is update else state_growth(device.state, update)
-    device.state_bytes += growth
-    device.state = {**device.state, **update}
-
-
 class Device(Aggregate):
-    # 2: `state_bytes` (snapshots taken before it are upcast, below).
-    class_version = 2
-
     @staticmethod
     def create_id(product_id: str, device_id: str) -> UUID:
         return stream_id("device", product_id, device_id)
@@ -83,31 +71,12 @@ class Device(Aggregate):
         self.device_id = device_id
         self.online = False
         self.state: dict[str, Any] = {}
-        self.state_bytes = 0  # about len(json.dumps(state)), kept as reports merge in
         self.last_seen_ms = 0
         self.pending: dict[str, dict[str, Any]] = {}
-
-    @staticmethod
-    def upcast_v1_v2(snapshot: dict[str, Any]) -> None:
-        snapshot["state_bytes"] = state_growth({}, snapshot["state"])
-
-    def _check_state(self, update: dict[str, Any] | None) -> None:
-        """Refuse a report whose state would grow this device's past MAX_STATE_BYTES; one
-        that keeps it the same size or shrinks it is taken even if it is over already."""
-        if update:
-            growth = state_growth(self.state, update)
-            self._growth = (update, growth)  # for _merge, right after: not worked out twice
-            if growth > 0 and self.state_bytes + growth > MAX_STATE_BYTES:
-                del self._growth
-                raise StateTooLarge(
-                    f"device state would grow to about {self.state_bytes + growth} bytes, over "
-                    f"the limit of {MAX_STATE_BYTES}: report changed values under the keys it "
-                    f"has ({len(self.state)}), not new keys each time")
 
     # -- telemetry -------------------------------------------------------------------
     def report_status(self, status: str, state: dict[str, Any] | None, device_ts: int | None,
                       received_ms: int, metadata: dict[str, Any] | None) -> None:
-        self._check_state(state)
         self.trigger_event(self.StatusReported, status=status, state=state, device_ts=device_ts,
                            received_ms=received_ms, metadata=metadata)
 
@@ -121,12 +90,11 @@ class Device(Aggregate):
         def apply(self, device: Device) -> None:
             device.online = self.status == "online"
             if self.state:
-                _merge(device, self.state)
+                device.state = {**device.state, **self.state}
             device.last_seen_ms = self.received_ms
 
     def report_state(self, state: dict[str, Any], device_ts: int | None, received_ms: int,
                      metadata: dict[str, Any] | None) -> None:
-        self._check_state(state)
         self.trigger_event(self.StateReported, state=state, device_ts=device_ts,
                            received_ms=received_ms, metadata=metadata)
 
@@ -137,7 +105,7 @@ class Device(Aggregate):
         metadata: dict[str, Any] | None
 
         def apply(self, device: Device) -> None:
-            _merge(device, self.state)
+            device.state = {**device.state, **self.state}
             device.last_seen_ms = self.received_ms
             # A device that reports state is alive, whatever it said last.
             device.online = True

@@ -20,6 +20,9 @@ class ReportTelemetry:
     received_ms: int
     metadata: dict[str, Any] | None = None
     reply: Reply = field(default=NO_REPLY, compare=False)
+    # The MQTT payload's length (0: not known), which bounds how much the state can grow
+    # by (DeviceActor's state budget).
+    payload_bytes: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

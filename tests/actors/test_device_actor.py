@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import structlog.testing
-from eventsourcing.domain import Snapshot
 
 from actors.device import (
     Device,
@@ -423,8 +422,6 @@ class TestDeviceActor:
         assert [e["code"] for e in logs if e["event"] == "actor.refused"] == ["state_too_large"]
         device = log.load(Device.create_id(*KEY))
         assert sorted(device.state) == ["k0", "k1", "k2"] and device.state["k0"] == "small"
-        # Strings are counted exactly: the compact JSON, less its braces, plus a comma per key.
-        assert device.state_bytes == len(json.dumps(device.state, separators=(",", ":"))) - 1
         stored = [e.state for e in log.read_stream(device.id) if type(e).__name__ == "StateReported"]
         assert [sorted(s) for s in stored] == [["k0"], ["k1"], ["k2"], ["k0"]]
         # Three blobs again, then a fourth under a new key, in a status message this time.
@@ -436,19 +433,45 @@ class TestDeviceActor:
         ask(system, lambda r: ReportTelemetry("status", "online", None, None, now_ms(), reply=r))
         assert log.load(device.id).state["k1"][0] == "y"
 
-    def test_state_size_is_kept_through_snapshots_and_upcast_from_older_ones(self, parts):
+    def test_with_payload_sizes_the_state_is_measured_rarely_and_still_bounded(self, parts, monkeypatch):
+        """Reports from MQTT carry their payload's length; the actor measures the state only
+        once those lengths say it may be near the bound, and still refuses the report that
+        would pass it."""
+        import actors.device.actor as actor_module
+
         system, log, _ = parts
-        for i in range(105):
-            ask(system, lambda r: ReportTelemetry("state", None, {f"k{i % 7}": [i, "v"]}, None, now_ms(), reply=r))
-        stream = Device.create_id(*KEY)
-        wait_until(lambda: log.snapshot_version(stream) is not None)
-        expected = state_growth({}, log.load(stream).state)
-        assert log.load(stream).state_bytes == expected
-        # A snapshot taken before state_bytes existed (class_version 1) is upcast on load.
-        device = log.load(stream)
-        old = Snapshot.take(device)
-        del old.state["class_version"], old.state["state_bytes"]
-        assert Snapshot.mutate(old, None).state_bytes == expected
+        measured: list[int] = []
+        real = actor_module.state_growth
+
+        def counting(state, update):
+            measured.append(len(state))
+            return real(state, update)
+
+        monkeypatch.setattr(actor_module, "state_growth", counting)
+
+        def report(state: dict, **kw) -> int:
+            size = len(json.dumps({"type": "state", "data": state}))
+            return ask(system, lambda r: ReportTelemetry("state", None, state, None, now_ms(), reply=r,
+                                                         payload_bytes=size, **kw))
+
+        for i in range(200):
+            report({"temperature": 20 + i / 10, "mode": "auto"})
+        assert 2 <= len(measured) <= 6  # after the load, then once the budget ran out
+        blob = "x" * (MAX_STATE_BYTES // 4)
+        for i in range(3):
+            report({f"k{i}": blob})
+        with pytest.raises(StateTooLarge):
+            report({"k9": blob})
+        report({"k0": "y" * len(blob)})  # the same size: taken
+        device = log.load(Device.create_id(*KEY))
+        assert sorted(device.state) == ["k0", "k1", "k2", "mode", "temperature"]
+
+    def test_state_size_counts_strings_as_json_does(self):
+        state = {"a": "xyz", "bb": "", "ccc": "é"}
+        # the compact JSON, less its braces, plus a comma per key
+        assert state_growth({}, state) == len(json.dumps(state, separators=(",", ":"), ensure_ascii=False)) - 1
+        assert state_growth(state, {"a": "x"}) == -2 and state_growth(state, {"a": 1}) == 8 - 5
+        assert state_growth({"n": 1}, {"n": 2.5}) == 0 and state_growth({}, {"o": {"p": [1, 2]}}) == 1 + 4 + len('{"p":[1,2]}')
 
     def test_actor_snapshots_every_hundred_events(self, parts):
         system, log, _ = parts
