@@ -188,3 +188,4 @@ def test_commands_go_out_as_utf8_json():
     assert raw == '{"cmd":"say","params":{"text":"温度 🌡"}}'.encode()
     assert json.loads(raw) == {"cmd": "say", "params": {"text": "温度 🌡"}}
     assert codec.encode({"text": "\ud800"}) == b'{"text":"\\ud800"}'
+    assert codec.encode({"n": 2**70, "x": 21.5}) == b'{"n":1180591620717411303424,"x":21.5}'
