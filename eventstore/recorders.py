@@ -93,7 +93,7 @@ def warm_wal(db_path: str, frames: int = WARM_WAL_FRAMES) -> bool:
             return False  # a nearly full disk: leave the space to the events themselves
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA wal_autocheckpoint=0")  # else it restarts the WAL midway
-        rows = 100
+        rows = 25  # pages of the scratch table (left free in the database file afterwards)
         pads = (b"\x00" * (page - 200), b"\x01" * (page - 200))  # one row fills a page
         conn.execute("CREATE TABLE IF NOT EXISTS parley_wal_warmup (id INTEGER PRIMARY KEY, pad BLOB)")
         conn.execute("BEGIN")
