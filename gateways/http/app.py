@@ -23,6 +23,7 @@ from werkzeug.routing import RequestRedirect
 from actors.errors import ParleyError
 from gateways import ids, json_input
 from gateways.bridge import PendingReplies
+from gateways.http.json_provider import OrjsonProvider
 from gateways.runtime import Runtime
 
 log = structlog.get_logger(__name__)
@@ -315,9 +316,7 @@ def create_app(runtime: Runtime) -> QuartTrio:
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     # `//api//health` is a 404, not a 308 HTML redirect to a Location built from Host.
     app.url_map.merge_slashes = False
-    app.config["JSON_SORT_KEYS"] = False
-    app.json.sort_keys = False  # keep the documented field order
-    app.json.ensure_ascii = False  # the agent API answers in Chinese; send it readable
+    app.json = OrjsonProvider(app)  # compact, fields in documented order, UTF-8
     app.extensions[RUNTIME_KEY] = runtime
     app.extensions[PENDING_KEY] = PendingReplies()
     for bp in (health_bp, devices_bp, agents_bp, openapi_bp):

@@ -175,3 +175,25 @@ async def test_a_huge_unknown_field_is_not_echoed_whole(client: httpx.AsyncClien
     assert r.status_code == 422
     (key,) = r.json()["errors"]
     assert key == "f" * TEXT_LIMIT + "…"
+
+
+def test_json_responses_are_written_by_orjson_as_json_would_write_them():
+    """The app's JSON provider (gateways/http/json_provider.py): the same text as `json` with
+    Parley's options (compact, fields in order, UTF-8), `json` for what orjson writes
+    otherwise, and valid JSON where `json` would not write any (NaN)."""
+    import datetime
+    import json
+    import uuid
+
+    from quart_trio import QuartTrio
+
+    from gateways.http.json_provider import OrjsonProvider
+
+    app = QuartTrio(__name__)
+    app.json = OrjsonProvider(app)
+    for obj in ({"b": 1, "a": "温度 🌡", "f": 21.5, "n": None, "l": [True, 1e16], 3: "int key"},
+                {"big": 2**70}, {"at": datetime.datetime(2026, 1, 1)}, {"id": uuid.UUID(int=1)}):
+        assert app.json.dumps(obj, separators=(",", ":")) == json.dumps(
+            obj, separators=(",", ":"), ensure_ascii=False, default=app.json.default)
+    assert app.json.dumps({"x": float("nan")}) == '{"x":null}'
+    assert app.json.dumps({"b": 1, "a": 2}, indent=2) == '{\n  "b": 1,\n  "a": 2\n}'
