@@ -164,6 +164,7 @@ class AggregateActor(pykka.ThreadingActor, ABC):
         A message its handler refuses (a ParleyError, raised before any event) is answered
         with that error, after the others' commit; the others are not held up by it."""
         for attempt in range(self.max_conflict_retries):
+            accepted: list[Any] = []
             refused: list[tuple[Any, ParleyError]] = []
             try:
                 for m in messages:
@@ -173,9 +174,11 @@ class AggregateActor(pykka.ThreadingActor, ABC):
                         if isinstance(exc, Unavailable):
                             raise
                         refused.append((m, exc))
+                    else:
+                        accepted.append(m)
                 # Flush to disk only if someone is acknowledged (a QoS 1 PUBACK, say);
                 # a burst of QoS 0 telemetry is written and left to the next flush.
-                positions = self.commit(sync=any(not isinstance(m.reply, NoReply) for m in messages))
+                positions = self.commit(sync=any(not isinstance(m.reply, NoReply) for m in accepted))
             except RecordConflictError:
                 self.log.info("actor.version_conflict", attempt=attempt, batch=len(messages))
                 self.reload()
@@ -194,10 +197,8 @@ class AggregateActor(pykka.ThreadingActor, ABC):
             for m, exc in refused:
                 self.on_refused(m, exc)
             position = positions[-1] if positions else None
-            failed = {id(m) for m, _ in refused}
-            for m in messages:
-                if id(m) not in failed:
-                    m.reply.ok(position)
+            for m in accepted:
+                m.reply.ok(position)
             return
         for m in messages:
             m.reply.fail(ActorCrashed("too many version conflicts"))

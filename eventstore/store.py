@@ -20,6 +20,7 @@ from eventsourcing.domain import Snapshot
 from eventsourcing.persistence import Transcoder
 from eventsourcing.utils import get_topic
 
+from eventstore.recorders import warm_wal
 from eventstore.transcoder import MsgpackTranscoder
 
 log = structlog.get_logger(__name__)
@@ -178,8 +179,6 @@ class EventLog:
         which recycles WAL segments of fixed size. True if it did something."""
         if self.config.is_postgres:
             return False
-        from eventstore.recorders import warm_wal
-
         return warm_wal(self.config.sqlite_path)
 
     def make_durable(self, position: int) -> None:

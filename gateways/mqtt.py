@@ -32,6 +32,17 @@ from gateways.runtime import Runtime
 log = structlog.get_logger(__name__)
 
 
+def _outcome(error: Exception) -> str:
+    """The counter a message whose actor answered `error` goes to: `not_committed` (the
+    store was unavailable: worth trying again), `poison` (it crashed its actor, and would
+    again), else `dropped.<code>` (refused, and logged, by its actor: bad input)."""
+    if isinstance(error, Unavailable):
+        return "not_committed"
+    if isinstance(error, ActorCrashed):
+        return "poison"
+    return f"dropped.{getattr(error, 'code', 'error')}"
+
+
 class _Ack:
     """Acknowledge a QoS 1 message once its events are committed."""
 
@@ -47,24 +58,18 @@ class _Ack:
         self.gw._ack(self.mid, self.qos)
 
     def fail(self, error: Exception) -> None:
-        if isinstance(error, ActorCrashed):
-            # A message that crashes its actor would crash it again on every redelivery.
-            self.gw.stats["poison"] += 1
-            self.gw._ack(self.mid, self.qos)
-        elif isinstance(error, Unavailable):
-            # Not committed (the store is unavailable): unacknowledged, and tried again.
-            self.gw.stats["not_committed"] += 1
-            self.gw._retry(self, error)
+        outcome = _outcome(error)
+        self.gw.stats[outcome] += 1
+        if outcome == "not_committed":
+            self.gw._retry(self, error)  # unacknowledged, and tried again
         else:
-            # Refused by its actor (the actor logged why): it would be refused again.
-            self.gw.stats[f"dropped.{getattr(error, 'code', 'error')}"] += 1
-            self.gw._ack(self.mid, self.qos)
+            self.gw._ack(self.mid, self.qos)  # it would fail the same way on every redelivery
 
 
 class _Unacked(NoReply):
     """The reply of a QoS 0 message: nobody waits for its commit (so a burst of them is
-    not flushed to disk for its sake, actors/base.py), but a refusal or a lost one is
-    counted like any other drop."""
+    not flushed to disk for its sake, actors/base.py), but a failure is counted like a
+    QoS 1 message's; one not committed is `lost` (QoS 0 is at most once: not tried again)."""
 
     __slots__ = ("gw",)
 
@@ -72,12 +77,8 @@ class _Unacked(NoReply):
         self.gw = gw
 
     def fail(self, error: Exception) -> None:
-        if isinstance(error, ActorCrashed):
-            self.gw.stats["poison"] += 1
-        elif isinstance(error, Unavailable):
-            self.gw.stats["lost"] += 1  # not committed; QoS 0 is at most once: not tried again
-        else:
-            self.gw.stats[f"dropped.{getattr(error, 'code', 'error')}"] += 1
+        outcome = _outcome(error)
+        self.gw.stats["lost" if outcome == "not_committed" else outcome] += 1
 
 
 def default_client_id(store_url: str) -> str:

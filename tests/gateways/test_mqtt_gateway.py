@@ -182,6 +182,24 @@ def test_a_message_the_store_could_not_take_is_tried_again_until_committed(runti
     assert gateway._connection == connects  # no reconnect was needed
 
 
+def test_a_qos0_message_the_store_could_not_take_is_counted_lost_not_retried(runtime, gateway, device, monkeypatch):
+    """QoS 0 is at most once: a report whose commit failed is not tried again, but it is
+    counted (`lost`), where before it vanished without a trace."""
+    create_agent(runtime)
+    online = device.send(f"v1/{P}/{D}/telemetry", status())
+    wait_until(lambda: online in device.acked and "StatusReported" in stream(runtime))
+    real_append = runtime.log.append
+
+    def broken_append(events, **kwargs):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(runtime.log, "append", broken_append)
+    device.send(f"v1/{P}/{D}/telemetry", {"type": "state", "data": {"temperature": 30}}, qos=0)
+    wait_until(lambda: gateway.stats["lost"] == 1, 10)
+    monkeypatch.setattr(runtime.log, "append", real_append)
+    assert gateway.stats["retried"] == 0 and "StateReported" not in stream(runtime)
+
+
 def test_a_retry_is_left_to_the_broker_once_the_connection_is_gone(runtime, gateway, device, monkeypatch):
     """After a reconnect the broker redelivers the message itself; trying it as well would
     store it twice."""
