@@ -117,6 +117,17 @@ class LoggedEvent(NamedTuple):
     event: Any
 
 
+class StoredRow(NamedTuple):
+    """An event as the recorders write it: the four fields of eventsourcing's `StoredEvent`,
+    which is all they read of one. `StoredEvent` is a frozen dataclass, and building one
+    per event was a third of the journal writer's mapping cost (1.81 against 1.32 µs)."""
+
+    originator_id: UUID
+    originator_version: int
+    topic: str
+    state: bytes
+
+
 class StoreUnavailable(Exception):
     """The log's database cannot be reached or used; the message says why and where."""
 
@@ -168,10 +179,27 @@ class EventLog:
         (eventstore/recorders.py)."""
         # eventsourcing's EventStore.put, without the Recording/Notification objects it
         # builds per event and we never read (12% of ingest CPU in a profile).
-        to_stored = self._app.mapper.to_stored_event
-        stored = [to_stored(e) for e in events]
-        ids = self._app.recorder.insert_events(stored, sync=sync)
+        ids = self._app.recorder.insert_events(self._stored(events), sync=sync)
         return list(ids) if ids else []
+
+    def _stored(self, events: Sequence[Any]) -> list[Any]:
+        """What eventsourcing's `Mapper.to_stored_event` makes of each event, as `StoredRow`s:
+        the same state bytes (tests/eventstore/test_store.py compares them)."""
+        mapper = self._app.mapper
+        if mapper.compressor is not None or mapper.cipher is not None:
+            return [mapper.to_stored_event(e) for e in events]
+        encode = mapper.transcoder.encode
+        rows = []
+        for e in events:
+            state = dict(vars(e))
+            originator_id = state.pop("originator_id")
+            version = state.pop("originator_version")
+            cls = type(e)
+            class_version = getattr(cls, "class_version", 1)
+            if class_version > 1:
+                state["class_version"] = class_version
+            rows.append(StoredRow(originator_id, version, get_topic(cls), encode(state)))
+        return rows
 
     def warm_up(self) -> bool:
         """For a server about to start: on SQLite, give the WAL file its working size now,

@@ -478,3 +478,28 @@ def test_upcasting_old_events(tmp_path):
     finally:
         journal.close()
         log.close()
+
+
+def test_rows_are_what_eventsourcings_mapper_makes_of_each_event(tmp_path):
+    """EventLog maps events to rows itself (StoredRow, not eventsourcing's StoredEvent); the
+    bytes must be the mapper's, class_version included, and read back through its mapper."""
+    from actors.device.aggregate import Device
+
+    log = EventLog(StoreConfig.resolve(tmp_path, None))
+    try:
+        d = Device("thermostat", "t-1")
+        d.report_status("online", {"temperature": 21.5}, 1, 2, {"fw": "1.0"})
+        d.report_state({"mode": "heat", "nested": {"a": [1, 2.5, None, "é"]}}, None, 3, None)
+        r = Reading()
+        r.trigger_event(Reading.Taken, value=21.5, unit="kelvin")  # class_version 2
+        events = d.collect_events() + r.collect_events() + Counter(name="c").collect_events()
+        mapper = log._app.mapper
+        for row, event in zip(log._stored(events), events, strict=True):
+            theirs = mapper.to_stored_event(event)
+            assert tuple(row) == (theirs.originator_id, theirs.originator_version, theirs.topic, theirs.state)
+            assert vars(mapper.to_domain_event(theirs)) == vars(event)
+        log.append(events)
+        assert log.load(d.id).state == {"temperature": 21.5, "mode": "heat", "nested": {"a": [1, 2.5, None, "é"]}}
+        assert log.load(r.id).values == [(21.5, "kelvin")]
+    finally:
+        log.close()
