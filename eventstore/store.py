@@ -184,11 +184,9 @@ class EventLog:
 
     def _stored(self, events: Sequence[Any]) -> list[Any]:
         """What eventsourcing's `Mapper.to_stored_event` makes of each event, as `StoredRow`s:
-        the same state bytes (tests/eventstore/test_store.py compares them)."""
-        mapper = self._app.mapper
-        if mapper.compressor is not None or mapper.cipher is not None:
-            return [mapper.to_stored_event(e) for e in events]
-        encode = mapper.transcoder.encode
+        the same state bytes (tests/eventstore/test_store.py compares them). Its compressor
+        and cipher are left out: StoreConfig.env configures neither."""
+        encode = self._app.mapper.transcoder.encode
         rows = []
         for e in events:
             state = dict(vars(e))
