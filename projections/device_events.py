@@ -54,9 +54,14 @@ class DeviceEvents(View):
                 rows,
             )
 
-    def recent(self, product_id: str, device_id: str, limit: int) -> list[DeviceEventRow]:
+    def recent(self, product_id: str, device_id: str, limit: int,
+               before: int | None = None) -> list[DeviceEventRow]:
+        """The device's newest `limit` events, newest first; with `before`, the newest of
+        those older than that position (the index on device, product, position serves both)."""
+        older = "" if before is None else " AND position < ?"
         rows = self.db.query(
             "SELECT position, product_id, device_id, name, data, device_ts, received_ms"
-            " FROM parley_device_events WHERE device_id = ? AND product_id = ?"
-            " ORDER BY position DESC LIMIT ?", (device_id, product_id, limit))
+            " FROM parley_device_events WHERE device_id = ? AND product_id = ?" + older +
+            " ORDER BY position DESC LIMIT ?",
+            (device_id, product_id, *(() if before is None else (before,)), limit))
         return [DeviceEventRow(r[0], r[1], r[2], r[3], loads(r[4]), r[5], r[6]) for r in rows]

@@ -187,14 +187,31 @@ def _limit(raw: str | None) -> int:
     raise ApiError.coded(400, "invalid_request", f"limit must be an integer from 1 to 1000, not {shown(raw)}")
 
 
+# Log positions are BIGINT on PostgreSQL: a cursor past that is no position at all.
+MAX_POSITION = 2**63 - 1
+
+
+def _before(raw: str | None) -> int | None:
+    """`before`: an event's `id` (ASCII digits, 1..2^63-1); only older events are listed.
+    Paging back through a device's history: pass the last `id` of the previous page."""
+    if raw is None:
+        return None
+    before = ascii_int(raw, 19)
+    if before is not None and 1 <= before <= MAX_POSITION:
+        return before
+    raise ApiError.coded(400, "invalid_request",
+                         f"before must be an event id (an integer from 1 to {MAX_POSITION}), not {shown(raw)}")
+
+
 @bp.get("/api/devices/<device_id>/events")
 async def list_events(device_id: str) -> dict[str, Any]:
     runtime = get_runtime()
     limit = _limit(query_arg("limit"))
+    before = _before(query_arg("before"))
     product_id = _optional_str(query_arg("productId"), "productId")
     device = await find_device(device_id, product_id)
     rows: list[DeviceEventRow] = await read_view(
-        runtime.device_events.recent, device.product_id, device.device_id, limit)
+        runtime.device_events.recent, device.product_id, device.device_id, limit, before)
     agent = runtime.agents.get(device.product_id)
     spec = agent.device_spec if agent is not None else None
     return {

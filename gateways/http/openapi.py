@@ -250,10 +250,14 @@ PATHS: dict[str, Any] = {
     "/api/devices/{deviceId}/events": {"get": {
         "summary": "Events the device reported, newest first.",
         "parameters": [DEVICE_ID, PRODUCT_Q, param(
-            "limit", "query", {**INT, "minimum": 1, "maximum": 1000, "default": 50}, "How many.")],
+            "limit", "query", {**INT, "minimum": 1, "maximum": 1000, "default": 50}, "How many."),
+            param("before", "query", {**INT, "minimum": 1, "maximum": 2**63 - 1},
+                  "Only events older than this event id: to page back, the last id of the "
+                  "previous page.")],
         "responses": {"200": resp("Events.", "DeviceEvents"),
-                      "400": resp("limit not an integer in 1..1000 (ASCII digits), productId "
-                                  "empty, or either given twice (code invalid_request)."),
+                      "400": resp("limit not an integer in 1..1000 or before not an event id "
+                                  "(ASCII digits), productId empty, or any of them given twice "
+                                  "(code invalid_request)."),
                       "404": resp("No such device (code device_not_found)."),
                       "503": STORE_503}}},
     "/api/agents": {

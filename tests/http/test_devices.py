@@ -114,6 +114,52 @@ async def test_events_newest_first_with_event_type(client: httpx.AsyncClient, ru
     assert [e["id"] for e in limited] == [p3, p2]
 
 
+async def test_events_page_back_with_before(client: httpx.AsyncClient, runtime: Runtime) -> None:
+    await create_agent(client)
+    await set_status(runtime, "thermostat", "t-001", "online")
+    ids = [await report_event(runtime, "thermostat", "t-001", "heartbeat", {"i": i}) for i in range(7)]
+    await report_event(runtime, "lamp", "t-001", "heartbeat", {})  # same id, another product
+
+    pages, before = [], None
+    while True:
+        query = "limit=3" + (f"&before={before}" if before is not None else "")
+        r = await client.get(f"/api/devices/t-001/events?{query}&productId=thermostat")
+        assert r.status_code == 200
+        page = [e["id"] for e in r.json()["events"]]
+        if not page:
+            break
+        pages.append(page)
+        before = page[-1]
+    newest_first = ids[::-1]
+    assert pages == [newest_first[0:3], newest_first[3:6], newest_first[6:]]
+
+    # A page does not move when newer events arrive; `before` need not be one of the device's ids.
+    await report_event(runtime, "thermostat", "t-001", "heartbeat", {"i": 7})
+    r = await client.get(f"/api/devices/t-001/events?limit=3&before={ids[4]}&productId=thermostat")
+    assert [e["id"] for e in r.json()["events"]] == [ids[3], ids[2], ids[1]]
+    r = await client.get(f"/api/devices/t-001/events?before={ids[-1] + 1000}&productId=thermostat")
+    assert len(r.json()["events"]) == 8
+    r = await client.get("/api/devices/t-001/events?before=1&productId=thermostat")
+    assert r.json()["events"] == []
+
+
+async def test_events_before_errors(client: httpx.AsyncClient, runtime: Runtime) -> None:
+    await create_agent(client)
+    await set_status(runtime, "thermostat", "t-001", "online")
+    for sent, seen in [("0", "0"), ("-1", "-1"), ("abc", "abc"), ("1.5", "1.5"), ("%2B1", "+1"),
+                       ("1_0", "1_0"), ("9223372036854775808", "9223372036854775808"), ("", "")]:
+        r = await client.get(f"/api/devices/t-001/events?before={sent}")
+        assert r.status_code == 400, sent
+        assert r.json() == {"error": "before must be an event id (an integer from 1 to "
+                                     f"9223372036854775807), not {seen!r}", "code": "invalid_request"}
+    r = await client.get(f"/api/devices/t-001/events?before={'9' * 10_000}")
+    assert r.status_code == 400 and r.json()["error"].endswith("(10000 characters)")
+    r = await client.get("/api/devices/t-001/events?before=9223372036854775807")
+    assert r.status_code == 200 and r.json()["events"] == []
+    r = await client.get("/api/devices/t-001/events?before=1&before=2")
+    assert r.status_code == 400 and r.json()["error"] == "before given more than once"
+
+
 async def test_events_errors(client: httpx.AsyncClient, runtime: Runtime) -> None:
     await create_agent(client)
     await set_status(runtime, "thermostat", "t-001", "online")

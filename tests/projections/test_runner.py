@@ -63,6 +63,10 @@ class TestViews:
             pos = tell(rt, ("p", "d"), lambda r: ReportEvent("e", {"i": 5}, None, now_ms(), reply=r))
             assert rt.projections.wait_for(pos, 5)
             assert [e.data["i"] for e in rt.device_events.recent("p", "d", 100)] == [5, 4, 3, 2, 1, 0]
+            # Paging back from a position (GET .../events?before=): older ones only, newest first.
+            third = rt.device_events.recent("p", "d", 100)[2].position
+            assert [e.data["i"] for e in rt.device_events.recent("p", "d", 2, before=third)] == [2, 1]
+            assert rt.device_events.recent("p", "d", 100, before=2**63 - 1)[0].data["i"] == 5
         finally:
             rt.close()
 
