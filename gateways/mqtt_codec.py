@@ -15,6 +15,7 @@ from gateways import json_input
 
 MAX_PAYLOAD = 256 * 1024
 _ID = re.compile(r"^[^/#+\x00]{1,128}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 SUBSCRIPTIONS = (
     "v1/+/+/telemetry",
@@ -164,6 +165,11 @@ def parse_event(obj: dict[str, Any]) -> DeviceEvent:
     name = data.pop("event", None)
     if not isinstance(name, str) or not name:
         raise BadMessage("bad_field", "event needs a string data.event name")
+    if _CONTROL.search(name):
+        # A name is a column of the events view, and PostgreSQL text cannot hold NUL: stored,
+        # it stopped the views at that event for good. Other control characters are no
+        # name a spec can declare or an operator read either.
+        raise BadMessage("bad_field", f"event name {name[:64]!r} has a control character")
     return DeviceEvent(name, data, _ts(obj), _object(obj, "metadata", required=False))
 
 

@@ -46,7 +46,10 @@ class DeviceEvents(View):
             key = self.registry.device_of(le.stream_id, cur)
             if key is None:
                 continue
-            rows.append((le.position, key[0], key[1], e.name, dumps(e.data), e.device_ts, e.received_ms))
+            name = e.name
+            if "\x00" in name:  # a log from before the MQTT gateway refused these: PostgreSQL
+                name = name.replace("\x00", "\ufffd")  # text cannot hold NUL (the view would stop)
+            rows.append((le.position, key[0], key[1], name, dumps(e.data), e.device_ts, e.received_ms))
         if rows:
             cur.executemany(
                 "INSERT INTO parley_device_events (position, product_id, device_id, name, data,"

@@ -69,6 +69,15 @@ def test_event_flattens_fields_and_needs_a_name():
         codec.parse_event({"type": "event", "data": {"temperature": 1}})
 
 
+@pytest.mark.parametrize("name", ["bad\x00name", "\x00", "line\nbreak", "tab\there", "del\x7f"])
+def test_an_event_name_with_a_control_character_is_refused(name):
+    # NUL above all: the events view keeps names as text, which PostgreSQL refuses with NUL.
+    with pytest.raises(codec.BadMessage) as exc:
+        codec.parse_event({"type": "event", "data": {"event": name}})
+    assert exc.value.reason == "bad_field" and "control character" in exc.value.detail
+    assert codec.parse_event({"type": "event", "data": {"event": "温度 alert ✓"}}).name == "温度 alert ✓"
+
+
 def test_a_payload_that_is_no_object_is_named_as_json_names_it():
     for raw, name in [(b"[1]", "array"), (b"null", "null"), (b"true", "boolean"), (b'"x"', "string"), (b"1.5", "number")]:
         with pytest.raises(codec.BadMessage, match=f"payload is a JSON {name}, not an object$"):

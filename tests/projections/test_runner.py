@@ -50,6 +50,15 @@ class TestViews:
             assert runtime.projections.read_back < runtime.projections.applied
         assert (ev.name, ev.data, ev.device_ts, ev.position) == ("temperature_alert", {"t": 40}, 7, pos)
 
+    def test_an_event_name_with_nul_does_not_stop_the_views(self, runtime):
+        """The MQTT gateway refuses such names; a log written before it did still has them,
+        and PostgreSQL text cannot hold NUL: the view stores U+FFFD instead and goes on."""
+        bad = tell(runtime, ("p", "d"), lambda r: ReportEvent("bad\x00name", {"i": 0}, None, now_ms(), reply=r))
+        pos = tell(runtime, ("p", "d"), lambda r: ReportEvent("next", {"i": 1}, None, now_ms(), reply=r))
+        assert runtime.projections.wait_for(pos, 5)
+        assert [(e.position, e.name) for e in runtime.device_events.recent("p", "d", 10)] == [
+            (pos, "next"), (bad, "bad\ufffdname")]
+
     def test_position_survives_restart_and_nothing_applies_twice(self, tmp_path, database_url):
         rt = make_runtime(tmp_path, database_url)
         for i in range(5):
