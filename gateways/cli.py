@@ -155,7 +155,7 @@ def _startup_problem(exc: BaseException, settings: Settings) -> str | None:
             return str(e)  # the settings check these first; this is in case they let one through
         if isinstance(e, ConnectionError) and e.errno is None:  # the MQTT gateway's: no broker there
             return (f"{e}; check that the broker is running, and --mqtt-url "
-                    f"({settings.mqtt_url or 'none: the built-in broker'})")
+                    f"({shown_url(settings.mqtt_url) if settings.mqtt_url else 'none: the built-in broker'})")
         if isinstance(e, OSError) and e.filename is None:
             if e.errno == errno.EADDRINUSE:
                 return f"port {settings.http_port} on {settings.host} is taken: choose another with --http-port"

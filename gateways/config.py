@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -51,6 +51,11 @@ def check_database_url(url: str) -> str:
     if not url.startswith(("postgresql://", "postgres://", "sqlite:///")):
         raise ValueError(f"unsupported database URL {shown_url(url)!r}: use postgresql://user@host:port/database "
                          "(or leave it out for SQLite under the data directory)")
+    try:
+        urlparse(url).port  # a port that is not a number, or beyond 65535, raises here
+    except ValueError:
+        raise ValueError(f"database URL {shown_url(url)!r} has no valid port: use "
+                         "postgresql://user@host:port/database with a port from 1 to 65535") from None
     return url
 
 
@@ -67,10 +72,12 @@ class Settings(BaseSettings):
     database_url: str | None = None  # None: SQLite under data_dir
     data_dir: Path = Path("data")
     demo: bool = False
-    liveness_window: float = 90.0
-    liveness_check_interval: float = 5.0
-    idle_timeout: float = 120.0
-    max_active_actors: int = 50_000
+    # Seconds, more than none: an interval of 0 was a busy loop on one core, and a negative
+    # window or timeout meant "at once" without a word.
+    liveness_window: float = Field(90.0, gt=0, allow_inf_nan=False)
+    liveness_check_interval: float = Field(5.0, gt=0, allow_inf_nan=False)
+    idle_timeout: float = Field(120.0, gt=0, allow_inf_nan=False)
+    max_active_actors: int = Field(50_000, ge=1)
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

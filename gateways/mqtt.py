@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import sys
 import threading
 import time
 from collections import Counter
@@ -115,6 +116,7 @@ class MqttGateway:
         self.client.max_queued_messages_set(0)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
         # Messages parsed but not yet handed to their actors. Only the network thread touches these.
@@ -134,11 +136,22 @@ class MqttGateway:
     # -- lifecycle -------------------------------------------------------------------
     def start(self, timeout: float = 15.0) -> None:
         """Connect (retrying with backoff in paho's thread) and wait until subscribed."""
+        self.begin()
+        if not self.wait_ready(timeout):
+            self.stop()
+            raise self.unreachable(timeout)
+
+    def begin(self) -> None:
+        """Start connecting in paho's network thread (it retries with backoff, and logs
+        each failure); `wait_ready` says when it has subscribed."""
         self.client.connect_async(self.host, self.port, keepalive=self.keepalive)
         self.client.loop_start()
-        if not self._ready.wait(timeout):
-            self.stop()
-            raise ConnectionError(f"MQTT broker at {self.host}:{self.port} not reachable within {timeout} s")
+
+    def wait_ready(self, timeout: float) -> bool:
+        return self._ready.wait(timeout)
+
+    def unreachable(self, timeout: float) -> ConnectionError:
+        return ConnectionError(f"MQTT broker at {self.host}:{self.port} not reachable within {timeout} s")
 
     def stop(self) -> None:
         self._stopping = True
@@ -158,6 +171,13 @@ class MqttGateway:
         client.subscribe([(prefix + t, 1) for t in codec.SUBSCRIPTIONS])
         log.info("mqtt.connected", broker=f"{self.host}:{self.port}", client_id=self.client_id,
                  session_present=flags.session_present)
+
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        # paho calls this inside its `except OSError`, and passes no error: it is the one
+        # being handled. Without this line a broker that is down was 15 s of silence.
+        error = sys.exc_info()[1]
+        log.warning("mqtt.connect_failed", broker=f"{self.host}:{self.port}",
+                    error=str(error) if error is not None else "unknown", will_retry=not self._stopping)
 
     def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
         self._ready.set()

@@ -13,7 +13,7 @@ import structlog
 import trio
 
 from gateways.broker import BuiltinBroker
-from gateways.config import Settings
+from gateways.config import Settings, shown_url
 from gateways.demo import ensure_demo_agent
 from gateways.http.app import answer_waiting_requests, create_app
 from gateways.http_server import serve_http
@@ -31,6 +31,21 @@ def check_port_free(host: str, port: int) -> None:
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as hypercorn binds
         probe.bind((host, port))
+
+
+# How long `serve` waits for the broker at start before it gives up (paho retries meanwhile).
+MQTT_START_TIMEOUT = 15.0
+
+
+async def connect(gateway: MqttGateway, timeout: float = MQTT_START_TIMEOUT) -> None:
+    """Connect the gateway and wait until it has subscribed, in short waits off the loop so
+    that Ctrl-C or SIGTERM stops a start whose broker is down at once, not after `timeout`
+    (the gateway is stopped by whoever started it)."""
+    await trio.to_thread.run_sync(gateway.begin)
+    deadline = trio.current_time() + timeout
+    while not await trio.to_thread.run_sync(gateway.wait_ready, 0.2):
+        if trio.current_time() >= deadline:
+            raise gateway.unreachable(timeout)
 
 
 @dataclass(frozen=True)
@@ -65,7 +80,7 @@ async def serve(settings: Settings, *, task_status: trio.TaskStatus[Running] = t
         gateway = MqttGateway(runtime, mqtt_url, client_id=settings.mqtt_client_id,
                               shared_group=settings.mqtt_shared_group)
         runtime.attach_device_link(gateway)
-        await trio.to_thread.run_sync(gateway.start)
+        await connect(gateway)
         if settings.demo and await trio.to_thread.run_sync(ensure_demo_agent, runtime):
             log.info("demo.agent_created", agent_id="thermostat")
         async with trio.open_nursery() as nursery:
@@ -74,7 +89,7 @@ async def serve(settings: Settings, *, task_status: trio.TaskStatus[Running] = t
             http_port = await nursery.start(partial(
                 serve_http, app, settings.host, settings.http_port,
                 on_shutdown=partial(answer_waiting_requests, app)))
-            log.info("parley.ready", http=f"http://{settings.host}:{http_port}", mqtt=mqtt_url,
+            log.info("parley.ready", http=f"http://{settings.host}:{http_port}", mqtt=shown_url(mqtt_url),
                      store=runtime.store.url.split("@")[-1])
             task_status.started(Running(http_port, mqtt_url, runtime))
             await trio.sleep_forever()
@@ -92,7 +107,9 @@ async def main(settings: Settings) -> None:
     """Serve until SIGINT or SIGTERM."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve, settings)
+            # Not `nursery.start`: a signal during start-up (a broker that is down, a long
+            # catch-up) must stop it too, and this loop would only run once it was done.
+            nursery.start_soon(serve, settings)
             async for signum in signals:
                 log.info("parley.stopping", signal=signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()

@@ -163,3 +163,45 @@ async def test_serve_with_its_http_port_taken_stops_before_touching_the_broker(t
         leaves = [x for e in leaves for x in (e.exceptions if isinstance(e, BaseExceptionGroup) else [e])]
     assert any(isinstance(e, OSError) and e.errno == 98 for e in leaves), leaves
     assert made == []  # neither a broker nor a gateway was started, nor the runtime (no noise)
+
+
+def test_serve_with_its_broker_down_says_so_at_once_hides_the_password_and_stops_on_sigint(tmp_path):
+    """A broker that refuses the connection is logged on every try (not 15 s of silence),
+    the URL's password appears nowhere, and Ctrl-C stops the start at once (exit 0)."""
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now: connections are refused
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateways.cli", "serve", "--http-port", "0", "--log-format", "json",
+             "--mqtt-url", f"mqtt://user:s3cret@127.0.0.1:{port}", "--data-dir", str(tmp_path / "data")],
+            stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while "mqtt.connect_failed" not in log_path.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log_path.read_text()
+            time.sleep(0.05)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=10)
+        stopped_in = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log_path.read_text()
+    lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    failed = next(e for e in lines if e["event"] == "mqtt.connect_failed")
+    assert failed["broker"] == f"127.0.0.1:{port}" and "refused" in failed["error"].lower()
+    assert failed["level"] == "warning" and failed["will_retry"] is True
+    assert code == 0 and stopped_in < 5, (code, stopped_in, text[-2000:])
+    assert any(e["event"] == "parley.stopping" for e in lines) and "s3cret" not in text

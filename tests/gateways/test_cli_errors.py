@@ -83,6 +83,17 @@ def test_ports_are_checked_in_the_settings(args, where):
     assert line.startswith(f"invalid settings: {where}: ") and "is not a port: use 1-65535 (or 0 for any free port)" in line
 
 
+@pytest.mark.parametrize("name, value, says", [
+    ("PARLEY_LIVENESS_CHECK_INTERVAL", "0", "input should be greater than 0 (got '0')"),  # was a busy loop
+    ("PARLEY_LIVENESS_WINDOW", "-5", "input should be greater than 0 (got '-5')"),
+    ("PARLEY_IDLE_TIMEOUT", "inf", "input should be a finite number (got 'inf')"),
+    ("PARLEY_MAX_ACTIVE_ACTORS", "0", "input should be greater than or equal to 1 (got '0')"),
+])
+def test_times_and_counts_that_make_no_sense_are_settings_errors(name, value, says, monkeypatch):
+    monkeypatch.setenv(name, value)
+    assert one_sentence(runner.invoke(app, ["serve"]), 2) == f"invalid settings: {name}: {says}"
+
+
 def test_port_0_means_any_free_port_and_is_accepted(monkeypatch):
     seen = capture_serve_settings(monkeypatch)
     monkeypatch.setenv("PARLEY_BUILTIN_BROKER_PORT", "0")
@@ -102,6 +113,19 @@ def test_an_mqtt_url_parley_cannot_use_is_a_settings_error(url):
 def test_a_database_url_parley_cannot_use_is_a_settings_error(url):
     line = one_sentence(runner.invoke(app, ["replay", "device", "x", "--database-url", url]), 2)
     assert line.startswith(f"invalid settings: --database-url: unsupported database URL {url!r}: use postgresql://")
+
+
+@pytest.mark.parametrize("command", [["serve"], ["replay", "device", "x"]])
+@pytest.mark.parametrize("url, shown", [("postgresql://u:s3cret@127.0.0.1:abc/x", "postgresql://u@127.0.0.1:abc/x"),
+                                        ("postgres://127.0.0.1:99999/x", "postgres://127.0.0.1:99999/x")])
+def test_a_database_url_with_a_bad_port_is_a_settings_error(command, url, shown, monkeypatch):
+    # It was a traceback from deep in the store ("Port could not be cast to integer value").
+    line = one_sentence(runner.invoke(app, [*command, "--database-url", url]), 2)
+    assert line == (f"invalid settings: --database-url: database URL {shown!r} has no valid port: use "
+                    "postgresql://user@host:port/database with a port from 1 to 65535")
+    monkeypatch.setenv("PARLEY_DATABASE_URL", url)
+    line = one_sentence(runner.invoke(app, command), 2)
+    assert line.startswith("invalid settings: PARLEY_DATABASE_URL: database URL")
 
 
 @pytest.mark.parametrize("flag, url, shown", [
@@ -136,6 +160,13 @@ def test_a_value_error_about_the_mqtt_url_from_the_gateway_reaches_the_user_as_a
     exc = BaseExceptionGroup("serve", [ValueError("unsupported MQTT URL '127.0.0.1:1884': use mqtt://host:port")])
     line = one_sentence(_serve_failing_with(monkeypatch, exc), 1)
     assert line == "parley could not start: unsupported MQTT URL '127.0.0.1:1884': use mqtt://host:port"
+
+
+def test_an_unreachable_broker_is_named_without_the_password_of_its_url(monkeypatch):
+    exc = ConnectionError("MQTT broker at 127.0.0.1:1 not reachable within 15.0 s")
+    line = one_sentence(_serve_failing_with(monkeypatch, exc, "--mqtt-url", "mqtt://user:s3cret@127.0.0.1:1"), 1)
+    assert line == ("parley could not start: MQTT broker at 127.0.0.1:1 not reachable within 15.0 s; check "
+                    "that the broker is running, and --mqtt-url (mqtt://user@127.0.0.1:1)")
 
 
 def test_an_address_not_on_this_machine_says_so_and_not_that_a_broker_runs_there(monkeypatch):
