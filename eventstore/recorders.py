@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.persistence import PersistenceError, StoredEvent
+from eventsourcing.persistence import Notification, PersistenceError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteConnection, SQLiteDatastore
 from eventsourcing.sqlite import SQLiteFactory as _EventsourcingSQLiteFactory
@@ -211,6 +211,17 @@ class SQLiteRecorder(SQLiteApplicationRecorder):
             raise PersistenceError("the event log has run out of rowids")
         return range(last - len(stored_events) + 1, last + 1)
 
+    def select_stream_notifications(self, originator_id: UUID, *, gt: int, limit: int) -> list[Notification]:
+        """One stream's events after version `gt`, each with its global position (the rowid;
+        eventsourcing's select_events leaves it out). For `parley replay`."""
+        with self.datastore.transaction(commit=False) as c:
+            c.execute(f"SELECT rowid, originator_id, originator_version, topic, state FROM {self.events_table_name}"
+                      " WHERE originator_id=? AND originator_version>? ORDER BY originator_version LIMIT ?",
+                      (originator_id.hex, gt, limit))
+            return [Notification(id=row["rowid"], originator_id=self.convert_originator_id(row["originator_id"]),
+                                 originator_version=row["originator_version"], topic=row["topic"],
+                                 state=row["state"]) for row in c.fetchall()]
+
     def sync(self, position: int = 0) -> None:
         """Flush the WAL, and with it every transaction committed so far (by this process,
         and up to `position`, which the caller read from the log), to disk."""
@@ -249,6 +260,18 @@ class PostgresRecorder(PostgresApplicationRecorder):
             " RETURNING notification_id"
         ).format(schema=Identifier(self.datastore.schema), table=Identifier(self.events_table_name),
                  id_type=Identifier(self.datastore.originator_id_type))
+
+    def select_stream_notifications(self, originator_id: UUID, *, gt: int, limit: int) -> list[Notification]:
+        """One stream's events after version `gt`, each with its global position."""
+        statement = SQL(
+            "SELECT notification_id, originator_id, originator_version, topic, state FROM {schema}.{table}"
+            " WHERE originator_id = %s AND originator_version > %s ORDER BY originator_version LIMIT %s"
+        ).format(schema=Identifier(self.datastore.schema), table=Identifier(self.events_table_name))
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(statement, (originator_id, gt, limit))
+            return [Notification(id=row["notification_id"], originator_id=row["originator_id"],
+                                 originator_version=row["originator_version"], topic=row["topic"],
+                                 state=bytes(row["state"])) for row in curs.fetchall()]
 
     def make_durable(self, position: int) -> None:
         """Nothing to do: the views share the log's WAL, which PostgreSQL flushes in order,

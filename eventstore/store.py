@@ -241,6 +241,16 @@ class EventLog:
                     limit: int | None = None) -> Iterator[Any]:
         return iter(self._app.events.get(aggregate_id, gt=gt, lte=lte, limit=limit))
 
+    def read_stream_logged(self, aggregate_id: UUID, *, gt: int = 0, limit: int = 500) -> list[LoggedEvent]:
+        """One stream's events after version `gt`, in order, each with its global position
+        (what `read_stream` leaves out; `parley replay` shows both)."""
+        notifications = self._app.recorder.select_stream_notifications(aggregate_id, gt=gt, limit=limit)
+        mapper = self._app.mapper
+        return [
+            LoggedEvent(n.id, n.originator_id, n.originator_version, n.topic, mapper.to_domain_event(n))
+            for n in notifications
+        ]
+
     def read_all(self, after: int, limit: int = 500) -> list[LoggedEvent]:
         """Events with global position > after, in order."""
         notifications = self._app.recorder.select_notifications(

@@ -245,7 +245,9 @@ def _replay(store: Any, device_id: str, product: str | None, at: int | None) -> 
         stream = Device.create_id(product, device_id)
         no_events = f"no events for device {device_id!r} in product {product!r} in {_where(store)}"
         if at is not None:
-            device = log.load(stream, version=at)
+            # A version past any stream's is still only "past the end" (SQLite would
+            # refuse a number beyond 64 bits with an OverflowError).
+            device = log.load(stream, version=min(at, MAX_VERSION))
             if device is None:
                 _fail("parley", no_events)
             if device.version < at:  # the load stops at the last version there is
@@ -266,30 +268,51 @@ def _replay(store: Any, device_id: str, product: str | None, at: int | None) -> 
         # holding one table of them) took 2 GB for 290k events.
         version = 0
         while True:
-            page = list(log.read_stream(stream, gt=version, limit=REPLAY_PAGE))
+            page = log.read_stream_logged(stream, gt=version, limit=REPLAY_PAGE)
             if not page:
                 break
-            table = Table(title=f"{product}/{device_id}: timeline" if not version else None,
-                          show_header=not version)
-            # Version, time and type stay on one line each; the data takes what width is left.
-            for col in ("version", "time", "type"):
-                table.add_column(col, no_wrap=True)
-            table.add_column("data", overflow="fold")
-            for event in page:
-                # What happened, without the envelope (ids, versions, topics) or empty fields.
-                data = {k: v for k, v in vars(event).items()
-                        if k not in ("originator_id", "originator_version", "timestamp", "originator_topic")
-                        and v is not None}
-                table.add_row(str(event.originator_version),
-                              event.timestamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                              type(event).__name__,
-                              json.dumps(data, default=str, ensure_ascii=False, separators=(",", ":")))
-            console.print(table)
-            version = page[-1].originator_version
+            rows = [_timeline_row(logged) for logged in page]
+            if console.is_terminal:
+                table = Table(title=f"{product}/{device_id}: timeline" if not version else None,
+                              show_header=not version)
+                # Position, version, time and type stay on one line each; the data takes
+                # what width is left.
+                for col in TIMELINE_COLUMNS[:-1]:
+                    table.add_column(col, no_wrap=True)
+                table.add_column(TIMELINE_COLUMNS[-1], overflow="fold")
+                for row in rows:
+                    table.add_row(*row)
+                console.print(table)
+            else:
+                # Piped or redirected: one line per event, tab-separated, whole (a table
+                # folds long data over many lines at 80 columns, and `grep` finds nothing).
+                if not version:
+                    print("\t".join(TIMELINE_COLUMNS))
+                print("\n".join("\t".join(row) for row in rows))
+            version = page[-1].version
         if not version:
             _fail("parley", no_events)
     finally:
         log.close()
+
+
+# `position` is the event's place in the whole log: the `id` GET /api/devices/:id/events
+# gives; `version` its place in the device's stream: what --at takes.
+TIMELINE_COLUMNS = ("position", "version", "time", "type", "data")
+MAX_VERSION = 2**63 - 1  # the largest version the log can hold (a 64-bit integer)
+
+
+def _timeline_row(logged: Any) -> tuple[str, ...]:
+    event = logged.event
+    # What happened, without the envelope (ids, versions, topics) or empty fields. JSON
+    # escapes tabs and newlines, so a row stays one line.
+    data = {k: v for k, v in vars(event).items()
+            if k not in ("originator_id", "originator_version", "timestamp", "originator_topic")
+            and v is not None}
+    return (str(logged.position), str(logged.version),
+            event.timestamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            type(event).__name__,
+            json.dumps(data, default=str, ensure_ascii=False, separators=(",", ":")))
 
 
 REPLAY_PAGE = 1000  # events read and printed at a time

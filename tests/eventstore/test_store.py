@@ -136,6 +136,11 @@ class TestEventLog:
         assert {le.stream_id for le in everything} == {a.id, b.id}
         tail = log.read_all(everything[1].position)
         assert [le.position for le in tail] == [le.position for le in everything[2:]]
+        # One stream with each event's global position (parley replay): the same as read_all's.
+        of_a = [(le.position, le.version, type(le.event)) for le in everything if le.stream_id == a.id]
+        assert [(le.position, le.version, type(le.event)) for le in log.read_stream_logged(a.id)] == of_a
+        assert [le.version for le in log.read_stream_logged(a.id, gt=1, limit=5)] == [2]
+        assert log.read_stream_logged(a.id, gt=0, limit=1)[0].event.name == "a"
 
     def test_group_commit_batches_concurrent_writers(self, log, journal):
         counters = [Counter(name=str(i)) for i in range(200)]

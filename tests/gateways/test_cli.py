@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import structlog
+from rich.console import Console
 from typer.testing import CliRunner
 
-from actors.device import DeviceActor, ReportTelemetry, SendCommand
+from actors.device import Device, DeviceActor, ReportTelemetry, SendCommand
 from actors.errors import CommandTimedOut
 from actors.ports import FutureReply
 from gateways.cli import app
@@ -55,7 +58,7 @@ def test_bad_settings_are_a_clear_error(tmp_path):
     assert result.exit_code == 2 and "not found" in " ".join(result.output.split())
 
 
-def test_replay_device_timeline_and_state_at_version(tmp_path):
+def test_replay_device_timeline_and_state_at_version(tmp_path, monkeypatch):
     rt = make_runtime(tmp_path)
     rt.attach_device_link(type("Silent", (), {  # never answers
         "connected": True, "publish_command": lambda *a: None, "withdraw": lambda *a: None})())
@@ -75,15 +78,26 @@ def test_replay_device_timeline_and_state_at_version(tmp_path):
         # Read while the "server" is still running, as an operator would.
         result = runner.invoke(app, ["replay", "device", "t-9", "--data-dir", str(tmp_path)], terminal_width=200)
         assert result.exit_code == 0, result.output
-        for word in ("Registered", "StatusReported", "CommandSent", "CommandTimedOut", "rq-77", "timeline"):
+        for word in ("Registered", "StatusReported", "CommandSent", "CommandTimedOut", "rq-77"):
             assert word in result.output
+        # Not a terminal here: one tab-separated line per event, whole, so `grep` finds it.
+        header, *lines = result.output.splitlines()
+        assert header == "position\tversion\ttime\ttype\tdata"
+        rows = [line.split("\t") for line in lines]
+        assert [r[1] for r in rows] == [str(v) for v in range(1, len(rows) + 1)] and len(rows) == 5
+        positions = [int(r[0]) for r in rows]  # the log's positions: what the HTTP events' `id` is
+        assert positions == sorted(positions) and len(set(positions)) == 5
+        sent = next(r for r in rows if r[3] == "CommandSent")
+        assert json.loads(sent[4])["request_id"] == "rq-77"
+        assert [lg.position for lg in rt.log.read_stream_logged(Device.create_id("thermostat", "t-9"))] == positions
         result = runner.invoke(app, ["replay", "device", "t-9", "--data-dir", str(tmp_path), "--at", "2"],
                                terminal_width=200)
         assert result.exit_code == 0, result.output
         row = next(line for line in result.output.splitlines() if "state.temperature" in line)
         assert row.split("│")[2].strip() == "20" and "at version 2" in result.output
         # A version the stream does not have is named as such, not shown as another one.
-        for at, exit_code, words in (("99", 2, "has versions 1 to 5, not 99"), ("0", 2, "0 is not in the range x>=1")):
+        for at, exit_code, words in (("99", 2, "has versions 1 to 5, not 99"), ("0", 2, "0 is not in the range x>=1"),
+                                     ("9" * 20, 2, f"has versions 1 to 5, not {'9' * 20}")):
             result = runner.invoke(app, ["replay", "device", "t-9", "--data-dir", str(tmp_path), "--at", at],
                                    terminal_width=200)
             assert result.exit_code == exit_code and words in " ".join(result.output.split()), result.output
@@ -95,10 +109,22 @@ def test_replay_device_timeline_and_state_at_version(tmp_path):
             result = runner.invoke(app, ["replay", "device", "t-9", "--data-dir", str(tmp_path)], terminal_width=200)
         finally:
             cli.REPLAY_PAGE = page
-        versions = [line.split("│")[1].strip() for line in result.output.splitlines()
-                    if line.startswith("│") and line.split("│")[1].strip().isdigit()]
-        assert versions == [str(v) for v in range(1, len(versions) + 1)] and len(versions) >= 5
-        assert result.output.count("timeline") == 1
+        versions = [line.split("\t")[1] for line in result.output.splitlines()[1:]]
+        assert versions == [str(v) for v in range(1, 6)]
+        assert result.output.count("position\tversion") == 1
+        # In a terminal: a table, titled once, its header once, whatever the pages.
+        monkeypatch.setattr(cli, "console", Console(force_terminal=True, width=200, color_system=None))
+        cli.REPLAY_PAGE = 2
+        try:
+            with cli.console.capture() as captured:
+                result = runner.invoke(app, ["replay", "device", "t-9", "--data-dir", str(tmp_path)])
+        finally:
+            cli.REPLAY_PAGE = page
+        assert result.exit_code == 0, result.output
+        table = captured.get()
+        assert table.count("t-9: timeline") == 1 and table.count("position") == 1
+        cells = [[c.strip() for c in line.split("│")[1:-1]] for line in table.splitlines() if line.startswith("│")]
+        assert [c[:2] for c in cells if c[0].isdigit()] == [[str(p), str(v)] for v, p in enumerate(positions, 1)]
     finally:
         rt.close()
     result = runner.invoke(app, ["replay", "device", "nobody", "--data-dir", str(tmp_path)])
