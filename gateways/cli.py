@@ -350,7 +350,7 @@ def simulate(
     mqtt_url: Annotated[Optional[str], typer.Option("--mqtt-url", help=_h(
         "The broker Parley listens on [PARLEY_MQTT_URL or mqtt_url in parley.toml, else the built-in "
         "broker's host and port: 127.0.0.1:1883 or PARLEY_BUILTIN_BROKER_PORT]."))] = None,
-    duration: Annotated[Optional[float], typer.Option("--duration", help=_h("Stop after this many seconds [run until Ctrl-C]."))] = None,
+    duration: Annotated[Optional[float], typer.Option("--duration", min=0.001, help=_h("Stop after this many seconds [run until Ctrl-C]."))] = None,
     connections: Annotated[Optional[int], typer.Option("--connections", min=1, help=_h("Shared MQTT connections [min(devices, 20)]."))] = None,
     spec_from_server: Annotated[Optional[str], typer.Option("--spec-from-server", help=_h("http://host:port of a Parley: use its product's device_spec."))] = None,
     config: ConfigOpt = None,

@@ -113,7 +113,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     Raises SettingsError with one sentence naming the flag, variable or file at fault."""
     path = config_file or (Path("parley.toml") if Path("parley.toml").is_file() else None)
     if config_file is not None and not config_file.is_file():
-        raise SettingsError(f"config file {config_file} not found")
+        what = "is a directory, not a TOML file" if config_file.is_dir() else "not found"
+        raise SettingsError(f"config file {config_file} {what}")
     from_file = _read_toml(path) if path is not None else {}
     _check_env_names()
     flags = {k: v for k, v in overrides.items() if v is not None}

@@ -30,7 +30,6 @@ from __future__ import annotations
 import heapq
 import json
 import random
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -361,15 +360,17 @@ class Simulator:
     def start(self, timeout: float = 15.0) -> None:
         """Connect all connections; return once every device has sent its connect sequence."""
         self._started_at = time.monotonic()
+        self._clients = [self._make_client(i) for i in range(self._k)]
         try:
-            # One plain connection first: a broker that is not there (refused, unknown host)
-            # is said at once, not after `timeout` of paho's quiet retries.
-            socket.create_connection((self.host, self.port), timeout=min(timeout, 5.0)).close()
+            # The first connection opens its socket here: a broker that is not there
+            # (refused, unknown host) is said at once, not after `timeout` of paho's quiet
+            # retries. (A bare TCP probe did that too, but brokers log it as an error.)
+            self._clients[0].connect(self.host, self.port, keepalive=60)
         except OSError as exc:
             raise ConnectionError(f"MQTT broker at {self.host}:{self.port}: {exc.strerror or exc}") from None
-        self._clients = [self._make_client(i) for i in range(self._k)]
-        for client in self._clients:
-            client.connect_async(self.host, self.port, keepalive=60)
+        for i, client in enumerate(self._clients):
+            if i:
+                client.connect_async(self.host, self.port, keepalive=60)
             client.loop_start()
         deadline = time.monotonic() + timeout
         while len(self._connected) < self._k:

@@ -55,6 +55,18 @@ def test_an_unknown_key_in_parley_toml_names_the_file_the_key_and_the_known_ones
     assert "known: host, http_port" in line and "pydantic" not in line and "_FromFile" not in line
 
 
+def test_a_config_file_that_is_missing_or_a_directory_says_which(tmp_path):
+    line = one_sentence(runner.invoke(app, ["replay", "device", "x", "--config", str(tmp_path / "nope.toml")]), 2)
+    assert line == f"invalid settings: config file {tmp_path / 'nope.toml'} not found"
+    line = one_sentence(runner.invoke(app, ["replay", "device", "x", "--config", str(tmp_path)]), 2)
+    assert line == f"invalid settings: config file {tmp_path} is a directory, not a TOML file"
+
+
+def test_simulate_refuses_a_duration_of_no_time(tmp_path):
+    result = runner.invoke(app, ["simulate", "--duration", "-5"])
+    assert result.exit_code == 2 and "-5.0 is not in the range x>=0.001" in " ".join(result.output.split())
+
+
 def test_a_toml_syntax_error_names_the_file(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("http_port = \n")
