@@ -96,11 +96,12 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 
 
 def _no_table(exc: BaseException | None) -> bool:
-    """Whether PostgreSQL said a table does not exist, behind `exc` (eventsourcing wraps it)."""
+    """Whether the database said a table does not exist, behind `exc` (eventsourcing wraps
+    it): PostgreSQL's UndefinedTable, SQLite's "no such table"."""
     for _ in range(10):
         if exc is None:
             return False
-        if type(exc).__name__ == "UndefinedTable":
+        if type(exc).__name__ == "UndefinedTable" or str(exc).startswith("no such table"):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
@@ -225,7 +226,7 @@ def _existing_store(settings: Settings) -> Any:
         found = False
     if not found:
         _fail("parley", f"no Parley data in {data_dir} (use --data-dir or --database-url)")
-    return StoreConfig(f"sqlite:///{data_dir / 'events.sqlite'}")
+    return StoreConfig(f"sqlite:///{data_dir / 'events.sqlite'}", create_tables=False)
 
 
 def _where(store: Any) -> str:
@@ -329,7 +330,9 @@ def _find_product(log: Any, device_id: str) -> str:
         db = ViewDatabase(log.config)
         try:
             found = DeviceRegistry(db).find(device_id)
-        except Exception:
+        except Exception as exc:  # noqa: BLE001 - a log without views (yet): found nowhere
+            if log.config.is_postgres and _no_table(exc) and not log.max_position():
+                _fail("parley", f"no Parley data in {_where(log.config)} (use --data-dir or --database-url)")
             found = []
         finally:
             db.close()
@@ -350,7 +353,7 @@ def simulate(
     mqtt_url: Annotated[Optional[str], typer.Option("--mqtt-url", help=_h(
         "The broker Parley listens on [PARLEY_MQTT_URL or mqtt_url in parley.toml, else the built-in "
         "broker's host and port: 127.0.0.1:1883 or PARLEY_BUILTIN_BROKER_PORT]."))] = None,
-    duration: Annotated[Optional[float], typer.Option("--duration", min=0.001, help=_h("Stop after this many seconds [run until Ctrl-C]."))] = None,
+    duration: Annotated[Optional[float], typer.Option("--duration", min=0, help=_h("Stop after this many seconds [run until Ctrl-C]."))] = None,
     connections: Annotated[Optional[int], typer.Option("--connections", min=1, help=_h("Shared MQTT connections [min(devices, 20)]."))] = None,
     spec_from_server: Annotated[Optional[str], typer.Option("--spec-from-server", help=_h("http://host:port of a Parley: use its product's device_spec."))] = None,
     config: ConfigOpt = None,

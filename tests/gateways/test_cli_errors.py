@@ -62,9 +62,9 @@ def test_a_config_file_that_is_missing_or_a_directory_says_which(tmp_path):
     assert line == f"invalid settings: config file {tmp_path} is a directory, not a TOML file"
 
 
-def test_simulate_refuses_a_duration_of_no_time(tmp_path):
+def test_simulate_refuses_a_negative_duration(tmp_path):
     result = runner.invoke(app, ["simulate", "--duration", "-5"])
-    assert result.exit_code == 2 and "-5.0 is not in the range x>=0.001" in " ".join(result.output.split())
+    assert result.exit_code == 2 and "-5.0 is not in the range x>=0" in " ".join(result.output.split())
 
 
 def test_a_toml_syntax_error_names_the_file(tmp_path):
@@ -282,13 +282,26 @@ def test_replay_in_a_directory_without_data_says_so_and_creates_nothing(tmp_path
     assert line == "parley: no Parley data in /proc/xx (use --data-dir or --database-url)"
 
 
+def test_replay_of_an_empty_sqlite_file_says_so_and_creates_no_table(tmp_path):
+    import sqlite3
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "events.sqlite").touch()  # e.g. left by an interrupted copy
+    line = one_sentence(runner.invoke(app, ["replay", "device", "x", "--product", "p"]), 1)
+    assert line == f"parley: no Parley data in {tmp_path / 'data'} (use --data-dir or --database-url)"
+    with sqlite3.connect(tmp_path / "data" / "events.sqlite") as conn:
+        assert conn.execute("SELECT name FROM sqlite_master").fetchall() == []
+
+
 def test_replay_of_an_empty_postgresql_database_says_so_and_creates_no_table(pg_database):
     import psycopg
 
     line = one_sentence(runner.invoke(app, ["replay", "device", "x", "--product", "p",
                                             "--database-url", pg_database]), 1)
     assert line == f"parley: no Parley data in {pg_database} (use --data-dir or --database-url)"
-    one_sentence(runner.invoke(app, ["replay", "device", "x", "--database-url", pg_database]), 1)
+    # Without --product too: the same sentence (it was "device not found", as if data were there).
+    line = one_sentence(runner.invoke(app, ["replay", "device", "x", "--database-url", pg_database]), 1)
+    assert line == f"parley: no Parley data in {pg_database} (use --data-dir or --database-url)"
     with psycopg.connect(pg_database) as conn:
         assert conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'").fetchall() == []
 
