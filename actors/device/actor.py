@@ -108,15 +108,16 @@ class DeviceActor(AggregateActor):
             if bound <= MAX_STATE_BYTES:
                 self._state_bound = bound
                 return
-        state = self._device().state
+        # Not self._device(): a refused first report must not register the device either.
+        state = self.aggregate.state if self.aggregate is not None else {}
         size = state_growth({}, state)
         growth = state_growth(state, update)
         if growth > 0 and size + growth > MAX_STATE_BYTES:
             self._state_bound = size
-            raise StateTooLarge(
-                f"device state would grow to about {size + growth} bytes, over the limit of "
-                f"{MAX_STATE_BYTES}: report changed values under the keys it has "
-                f"({len(state)}), not new keys each time")
+            advice = (f"report changed values under the keys it has ({len(state)}), not new keys "
+                      f"each time" if state else "no message can carry that much")
+            raise StateTooLarge(f"device state would grow to about {size + growth} bytes, over the "
+                                f"limit of {MAX_STATE_BYTES}: {advice}")
         self._state_bound = size + growth
 
     # Batchable: these only apply events (or refuse, before any); the base class commits

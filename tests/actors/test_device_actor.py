@@ -433,6 +433,15 @@ class TestDeviceActor:
         ask(system, lambda r: ReportTelemetry("status", "online", None, None, now_ms(), reply=r))
         assert log.load(device.id).state["k1"][0] == "y"
 
+    def test_a_refused_first_report_leaves_no_device_behind(self, parts):
+        system, log, _ = parts
+        with pytest.raises(StateTooLarge, match="no message can carry that much"):
+            ask(system, lambda r: ReportTelemetry("state", None, {"k": "x" * MAX_STATE_BYTES}, None, now_ms(),
+                                                  reply=r))
+        assert log.load(Device.create_id(*KEY)) is None  # not even Registered
+        ask(system, lambda r: ReportTelemetry("status", "online", {"k": 1}, None, now_ms(), reply=r))
+        assert log.load(Device.create_id(*KEY)).state == {"k": 1}
+
     def test_with_payload_sizes_the_state_is_measured_rarely_and_still_bounded(self, parts, monkeypatch):
         """Reports from MQTT carry their payload's length; the actor measures the state only
         once those lengths say it may be near the bound, and still refuses the report that

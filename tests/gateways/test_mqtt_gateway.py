@@ -229,17 +229,28 @@ def test_a_device_growing_its_state_without_end_is_refused_counted_and_acknowled
     again), counted by reason like any drop, QoS 0 too, and stores nothing; the device
     keeps working with the keys it has."""
     create_agent(runtime)
-    blob = "x" * 100_000
-    mids = [device.send(f"v1/{P}/{D}/telemetry", {"type": "state", "data": {f"k{i}": blob}}) for i in range(3)]
+    blob = "x" * 100_000  # ten of them fit in the bound of 1 MiB, the eleventh does not
+    mids = [device.send(f"v1/{P}/{D}/telemetry", {"type": "state", "data": {f"k{i}": blob}}) for i in range(11)]
     wait_until(lambda: all(m in device.acked for m in mids))
     wait_until(lambda: gateway.stats["dropped.state_too_large"] == 1)
-    device.send(f"v1/{P}/{D}/telemetry", {"type": "state", "data": {"k9": blob}}, qos=0)
+    device.send(f"v1/{P}/{D}/telemetry", {"type": "state", "data": {"k99": blob}}, qos=0)
     wait_until(lambda: gateway.stats["dropped.state_too_large"] == 2)
     mid = device.send(f"v1/{P}/{D}/telemetry", status({"k0": 1}))
     wait_until(lambda: mid in device.acked)
-    assert stream(runtime) == ["Registered", "StateReported", "StateReported", "StatusReported"]
+    assert stream(runtime) == ["Registered", *["StateReported"] * 10, "StatusReported"]
     wait_until(lambda: runtime.devices.find(D) and runtime.devices.find(D)[0].state.get("k0") == 1)
-    assert sorted(runtime.devices.find(D)[0].state) == ["k0", "k1"]
+    assert sorted(runtime.devices.find(D)[0].state) == [f"k{i}" for i in range(10)]
+
+
+def test_a_devices_whole_state_in_one_message_is_taken_however_it_counts(runtime, gateway, device):
+    """The largest state one message can carry fits the bound, even where the count runs
+    far above the JSON: 20,000 numeric keys (a number counts 8 bytes, `0` is one)."""
+    create_agent(runtime)
+    state = {f"k{i:05d}": 0 for i in range(20_000)}  # 220 KB of JSON, counted 2.2 times that
+    device.send(f"v1/{P}/{D}/telemetry", {"type": "state", "data": state})
+    wait_until(lambda: gateway.stats["acked"] == 1, 10)  # Parley's ack to the broker: committed
+    assert stream(runtime) == ["Registered", "StateReported"], dict(gateway.stats)
+    assert runtime.log.load(Device.create_id(P, D)).state == state
 
 
 def test_retained_messages_are_replays_not_taken_again_but_queued_ones_are(runtime, mqtt_broker):
