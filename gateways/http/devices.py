@@ -128,6 +128,10 @@ def _parse_command(body: dict[str, Any]) -> tuple[str, dict[str, Any], int, str 
     timeout_ms = body.get("timeoutMs")
     if timeout_ms is None:  # absent or null: the default, as for params
         timeout_ms = DEFAULT_TIMEOUT_MS
+    elif isinstance(timeout_ms, float) and timeout_ms.is_integer():
+        # 5000.0 is an integer to JSON Schema (and to the OpenAPI document), and what a
+        # client computing seconds * 1000 sends; as for integer params (actors/spec.py).
+        timeout_ms = int(timeout_ms)
     # bool is an int in Python; `true` is not a timeout.
     if not isinstance(timeout_ms, int) or isinstance(timeout_ms, bool) \
             or not 1 <= timeout_ms <= MAX_TIMEOUT_MS:

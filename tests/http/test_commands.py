@@ -133,10 +133,11 @@ async def test_offline_device_is_409(client: httpx.AsyncClient, runtime: Runtime
     assert online.published == []
 
 
-async def test_silent_device_times_out_504(client: httpx.AsyncClient, online: FakeLink) -> None:
+@pytest.mark.parametrize("timeout_ms", [300, 300.0])  # 300.0: a whole number, as JSON Schema counts it
+async def test_silent_device_times_out_504(client: httpx.AsyncClient, online: FakeLink, timeout_ms: Any) -> None:
     online.silent = True
     with structlog.testing.capture_logs() as logs:
-        r = await send(client, {"command": "reboot", "timeoutMs": 300})
+        r = await send(client, {"command": "reboot", "timeoutMs": timeout_ms})
     assert r.status_code == 504
     body = r.json()
     request_id = online.published[0][2]["requestId"]
@@ -170,6 +171,9 @@ async def test_no_device_link_is_503(client: httpx.AsyncClient, runtime: Runtime
     ({"command": "reboot", "timeoutMs": True}, "timeoutMs must be an integer from 1 to 300000"),
     ({"command": "reboot", "timeoutMs": 0}, "timeoutMs must be an integer from 1 to 300000"),
     ({"command": "reboot", "timeoutMs": 300001}, "timeoutMs must be an integer from 1 to 300000"),
+    ({"command": "reboot", "timeoutMs": 300001.0}, "timeoutMs must be an integer from 1 to 300000"),
+    ({"command": "reboot", "timeoutMs": 0.0}, "timeoutMs must be an integer from 1 to 300000"),
+    ({"command": "reboot", "timeoutMs": 1e300}, "timeoutMs must be an integer from 1 to 300000"),
     ({"command": "reboot", "productId": 7}, "productId must be a non-empty string"),
 ])
 async def test_wrong_types_are_400(client: httpx.AsyncClient, online: FakeLink, body: Any, message: str) -> None:
