@@ -73,15 +73,18 @@ async def render(record: AgentRecord) -> dict[str, Any]:
 
 
 def lookup(ident: str) -> AgentRecord:
-    """`<id>` is the numeric id (seed 001); as a convenience the agent_id works too.
-    The numeric reading wins, since an agent_id may itself be all digits, but only as ids
-    are written: "001" is the agent_id "001", not the agent with id 1."""
+    """`<id>` is the numeric id (seed 001); as a convenience the agent_id works too, for
+    every agent_id that is not written as an id is. An id as ids are written (ASCII digits,
+    no leading zero) is only ever an id: an all-digit agent_id such as "313" is reached by
+    its numeric id. Were the agent_id taken when no id matched, `/api/agents/313` would mean
+    that agent today and, once the log reached position 313, another one (a PUT or DELETE
+    landing on the wrong agent). "001" is the agent_id "001", not the agent with id 1."""
     agents = get_runtime().agents
-    number = ascii_int(ident, 18)  # "²" and "١" are no ids
-    if number is not None and str(number) != ident:
-        number = None
-    record = agents.get_by_id(number) if number is not None else None
-    record = record or agents.get(ident)
+    if ident.isascii() and ident.isdigit() and not (ident.startswith("0") and ident != "0"):
+        number = ascii_int(ident, 19)  # "²" and "١" are no ids; more than 19 digits, no position
+        record = agents.get_by_id(number) if number is not None and number < 2**63 else None
+    else:
+        record = agents.get(ident)
     if record is None:
         raise not_found()
     return record

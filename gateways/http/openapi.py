@@ -40,7 +40,8 @@ HEADERS = {"type": "object", "additionalProperties": STR,
 DEVICE_ID = param("deviceId", "path", STR, "The device's id (its MQTT client's deviceId).")
 PRODUCT_Q = param("productId", "query", STR,
                   "Disambiguates a deviceId used in several products; default: most recently seen.")
-AGENT_ID = param("id", "path", STR, "Numeric agent id; an agent_id string is accepted too.")
+AGENT_ID = param("id", "path", STR, "Numeric agent id; an agent_id string is accepted too, "
+                 "unless it is written as an id is (ASCII digits, no leading zero): that is always an id.")
 
 
 def generic(name: str) -> dict[str, str]:

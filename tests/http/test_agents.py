@@ -89,6 +89,18 @@ async def test_a_numeric_id_is_read_only_as_ids_are_written(client: httpx.AsyncC
     assert (await client.get("/api/agents/001")).status_code == 404
 
 
+async def test_an_all_digit_agent_id_is_reached_by_its_id_only(client: httpx.AsyncClient) -> None:
+    """An id-looking path is an id, whether or not an agent has that id yet: it cannot
+    change meaning as the log grows and reach another agent."""
+    digits = await create_agent(client, "313")
+    assert digits["id"] != 313
+    for method in ("GET", "PUT", "DELETE"):
+        r = await client.request(method, "/api/agents/313", json={"agent": {"name": "whatever"}})
+        assert (r.status_code, r.json()) == (404, {"error": "Agent not found"}), method
+    assert (await client.get(f"/api/agents/{digits['id']}")).json() == digits
+    assert (await client.get("/api/agents/9223372036854775808")).status_code == 404  # past any position
+
+
 @pytest.mark.parametrize("changes, field, message", [
     ({"agent_id": "has space"}, "agent_id", "may contain only letters, digits, underscores and hyphens"),
     ({"agent_id": "a/b"}, "agent_id", "may contain only letters, digits, underscores and hyphens"),
