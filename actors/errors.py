@@ -19,6 +19,15 @@ class InvalidCommand(ParleyError):
     code = "invalid_command"
 
 
+class InvalidAgent(InvalidCommand):
+    """An agent update that would leave an invalid agent; `errors` per field, as the HTTP
+    API reports them (field -> messages)."""
+
+    def __init__(self, errors: dict[str, list[str]]) -> None:
+        super().__init__("; ".join(f"{k}: {', '.join(v)}" for k, v in errors.items()))
+        self.errors = errors
+
+
 class StateTooLarge(ParleyError):
     """A device report whose state would grow the device's past its bound (nothing stored)."""
 

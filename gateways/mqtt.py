@@ -221,7 +221,7 @@ class MqttGateway:
         try:
             route = codec.parse_topic(msg.topic)
             obj = codec.decode(msg.payload)
-            if self.runtime.agents.get(route.product_id) is None:
+            if self.runtime.agents.get(route.product_id) is None and not self._answers_a_waiting_command(route, obj):
                 self._unknown_product(route, msg)  # NTP too: no product, no answer
                 return
             if route.kind == "ntp":
@@ -336,6 +336,16 @@ class MqttGateway:
         else:
             log.debug("mqtt.retained_ignored", topic=msg.topic)
         self._ack(msg.mid, msg.qos)
+
+    def _answers_a_waiting_command(self, route: codec.Route, obj: dict[str, Any]) -> bool:
+        """A response to a command this process sent and still waits on: its product may have
+        been deleted since, but the device did carry it out, and its caller should hear so
+        (not a 504 after the whole timeout)."""
+        if route.kind != "responses":
+            return False
+        request_id = obj.get("requestId")
+        key = self.runtime.system.inflight.get(request_id) if isinstance(request_id, str) else None
+        return key == (route.product_id, route.device_id)
 
     def _unknown_product(self, route: codec.Route, msg: paho.MQTTMessage) -> None:
         self.stats["dropped.unknown_product"] += 1

@@ -17,7 +17,7 @@ from quart import Blueprint
 
 from actors.agent import AgentActor, AgentConfig, AgentPatch, CreateAgent, DeleteAgent, UpdateAgent
 from actors.agent.config import validation_errors
-from actors.errors import AgentAlreadyExists, AgentNotFound, InvalidCommand, ParleyError
+from actors.errors import AgentAlreadyExists, AgentNotFound, InvalidAgent, InvalidCommand, ParleyError
 from gateways.bridge import TrioReply
 from gateways.http.app import ApiError, ascii_int, get_pending, get_runtime, in_thread, json_object, read_view
 from projections.agents import AgentRecord
@@ -124,6 +124,8 @@ def actor_error(exc: ParleyError) -> ApiError:
         return not_found()
     if isinstance(exc, AgentAlreadyExists):
         return invalid({"agent_id": ["has already been taken"]})
+    if isinstance(exc, InvalidAgent):  # per field, as the route's own check reports them
+        return invalid(exc.errors)
     if isinstance(exc, InvalidCommand):
         return invalid({"agent": [str(exc)]})
     return ApiError.from_actor(exc)
@@ -172,7 +174,7 @@ async def update_agent(ident: str) -> dict[str, Any]:
         raise invalid(validation_errors(exc)) from None
     if changes:  # an empty update would only add a no-op event to the log
         try:
-            await ask(record.agent_id, UpdateAgent, changes)
+            await ask(record.agent_id, UpdateAgent, changes, record.id)
         except ParleyError as exc:
             raise actor_error(exc) from None
     updated = get_runtime().agents.get(record.agent_id) or record
@@ -183,7 +185,7 @@ async def update_agent(ident: str) -> dict[str, Any]:
 async def delete_agent(ident: str) -> dict[str, Any]:
     record = lookup(ident)
     try:
-        await ask(record.agent_id, DeleteAgent)
+        await ask(record.agent_id, DeleteAgent, record.id)
     except ParleyError as exc:
         raise actor_error(exc) from None
     return {"success": True}

@@ -321,6 +321,28 @@ def test_command_round_trip_over_mqtt(runtime, gateway, device):
     assert stream(runtime)[-2:] == ["CommandSent", "CommandSucceeded"]
 
 
+def test_a_command_in_flight_when_its_product_is_deleted_still_takes_its_answer(runtime, gateway, device):
+    """The device carried it out: its caller hears the answer, not a 504 after the whole
+    timeout. Other messages of the deleted product are dropped as unknown_product."""
+    from actors.agent import AgentActor, DeleteAgent
+
+    online_for_commands(runtime, device)
+    reply = FutureReply()
+    runtime.system.tell(DeviceActor, (P, D), SendCommand("req-del", "set_target_temperature",
+                                                        {"target_temperature": 21}, 5000, reply=reply))
+    device.inbox.get(timeout=5)
+    deleted = FutureReply()
+    runtime.system.tell(AgentActor, (P,), DeleteAgent(reply=deleted))
+    assert runtime.projections.wait_for(deleted.get(5), 5) and runtime.agents.get(P) is None
+    device.send(f"device-agent/{P}/device/{D}/responses", {"code": 0, "msg": "ok", "requestId": "req-del"})
+    assert reply.get(5)["code"] == 0
+    assert stream(runtime)[-1] == "CommandSucceeded"
+    device.send(f"device-agent/{P}/device/{D}/responses", {"code": 0, "msg": "ok", "requestId": "req-del"})
+    device.send(f"v1/{P}/{D}/telemetry", status({"temperature": 20}))
+    wait_until(lambda: gateway.stats["dropped.unknown_product"] == 2)  # no longer waited on; not a command
+    assert stream(runtime)[-1] == "CommandSucceeded"
+
+
 def test_a_malformed_answer_is_dropped_and_its_command_times_out_saying_why(runtime, gateway, device):
     """A device SDK bug (a string code) must not pass as an answer, nor leave its caller with
     a bare "did not answer": the 504 names the dropped answer; the log has the timeout."""
