@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import queue
+import random
+import time
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 from uuid import UUID
@@ -37,7 +39,14 @@ class AggregateActor(pykka.ThreadingActor, ABC):
 
     kind: ClassVar[str]
     snapshot_every: ClassVar[int] = 100
-    max_conflict_retries: ClassVar[int] = 3
+    # Another process appending to the same stream (several processes on one database, a
+    # shared subscription spreading one device's messages across them): reload and decide
+    # again, this many times, waiting a little longer, at random, after each conflict so two
+    # processes stop colliding in step. Then Unavailable: tried again later, never dropped
+    # (3 tries and then ActorCrashed, which the MQTT gateway acknowledged as poison, lost
+    # 163 of 3,000 QoS 1 reports of one device at 300 msg/s over two processes).
+    max_conflict_retries: ClassVar[int] = 8
+    conflict_backoff_s: ClassVar[float] = 0.002
     batchable: ClassVar[tuple[type, ...]] = ()
     max_batch: ClassVar[int] = 256
 
@@ -151,13 +160,23 @@ class AggregateActor(pykka.ThreadingActor, ABC):
                 return None
             except RecordConflictError:
                 # Another process wrote this stream first: catch up and decide again.
-                self.log.info("actor.version_conflict", attempt=attempt)
-                self.reload()
+                self._after_conflict(attempt)
             except Exception as exc:
                 self._crashed(exc, [message])
                 return None
-        reply.fail(ActorCrashed("too many version conflicts"))
+        reply.fail(self._conflicts_exhausted(1))
         return None
+
+    def _after_conflict(self, attempt: int, batch: int = 1) -> None:
+        self.log.info("actor.version_conflict", attempt=attempt, batch=batch)
+        if attempt:
+            time.sleep(random.uniform(0, self.conflict_backoff_s * 2 ** attempt))
+        self.reload()
+
+    def _conflicts_exhausted(self, batch: int) -> Unavailable:
+        self.log.warning("actor.version_conflicts_exhausted", attempts=self.max_conflict_retries, batch=batch)
+        return Unavailable(f"{self.max_conflict_retries} version conflicts in a row: another process "
+                           f"keeps writing this {self.kind}'s stream; try again")
 
     def _receive_batch(self, messages: list[Any]) -> None:
         """Apply every message, commit once, then reply to each with the last position.
@@ -180,8 +199,7 @@ class AggregateActor(pykka.ThreadingActor, ABC):
                 # a burst of QoS 0 telemetry is written and left to the next flush.
                 positions = self.commit(sync=any(not isinstance(m.reply, NoReply) for m in accepted))
             except RecordConflictError:
-                self.log.info("actor.version_conflict", attempt=attempt, batch=len(messages))
-                self.reload()
+                self._after_conflict(attempt, len(messages))
                 continue
             except Exception as exc:
                 if len(messages) > 1 and not isinstance(exc, Unavailable):
@@ -200,8 +218,9 @@ class AggregateActor(pykka.ThreadingActor, ABC):
             for m in accepted:
                 m.reply.ok(position)
             return
+        error = self._conflicts_exhausted(len(messages))
         for m in messages:
-            m.reply.fail(ActorCrashed("too many version conflicts"))
+            m.reply.fail(error)
 
     def on_refused(self, message: Any, error: ParleyError) -> None:
         """A batchable message its handler refused (bad input, nothing stored): say why."""

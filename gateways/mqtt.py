@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from functools import partial
 from typing import Any
 from urllib.parse import urlparse
 
@@ -221,8 +222,13 @@ class MqttGateway:
         try:
             route = codec.parse_topic(msg.topic)
             obj = codec.decode(msg.payload)
-            if self.runtime.agents.get(route.product_id) is None and not self._answers_a_waiting_command(route, obj):
-                self._unknown_product(route, msg)  # NTP too: no product, no answer
+            if self.runtime.agents.get(route.product_id) is None and not self._answers_a_command(route, obj):
+                if msg.qos and self.shared_group and route.kind != "ntp":
+                    # Another process may have created it a moment ago (our mirror of the
+                    # agents follows the log some 50 ms later): look again before dropping.
+                    self._wait_for_product(route, obj, msg, received_ms)
+                else:
+                    self._unknown_product(route, msg)  # NTP too: no product, no answer
                 return
             if route.kind == "ntp":
                 payload = codec.ntp_response(obj, received_ms, int(time.time() * 1000))
@@ -337,15 +343,53 @@ class MqttGateway:
             log.debug("mqtt.retained_ignored", topic=msg.topic)
         self._ack(msg.mid, msg.qos)
 
-    def _answers_a_waiting_command(self, route: codec.Route, obj: dict[str, Any]) -> bool:
-        """A response to a command this process sent and still waits on: its product may have
-        been deleted since, but the device did carry it out, and its caller should hear so
-        (not a 504 after the whole timeout)."""
+    def _answers_a_command(self, route: codec.Route, obj: dict[str, Any]) -> bool:
+        """A response that may answer a command still pending, though its product was deleted
+        since: the device did carry the command out, and its caller should hear so (not a
+        504 after the whole timeout). A command this process waits on; or, with several
+        processes (a shared subscription), one another process may have sent to a device of
+        that product: its actor catches up with the log and records the answer if the
+        command is pending there, else logs it as unmatched."""
         if route.kind != "responses":
             return False
         request_id = obj.get("requestId")
         key = self.runtime.system.inflight.get(request_id) if isinstance(request_id, str) else None
-        return key == (route.product_id, route.device_id)
+        if key == (route.product_id, route.device_id):
+            return True
+        return bool(self.shared_group) and route.product_id in self.runtime.devices.products_of(route.device_id)
+
+    # How long to look again for a product this process does not know, with several
+    # processes on one log (seconds after the message came, each).
+    PRODUCT_WAITS = (0.1, 0.4, 1.5)
+
+    def _wait_for_product(self, route: codec.Route, obj: dict[str, Any], msg: paho.MQTTMessage,
+                          received_ms: int) -> None:
+        """A QoS 1 message for a product this process does not know, while other processes
+        share the log: one of them may have just created it (a device's first report right
+        after `POST /api/agents` through another process was dropped 9 times in 10). Left
+        unacknowledged, it is handed to its actor once the product shows up here, or
+        dropped as unknown_product after PRODUCT_WAITS."""
+        key = (route.product_id, route.device_id)
+        reply = _Ack(self, msg.mid, msg.qos, key)
+        message = self._message(route, obj, received_ms, reply, len(msg.payload))  # refusals first
+        reply.message = message
+        self.stats["waited.unknown_product"] += 1
+
+        def again(attempt: int) -> None:
+            # After a reconnect the broker redelivers it itself (persistent session).
+            if self._stopping or reply.connection != self._connection:
+                return
+            if self.runtime.agents.get(route.product_id) is not None:
+                try:
+                    self.runtime.system.tell(DeviceActor, key, message)
+                except Exception as exc:  # shutting down: unacknowledged, redelivered later
+                    log.warning("mqtt.not_delivered", mid=msg.mid, error=str(exc))
+            elif attempt + 1 < len(self.PRODUCT_WAITS):
+                self.runtime.system.scheduler.call_later(self.PRODUCT_WAITS[attempt + 1], partial(again, attempt + 1))
+            else:
+                self._unknown_product(route, msg)
+
+        self.runtime.system.scheduler.call_later(self.PRODUCT_WAITS[0], partial(again, 0))
 
     def _unknown_product(self, route: codec.Route, msg: paho.MQTTMessage) -> None:
         self.stats["dropped.unknown_product"] += 1

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,9 @@ class CommandOutcomes(View):
     caller from the log instead of waiting for the deadline."""
 
     name = "command_outcomes"
+    # After another process's command's deadline, how long to leave that process to record
+    # the timeout itself before this one looks.
+    GRACE_S = 2.0
     event_types = frozenset({Device.CommandSent, Device.CommandSucceeded, Device.CommandFailed,
                              Device.CommandTimedOut, Device.CommandUndelivered})
 
@@ -85,8 +89,18 @@ class CommandOutcomes(View):
                 # usually settled by the time the runner sees them: `settled_here`.
                 if rid not in inflight and rid not in settled_here:
                     key = self.devices.device_of(le.stream_id)
-                    if key is not None and self.system.is_active(DeviceActor, key):
+                    if key is None:
+                        continue
+                    if self.system.is_active(DeviceActor, key):
                         self._tell(key, CatchUp(le.version))
+                    else:
+                        # Not live here: if the sending process stops, nothing here would
+                        # time the command out before the device next speaks or a restart.
+                        # Look once its deadline has passed (a load finds it settled, as
+                        # it nearly always is, or arms and fires its timeout).
+                        e = le.event
+                        delay = max(0.0, (e.sent_ms + e.timeout_ms) / 1000 - time.time()) + self.GRACE_S
+                        self.system.scheduler.call_later(delay, partial(self._tell, key, CatchUp(le.version)))
                 continue
             key = inflight.get(rid)
             if key is not None:

@@ -361,6 +361,41 @@ class TestDeviceActor:
         ask(system, lambda r: ReportTelemetry("state", None, {"lost": False}, None, now_ms(), reply=r))  # the retry
         assert log.load(Device.create_id(*KEY)).state == {"lost": False}
 
+    @pytest.mark.parametrize("conflicts", [5, 100])
+    def test_version_conflicts_are_retried_and_then_unavailable_never_a_crash(self, parts, monkeypatch, conflicts):
+        """Another process keeps writing the stream: the actor reloads and tries again, then
+        answers Unavailable (an MQTT message stays unacknowledged and comes again), never
+        ActorCrashed (acknowledged as poison: the report would be lost)."""
+        from eventsourcing.persistence import RecordConflictError
+
+        system, log, _ = parts
+        online(system)
+        journal, real_commit = system.journal, system.journal.commit
+        left = [conflicts]
+
+        def contended(*a, **k):
+            if left[0]:
+                left[0] -= 1
+                raise RecordConflictError("another process wrote this version")
+            return real_commit(*a, **k)
+
+        monkeypatch.setattr(journal, "commit", contended)
+        monkeypatch.setattr(DeviceActor, "conflict_backoff_s", 0.0001)
+        for kind in ("state", "status"):  # batchable reports, and one alone
+            msg = (lambda r: ReportTelemetry("state", None, {"k": 1}, None, now_ms(), reply=r)) if kind == "state" \
+                else (lambda r: SendCommand("rq-c", "set_target_temperature", {"target_temperature": 20}, 1000, reply=r))
+            if conflicts < DeviceActor.max_conflict_retries:
+                if kind == "state":
+                    ask(system, msg)
+                    assert log.load(Device.create_id(*KEY)).state["k"] == 1
+                left[0] = conflicts
+                continue
+            with structlog.testing.capture_logs() as logs:
+                with pytest.raises(Unavailable, match="version conflicts in a row"):
+                    ask(system, msg)
+            assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["actor.version_conflicts_exhausted"]
+            left[0] = conflicts
+
     def test_queued_reports_are_folded_into_one_commit(self, parts):
         system, log, _ = parts
         online(system)

@@ -992,3 +992,75 @@ def test_a_client_id_used_by_two_processes_is_reported(runtime, takeover_broker)
             first.stop()
     warning = next(e for e in logs if e["event"] == "mqtt.session_taken_over")
     assert warning["client_id"] == client_id and "PARLEY_MQTT_CLIENT_ID" in warning["hint"]
+
+
+# -- several processes on one log (a shared subscription) ------------------------------------
+
+@pytest.fixture
+def shared_runtime(tmp_path):
+    rt = make_runtime(tmp_path)  # the default liveness window: the device stays online
+    yield rt
+    rt.close()
+
+
+@pytest.fixture
+def shared_gateway(shared_runtime, sharing_broker):
+    # A group of its own: a session of an earlier test's gateway (persistent, offline) in the
+    # same group would get every other message.
+    gw = MqttGateway(shared_runtime, sharing_broker.url, client_id=f"parley-shared-{time.monotonic_ns()}",
+                     shared_group=f"g{time.monotonic_ns()}")
+    shared_runtime.attach_device_link(gw)
+    gw.start()
+    yield gw
+    gw.stop()
+
+
+def test_a_first_report_just_after_another_process_created_its_product_is_kept(shared_runtime, shared_gateway,
+                                                                               sharing_broker, monkeypatch):
+    """With a shared subscription the product may have been created through another process
+    a moment ago, and this one's mirror of the agents follows some 50 ms later: a QoS 1
+    message for a product it does not know waits for it (a device's first report was
+    dropped 9 times in 10), and one that stays unknown is dropped as before."""
+    runtime = shared_runtime
+    monkeypatch.setattr(MqttGateway, "PRODUCT_WAITS", (0.2, 0.3, 0.3))
+    dev = DeviceClient(sharing_broker.port, client_id=f"dev-{time.monotonic_ns()}")
+    try:
+        dev.send(f"v1/{P}/{D}/telemetry", status({"temperature": 20}))
+        wait_until(lambda: shared_gateway.stats["waited.unknown_product"] == 1)
+        create_agent(runtime)  # "another process": the product appears after the message came
+        wait_until(lambda: stream(runtime) == ["Registered", "StatusReported"])
+        assert shared_gateway.stats["dropped.unknown_product"] == 0
+        dev.send(f"v1/nobody/{D}/telemetry", status())  # a product nobody creates
+        wait_until(lambda: shared_gateway.stats["dropped.unknown_product"] == 1)
+        assert shared_gateway.stats["waited.unknown_product"] == 2
+        assert stream(runtime, "nobody") == []
+        wait_until(lambda: shared_gateway.stats["acked"] == 2)  # both acknowledged in the end
+    finally:
+        dev.close()
+
+
+def test_an_answer_for_a_deleted_product_reaches_the_actor_when_another_process_may_wait(
+        shared_runtime, shared_gateway, sharing_broker):
+    """The command was sent through another process, which waits for it; the answer came
+    here, and the product was deleted meanwhile: the actor records it. (Here the command is
+    sent by this runtime, and its waiter taken out of `inflight`, as if another process's.)"""
+    from actors.agent import AgentActor, DeleteAgent
+
+    runtime = shared_runtime
+    dev = DeviceClient(sharing_broker.port, client_id=f"dev-{time.monotonic_ns()}")
+    try:
+        create_agent(runtime)
+        dev.send(f"v1/{P}/{D}/telemetry", status())
+        wait_until(lambda: "StatusReported" in stream(runtime))
+        runtime.system.tell(DeviceActor, (P, D), SendCommand("req-other", "set_target_temperature",
+                                                            {"target_temperature": 22}, 5000, reply=FutureReply()))
+        wait_until(lambda: "CommandSent" in stream(runtime))
+        runtime.system.inflight.pop("req-other")
+        deleted = FutureReply()
+        runtime.system.tell(AgentActor, (P,), DeleteAgent(reply=deleted))
+        assert runtime.projections.wait_for(deleted.get(5), 5) and runtime.agents.get(P) is None
+        dev.send(f"device-agent/{P}/device/{D}/responses", {"code": 0, "msg": "ok", "requestId": "req-other"})
+        wait_until(lambda: stream(runtime)[-1] == "CommandSucceeded")
+        assert shared_gateway.stats["dropped.unknown_product"] == 0
+    finally:
+        dev.close()
