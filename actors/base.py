@@ -48,6 +48,9 @@ class AggregateActor(pykka.ThreadingActor, ABC):
     max_conflict_retries: ClassVar[int] = 8
     conflict_backoff_s: ClassVar[float] = 0.002
     batchable: ClassVar[tuple[type, ...]] = ()
+    # Messages that pin the actor from the tell until they are handled (ActorSystem.tell_many;
+    # Lease): what an eviction in between would fail though it was carried out.
+    pinning: ClassVar[tuple[type, ...]] = ()
     max_batch: ClassVar[int] = 256
 
     def __init__(self, system: ActorSystem, key: Key, lease: Lease) -> None:
@@ -114,6 +117,8 @@ class AggregateActor(pykka.ThreadingActor, ABC):
         if error is not None:
             for m in unpacked(message):
                 getattr(m, "reply", NO_REPLY).fail(Unavailable(f"could not load {self.kind}: {error}"))
+            if isinstance(message, self.pinning):
+                self.lease.pin(-1)  # the tell's pin: not handled, but done with
             return None
         if isinstance(message, (Burst, *self.batchable)):
             first = unpacked(message)
@@ -144,6 +149,13 @@ class AggregateActor(pykka.ThreadingActor, ABC):
         return getattr(self, "handle_" + type(message).__name__, None)
 
     def _receive_one(self, message: Any) -> Any:
+        try:
+            return self._receive_one_unpinned(message)
+        finally:
+            if isinstance(message, self.pinning):
+                self.lease.pin(-1)  # the tell's pin (a handler that keeps a waiter took its own)
+
+    def _receive_one_unpinned(self, message: Any) -> Any:
         handler = self._handler(message)
         reply = getattr(message, "reply", NO_REPLY)
         if handler is None:

@@ -46,6 +46,8 @@ class DeviceActor(AggregateActor):
     kind = "device"
     # Device reports are folded: a burst of telemetry waiting in the inbox is one commit.
     batchable = (ReportTelemetry, ReportEvent)
+    # Pinned from the tell: a command must not meet an eviction before its waiter pins it.
+    pinning = (SendCommand,)
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -168,7 +170,7 @@ class DeviceActor(AggregateActor):
         deadline = self._arm_deadline(msg.request_id, left)
         self.waiters[msg.request_id] = (msg.reply, deadline, None)
         self.system.inflight[msg.request_id] = self.key
-        self.lease.pins += 1
+        self.lease.pin()
         try:
             handle = link.publish_command(device.product_id, device.device_id, {
                 "cmd": msg.command, "params": msg.params, "requestId": msg.request_id, "ts": sent,
@@ -305,7 +307,7 @@ class DeviceActor(AggregateActor):
         timer.cancel()
         if self.deadlines.get(request_id) is timer:
             del self.deadlines[request_id]
-        self.lease.pins -= 1
+        self.lease.pin(-1)
         return reply
 
     def _fail_queued(self, why: str) -> None:
