@@ -125,7 +125,9 @@ class Runtime:
         self.agents = Agents(self.views_db)
         # Order matters: the registry maps streams to devices before device_events reads it.
         self.system = ActorSystem(self.log, self.journal, SystemSettings(
-            idle_timeout=settings.idle_timeout, max_active=settings.max_active_actors))
+            idle_timeout=settings.idle_timeout, max_active=settings.max_active_actors,
+            # An actor leaves within about idle_timeout, not idle_timeout + 5 s.
+            sweep_interval=min(5.0, max(0.05, settings.idle_timeout / 4))))
         self.projections = ProjectionRunner(self.log, self.views_db, [
             self.devices, self.device_events, self.agents, CommandOutcomes(self.views_db, self.system, self.devices)])
         self._stop = threading.Event()
