@@ -159,62 +159,58 @@ def test_a_command_of_a_process_that_stopped_times_out_in_the_other(tmp_path, pg
         b.close()
 
 
-def test_a_command_of_a_process_that_stopped_times_out_where_its_device_is_not_live(
-        tmp_path, pg_database, monkeypatch):
+@pytest.fixture
+def silent_pair(tmp_path, pg_database, monkeypatch):
+    """A and B on one log; the device talks only to A (B has no actor for it) and never
+    answers; B looks at another process's command 0.3 s after its deadline. Yields a list
+    [a, b]: a test may close A and set it to None."""
+    from gateways.runtime import CommandOutcomes
+
+    monkeypatch.setattr(CommandOutcomes, "GRACE_S", 0.3)
+    pair = [make_runtime(tmp_path / "a", pg_database), make_runtime(tmp_path / "b", pg_database)]
+    try:
+        a = pair[0]
+        create_agent(a)
+        a.attach_device_link(Silent())
+        ask(a, ReportTelemetry("status", "online", None, None, int(time.time() * 1000), reply=FutureReply()))
+        yield pair
+    finally:
+        for rt in pair:
+            if rt is not None:
+                rt.close()
+
+
+def test_a_command_of_a_process_that_stopped_times_out_where_its_device_is_not_live(silent_pair):
     """As above, but B has no actor for the device (it never heard from it): B looks once
     the command's deadline has passed (plus a grace for A to do it), and times it out. It
     stayed pending until A came back (found by audit: 25 s late, unbounded if A never did)."""
-    from gateways.runtime import CommandOutcomes
-
-    monkeypatch.setattr(CommandOutcomes, "GRACE_S", 0.5)
-    a = make_runtime(tmp_path / "a", pg_database)
-    b = make_runtime(tmp_path / "b", pg_database)
-    try:
-        create_agent(a)
-        a.attach_device_link(Silent())
-        ask(a, ReportTelemetry("status", "online", None, None, int(time.time() * 1000), reply=FutureReply()))
-        a.system.tell(DeviceActor, (P, D), SendCommand("orphan-2", "set_target_temperature",
-                                                       {"target_temperature": 1}, 1000, reply=FutureReply()))
-        logged(b, "CommandSent")
-        assert b.projections.wait_for(a.log.max_position(), 5)
-        assert not b.system.is_active(DeviceActor, (P, D))
-        a.close()
-        a = None
-        logged(b, "CommandTimedOut", timeout=6)
-        names = [type(e).__name__ for e in b.log.read_stream(Device.create_id(P, D))]
-        assert names.count("CommandTimedOut") == 1
-    finally:
-        if a is not None:
-            a.close()
-        b.close()
+    a, b = silent_pair
+    a.system.tell(DeviceActor, (P, D), SendCommand("orphan-2", "set_target_temperature",
+                                                   {"target_temperature": 1}, 1000, reply=FutureReply()))
+    logged(b, "CommandSent")
+    assert b.projections.wait_for(a.log.max_position(), 5)
+    assert not b.system.is_active(DeviceActor, (P, D))
+    a.close()
+    silent_pair[0] = None
+    logged(b, "CommandTimedOut", timeout=6)
+    names = [type(e).__name__ for e in b.log.read_stream(Device.create_id(P, D))]
+    assert names.count("CommandTimedOut") == 1
 
 
-def test_a_command_settled_by_its_own_process_is_left_alone_where_its_device_is_not_live(
-        tmp_path, pg_database, monkeypatch):
+def test_a_command_settled_by_its_own_process_is_left_alone_where_its_device_is_not_live(silent_pair):
     """The usual case: A answers its caller and records the outcome; B's look after the
     deadline finds the command settled and writes nothing."""
-    from gateways.runtime import CommandOutcomes
-
-    monkeypatch.setattr(CommandOutcomes, "GRACE_S", 0.2)
-    a = make_runtime(tmp_path / "a", pg_database)
-    b = make_runtime(tmp_path / "b", pg_database)
-    try:
-        create_agent(a)
-        a.attach_device_link(Silent())
-        ask(a, ReportTelemetry("status", "online", None, None, int(time.time() * 1000), reply=FutureReply()))
-        with pytest.raises(CommandTimedOut):
-            ask(a, SendCommand("own-timeout", "set_target_temperature", {"target_temperature": 1}, 300,
-                               reply=FutureReply()))
-        wait = time.monotonic() + 5
-        while not b.system.is_active(DeviceActor, (P, D)):  # B looked
-            assert time.monotonic() < wait
-            time.sleep(0.02)
-        time.sleep(0.3)
-        names = [type(e).__name__ for e in b.log.read_stream(Device.create_id(P, D))]
-        assert names.count("CommandTimedOut") == 1 and names[-1] == "CommandTimedOut"
-    finally:
-        a.close()
-        b.close()
+    a, b = silent_pair
+    with pytest.raises(CommandTimedOut):
+        ask(a, SendCommand("own-timeout", "set_target_temperature", {"target_temperature": 1}, 300,
+                           reply=FutureReply()))
+    wait = time.monotonic() + 5
+    while not b.system.is_active(DeviceActor, (P, D)):  # B looked
+        assert time.monotonic() < wait
+        time.sleep(0.02)
+    time.sleep(0.3)
+    names = [type(e).__name__ for e in b.log.read_stream(Device.create_id(P, D))]
+    assert names.count("CommandTimedOut") == 1 and names[-1] == "CommandTimedOut"
 
 
 def test_the_log_follower_leaves_this_process_s_own_commands_alone(tmp_path, monkeypatch):
