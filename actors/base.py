@@ -113,12 +113,17 @@ class AggregateActor(pykka.ThreadingActor, ABC):
         return self._receive(message)
 
     def _receive(self, message: Any) -> Any:
+        try:
+            return self._receive_loaded(message)
+        finally:
+            if isinstance(message, self.pinning):
+                self.lease.pin(-1)  # the tell's pin (a handler that keeps a waiter took its own)
+
+    def _receive_loaded(self, message: Any) -> Any:
         error = self._ensure_loaded()
         if error is not None:
             for m in unpacked(message):
                 getattr(m, "reply", NO_REPLY).fail(Unavailable(f"could not load {self.kind}: {error}"))
-            if isinstance(message, self.pinning):
-                self.lease.pin(-1)  # the tell's pin: not handled, but done with
             return None
         if isinstance(message, (Burst, *self.batchable)):
             first = unpacked(message)
@@ -149,13 +154,6 @@ class AggregateActor(pykka.ThreadingActor, ABC):
         return getattr(self, "handle_" + type(message).__name__, None)
 
     def _receive_one(self, message: Any) -> Any:
-        try:
-            return self._receive_one_unpinned(message)
-        finally:
-            if isinstance(message, self.pinning):
-                self.lease.pin(-1)  # the tell's pin (a handler that keeps a waiter took its own)
-
-    def _receive_one_unpinned(self, message: Any) -> Any:
         handler = self._handler(message)
         reply = getattr(message, "reply", NO_REPLY)
         if handler is None:

@@ -140,20 +140,26 @@ class ActorSystem:
             entry.lease.touch()
             # Inside the lock: a passivation cannot slip between lookup and enqueue, nor
             # between a pin and its message.
-            pinning = kind.pinning
             for i, message in enumerate(messages):
-                pin = bool(pinning) and isinstance(untraced(message), pinning)
                 try:
-                    entry.ref.tell(message)
+                    self._enqueue(kind, entry, message)
                 except pykka.ActorDeadError:  # it crashed a moment ago: a new one gets the rest
                     entry = self._activate(kind, key)
                     for rest in messages[i:]:
-                        if pinning and isinstance(untraced(rest), pinning):
-                            entry.lease.pin()
-                        entry.ref.tell(rest)
+                        self._enqueue(kind, entry, rest)
                     break
-                if pin:
-                    entry.lease.pin()  # still under the lock: no eviction saw it unpinned
+
+    @staticmethod
+    def _enqueue(kind: type[AggregateActor], entry: _Entry, message: Any) -> None:
+        pinned = isinstance(untraced(message), kind.pinning)  # (its actor unpins once it is handled)
+        if pinned:
+            entry.lease.pin()
+        try:
+            entry.ref.tell(message)
+        except pykka.ActorDeadError:
+            if pinned:
+                entry.lease.pin(-1)  # a dead actor's lease: only for tidiness
+            raise
 
     def active_count(self) -> int:
         return len(self._active)

@@ -244,18 +244,15 @@ class EventLog:
     def read_stream_logged(self, aggregate_id: UUID, *, gt: int = 0, limit: int = 500) -> list[LoggedEvent]:
         """One stream's events after version `gt`, in order, each with its global position
         (what `read_stream` leaves out; `parley replay` shows both)."""
-        notifications = self._app.recorder.select_stream_notifications(aggregate_id, gt=gt, limit=limit)
-        mapper = self._app.mapper
-        return [
-            LoggedEvent(n.id, n.originator_id, n.originator_version, n.topic, mapper.to_domain_event(n))
-            for n in notifications
-        ]
+        return self._logged(self._app.recorder.select_stream_notifications(aggregate_id, gt=gt, limit=limit))
 
     def read_all(self, after: int, limit: int = 500) -> list[LoggedEvent]:
         """Events with global position > after, in order."""
-        notifications = self._app.recorder.select_notifications(
+        return self._logged(self._app.recorder.select_notifications(
             start=after + 1, limit=limit, inclusive_of_start=True
-        )
+        ))
+
+    def _logged(self, notifications: Sequence[Any]) -> list[LoggedEvent]:
         mapper = self._app.mapper
         return [
             LoggedEvent(n.id, n.originator_id, n.originator_version, n.topic, mapper.to_domain_event(n))

@@ -369,21 +369,15 @@ class MqttGateway:
         after `POST /api/agents` through another process was dropped 9 times in 10). Left
         unacknowledged, it is handed to its actor once the product shows up here, or
         dropped as unknown_product after PRODUCT_WAITS."""
-        key = (route.product_id, route.device_id)
-        reply = _Ack(self, msg.mid, msg.qos, key)
-        message = self._message(route, obj, received_ms, reply, len(msg.payload))  # refusals first
-        reply.message = message
+        reply = _Ack(self, msg.mid, msg.qos, (route.product_id, route.device_id))
+        reply.message = self._message(route, obj, received_ms, reply, len(msg.payload))  # refusals first
         self.stats["waited.unknown_product"] += 1
 
         def again(attempt: int) -> None:
-            # After a reconnect the broker redelivers it itself (persistent session).
-            if self._stopping or reply.connection != self._connection:
+            if not self._still_held(reply):
                 return
             if self.runtime.agents.get(route.product_id) is not None:
-                try:
-                    self.runtime.system.tell(DeviceActor, key, message)
-                except Exception as exc:  # shutting down: unacknowledged, redelivered later
-                    log.warning("mqtt.not_delivered", mid=msg.mid, error=str(exc))
+                self._hand_over_late(reply, "mqtt.not_delivered")
             elif attempt + 1 < len(self.PRODUCT_WAITS):
                 self.runtime.system.scheduler.call_later(self.PRODUCT_WAITS[attempt + 1], partial(again, attempt + 1))
             else:
@@ -414,16 +408,23 @@ class MqttGateway:
                error=str(error), attempt=ack.attempts, retry_in_s=delay)
 
         def again() -> None:
-            # After a reconnect the broker redelivers it itself (persistent session).
-            if self._stopping or ack.connection != self._connection or self.client.socket() is None:
-                return
-            try:
+            if self._still_held(ack):
                 self.stats["retried"] += 1
-                self.runtime.system.tell(DeviceActor, ack.key, ack.message)
-            except Exception as exc:  # shutting down
-                log.warning("mqtt.retry_dropped", mid=ack.mid, error=str(exc))
+                self._hand_over_late(ack, "mqtt.retry_dropped")
 
         self.runtime.system.scheduler.call_later(delay, again)
+
+    def _still_held(self, ack: _Ack) -> bool:
+        """Whether a QoS 1 message held back (to retry, or to wait for its product) is still
+        ours to hand over: after a reconnect the broker redelivers it itself (persistent
+        session)."""
+        return not (self._stopping or ack.connection != self._connection or self.client.socket() is None)
+
+    def _hand_over_late(self, ack: _Ack, event: str) -> None:
+        try:
+            self.runtime.system.tell(DeviceActor, ack.key, ack.message)
+        except Exception as exc:  # shutting down: unacknowledged, redelivered later
+            log.warning(event, mid=ack.mid, error=str(exc))
 
     def _ack(self, mid: int, qos: int) -> None:
         if qos:

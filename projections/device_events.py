@@ -12,6 +12,10 @@ from projections.db import Cursor
 from projections.device_registry import DeviceRegistry
 from projections.view import View, dumps, loads
 
+# Positions are 64-bit (BIGINT); the log never reaches this one (eventstore/recorders.py):
+# `position < MAX_POSITION` is every event.
+MAX_POSITION = 2**63 - 1
+
 
 @dataclass
 class DeviceEventRow:
@@ -60,11 +64,10 @@ class DeviceEvents(View):
     def recent(self, product_id: str, device_id: str, limit: int,
                before: int | None = None) -> list[DeviceEventRow]:
         """The device's newest `limit` events, newest first; with `before`, the newest of
-        those older than that position (the index on device, product, position serves both)."""
-        older = "" if before is None else " AND position < ?"
+        those older than that position (the index on device, product, position serves it)."""
         rows = self.db.query(
             "SELECT position, product_id, device_id, name, data, device_ts, received_ms"
-            " FROM parley_device_events WHERE device_id = ? AND product_id = ?" + older +
+            " FROM parley_device_events WHERE device_id = ? AND product_id = ? AND position < ?"
             " ORDER BY position DESC LIMIT ?",
-            (device_id, product_id, *(() if before is None else (before,)), limit))
+            (device_id, product_id, MAX_POSITION if before is None else before, limit))
         return [DeviceEventRow(r[0], r[1], r[2], r[3], loads(r[4]), r[5], r[6]) for r in rows]

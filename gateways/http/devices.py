@@ -21,7 +21,7 @@ from gateways import ids
 from gateways.bridge import TrioReply
 from gateways.http.app import (ApiError, ascii_int, get_pending, get_runtime, json_object, query_arg,
                                read_view, shown)
-from projections.device_events import DeviceEventRow
+from projections.device_events import MAX_POSITION, DeviceEventRow
 from projections.device_registry import DeviceRow
 
 bp = Blueprint("devices", __name__)
@@ -189,10 +189,6 @@ def _limit(raw: str | None) -> int:
     if limit is not None and 1 <= limit <= 1000:
         return limit
     raise ApiError.coded(400, "invalid_request", f"limit must be an integer from 1 to 1000, not {shown(raw)}")
-
-
-# Log positions are BIGINT on PostgreSQL: a cursor past that is no position at all.
-MAX_POSITION = 2**63 - 1
 
 
 def _before(raw: str | None) -> int | None:
