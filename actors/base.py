@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import queue
 import random
+import threading
 import time
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -52,14 +53,24 @@ class AggregateActor(pykka.ThreadingActor, ABC):
     # Lease): what an eviction in between would fail though it was carried out.
     pinning: ClassVar[tuple[type, ...]] = ()
     max_batch: ClassVar[int] = 256
+    # How long a new actor waits for the ones it replaces to end (passivated a moment ago
+    # and still handling what they were told, or crashed) before it answers Unavailable.
+    predecessor_wait_s: ClassVar[float] = 10.0
 
-    def __init__(self, system: ActorSystem, key: Key, lease: Lease) -> None:
+    def __init__(self, system: ActorSystem, key: Key, lease: Lease,
+                 after: tuple[threading.Event, ...] = ()) -> None:
         super().__init__()
         self.system = system
         self.key = key
         self.lease = lease
         self.aggregate: Any | None = None
         self._loaded = False
+        # The `actor_stopped` of the actors this one replaces: it loads only once they are
+        # set, so two actors never drive one stream. The wait is here, on this actor's own
+        # thread, not in ActorSystem.tell under its lock, where every tell of every stream
+        # (the HTTP loop's among them) would wait with it.
+        self._after = after
+        self._after_deadline = time.monotonic() + self.predecessor_wait_s
         self.log = log.bind(actor=self.kind, key=":".join(key))
 
     @classmethod
@@ -76,6 +87,10 @@ class AggregateActor(pykka.ThreadingActor, ABC):
     def _ensure_loaded(self) -> Exception | None:
         if self._loaded:
             return None
+        if self._after:
+            error = self._await_predecessors()
+            if error is not None:
+                return error
         try:
             self.reload()
         except Exception as exc:
@@ -83,6 +98,20 @@ class AggregateActor(pykka.ThreadingActor, ABC):
             return exc
         self._loaded = True
         self.on_loaded()
+        return None
+
+    def _await_predecessors(self) -> Unavailable | None:
+        """Wait (until `predecessor_wait_s` after activation) for the replaced actors to end.
+        Past that, each message is answered Unavailable at once until they have: an MQTT
+        message then comes again later, an HTTP caller gets 503."""
+        for stopped in self._after:
+            if not stopped.wait(max(0.0, self._after_deadline - time.monotonic())):
+                if self._after_deadline > -1:  # say it once, not per message
+                    self._after_deadline = -1
+                    self.log.warning("actor.predecessor_still_running", waited_s=self.predecessor_wait_s)
+                return Unavailable(f"the previous {self.kind} actor for this stream is still "
+                                   "handling what it was told; try again")
+        self._after = ()
         return None
 
     def reload(self) -> None:

@@ -18,7 +18,8 @@ from typing import Any
 import structlog
 
 from actors.device import CatchUp, CommandSettled, Device, DeviceActor, ExpireLiveness, Wake
-from actors.ports import DeviceLink
+from actors.errors import Unavailable
+from actors.ports import DeviceLink, FutureReply
 from actors.system import ActorSystem, SystemSettings
 from eventstore import EventLog, Journal, LoggedEvent, StoreConfig
 from projections.agents import Agents
@@ -152,14 +153,42 @@ class Runtime:
                  agents=len(self.agents.list()))
 
     def _liveness_loop(self) -> None:
-        window_ms = int(self.settings.liveness_window * 1000)
         while not self._stop.wait(self.settings.liveness_check_interval):
             try:
-                now = int(time.time() * 1000)
-                for key in self.devices.stale(now - window_ms):
-                    self.system.tell(DeviceActor, key, ExpireLiveness(now, window_ms))
+                self.expire_silent(int(time.time() * 1000))
             except Exception:
                 log.exception("liveness.sweep_failed")
+
+    # Silent devices are told in rounds of this many, each round handled before the next:
+    # told all at once, 5,000 silent devices (a broker outage, say) started ~4,000 actor
+    # threads waiting for their loads, which run one at a time on SQLite.
+    LIVENESS_ROUND = 256
+
+    def expire_silent(self, now_ms: int) -> int:
+        """Tell each device silent for longer than the liveness window to go offline;
+        return how many were told."""
+        window_ms = int(self.settings.liveness_window * 1000)
+        keys = self.devices.stale(now_ms - window_ms)
+        failed = 0
+        for i in range(0, len(keys), self.LIVENESS_ROUND):
+            replies = []
+            for key in keys[i:i + self.LIVENESS_ROUND]:
+                reply = FutureReply()
+                try:
+                    self.system.tell(DeviceActor, key, ExpireLiveness(now_ms, window_ms, reply))
+                except Unavailable:  # shutting down
+                    return len(keys)
+                replies.append(reply)
+            for reply in replies:
+                try:
+                    reply.get(60)
+                except Exception:  # the store failed: the next sweep finds the device again
+                    failed += 1
+            if self._stop.is_set():
+                break
+        if failed:
+            log.warning("liveness.not_expired", devices=failed, of=len(keys))
+        return len(keys)
 
     def close(self) -> None:
         self._stop.set()

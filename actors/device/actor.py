@@ -141,6 +141,7 @@ class DeviceActor(AggregateActor):
             device.go_silent(device.last_seen_ms, msg.window_ms)
             self.commit(sync=False)  # derived from silence; nobody is acknowledged
             self.log.info("device.went_silent", last_seen_ms=device.last_seen_ms)
+        msg.reply.ok()
 
     def handle_SendCommand(self, msg: SendCommand) -> None:
         device = self.aggregate

@@ -110,3 +110,4 @@ class ExpireLiveness:
 
     now_ms: int
     window_ms: int
+    reply: Reply = field(default=NO_REPLY, compare=False)

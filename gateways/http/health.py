@@ -25,6 +25,8 @@ async def health() -> dict[str, Any]:
         "projectionOwner": runtime.projections.owner,
         "logPosition": log_position,
         "activeActors": runtime.system.active_count(),
+        # Passivated, their threads still running: draining what they were told.
+        "stoppingActors": runtime.system.stopping_count(),
         # Whether commands can go out now (connected to the broker and subscribed): the
         # HTTP API is up either way, but while this is false a command is a 503.
         "mqttConnected": link.connected if link is not None else None,

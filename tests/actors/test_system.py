@@ -28,23 +28,30 @@ def system(tmp_path):
 
 
 def test_never_two_actors_for_one_device(system, monkeypatch):
+    """An actor drives its stream from its load to its stop: those spans never overlap for
+    one key, however tells and passivations interleave (a new actor's thread may start while
+    the old one drains, but it loads only once the old one has stopped)."""
     live: dict[tuple, int] = {}
     worst = [0]
     lock = threading.Lock()
-    real_start, real_stop = DeviceActor.on_start, DeviceActor.on_stop
+    real_load, real_stop = DeviceActor._ensure_loaded, DeviceActor.on_stop
 
-    def on_start(self):
-        with lock:
-            live[self.key] = live.get(self.key, 0) + 1
-            worst[0] = max(worst[0], live[self.key])
-        real_start(self)
+    def ensure_loaded(self):
+        was_loaded = self._loaded
+        error = real_load(self)
+        if not was_loaded and self._loaded:
+            with lock:
+                live[self.key] = live.get(self.key, 0) + 1
+                worst[0] = max(worst[0], live[self.key])
+        return error
 
     def on_stop(self):
         with lock:
-            live[self.key] -= 1
+            if self._loaded:
+                live[self.key] -= 1
         real_stop(self)
 
-    monkeypatch.setattr(DeviceActor, "on_start", on_start)
+    monkeypatch.setattr(DeviceActor, "_ensure_loaded", ensure_loaded)
     monkeypatch.setattr(DeviceActor, "on_stop", on_stop)
 
     replies: list[FutureReply] = []
@@ -78,6 +85,59 @@ def test_never_two_actors_for_one_device(system, monkeypatch):
     assert total == 3 + 4 * 60
 
 
+def test_a_tell_does_not_wait_for_a_passivated_actor_still_busy(system):
+    """A message for an actor passivated while busy starts a new actor that waits for the
+    old one on its own thread: the tell returns at once, other streams go on, and the new
+    actor handles the message only once the old one has ended."""
+    key = ("p", "busy")
+    first = FutureReply()
+    system.tell(DeviceActor, key, ReportTelemetry("status", "online", None, None, now_ms(), reply=first))
+    first.get(5)
+    gate = threading.Event()
+    system.tell(DeviceActor, key, Hold(gate))
+    assert system.passivate_idle(now=time.monotonic() + 10_000) == 1  # its stop waits behind Hold
+    try:
+        queued = FutureReply()
+        t0 = time.monotonic()
+        system.tell(DeviceActor, key, ReportTelemetry("state", None, {"n": 1}, None, now_ms(), reply=queued))
+        other = FutureReply()
+        system.tell(DeviceActor, ("p", "other"), ReportTelemetry("status", "online", None, None, now_ms(), reply=other))
+        other.get(5)
+        assert time.monotonic() - t0 < 2  # neither tell waited for the busy actor (up to 5 s)
+        assert not queued.future.done()  # not handled while the old actor still runs
+    finally:
+        gate.set()
+    queued.get(5)
+    assert states(system, key) == [{"n": 1}]
+
+
+def test_a_new_actor_answers_unavailable_while_its_predecessor_runs_too_long(system, monkeypatch):
+    monkeypatch.setattr(DeviceActor, "predecessor_wait_s", 1.0)
+    key = ("p", "stuck")
+    system.tell(DeviceActor, key, ReportTelemetry("status", "online", None, None, now_ms()))
+    gate = threading.Event()
+    system.tell(DeviceActor, key, Hold(gate))
+    system.passivate_idle(now=time.monotonic() + 10_000)
+    try:
+        waited = FutureReply()
+        system.tell(DeviceActor, key, ReportTelemetry("state", None, {"n": 1}, None, now_ms(), reply=waited))
+        with pytest.raises(Unavailable, match="previous device actor"):
+            waited.get(5)
+        at_once = FutureReply()
+        t0 = time.monotonic()
+        system.tell(DeviceActor, key, ReportTelemetry("state", None, {"n": 2}, None, now_ms(), reply=at_once))
+        with pytest.raises(Unavailable):
+            at_once.get(5)
+        assert time.monotonic() - t0 < 1.0  # past the wait, no message waits again
+    finally:
+        gate.set()
+    later = FutureReply()
+    wait_until(lambda: not system._stopping or all(r.actor_stopped.is_set() for r in system._stopping.values()))
+    system.tell(DeviceActor, key, ReportTelemetry("state", None, {"n": 3}, None, now_ms(), reply=later))
+    later.get(5)
+    assert states(system, key) == [{"n": 3}]
+
+
 def test_lru_cap_passivates_least_recently_used(system):
     for i in range(60):
         r = FutureReply()
@@ -86,6 +146,38 @@ def test_lru_cap_passivates_least_recently_used(system):
     assert system.active_count() <= 50
     assert system.is_active(DeviceActor, ("p", "d59"))
     assert not system.is_active(DeviceActor, ("p", "d0"))
+
+
+def test_the_lru_cap_evicts_only_idle_actors_and_the_sweep_trims_the_rest(tmp_path):
+    """An actor with messages waiting is not evicted (it would have to handle them all
+    before it could stop); once it is idle, the sweep brings the system back to the cap."""
+    log = EventLog(StoreConfig.resolve(tmp_path, None))
+    journal = Journal(log)
+    system = ActorSystem(log, journal, SystemSettings(sweep_interval=3600, max_active=1))
+    try:
+        gate = threading.Event()
+        busy = ("p", "busy")
+        system.tell(DeviceActor, busy, ReportTelemetry("status", "online", None, None, now_ms()))
+        system.tell(DeviceActor, busy, Hold(gate))
+        queued = FutureReply()
+        system.tell(DeviceActor, busy, ReportTelemetry("state", None, {"n": 1}, None, now_ms(), reply=queued))
+        for i in range(2):
+            r = FutureReply()
+            system.tell(DeviceActor, ("p", f"d{i}"), ReportTelemetry("status", "online", None, None, now_ms(), reply=r))
+            r.get(5)
+        assert system.is_active(DeviceActor, busy)  # the least recently used, but busy
+        assert not system.is_active(DeviceActor, ("p", "d0"))  # idle: evicted for d1
+        assert system.active_count() == 2  # over the cap while the other is busy
+        gate.set()
+        queued.get(5)
+        assert system.passivate_idle() == 1  # nothing idle for idle_timeout: only the cap
+        assert system.active_count() == 1 and not system.is_active(DeviceActor, busy)
+        wait_until(lambda: system.stopping_count() == 0)
+    finally:
+        gate.set()
+        system.shutdown()
+        journal.close()
+        log.close()
 
 
 # -- tell_many ---------------------------------------------------------------------------

@@ -21,13 +21,14 @@ async def test_health_reports_positions(client: httpx.AsyncClient) -> None:
     body = r.json()
     assert body["status"] == "ok"
     assert set(body) == {"status", "projectionPosition", "projectionOwner", "logPosition", "activeActors",
-                         "mqttConnected", "mqtt"}
+                         "stoppingActors", "mqttConnected", "mqtt"}
     assert body["mqttConnected"] is None  # no MQTT gateway in this test
     assert body["projectionOwner"] is True  # the only process on its database
     # The create waited for the views, so they are caught up with the log.
     assert body["logPosition"] >= 1
     assert body["projectionPosition"] == body["logPosition"]
     assert body["activeActors"] >= 1  # the agent's actor
+    assert body["stoppingActors"] == 0
 
 
 async def test_health_says_whether_commands_can_go_out(client: httpx.AsyncClient, link) -> None:
