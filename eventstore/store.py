@@ -219,9 +219,28 @@ class EventLog:
         self.put_snapshots([snapshot])
 
     def put_snapshots(self, snapshots: Sequence[Snapshot]) -> None:
-        """Store snapshots of any streams in one transaction."""
+        """Store snapshots of any streams in one transaction, then delete the older ones of
+        those streams: a load reads only the newest, and a state at an older version is
+        rebuilt from the events. Kept, they grew the store by the state's size every 100
+        events (a device with 1 MB of state at 1 msg/s: 830 MB a day)."""
         assert self._app.snapshots is not None  # enabled in StoreConfig.env
         self._app.snapshots.put(snapshots)
+        newest: dict[UUID, int] = {}
+        for snapshot in snapshots:
+            newest[snapshot.originator_id] = max(newest.get(snapshot.originator_id, 0),
+                                                 snapshot.originator_version)
+        recorder: Any = self._app.snapshots.recorder
+        if self.config.is_postgres:
+            from psycopg import sql
+
+            statement: Any = sql.SQL("DELETE FROM {}.{} WHERE originator_id = %s AND originator_version < %s").format(
+                sql.Identifier(recorder.datastore.schema), sql.Identifier(recorder.events_table_name))
+            rows: list[tuple[Any, int]] = list(newest.items())
+        else:
+            statement = f"DELETE FROM {recorder.events_table_name} WHERE originator_id = ? AND originator_version < ?"
+            rows = [(stream.hex, version) for stream, version in newest.items()]
+        with recorder.datastore.transaction(commit=True) as cursor:
+            cursor.executemany(statement, rows)
 
     def snapshot_version(self, aggregate_id: UUID) -> int | None:
         """Version of the latest snapshot of a stream, if any."""

@@ -179,6 +179,22 @@ class TestEventLog:
         assert (loaded.total, loaded.version) == (60, 52)
         assert log.load(c.id, version=20).total == 19
 
+    def test_a_new_snapshot_replaces_the_older_ones_of_its_stream(self, log, journal):
+        c, other = Counter(name="a"), Counter(name="b")
+        taken = []
+        for _ in range(3):
+            for _ in range(10):
+                c.add(1)
+            other.add(1)
+            journal.commit(c.collect_events() + other.collect_events())
+            log.put_snapshots([Snapshot.take(c), Snapshot.take(other)])
+            taken.append(c.version)
+        snapshots = log._app.snapshots
+        assert [s.originator_version for s in snapshots.get(c.id)] == [taken[-1]]
+        assert [s.originator_version for s in snapshots.get(other.id)] == [other.version]
+        assert (log.load(c.id).total, log.load(c.id).version) == (30, 31)
+        assert log.load(c.id, version=taken[0]).total == 10  # an older state: from the events
+
     def test_commit_listeners_hear_positions(self, log, journal):
         heard: list[int] = []
         done = threading.Event()
