@@ -13,7 +13,7 @@ import json
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.domain import Aggregate, event
+from eventsourcing.domain import Aggregate, datetime_now_with_tzinfo, event
 
 from eventstore import stream_id
 
@@ -77,11 +77,30 @@ class Device(Aggregate):
         self.last_seen_ms = 0
         self.pending: dict[str, dict[str, Any]] = {}
 
+    def _report(self, event_class: type[Aggregate.Event], **fields: Any) -> None:
+        """`trigger_event` for the events every MQTT report makes: 1.2 instead of 3.3 µs,
+        some 6% of the CPU a report costs. The event is built the way the store builds one
+        it reads (eventsourcing's `Mapper.to_domain_event`: `object.__new__` and its
+        `__dict__`), not through the frozen dataclass's `__init__`, which sets each field
+        by `object.__setattr__` and checks the id is a UUID; and it skips `mutate`'s
+        checks of id and version, which hold here by construction. The fields are those
+        `__init__` would set, in its order, so the stored bytes are the same
+        (tests/actors/test_device_actor.py compares the two ways)."""
+        version = self.version + 1
+        timestamp = datetime_now_with_tzinfo()
+        e = object.__new__(event_class)
+        object.__setattr__(e, "__dict__", {"originator_id": self.id, "originator_version": version,
+                                           "timestamp": timestamp, **fields})
+        e.apply(self)
+        self.version = version
+        self.modified_on = timestamp
+        self._pending_events.append(e)
+
     # -- telemetry -------------------------------------------------------------------
     def report_status(self, status: str, state: dict[str, Any] | None, device_ts: int | None,
                       received_ms: int, metadata: dict[str, Any] | None) -> None:
-        self.trigger_event(self.StatusReported, status=status, state=state, device_ts=device_ts,
-                           received_ms=received_ms, metadata=metadata)
+        self._report(self.StatusReported, status=status, state=state, device_ts=device_ts,
+                     received_ms=received_ms, metadata=metadata)
 
     class StatusReported(Aggregate.Event):
         status: str
@@ -98,8 +117,8 @@ class Device(Aggregate):
 
     def report_state(self, state: dict[str, Any], device_ts: int | None, received_ms: int,
                      metadata: dict[str, Any] | None) -> None:
-        self.trigger_event(self.StateReported, state=state, device_ts=device_ts,
-                           received_ms=received_ms, metadata=metadata)
+        self._report(self.StateReported, state=state, device_ts=device_ts,
+                     received_ms=received_ms, metadata=metadata)
 
     class StateReported(Aggregate.Event):
         state: dict[str, Any]
@@ -129,8 +148,8 @@ class Device(Aggregate):
     # -- device events ---------------------------------------------------------------
     def report_event(self, name: str, data: dict[str, Any], device_ts: int | None,
                      received_ms: int, metadata: dict[str, Any] | None) -> None:
-        self.trigger_event(self.EventReported, name=name, data=data, device_ts=device_ts,
-                           received_ms=received_ms, metadata=metadata)
+        self._report(self.EventReported, name=name, data=data, device_ts=device_ts,
+                     received_ms=received_ms, metadata=metadata)
 
     class EventReported(Aggregate.Event):
         name: str

@@ -747,6 +747,35 @@ def test_each_event_applies_what_the_decorator_version_did():
     assert facts(before) == (True, {"a": 5, "n": {"y": 2}, "b": 2, "c": 3}, 900, {})
 
 
+@pytest.mark.parametrize("command,args", [
+    ("report_status", ("online", {"a": 1}, 3, 200, {"productId": "p"})),
+    ("report_status", ("offline", None, None, 100, None)),
+    ("report_state", ({"b": 2, "n": {"y": 2}}, 4, 300, None)),
+    ("report_event", ("alert", {"t": 1}, None, 500, None)),
+])
+def test_a_report_makes_the_event_trigger_event_would(command, args):
+    """Reports build their events without the frozen dataclass's __init__ (Device._report):
+    the same fields in the same order, so the same stored bytes, and the same aggregate."""
+    fast, slow = Device(product_id="p", device_id="d"), Device(product_id="p", device_id="d")
+    slow._id = fast.id
+    getattr(fast, command)(*args)
+    real = Device._report
+    try:
+        Device._report = lambda self, cls, **fields: self.trigger_event(cls, **fields)
+        getattr(slow, command)(*args)
+    finally:
+        Device._report = real
+    (a,), (b,) = fast.collect_events()[1:], slow.collect_events()[1:]
+    assert type(a) is type(b)
+    assert (fast.modified_on, slow.modified_on) == (a.timestamp, b.timestamp)
+    object.__setattr__(b, "timestamp", a.timestamp)
+    assert list(vars(a).items()) == list(vars(b).items())
+    encode = MsgpackTranscoder().encode
+    assert encode(vars(a)) == encode(vars(b))
+    assert (fast.version, fast.online, fast.state, fast.last_seen_ms) == \
+        (slow.version, slow.online, slow.state, slow.last_seen_ms)
+
+
 def test_a_command_queued_for_an_actor_is_not_failed_by_an_lru_eviction(tmp_path):
     """An eviction (too many actors) between the tell of a command and its handling stopped
     the actor right after it had sent the command: the caller got 503 though the device
