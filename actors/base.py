@@ -26,6 +26,7 @@ from eventsourcing.persistence import RecordConflictError
 from actors.errors import ActorCrashed, ParleyError, Unavailable
 from actors.ports import NO_REPLY, Burst, NoReply, Traced, unpacked, untraced
 from eventstore import UnencodableValue
+from eventstore.breaker import store_down
 
 if TYPE_CHECKING:
     from actors.system import ActorSystem, Lease
@@ -39,6 +40,9 @@ class AggregateActor(pykka.ThreadingActor, ABC):
     """One actor per stream. Handles one message (or one folded burst) at a time."""
 
     kind: ClassVar[str]
+    # A daemon thread: an actor still busy when shutdown has waited its time (a store that
+    # hangs) must not hold the process open. Nothing it does then is acknowledged to anyone.
+    use_daemon_thread = True
     snapshot_every: ClassVar[int] = 100
     # Another process appending to the same stream (several processes on one database, a
     # shared subscription spreading one device's messages across them): reload and decide
@@ -87,6 +91,11 @@ class AggregateActor(pykka.ThreadingActor, ABC):
     def _ensure_loaded(self) -> Exception | None:
         if self._loaded:
             return None
+        if self.system.closing:
+            # Shutting down: what is queued for an actor not loaded yet fails at once (the
+            # MQTT gateway has stopped; the broker redelivers what was not acknowledged),
+            # instead of each loading now, from a store that may be down.
+            return Unavailable("the server is shutting down")
         if self._after:
             error = self._await_predecessors()
             if error is not None:
@@ -94,7 +103,8 @@ class AggregateActor(pykka.ThreadingActor, ABC):
         try:
             self.reload()
         except Exception as exc:
-            self.log.error("actor.load_failed", error=repr(exc))
+            # The store known down is one line of the breaker's (store.down), not one a message.
+            (self.log.debug if store_down(exc) else self.log.error)("actor.load_failed", error=repr(exc))
             return exc
         self._loaded = True
         self.on_loaded()
@@ -152,7 +162,9 @@ class AggregateActor(pykka.ThreadingActor, ABC):
         error = self._ensure_loaded()
         if error is not None:
             for m in unpacked(message):
-                getattr(m, "reply", NO_REPLY).fail(Unavailable(f"could not load {self.kind}: {error}"))
+                failure = Unavailable(f"could not load {self.kind}: {error}")
+                failure.__cause__ = error  # (store_down looks at the cause)
+                getattr(m, "reply", NO_REPLY).fail(failure)
             return None
         if isinstance(message, (Burst, *self.batchable)):
             first = unpacked(message)
@@ -270,7 +282,7 @@ class AggregateActor(pykka.ThreadingActor, ABC):
         # Supervision: the commands that crashed get an error reply; state is rebuilt from
         # the log so nothing half-applied survives.
         if isinstance(exc, Unavailable):
-            self.log.error("actor.commit_failed", error=str(exc))
+            (self.log.debug if store_down(exc) else self.log.error)("actor.commit_failed", error=str(exc))
             error: ParleyError = exc
         else:
             self.log.exception("actor.crashed", message=type(messages[0]).__name__)
@@ -287,8 +299,11 @@ class AggregateActor(pykka.ThreadingActor, ABC):
         try:
             self.reload()
             self.on_restarted()
-        except Exception:
-            self.log.exception("actor.restart_failed")
+        except Exception as exc:
+            if store_down(exc):
+                self.log.debug("actor.restart_failed", error=repr(exc))
+            else:
+                self.log.exception("actor.restart_failed")
             self._loaded = False  # the next message tries again
 
     def on_restarted(self) -> None:
@@ -337,7 +352,8 @@ class AggregateActor(pykka.ThreadingActor, ABC):
             try:
                 self.reload()
             except Exception as reload_exc:
-                self.log.warning("actor.reload_failed", error=repr(reload_exc))
+                if not store_down(reload_exc):
+                    self.log.warning("actor.reload_failed", error=repr(reload_exc))
                 self.aggregate, self._loaded = None, False
             raise Unavailable(f"could not commit: {exc}") from exc
         before = events[0].originator_version - 1

@@ -50,6 +50,10 @@ class DeviceLink(Protocol):
         """Whether a command can go out now and its answer come back (connected and subscribed)."""
         ...
 
+    # Since when (wall clock, s) devices can be heard (connected and subscribed); None while
+    # they cannot. Optional: a link without it is taken as always listening.
+    listening_since: float | None
+
     def publish_command(self, product_id: str, device_id: str, payload: dict[str, Any]) -> Any:
         """Hand a command to the broker; returns a handle for `withdraw`. Raises
         `Unavailable` if it cannot be sent now: it is then never sent later either."""

@@ -162,6 +162,10 @@ class ActorSystem:
                 entry.lease.pin(-1)  # a dead actor's lease: only for tidiness
             raise
 
+    @property
+    def closing(self) -> bool:
+        return self._closed
+
     def active_count(self) -> int:
         return len(self._active)
 
@@ -251,7 +255,14 @@ class ActorSystem:
             except Exception:
                 log.exception("actors.sweep_failed")
 
+    # How long shutdown waits, in all, for actors to finish what they were told.
+    SHUTDOWN_WAIT_S = 10.0
+
     def shutdown(self) -> None:
+        """Stop every actor: each handles what it was told first (an actor not loaded yet
+        answers Unavailable instead of loading), all within SHUTDOWN_WAIT_S together. An
+        actor still busy after that is left; its thread is a daemon (AggregateActor), so it
+        does not hold the process: nothing it was told can be acknowledged any more."""
         with self._lock:
             self._closed = True
             refs = [e.ref for e in self._active.values()] + list(self._stopping.values())
@@ -260,9 +271,8 @@ class ActorSystem:
         self._stop_sweeper.set()
         for ref in refs:
             ref.stop(block=False)
-        for ref in refs:
-            try:
-                ref.actor_stopped.wait(10)
-            except Exception:
-                pass
+        deadline = time.monotonic() + self.SHUTDOWN_WAIT_S
+        left = sum(not ref.actor_stopped.wait(max(0.0, deadline - time.monotonic())) for ref in refs)
+        if left:
+            log.warning("actors.not_stopped", actors=left, of=len(refs), waited_s=self.SHUTDOWN_WAIT_S)
         self.scheduler.stop()

@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 from eventsourcing.persistence import RecordConflictError
 
-from eventstore.store import EventLog
+from eventstore.store import EventLog, StoreUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -167,8 +167,9 @@ class Journal:
             self.log.put_snapshots(snapshots)
             return
         except Exception as exc:
-            if len(snapshots) == 1:
-                log.warning("journal.snapshot_failed", error=str(exc))
+            if len(snapshots) == 1 or isinstance(exc, StoreUnavailable):
+                # (Not stored: a load replays a little more, and the next one takes it.)
+                log.warning("journal.snapshot_failed", error=str(exc), snapshots=len(snapshots))
                 return
         for snapshot in snapshots:
             self._put_snapshots([snapshot])
@@ -178,6 +179,11 @@ class Journal:
         sync = any(b.sync for b in batches)
         try:
             positions = self.log.append(events, sync=sync)
+        except StoreUnavailable as exc:
+            # Known down (eventstore/breaker.py): each caller would fail alike, at once.
+            for b in batches:
+                b.future.set_exception(exc)
+            return
         except Exception:
             # One stream conflicted (or one event could not be encoded): fall back to one
             # transaction per caller so that only the guilty caller fails.

@@ -35,11 +35,14 @@ from contextlib import contextmanager
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.persistence import Notification, PersistenceError, StoredEvent
-from eventsourcing.postgres import PostgresApplicationRecorder
+from eventsourcing.persistence import InterfaceError, Notification, OperationalError, PersistenceError, StoredEvent
+from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
+from eventsourcing.postgres import PostgresFactory as _EventsourcingPostgresFactory
 from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteConnection, SQLiteDatastore
 from eventsourcing.sqlite import SQLiteFactory as _EventsourcingSQLiteFactory
 from psycopg.sql import SQL, Identifier
+
+from eventstore.breaker import POOL_RECONNECT_TIMEOUT_S, StoreBreaker
 
 _SQLITE_MODE = {True: "FULL", False: "NORMAL"}
 # Set once on the connection that writes events (SingleWriterDatastore). Device streams
@@ -243,6 +246,44 @@ class SQLiteRecorder(SQLiteApplicationRecorder):
         """Return once the log is on disk up to `position` (committed by this process)."""
         if position > self._durable:
             self.sync(position)
+
+
+class GuardedPostgresDatastore(PostgresDatastore):
+    """eventsourcing's datastore, whose connections pass the breaker first (StoreBreaker):
+    while the server is down, a use fails at once instead of after eventsourcing's retries,
+    and a connection-class failure makes the breaker look."""
+
+    breaker: StoreBreaker
+
+    @contextmanager
+    def get_connection(self) -> Iterator[Any]:
+        self.breaker.check()  # StoreUnavailable is no OperationalError: not retried
+        try:
+            with super().get_connection() as conn:
+                yield conn
+        except (OperationalError, InterfaceError):
+            self.breaker.suspect()
+            raise
+
+    def recovered(self) -> None:
+        """After an outage: drop the pool's connections that died with the server."""
+        self.pool.check()
+
+
+class PostgresFactory(_EventsourcingPostgresFactory):
+    """eventsourcing's PostgreSQL factory with a `GuardedPostgresDatastore`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # eventsourcing builds its datastore inline, from a dozen settings; the guarded one
+        # only adds methods, so the built instance takes its class rather than be rebuilt.
+        self.datastore.__class__ = GuardedPostgresDatastore
+        ds: Any = self.datastore
+        kw = ds.pool.kwargs
+        ds.breaker = StoreBreaker({k: kw[k] for k in ("dbname", "host", "port", "user", "password")},
+                                  f"{kw['host']}:{kw['port']}/{kw['dbname']}")
+        ds.breaker.on_recovered(ds.recovered)
+        ds.pool.reconnect_timeout = POOL_RECONNECT_TIMEOUT_S
 
 
 class PostgresRecorder(PostgresApplicationRecorder):

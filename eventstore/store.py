@@ -20,6 +20,7 @@ from eventsourcing.domain import Snapshot
 from eventsourcing.persistence import Transcoder
 from eventsourcing.utils import get_topic
 
+from eventstore.breaker import StoreBreaker, StoreUnavailable
 from eventstore.recorders import warm_wal
 from eventstore.transcoder import MsgpackTranscoder
 
@@ -65,7 +66,7 @@ class StoreConfig:
         if self.is_postgres:
             u = urlparse(self.url)
             env.update(
-                PERSISTENCE_MODULE="eventsourcing.postgres",
+                PERSISTENCE_MODULE="eventstore.recorders:PostgresFactory",
                 APPLICATION_RECORDER_TOPIC="eventstore.recorders:PostgresRecorder",
                 POSTGRES_DBNAME=u.path.lstrip("/") or "parley",
                 POSTGRES_HOST=u.hostname or "127.0.0.1",
@@ -128,10 +129,6 @@ class StoredRow(NamedTuple):
     state: bytes
 
 
-class StoreUnavailable(Exception):
-    """The log's database cannot be reached or used; the message says why and where."""
-
-
 def _postgres_problem(config: StoreConfig) -> str | None:
     """Why a PostgreSQL connection fails, from one direct attempt (eventsourcing's pool only
     says "couldn't get a connection after 5.00 sec"), or None if it succeeds."""
@@ -167,6 +164,11 @@ class EventLog:
                 raise
             reason = _postgres_problem(config) or str(exc)
             raise StoreUnavailable(f"cannot use the PostgreSQL log at {config.display_url}: {reason}") from exc
+        # PostgreSQL only: whether the server answers (eventstore/breaker.py); the views
+        # share it. None on SQLite, which is a file in this process.
+        self.breaker: StoreBreaker | None = getattr(self._app.factory.datastore, "breaker", None)
+        if self.breaker is not None:
+            self.breaker.arm()
         self._listeners: list[Callable[[int], None]] = []
         self._event_listeners: list[Callable[[list[LoggedEvent]], None]] = []
         self._listen_thread: threading.Thread | None = None
@@ -311,19 +313,31 @@ class EventLog:
         import psycopg
 
         channel = self._app.recorder.channel_name  # type: ignore[attr-defined]
+        missed = False
         while not self._closed.is_set():
             try:
                 with psycopg.connect(self.config.url, autocommit=True) as conn:
                     conn.execute(f'LISTEN "{channel}"')
+                    if missed:  # commits may have come while we did not listen: followers look
+                        missed = False
+                        self.notify_committed(-1)
                     while not self._closed.is_set():
                         for _ in conn.notifies(timeout=1.0, stop_after=1):  # noqa: B007
                             self.notify_committed(-1)  # -1: "something new", position unknown
             except Exception as exc:  # the database restarted or went away: retry
                 if self._closed.is_set():
                     return
-                log.warning("eventlog.listen_failed", error=str(exc))
+                missed = True
+                breaker = self.breaker
+                assert breaker is not None  # PostgreSQL
+                if not breaker.down:  # an outage is the breaker's one line, not one a second
+                    log.warning("eventlog.listen_failed", error=str(exc))
+                    breaker.suspect()
                 self._closed.wait(1.0)
+                breaker.wait_up(3600)
 
     def close(self) -> None:
         self._closed.set()
+        if self.breaker is not None:
+            self.breaker.close()  # uses after this fail at once, and say why
         self._app.close()

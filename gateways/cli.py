@@ -327,7 +327,7 @@ def _find_product(log: Any, device_id: str) -> str:
     found = []
     # No views yet (a log no server has projected): do not create views.sqlite by asking.
     if log.config.is_postgres or Path(log.config.sqlite_path).with_name("views.sqlite").is_file():
-        db = ViewDatabase(log.config)
+        db = ViewDatabase(log.config, log.breaker)
         try:
             found = DeviceRegistry(db).find(device_id)
         except Exception as exc:  # noqa: BLE001 - a log without views (yet): found nowhere

@@ -27,6 +27,7 @@ from actors.device import AnswerRefused, DeviceActor, DeviceResponded, ReportEve
 from actors.errors import ActorCrashed, Unavailable
 from actors.ports import NoReply
 from gateways import mqtt_codec as codec
+from eventstore.breaker import store_down
 from gateways.config import check_mqtt_url
 from gateways.mqtt_client import BufferedClient, no_delay
 from gateways.runtime import Runtime
@@ -107,6 +108,9 @@ class MqttGateway:
         self.stats: Counter[str] = Counter()
         self._unacked = _Unacked(self)
         self._ready = threading.Event()
+        # Since when (wall clock, s) devices can be heard: connected and subscribed. None
+        # while not. The liveness sweep waits on it (Runtime.liveness_paused).
+        self.listening_since: float | None = None
         self._warned_products: set[str] = set()
         self.client = BufferedClient(CallbackAPIVersion.VERSION2, client_id=self.client_id,
                                      clean_session=False, protocol=paho.MQTTv311, manual_ack=True)
@@ -181,6 +185,8 @@ class MqttGateway:
                     error=str(error) if error is not None else "unknown", will_retry=not self._stopping)
 
     def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        if not self._ready.is_set():
+            self.listening_since = time.time()
         self._ready.set()
 
     # Dropped this soon after connecting, this often: another client is taking our session.
@@ -189,6 +195,7 @@ class MqttGateway:
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         self._ready.clear()
+        self.listening_since = None
         self._flush()  # nothing held waits for a reconnect
         if reason.is_failure:
             log.warning("mqtt.disconnected", reason=str(reason), will_retry=True)
@@ -403,7 +410,8 @@ class MqttGateway:
         seconds would stall all QoS 1 traffic until a reconnect."""
         delay = self.RETRY_DELAYS[min(ack.attempts, len(self.RETRY_DELAYS) - 1)]
         ack.attempts += 1
-        log_fn = log.error if ack.attempts == 1 else log.warning
+        # The store known down is one line of the breaker's (store.down), not one a message.
+        log_fn = log.debug if store_down(error) else log.error if ack.attempts == 1 else log.warning
         log_fn("mqtt.not_committed", mid=ack.mid, product_id=ack.key[0], device_id=ack.key[1],
                error=str(error), attempt=ack.attempts, retry_in_s=delay)
 

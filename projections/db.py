@@ -17,11 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from eventstore import StoreConfig
+from eventstore.breaker import POOL_RECONNECT_TIMEOUT_S, StoreBreaker
 
 
 class ViewDatabase:
-    def __init__(self, config: StoreConfig) -> None:
+    def __init__(self, config: StoreConfig, breaker: StoreBreaker | None = None) -> None:
+        """`breaker`: the log's (EventLog.breaker), so one outage is one state for both."""
         self.is_postgres = config.is_postgres
+        self._breaker = breaker
         self._url = config.url
         self._local = threading.local()
         # Every live thread's SQLite connection, to close them all. A thread's connection is
@@ -35,7 +38,9 @@ class ViewDatabase:
             # timeout: how long a query waits for a connection. 30 s (psycopg's default) kept
             # HTTP reads hanging through a database outage; 5 s, then 503 (gateways/http/app.py).
             self._pool = ConnectionPool(config.url, min_size=1, max_size=8, open=True, timeout=5.0,
-                                        kwargs={"autocommit": False})
+                                        reconnect_timeout=POOL_RECONNECT_TIMEOUT_S, kwargs={"autocommit": False})
+            if breaker is not None:
+                breaker.on_recovered(self._pool.check)
         else:
             self._path = str(Path(config.sqlite_path).with_name("views.sqlite"))
 
@@ -61,12 +66,26 @@ class ViewDatabase:
             conn.close()
 
     @contextmanager
+    def _pg_connection(self) -> Iterator[Any]:
+        """A pooled connection past the breaker: while the server is down, StoreUnavailable
+        at once, not after the pool's 5 s wait."""
+        import psycopg
+
+        if self._breaker is not None:
+            self._breaker.check()
+        try:
+            with self._pool.connection() as conn:
+                yield conn  # the pool's context manager commits on success, rolls back on error
+        except (psycopg.OperationalError, psycopg.InterfaceError):
+            if self._breaker is not None:
+                self._breaker.suspect()
+            raise
+
+    @contextmanager
     def transaction(self) -> Iterator["Cursor"]:
         if self.is_postgres:
-            with self._pool.connection() as conn:
-                with conn.cursor() as cur:
-                    yield Cursor(cur, self)
-                # the pool's context manager commits on success, rolls back on error
+            with self._pg_connection() as conn, conn.cursor() as cur:
+                yield Cursor(cur, self)
         else:
             conn = self._sqlite()
             conn.execute("BEGIN IMMEDIATE")
@@ -79,7 +98,7 @@ class ViewDatabase:
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         if self.is_postgres:
-            with self._pool.connection() as conn:
+            with self._pg_connection() as conn:
                 return list(conn.execute(self._sql(sql), params).fetchall())
         return self._sqlite().execute(sql, params).fetchall()
 

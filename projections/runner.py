@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import structlog
 
-from eventstore import EventLog, LoggedEvent
+from eventstore import EventLog, LoggedEvent, StoreUnavailable
 from projections.db import ViewDatabase
 from projections.view import View
 
@@ -47,6 +47,7 @@ class ProjectionRunner:
         self._cond = threading.Condition()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
+        self._failing, self._failing_logged = "", 0.0  # the failure being retried, and when logged
         with db.transaction() as cur:
             cur.execute(TRACKING)
             for view in self.views:
@@ -245,10 +246,26 @@ class ProjectionRunner:
             try:
                 while not self._stopped.is_set() and self.step():
                     pass
-            except Exception:
-                # A view bug must not kill the runner silently: log, back off, retry.
-                log.exception("projection.apply_failed", runner=self.name, position=self.position)
+            except StoreUnavailable:
+                # Known down (the breaker logged it once): follow again once it is up.
+                breaker = self.log.breaker
+                while breaker is not None and not self._stopped.is_set() and not breaker.wait_up(1.0):
+                    pass
+                self._wake.set()
+            except Exception as exc:
+                # A view bug must not kill the runner silently: log, back off, retry. The
+                # traceback once; the same failure again, a line a minute at most.
+                now = time.monotonic()
+                if repr(exc) != self._failing:
+                    log.exception("projection.apply_failed", runner=self.name, position=self.position)
+                    self._failing, self._failing_logged = repr(exc), now
+                elif now - self._failing_logged >= 60:
+                    log.warning("projection.still_failing", runner=self.name, position=self.position,
+                                error=repr(exc))
+                    self._failing_logged = now
                 self._stopped.wait(1.0)
+            else:
+                self._failing = ""
 
     def stop(self) -> None:
         self._stopped.set()

@@ -22,6 +22,7 @@ from tests import services
 # Facts for the "Real services" terminal summary, filled in by the fixtures.
 SERVICES_STATE: dict[str, str | None] = {"broker": None, "postgres": None}
 NEEDS_MOSQUITTO: list[str] = []  # tests not run because the built-in broker cannot do what they check
+NEEDS_PG_PROGRAMS: list[str] = []  # tests not run for want of PostgreSQL's server programs
 _USERS: dict[str, int] = {"mqtt_broker": 0, "pg_url": 0}
 
 
@@ -91,6 +92,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr.write_line(f"PostgreSQL suites (tests using pg_url: {_USERS['pg_url']}): {pg}")
     if NEEDS_MOSQUITTO:
         tr.write_line(f"NOT RUN without Mosquitto ({len(NEEDS_MOSQUITTO)}): " + ", ".join(NEEDS_MOSQUITTO))
+    if NEEDS_PG_PROGRAMS:
+        tr.write_line(f"NOT RUN without PostgreSQL's initdb/pg_ctl ({len(NEEDS_PG_PROGRAMS)}): "
+                      + ", ".join(NEEDS_PG_PROGRAMS))
 
 
 def _mosquitto_only(request, broker, lacks: str):
@@ -134,3 +138,26 @@ def pg_database(pg_url):
         yield url
     finally:
         services.drop_database(admin, url)
+
+
+@pytest.fixture
+def private_postgres(request):
+    """A PostgreSQL server of this test's own, running, that it may stop and start again
+    (an outage). Needs PostgreSQL's server programs: without them the test is skipped and
+    named in the summary, or fails under PARLEY_REQUIRE_SERVICES=1 (CI)."""
+    try:
+        server = services.PrivateServer()
+    except services.ServiceUnavailable as exc:
+        problem = str(exc)
+    else:
+        problem = None
+    if problem is not None:
+        if services.require_services():
+            pytest.fail(f"PARLEY_REQUIRE_SERVICES=1: {problem}", pytrace=False)
+        NEEDS_PG_PROGRAMS.append(request.node.nodeid)
+        pytest.skip(f"needs PostgreSQL's server programs: {problem}")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()

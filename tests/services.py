@@ -308,8 +308,62 @@ def pg_server_version(url: str) -> str:
         return str(conn.execute("SHOW server_version").fetchone()[0])
 
 
+def find_pg_bin() -> Path | None:
+    """The directory of PostgreSQL's server programs (initdb, pg_ctl), if installed."""
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).parent
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), reverse=True)
+    return candidates[0].parent if candidates else None
+
+
+class PrivateServer:
+    """A PostgreSQL server of our own (initdb in a temporary directory, trust auth, on a free
+    port) that a test may stop and start again: a database outage, which the shared server
+    on 5432 must never be put through. As root, its programs run as the `postgres` user."""
+
+    def __init__(self) -> None:
+        bin_dir = find_pg_bin()
+        if bin_dir is None:
+            raise ServiceUnavailable("no PostgreSQL server programs (initdb, pg_ctl) found")
+        self.bin = bin_dir
+        # Not under pytest's tmp_path: its directories are root's alone, closed to `postgres`.
+        import tempfile
+
+        self.root = Path(tempfile.mkdtemp(prefix="parley-pg-"))
+        self.data = self.root / "pgdata"
+        self.log_path = self.root / "postgres.log"
+        self.port = free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self._as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self._as:
+            shutil.chown(self.root, "postgres")
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync")
+
+    def _run(self, program: str, *args: str) -> None:
+        out = subprocess.run([*self._as, str(self.bin / program), *args], capture_output=True, text=True,
+                             timeout=120)
+        if out.returncode != 0:
+            raise ServiceUnavailable(f"{program} failed: {(out.stderr or out.stdout).strip()[-500:]}")
+
+    def start(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log_path), "-w", "-t", "60", "-o",
+                  f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} -c fsync=off", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        """`immediate`: the server goes as in a crash (connections cut, no checkpoint)."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def destroy(self) -> None:
+        try:
+            self.stop("immediate")
+        except ServiceUnavailable:
+            pass  # not running
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
 def start_parley(data_dir: Path, broker_url: str, port: int, database_url: str | None = None, *,
-                 client_id: str | None = None, timeout: float = 60.0) -> subprocess.Popen:
+                 client_id: str | None = None, timeout: float = 60.0, log_level: str = "warning") -> subprocess.Popen:
     """`parley serve --demo` as its own process on `port`; returns once /api/health answers.
     Its log goes to `data_dir/server.log`."""
     import sys
@@ -320,7 +374,7 @@ def start_parley(data_dir: Path, broker_url: str, port: int, database_url: str |
            "--log-format", "json"]
     if database_url:
         cmd += ["--database-url", database_url]
-    env = {**os.environ, "PARLEY_LOG_LEVEL": "warning",
+    env = {**os.environ, "PARLEY_LOG_LEVEL": log_level,
            "PARLEY_MQTT_CLIENT_ID": client_id or f"parley-test-{port}"}
     log_path = Path(data_dir) / "server.log"
     with open(log_path, "ab") as log_file:

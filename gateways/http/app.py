@@ -21,6 +21,8 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import RequestRedirect
 
 from actors.errors import ParleyError
+from eventstore import StoreUnavailable
+from eventstore.breaker import is_store_error
 from gateways import ids, json_input
 from gateways.bridge import PendingReplies
 from gateways.http.json_provider import OrjsonProvider
@@ -296,12 +298,6 @@ def _json(status: int, body: dict[str, Any]) -> Response:
     return response
 
 
-def is_store_error(exc: BaseException) -> bool:
-    """An error of the database (PostgreSQL down, its pool out of connections, SQLite
-    locked or its disk full), not of Parley's code."""
-    return type(exc).__module__.split(".")[0] in ("psycopg", "psycopg_pool", "sqlite3", "eventsourcing")
-
-
 def create_app(runtime: Runtime) -> QuartTrio:
     # Imported here, not at the top: the blueprints import helpers from this module.
     from gateways.http.agents import bp as agents_bp
@@ -353,7 +349,9 @@ def create_app(runtime: Runtime) -> QuartTrio:
     async def unexpected(exc: Exception) -> Response:
         if is_store_error(exc):
             # Not a bug: the database is down, full or locked. 503, and the reason in the log.
-            log.error("http.store_unavailable", method=request.method, path=clip(request.path),
+            # Known down (the breaker said so once, `store.down`): a warning per request.
+            log_fn = log.warning if isinstance(exc, StoreUnavailable) else log.error
+            log_fn("http.store_unavailable", method=request.method, path=clip(request.path),
                       error=clip(repr(exc)))
             return _json(503, {"error": "the store is not reachable; try again later", "code": "unavailable"})
         # A bug: log the traceback for us, give the client only a generic message.

@@ -4,6 +4,7 @@ start an actor thread per device at once."""
 from __future__ import annotations
 
 import threading
+import time
 
 from actors.device import DeviceActor, ReportTelemetry
 from actors.ports import FutureReply
@@ -44,5 +45,39 @@ def test_silent_devices_go_offline_told_a_round_at_a_time(tmp_path, monkeypatch)
         assert runtime.devices.stale(now_ms() + 91_000) == []
         offline = runtime.devices.list_devices("thermostat", online=False)
         assert len(offline) == 300
+    finally:
+        runtime.close()
+
+
+class _Link:
+    """The one thing the sweep asks of the MQTT link: since when it could hear devices."""
+
+    def __init__(self, listening_since: float | None) -> None:
+        self.listening_since = listening_since
+        self.connected = listening_since is not None
+
+
+def test_the_sweep_waits_while_devices_cannot_be_heard_and_one_window_after(tmp_path):
+    runtime = make_runtime(tmp_path, liveness_check_interval=0.05, liveness_window=0.5)
+    try:
+        link = _Link(None)  # the broker link is down
+        runtime.attach_device_link(link)
+        r = FutureReply()
+        runtime.system.tell(DeviceActor, ("thermostat", "heard"),
+                            ReportTelemetry("status", "online", None, None, now_ms(), reply=r))
+        assert runtime.projections.wait_for(r.get(10), 10)
+
+        def online() -> bool:
+            return runtime.devices.find("heard", "thermostat")[0].online
+
+        threading.Event().wait(1.5)  # three windows of silence, thirty sweeps
+        assert online()
+        link.listening_since = time.time()  # back: the device gets one window to be heard
+        threading.Event().wait(0.2)
+        assert online()
+        deadline = time.monotonic() + 10  # then the sweep goes on: silent, it goes offline
+        while online() and time.monotonic() < deadline:
+            threading.Event().wait(0.05)
+        assert not online()
     finally:
         runtime.close()

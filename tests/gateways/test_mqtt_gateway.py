@@ -20,7 +20,7 @@ from actors.errors import CommandTimedOut, Unavailable
 from actors.ports import FutureReply
 from gateways.mqtt import MqttGateway
 from gateways.mqtt_client import no_delay
-from tests.support import create_agent, make_runtime, wait_until
+from tests.support import create_agent, make_runtime, now_ms, wait_until
 
 P, D = "thermostat", "t-1"
 
@@ -511,8 +511,11 @@ def test_a_command_while_the_broker_is_down_is_refused_and_never_sent_later(tmp_
     try:
         dev.send(f"v1/{P}/{D}/telemetry", status())
         wait_until(lambda: "StatusReported" in stream(runtime))
+        assert gw.listening_since is not None and gw.listening_since <= time.time()
         broker.stop()
         wait_until(lambda: not gw.connected, timeout=10)
+        assert gw.listening_since is None  # the liveness sweep waits (Runtime.liveness_paused)
+        assert "cannot be heard" in runtime.liveness_paused(now_ms() + 10**9)
         reply = FutureReply()
         runtime.system.tell(DeviceActor, (P, D), SendCommand("req-outage", "set_target_temperature",
                                                             {"target_temperature": 1}, 60_000, reply=reply))
@@ -525,6 +528,9 @@ def test_a_command_while_the_broker_is_down_is_refused_and_never_sent_later(tmp_
         broker = BuiltinBroker(port=port)
         broker.start()
         wait_until(lambda: gw.connected, timeout=40)  # backoff starts at 1 s
+        # Back: devices get one liveness window to be heard before the sweep goes on.
+        assert "less than a liveness window" in runtime.liveness_paused(now_ms())
+        assert runtime.liveness_paused(now_ms() + 121_000) == ""
         wait_until(lambda: dev.c.is_connected(), timeout=40)
         dev.subscribe(f"device-agent/{P}/device/{D}/commands")
         reply = FutureReply()

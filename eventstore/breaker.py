@@ -1,0 +1,152 @@
+"""Whether the PostgreSQL server answers: a circuit breaker shared by the log and the views.
+
+Without it, every read and write during an outage waited out eventsourcing's retries (10
+tries, each waiting 5 s for a pool connection): `GET /api/health` answered after 52 s, a
+command became a 504 after its timeout, and a Ctrl-C waited minutes while each actor's
+queued messages tried their loads one after the other. With it, the first failure that
+may mean "server gone" starts a probe (a fresh connection and `SELECT 1`, off the pool);
+if the probe fails, the store is down: every use fails at once with `StoreUnavailable`
+(an HTTP 503, an MQTT message left unacknowledged) until a probe, once a second, gets
+through. Down and up are one log line each, not one per failed query.
+
+A failure the probe does not confirm (a lock timeout, a query cancelled) changes nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+
+# How long psycopg_pool keeps trying to replace a connection lost in an outage (its default,
+# 5 minutes, with waits doubling to 64 s: the log was back 40-55 s after the server). Past
+# this the attempt ends, and the next use after the outage (StoreBreaker lets none through
+# before) connects at once.
+POOL_RECONNECT_TIMEOUT_S = 5.0
+
+
+class StoreUnavailable(Exception):
+    """The log's database cannot be reached or used; the message says why and where."""
+
+
+def store_down(exc: BaseException | None) -> bool:
+    """Whether `exc` comes of the store being known down (the breaker's StoreUnavailable)."""
+    while exc is not None:
+        if isinstance(exc, StoreUnavailable):
+            return True
+        exc = exc.__cause__
+    return False
+
+
+def is_store_error(exc: BaseException) -> bool:
+    """An error of the database (PostgreSQL down, its pool out of connections, SQLite
+    locked or its disk full), not of Parley's code."""
+    if isinstance(exc, StoreUnavailable):
+        return True
+    return type(exc).__module__.split(".")[0] in ("psycopg", "psycopg_pool", "sqlite3", "eventsourcing")
+
+
+class StoreBreaker:
+    PROBE_INTERVAL_S = 1.0
+    PROBE_TIMEOUT_S = 2  # psycopg's connect_timeout: whole seconds
+
+    def __init__(self, connect_kwargs: dict[str, Any], shown: str) -> None:
+        self._connect_kwargs = {k: v for k, v in connect_kwargs.items() if v is not None and v != ""}
+        self._shown = shown  # where, without the password
+        self._lock = threading.Lock()
+        self._prober: threading.Thread | None = None
+        self._closed = threading.Event()
+        self.down_since: float | None = None  # wall clock; None while the server answers
+        self.reason = ""
+        self._on_recovered: list[Callable[[], None]] = []
+        # Disarmed until the log has opened: a server that is not there at start is the
+        # caller's one clear error (StoreUnavailable from EventLog), not an outage.
+        self._armed = False
+
+    @property
+    def down(self) -> bool:
+        return self.down_since is not None
+
+    def check(self) -> None:
+        """Raise StoreUnavailable if the store is known to be down or closed."""
+        if self._closed.is_set():
+            raise StoreUnavailable("the store is closed: the server is stopping")
+        since = self.down_since
+        if since is not None:
+            raise StoreUnavailable(f"PostgreSQL at {self._shown} is not answering (for "
+                                   f"{time.time() - since:.0f} s: {self.reason}); try again later")
+
+    def on_recovered(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (on the prober's thread) when the server answers again after an
+        outage, before the store is used again: pools drop their dead connections there."""
+        self._on_recovered.append(callback)
+
+    def arm(self) -> None:
+        self._armed = True
+
+    def suspect(self) -> None:
+        """A query failed in a way that may mean the server is gone: probe, once at a time."""
+        with self._lock:
+            if self._prober is not None or self._closed.is_set() or not self._armed:
+                return
+            self._prober = threading.Thread(target=self._probe_loop, name="store-probe", daemon=True)
+            self._prober.start()
+
+    def wait_up(self, timeout: float) -> bool:
+        """Wait up to `timeout` for the store to be up; False if it is still down or closed."""
+        deadline = time.monotonic() + timeout
+        while self.down and not self._closed.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._closed.wait(min(left, 0.2))
+        return not self._closed.is_set()
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def _probe_loop(self) -> None:
+        try:
+            while not self._closed.is_set():
+                problem = self._probe()
+                if problem is None:
+                    self._recovered()
+                    return
+                if self.down_since is None:
+                    self.reason = problem
+                    self.down_since = time.time()
+                    log.error("store.down", store=self._shown, error=problem,
+                              retry_every_s=self.PROBE_INTERVAL_S)
+                self._closed.wait(self.PROBE_INTERVAL_S)
+        finally:
+            with self._lock:
+                self._prober = None
+
+    def _recovered(self) -> None:
+        since = self.down_since
+        if since is None:
+            return  # the failure was not the server's: nothing changes
+        for callback in self._on_recovered:
+            try:
+                callback()
+            except Exception as exc:  # a pool that cannot check its connections: they fail on use
+                log.warning("store.recovery_step_failed", error=repr(exc))
+        self.down_since = None
+        log.warning("store.up", store=self._shown, down_s=round(time.time() - since, 1))
+
+    def _probe(self) -> str | None:
+        """None if the server takes a connection and a query, else why not (one line)."""
+        import psycopg
+
+        try:
+            with psycopg.connect(**self._connect_kwargs, connect_timeout=self.PROBE_TIMEOUT_S, autocommit=True) as conn:
+                conn.execute("SELECT 1")
+        except Exception as exc:  # noqa: BLE001 - its message is the reason we log
+            return " ".join(str(exc).split()) or type(exc).__name__
+        return None

@@ -1,0 +1,74 @@
+"""The store's circuit breaker against a private PostgreSQL server that goes away and comes
+back (tests/test_store_outage.py runs the same through `parley serve`)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import structlog.testing
+
+from eventstore.breaker import StoreBreaker, StoreUnavailable, store_down
+
+
+def breaker_for(server) -> StoreBreaker:
+    b = StoreBreaker({"host": "127.0.0.1", "port": server.port, "user": "postgres", "dbname": "postgres"},
+                     f"127.0.0.1:{server.port}/postgres")
+    b.arm()
+    return b
+
+
+def wait_for(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_a_failure_the_probe_does_not_confirm_changes_nothing(private_postgres):
+    b = breaker_for(private_postgres)
+    with structlog.testing.capture_logs() as logs:
+        b.suspect()  # a lock timeout, say: the server answers the probe
+        assert wait_for(lambda: b._prober is None)
+    assert not b.down and logs == []
+    b.check()  # no error
+
+
+def test_down_fails_at_once_until_the_server_answers_again(private_postgres):
+    b = breaker_for(private_postgres)
+    recovered = []
+    b.on_recovered(lambda: recovered.append(b.down))  # called before the store counts as up
+    with structlog.testing.capture_logs() as logs:
+        private_postgres.stop("immediate")
+        b.suspect()
+        b.suspect()  # one probe at a time
+        assert wait_for(lambda: b.down)
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="is not answering") as raised:
+            b.check()
+        assert time.monotonic() - started < 0.1
+        assert not store_down(RuntimeError("a bug"))
+        wrapped = RuntimeError("could not commit")
+        wrapped.__cause__ = raised.value
+        assert store_down(wrapped)
+        assert not b.wait_up(0.3)
+        private_postgres.start()
+        assert b.wait_up(10)
+    b.check()
+    assert recovered == [True]
+    assert [e["event"] for e in logs] == ["store.down", "store.up"]
+
+
+def test_disarmed_or_closed_it_never_probes(private_postgres):
+    b = StoreBreaker({"host": "127.0.0.1", "port": private_postgres.port, "user": "postgres"}, "x")
+    private_postgres.stop("immediate")
+    b.suspect()  # not armed: the log is still opening, and says why it cannot itself
+    assert b._prober is None and not b.down
+    b.arm()
+    b.close()
+    b.suspect()
+    assert b._prober is None
+    with pytest.raises(StoreUnavailable, match="closed"):
+        b.check()

@@ -1,0 +1,127 @@
+"""A PostgreSQL outage under a running `parley serve`: it answers 503 at once, says so once
+in its log, recovers as soon as the server is back, and stops promptly during one.
+
+The server is a private PostgreSQL (tests/services.py PrivateServer), stopped as in a crash
+(`pg_ctl -m immediate`) and started again; Parley runs as its own process, with a paho
+device on the test broker.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.services import free_port, start_parley
+from tests.test_restart import Thermostat
+
+# Generous bounds that tell "answers" from "hangs" (before the breaker: 52 s for the
+# health, 40-55 s to recover, minutes to stop); not performance targets.
+ANSWERS_WITHIN_S = 15.0
+
+
+def log_lines(data_dir: Path) -> list[dict]:
+    lines = []
+    for line in (data_dir / "server.log").read_text().splitlines():
+        try:
+            lines.append(json.loads(line))
+        except ValueError:
+            lines.append({"event": "(not json)", "text": line})
+    return lines
+
+
+def named(lines: list[dict], event: str) -> list[dict]:
+    return [line for line in lines if line.get("event") == event]
+
+
+def wait_status(http: httpx.Client, path: str, status: int, within: float) -> httpx.Response:
+    deadline = time.monotonic() + within
+    while True:
+        r = http.get(path)
+        if r.status_code == status or time.monotonic() > deadline:
+            return r
+        time.sleep(0.2)
+
+
+def test_a_database_outage_is_503_at_once_and_over_when_the_database_is_back(
+        tmp_path, mqtt_broker, private_postgres):
+    port = free_port()
+    server = start_parley(tmp_path, mqtt_broker.url, port, private_postgres.url, client_id=f"parley-outage-{port}")
+    device = Thermostat(mqtt_broker.port)
+    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=ANSWERS_WITHIN_S + 30)
+    try:
+        device.send("telemetry", {"type": "status", "data": {"status": "online", "state": {"temperature": 20}}})
+        assert wait_status(http, "/api/devices/restart-1", 200, 10).json()["online"] is True
+
+        private_postgres.stop("immediate")
+        started = time.monotonic()
+        r = http.get("/api/health")
+        assert r.status_code == 503, r.text
+        assert r.json()["code"] == "unavailable"
+        assert time.monotonic() - started < ANSWERS_WITHIN_S
+        started = time.monotonic()
+        r = http.post("/api/devices/restart-1/commands",
+                      json={"command": "set_target_temperature", "params": {"target_temperature": 21},
+                            "timeoutMs": 30_000})
+        assert r.status_code == 503, r.text  # not a 504 after the command's 30 s
+        assert time.monotonic() - started < ANSWERS_WITHIN_S
+        # Reads of the views too, and QoS 1 reports meanwhile stay unacknowledged.
+        assert http.get("/api/devices/restart-1").status_code == 503
+        device.send("event", {"type": "event", "data": {"event": "temperature_alert", "seq": 1}})
+
+        private_postgres.start()
+        r = wait_status(http, "/api/health", 200, ANSWERS_WITHIN_S)
+        assert r.status_code == 200, r.text
+        r = http.post("/api/devices/restart-1/commands",
+                      json={"command": "set_target_temperature", "params": {"target_temperature": 22},
+                            "timeoutMs": 5000})
+        assert r.status_code == 200, r.text
+
+        lines = log_lines(tmp_path)
+        assert len(named(lines, "store.down")) == 1
+        assert len(named(lines, "store.up")) == 1
+        assert not named(lines, "eventlog.listen_failed")[1:]  # at most the first failure
+        assert "Traceback" not in (tmp_path / "server.log").read_text()
+    finally:
+        http.close()
+        device.close()
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def test_sigterm_during_a_database_outage_stops_the_server_promptly(tmp_path, mqtt_broker, private_postgres):
+    port = free_port()
+    server = start_parley(tmp_path, mqtt_broker.url, port, private_postgres.url, client_id=f"parley-outage-{port}",
+                          log_level="info")
+    device = Thermostat(mqtt_broker.port)
+    try:
+        device.send("telemetry", {"type": "status", "data": {"status": "online", "state": {"temperature": 20}}})
+        private_postgres.stop("immediate")
+        # Reports that queue at the device's actor while the store is down.
+        for seq in range(20):
+            device.c.publish("v1/thermostat/restart-1/event", json.dumps(
+                {"type": "event", "data": {"event": "temperature_alert", "seq": seq}}), qos=1)
+        time.sleep(1.0)
+        started = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        server.wait(ANSWERS_WITHIN_S + 30)
+        assert time.monotonic() - started < ANSWERS_WITHIN_S
+        assert server.returncode == 0
+        lines = log_lines(tmp_path)
+        stopped = [i for i, line in enumerate(lines) if line.get("event") == "parley.stopped"]
+        assert stopped, lines[-5:]
+        assert lines[stopped[0] + 1:] == []  # nothing after the last word
+        # The outage is one line; the messages that could not be stored are not one each.
+        assert len(named(lines, "store.down")) == 1
+        assert not named(lines, "mqtt.not_committed")
+        assert not named(lines, "actor.load_failed")
+        assert "Traceback" not in (tmp_path / "server.log").read_text()
+    finally:
+        device.close()
+        if server.poll() is None:
+            server.kill()
+            server.wait()
