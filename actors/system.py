@@ -7,6 +7,7 @@ it replaces has stopped.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import OrderedDict
@@ -78,6 +79,13 @@ class SystemSettings:
     idle_timeout: float = 120.0
     max_active: int = 50_000
     sweep_interval: float = 5.0
+    # The cap evicts only actors unused for this long (or idle_timeout, if shorter): one
+    # used within it is the working set, and evicting it costs a load from the log at its
+    # next message. With a cap below the working set (200 or 1,800 actors for 2,000 devices
+    # reporting every second) every activation evicted one about to be used: ~2,000 loads
+    # a second on SQLite's one load slot, commands 504 and reports 10-60 s late. Now the
+    # cap is exceeded instead, and the sweep says so (`actors.over_cap`).
+    evict_after: float = 60.0
 
 
 class ActorSystem:
@@ -110,6 +118,7 @@ class ActorSystem:
         self.loading = threading.BoundedSemaphore(8 if event_log.config.is_postgres else 1)
         self.activations = 0
         self.passivations = 0
+        self._over_cap_warned = -float("inf")
         self._stop_sweeper = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="actor-sweeper", daemon=True)
         self._sweeper.start()
@@ -203,16 +212,19 @@ class ActorSystem:
         # Only idle actors: one with messages waiting would have to handle them all before
         # it could stop, and the next message would start it again. Evicting busy actors is
         # how a cap of 20 over 200 busy devices left 2,438 threads (evicted before they had
-        # loaded, waiting to, then draining) while the health said 20. Over the cap with
-        # every actor busy, more stay in memory until they go idle: the sweep trims them.
-        for k in list(self._active)[:-1]:
-            if count <= 0:
-                break
-            entry = self._active[k]
-            if entry.lease.pins or not entry.ref.actor_inbox.empty():
-                continue
+        # loaded, waiting to, then draining) while the health said 20. Nor one used within
+        # `evict_after`: the working set (SystemSettings). Over the cap with every actor
+        # busy or recent, more stay in memory until they are neither: the sweep trims them.
+        recent = time.monotonic() - min(self.settings.evict_after, self.settings.idle_timeout)
+        victims = []
+        # Least recently told first; never the last, which may be the one being activated.
+        for k, entry in itertools.islice(self._active.items(), len(self._active) - 1):
+            if len(victims) >= count or entry.lease.last_used > recent:
+                break  # (last_used follows the order, but for receives: close enough)
+            if not entry.lease.pins and entry.ref.actor_inbox.empty():
+                victims.append((k, entry))
+        for k, entry in victims:
             self._passivate(k, entry)
-            count -= 1
 
     def _passivate(self, k: tuple[type[AggregateActor], Key], entry: _Entry) -> None:
         # The stop message queues behind whatever was told before (we hold the lock), so
@@ -234,10 +246,11 @@ class ActorSystem:
                     self._passivate(k, entry)
                     n += 1
             excess = len(self._active) - self.settings.max_active
-            if excess > 0:  # left over the cap while they were busy
+            if excess > 0:  # left over the cap while they were busy or recently used
                 before = len(self._active)
                 self._evict_lru(excess)
                 n += before - len(self._active)
+                self._warn_over_cap(now)
             for k, ref in list(self._stopping.items()):
                 if ref.actor_stopped.is_set():
                     del self._stopping[k]
@@ -245,6 +258,17 @@ class ActorSystem:
         for ref in stopping:
             ref.actor_stopped.wait(10)
         return n
+
+    OVER_CAP_WARN_EVERY_S = 300.0
+
+    def _warn_over_cap(self, now: float) -> None:
+        active, cap = len(self._active), self.settings.max_active
+        if active > cap and now - self._over_cap_warned >= self.OVER_CAP_WARN_EVERY_S:
+            self._over_cap_warned = now
+            log.warning("actors.over_cap", active=active, max_active_actors=cap,
+                        used_within_s=min(self.settings.evict_after, self.settings.idle_timeout),
+                        hint="max_active_actors is below the devices in use: raise it, or memory "
+                             "and threads grow past it (evicting them would reload each at its next message)")
 
     def _sweep_loop(self) -> None:
         while not self._stop_sweeper.wait(self.settings.sweep_interval):

@@ -784,7 +784,7 @@ def test_a_command_queued_for_an_actor_is_not_failed_by_an_lru_eviction(tmp_path
     log = EventLog(StoreConfig.resolve(tmp_path, None))
     journal = Journal(log)
     link = Link()
-    system = ActorSystem(log, journal, SystemSettings(sweep_interval=3600, max_active=1), device_link=link)
+    system = ActorSystem(log, journal, SystemSettings(sweep_interval=3600, max_active=1, evict_after=0), device_link=link)
     link.system = system
     try:
         online(system)

@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+import structlog.testing
 
 from actors.device import Device, DeviceActor, ExpireLiveness, ReportTelemetry
 from actors.errors import Unavailable
@@ -20,7 +21,8 @@ from tests.support import now_ms, wait_until
 def system(tmp_path):
     log = EventLog(StoreConfig.resolve(tmp_path, None))
     journal = Journal(log)
-    system = ActorSystem(log, journal, SystemSettings(sweep_interval=3600, max_active=50))
+    # evict_after=0: the cap's tests evict actors used a moment ago (see the test of evict_after).
+    system = ActorSystem(log, journal, SystemSettings(sweep_interval=3600, max_active=50, evict_after=0))
     yield system
     system.shutdown()
     journal.close()
@@ -154,7 +156,7 @@ def test_the_lru_cap_evicts_only_idle_actors_and_the_sweep_trims_the_rest(tmp_pa
     before it could stop); once it is idle, the sweep brings the system back to the cap."""
     log = EventLog(StoreConfig.resolve(tmp_path, None))
     journal = Journal(log)
-    system = ActorSystem(log, journal, SystemSettings(sweep_interval=3600, max_active=1))
+    system = ActorSystem(log, journal, SystemSettings(sweep_interval=3600, max_active=1, evict_after=0))
     try:
         gate = threading.Event()
         busy = ("p", "busy")
@@ -176,6 +178,32 @@ def test_the_lru_cap_evicts_only_idle_actors_and_the_sweep_trims_the_rest(tmp_pa
         wait_until(lambda: system.stopping_count() == 0)
     finally:
         gate.set()
+        system.shutdown()
+        journal.close()
+        log.close()
+
+
+def test_the_lru_cap_keeps_actors_used_within_evict_after_and_says_it_is_exceeded(tmp_path):
+    """A cap below the devices in use evicted actors about to be used again: a reload from
+    the log per message (a soak of 2,000 devices at 1 s with a cap of 200 collapsed). The
+    working set stays; the sweep trims what leaves it, and warns that the cap is too low."""
+    log = EventLog(StoreConfig.resolve(tmp_path, None))
+    journal = Journal(log)
+    system = ActorSystem(log, journal, SystemSettings(sweep_interval=3600, max_active=2, evict_after=0.5))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            for rounds in range(3):  # three devices reporting in turn: each is used again soon
+                for i in range(3):
+                    r = FutureReply()
+                    system.tell(DeviceActor, ("p", f"d{i}"),
+                                ReportTelemetry("state", None, {"n": rounds}, None, now_ms(), reply=r))
+                    r.get(5)
+            assert system.activations == 3 and system.active_count() == 3  # none evicted
+            assert system.passivate_idle() == 0  # all used within evict_after
+            assert [e["active"] for e in logs if e["event"] == "actors.over_cap"] == [3]
+            wait_until(lambda: system.passivate_idle() == 1, timeout=5)  # d0 left the working set
+        assert system.active_count() == 2 and not system.is_active(DeviceActor, ("p", "d0"))
+    finally:
         system.shutdown()
         journal.close()
         log.close()
