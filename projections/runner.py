@@ -249,8 +249,8 @@ class ProjectionRunner:
             except StoreUnavailable:
                 # Known down (the breaker logged it once): follow again once it is up.
                 breaker = self.log.breaker
-                while breaker is not None and not self._stopped.is_set() and not breaker.wait_up(1.0):
-                    pass
+                while not self._stopped.is_set() and not (breaker is not None and breaker.wait_up(1.0)):
+                    self._stopped.wait(1.0)  # (wait_up is at once False once the log is closed)
                 self._wake.set()
             except Exception as exc:
                 # A view bug must not kill the runner silently: log, back off, retry. The
