@@ -63,6 +63,7 @@ class StoreBreaker:
         self._prober: threading.Thread | None = None
         self._closed = threading.Event()
         self.down_since: float | None = None  # wall clock; None while the server answers
+        self.up_since = 0.0  # wall clock: when the last outage ended (0: none yet)
         self.reason = ""
         self._on_recovered: list[Callable[[], None]] = []
         # Disarmed until the log has opened: a server that is not there at start is the
@@ -137,6 +138,7 @@ class StoreBreaker:
                 callback()
             except Exception as exc:  # a pool that cannot check its connections: they fail on use
                 log.warning("store.recovery_step_failed", error=repr(exc))
+        self.up_since = time.time()
         self.down_since = None
         log.warning("store.up", store=self._shown, down_s=round(time.time() - since, 1))
 

@@ -178,15 +178,21 @@ class Runtime:
         after it could again. A 2-minute outage of the broker link otherwise took every
         device offline at once, though none had gone (52 of 52 in an audit); so does a
         server restart after a downtime, which the window after start covers too."""
-        if self.log.breaker is not None and self.log.breaker.down:
-            return "the store is down"
+        window_ms = self.settings.liveness_window * 1000
+        breaker = self.log.breaker
+        if breaker is not None:
+            # While the store is down, reports are not stored: the devices' last_seen stands
+            # still, and their retried QoS 1 reports come in only after it is back.
+            if breaker.down:
+                return "the store is down"
+            if breaker.up_since * 1000 > now_ms - window_ms:
+                return "the store is back for less than a liveness window: devices get one to be heard"
         link = self.system.device_link
         if link is None:
             return ""  # no gateway (tests, tools): nothing to wait for
         since = getattr(link, "listening_since", 0.0)  # test links always listen
         if since is None:
             return "the MQTT link is down: devices cannot be heard"
-        window_ms = self.settings.liveness_window * 1000
         if since * 1000 > now_ms - window_ms:
             return "the MQTT link is up for less than a liveness window: devices get one to be heard"
         return ""

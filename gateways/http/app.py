@@ -256,9 +256,12 @@ async def read_view(fn: Any, *args: Any) -> Any:
     call order) would see the state from before the command. In the worker thread, wait
     until the views hold every commit this process knows of (usually they do already), at
     most READ_WAIT_S, then query."""
-    projections = get_runtime().projections
+    runtime = get_runtime()
+    projections, breaker = runtime.projections, runtime.log.breaker
 
     def query() -> Any:
+        if breaker is not None:
+            breaker.check()  # known down: 503 now, not after waiting for views that cannot move
         if not projections.wait_for_committed(READ_WAIT_S):
             log.warning("http.projection_lagging", position=projections.position,
                         committed=projections.committed)

@@ -81,3 +81,22 @@ def test_the_sweep_waits_while_devices_cannot_be_heard_and_one_window_after(tmp_
         assert not online()
     finally:
         runtime.close()
+
+
+def test_the_sweep_waits_while_the_store_is_down_and_one_window_after(tmp_path):
+    """While PostgreSQL is down nothing a device sends is stored, so its last_seen stands
+    still; after, its QoS 1 reports come in again over the broker's retries. An audit saw
+    every device of a 3-minute outage go offline in the first sweep after it."""
+    from eventstore.breaker import StoreBreaker
+
+    runtime = make_runtime(tmp_path, liveness_check_interval=3600, liveness_window=90)
+    try:
+        breaker = runtime.log.breaker = StoreBreaker({}, "test")  # (SQLite has none of its own)
+        now = now_ms()
+        breaker.down_since = time.time()
+        assert runtime.liveness_paused(now) == "the store is down"
+        breaker.down_since, breaker.up_since = None, time.time()
+        assert "store is back" in runtime.liveness_paused(now)
+        assert runtime.liveness_paused(now + 91_000) == ""
+    finally:
+        runtime.close()
