@@ -66,6 +66,7 @@ class StoreBreaker:
         self.up_since = 0.0  # wall clock: when the last outage ended (0: none yet)
         self.reason = ""
         self._on_recovered: list[Callable[[], None]] = []
+        self._on_up: list[Callable[[], None]] = []
         # Disarmed until the log has opened: a server that is not there at start is the
         # caller's one clear error (StoreUnavailable from EventLog), not an outage.
         self._armed = False
@@ -87,6 +88,11 @@ class StoreBreaker:
         """Call `callback` (on the prober's thread) when the server answers again after an
         outage, before the store is used again: pools drop their dead connections there."""
         self._on_recovered.append(callback)
+
+    def on_up(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (on the prober's thread) once the store is up again after an
+        outage: what was held back for it can go now."""
+        self._on_up.append(callback)
 
     def arm(self) -> None:
         self._armed = True
@@ -141,6 +147,11 @@ class StoreBreaker:
         self.up_since = time.time()
         self.down_since = None
         log.warning("store.up", store=self._shown, down_s=round(time.time() - since, 1))
+        for callback in self._on_up:
+            try:
+                callback()
+            except Exception:
+                log.exception("store.on_up_failed")
 
     def _probe(self) -> str | None:
         """None if the server takes a connection and a query, else why not (one line)."""

@@ -107,6 +107,12 @@ class MqttGateway:
         self.shared_group = shared_group
         self.stats: Counter[str] = Counter()
         self._unacked = _Unacked(self)
+        # QoS 1 messages waiting to be tried again (their commit failed), and when the store
+        # (PostgreSQL) is back after an outage, all of them at once.
+        self._retries: set[_Ack] = set()
+        self._retries_lock = threading.Lock()
+        if runtime.log.breaker is not None:
+            runtime.log.breaker.on_up(self._retry_held_now)
         self._ready = threading.Event()
         # Since when (wall clock, s) devices can be heard: connected and subscribed. None
         # while not. The liveness sweep waits on it (Runtime.liveness_paused).
@@ -415,12 +421,32 @@ class MqttGateway:
         log_fn("mqtt.not_committed", mid=ack.mid, product_id=ack.key[0], device_id=ack.key[1],
                error=str(error), attempt=ack.attempts, retry_in_s=delay)
 
+        with self._retries_lock:
+            self._retries.add(ack)
+
         def again() -> None:
-            if self._still_held(ack):
-                self.stats["retried"] += 1
-                self._hand_over_late(ack, "mqtt.retry_dropped")
+            with self._retries_lock:
+                if ack not in self._retries:
+                    return  # tried already: the store came back (_retry_held_now)
+                self._retries.discard(ack)
+            self._try_again(ack)
 
         self.runtime.system.scheduler.call_later(delay, again)
+
+    def _try_again(self, ack: _Ack) -> None:
+        if self._still_held(ack):
+            self.stats["retried"] += 1
+            self._hand_over_late(ack, "mqtt.retry_dropped")
+
+    def _retry_held_now(self) -> None:
+        """The store is back: try every held QoS 1 message now, not at the end of its
+        backoff (up to 30 s). They fill the broker's in-flight window, and meanwhile it
+        queues the rest for us only up to its limit, then drops them (a re-audit lost
+        messages for 18 s after the store was back)."""
+        with self._retries_lock:
+            held, self._retries = self._retries, set()
+        for ack in held:
+            self._try_again(ack)
 
     def _still_held(self, ack: _Ack) -> bool:
         """Whether a QoS 1 message held back (to retry, or to wait for its product) is still

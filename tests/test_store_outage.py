@@ -128,3 +128,46 @@ def test_sigterm_during_a_database_outage_stops_the_server_promptly(tmp_path, mq
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_qos1_reports_held_in_an_outage_are_tried_as_soon_as_the_store_is_back(
+        tmp_path, mqtt_broker, private_postgres, monkeypatch):
+    """Held messages fill the broker's in-flight window, and the broker queues the rest for
+    us only up to its limit: waiting out a 30 s backoff after the store is back lost what
+    came meanwhile (a re-audit). In process, with a backoff that would outlast the test."""
+    from actors.device import Device
+    from gateways.mqtt import MqttGateway
+    from tests.gateways.test_mqtt_gateway import DeviceClient
+    from tests.support import create_agent, make_runtime, wait_until
+
+    monkeypatch.setattr(MqttGateway, "RETRY_DELAYS", (120.0,))
+    runtime = make_runtime(tmp_path, private_postgres.url)
+    gw = MqttGateway(runtime, mqtt_broker.url, client_id=f"parley-held-{time.monotonic_ns()}")
+    runtime.attach_device_link(gw)
+    gw.start()
+    dev = DeviceClient(mqtt_broker.port, client_id=f"dev-held-{time.monotonic_ns()}")
+    try:
+        create_agent(runtime)
+        private_postgres.stop("immediate")
+        _use_the_store(runtime)
+        wait_until(lambda: runtime.log.breaker.down, timeout=10)
+        dev.send("v1/thermostat/held-1/event", {"type": "event", "data": {"event": "temperature_alert", "n": 1}})
+        wait_until(lambda: gw.stats["not_committed"] >= 1, timeout=10)
+        private_postgres.start()
+        wait_until(lambda: not runtime.log.breaker.down, timeout=10)
+        stream = Device.create_id("thermostat", "held-1")
+        wait_until(lambda: any(type(e).__name__ == "EventReported" for e in runtime.log.read_stream(stream)),
+                   timeout=10)
+        assert gw.stats["retried"] == 1 and gw.stats["acked"] >= 1
+    finally:
+        dev.close()
+        gw.stop()
+        runtime.close()
+
+
+def _use_the_store(runtime) -> None:
+    """Use the store once, so the breaker finds out it is down (as any request would)."""
+    try:
+        runtime.log.max_position()
+    except Exception:
+        pass

@@ -327,8 +327,9 @@ def create_app(runtime: Runtime) -> QuartTrio:
     @app.errorhandler(ApiError)
     async def api_error(exc: ApiError) -> Response:
         # A device that does not answer in time (504) is the device's trouble, not the
-        # server's: a warning. Other 5xx (the store, a crashed actor) are errors.
-        log_fn = log.info if exc.status < 500 else log.warning if exc.status == 504 else log.error
+        # server's, and a 503 is "try again later" (the store or the broker down, said once
+        # by store.down or mqtt.disconnected): warnings. Other 5xx (a crashed actor) are errors.
+        log_fn = log.info if exc.status < 500 else log.warning if exc.status in (503, 504) else log.error
         log_fn("http.request_refused", method=request.method, path=clip(request.path),
                status=exc.status, body=exc.body)
         return _json(exc.status, exc.body)
