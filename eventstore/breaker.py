@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import structlog
@@ -29,6 +30,18 @@ log = structlog.get_logger(__name__)
 # this the attempt ends, and the next use after the outage (StoreBreaker lets none through
 # before) connects at once.
 POOL_RECONNECT_TIMEOUT_S = 5.0
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    import psycopg
+    from eventsourcing.persistence import InterfaceError, OperationalError
+
+    # psycopg's own (the views' pool; PoolTimeout is an OperationalError) and eventsourcing's
+    # wrappers of them (the log). StoreUnavailable is neither: eventsourcing does not retry it.
+    return (psycopg.OperationalError, psycopg.InterfaceError, OperationalError, InterfaceError)
+
+
+CONNECTION_ERRORS = _connection_errors()
 
 
 class StoreUnavailable(Exception):
@@ -83,6 +96,17 @@ class StoreBreaker:
         if since is not None:
             raise StoreUnavailable(f"PostgreSQL at {self._shown} is not answering (for "
                                    f"{time.time() - since:.0f} s: {self.reason}); try again later")
+
+    @contextmanager
+    def guard(self) -> Iterator[None]:
+        """Around one use of a connection (the log's datastore, the views' pool): fail at
+        once while the store is known down, and look when a failure may mean it is."""
+        self.check()
+        try:
+            yield
+        except CONNECTION_ERRORS:
+            self.suspect()
+            raise
 
     def on_recovered(self, callback: Callable[[], None]) -> None:
         """Call `callback` (on the prober's thread) when the server answers again after an

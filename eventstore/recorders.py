@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.persistence import InterfaceError, Notification, OperationalError, PersistenceError, StoredEvent
+from eventsourcing.persistence import Notification, PersistenceError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
 from eventsourcing.postgres import PostgresFactory as _EventsourcingPostgresFactory
 from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteConnection, SQLiteDatastore
@@ -257,17 +257,8 @@ class GuardedPostgresDatastore(PostgresDatastore):
 
     @contextmanager
     def get_connection(self) -> Iterator[Any]:
-        self.breaker.check()  # StoreUnavailable is no OperationalError: not retried
-        try:
-            with super().get_connection() as conn:
-                yield conn
-        except (OperationalError, InterfaceError):
-            self.breaker.suspect()
-            raise
-
-    def recovered(self) -> None:
-        """After an outage: drop the pool's connections that died with the server."""
-        self.pool.check()
+        with self.breaker.guard(), super().get_connection() as conn:
+            yield conn
 
 
 class PostgresFactory(_EventsourcingPostgresFactory):
@@ -282,7 +273,7 @@ class PostgresFactory(_EventsourcingPostgresFactory):
         kw = ds.pool.kwargs
         ds.breaker = StoreBreaker({k: kw[k] for k in ("dbname", "host", "port", "user", "password")},
                                   f"{kw['host']}:{kw['port']}/{kw['dbname']}")
-        ds.breaker.on_recovered(ds.recovered)
+        ds.breaker.on_recovered(ds.pool.check)  # drop the connections that died with the server
         ds.pool.reconnect_timeout = POOL_RECONNECT_TIMEOUT_S
 
 

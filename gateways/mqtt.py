@@ -26,8 +26,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from actors.device import AnswerRefused, DeviceActor, DeviceResponded, ReportEvent, ReportTelemetry
 from actors.errors import ActorCrashed, Unavailable
 from actors.ports import NoReply
-from gateways import mqtt_codec as codec
 from eventstore.breaker import store_down
+from gateways import mqtt_codec as codec
 from gateways.config import check_mqtt_url
 from gateways.mqtt_client import BufferedClient, no_delay
 from gateways.runtime import Runtime

@@ -12,7 +12,7 @@ import sqlite3
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -69,17 +69,9 @@ class ViewDatabase:
     def _pg_connection(self) -> Iterator[Any]:
         """A pooled connection past the breaker: while the server is down, StoreUnavailable
         at once, not after the pool's 5 s wait."""
-        import psycopg
-
-        if self._breaker is not None:
-            self._breaker.check()
-        try:
-            with self._pool.connection() as conn:
-                yield conn  # the pool's context manager commits on success, rolls back on error
-        except (psycopg.OperationalError, psycopg.InterfaceError):
-            if self._breaker is not None:
-                self._breaker.suspect()
-            raise
+        with self._breaker.guard() if self._breaker is not None else nullcontext(), \
+                self._pool.connection() as conn:
+            yield conn  # the pool's context manager commits on success, rolls back on error
 
     @contextmanager
     def transaction(self) -> Iterator["Cursor"]:
