@@ -89,6 +89,11 @@ async def test_a_command_waiting_on_its_device_gets_503_when_the_server_shuts_do
         "/api/devices/t-001/commands",
         json={"command": "reboot", "timeoutMs": 60_000}, headers={"X-Request-Id": "shutdown-1"}))
     await server.waiting()
+    # The request is pending once the HTTP side registered it; the device actor publishes on
+    # its own thread, so the command may reach the link a moment later.
+    with trio.fail_after(10):
+        while not link.published:
+            await trio.sleep(0.005)
     assert len(link.published) == 1
 
     answered = await shut_down(server, responses)
