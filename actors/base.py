@@ -26,7 +26,7 @@ from eventsourcing.persistence import RecordConflictError
 from actors.errors import ActorCrashed, ParleyError, Unavailable
 from actors.ports import NO_REPLY, Burst, NoReply, Traced, unpacked, untraced
 from eventstore import UnencodableValue
-from eventstore.breaker import store_down
+from eventstore.breaker import is_store_error, store_down
 
 if TYPE_CHECKING:
     from actors.system import ActorSystem, Lease
@@ -282,7 +282,11 @@ class AggregateActor(pykka.ThreadingActor, ABC):
         # Supervision: the commands that crashed get an error reply; state is rebuilt from
         # the log so nothing half-applied survives.
         if isinstance(exc, Unavailable):
-            (self.log.debug if store_down(exc) else self.log.error)("actor.commit_failed", error=str(exc))
+            # A store that is down or cannot write is reported by the breaker or the journal,
+            # once; said here too it was a line per message (12,000 in 30 s on a full disk).
+            cause = exc.__cause__
+            reported = store_down(exc) or (cause is not None and is_store_error(cause))
+            (self.log.debug if reported else self.log.error)("actor.commit_failed", error=str(exc))
             error: ParleyError = exc
         else:
             self.log.exception("actor.crashed", message=type(messages[0]).__name__)

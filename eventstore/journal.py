@@ -20,6 +20,8 @@ from typing import Any
 import structlog
 from eventsourcing.persistence import RecordConflictError
 
+from eventstore.breaker import is_store_error
+from eventstore.failures import CommitFailures
 from eventstore.store import EventLog, StoreUnavailable
 
 log = structlog.get_logger(__name__)
@@ -67,6 +69,7 @@ class Journal:
         self._writing = threading.Lock()  # one transaction at a time, whoever writes it
         self._thread = threading.Thread(target=self._run, name="journal-writer", daemon=True)
         self._thread.start()
+        self.failures = CommitFailures()  # what /api/health shows as storeWritable
         self.batches = 0
         self.flushed = 0  # transactions flushed to disk (sync); the rest were only written
         self.committed = 0
@@ -166,9 +169,14 @@ class Journal:
         try:
             self.log.put_snapshots(snapshots)
             return
+        except StoreUnavailable:
+            return  # known down: the breaker said so (store.down)
         except Exception as exc:
-            if len(snapshots) == 1 or isinstance(exc, StoreUnavailable):
+            if is_store_error(exc):
                 # (Not stored: a load replays a little more, and the next one takes it.)
+                self.failures.failed(exc, len(snapshots), "snapshot")
+                return
+            if len(snapshots) == 1:
                 log.warning("journal.snapshot_failed", error=str(exc), snapshots=len(snapshots))
                 return
         for snapshot in snapshots:
@@ -193,14 +201,21 @@ class Journal:
                     if pos:
                         self.log.notify_committed(max(pos))  # before the caller hears (below)
                     b.future.set_result(pos)
+                    self.failures.succeeded()
                 except RecordConflictError as exc:
                     b.future.set_exception(exc)
+                except StoreUnavailable as exc:
+                    b.future.set_exception(exc)  # went down meanwhile: the breaker says so
                 except Exception as exc:
-                    log.error("journal.commit_failed", error=repr(exc), events=len(b.events))
+                    if is_store_error(exc):
+                        self.failures.failed(exc, len(b.events))  # once, then counted
+                    else:
+                        log.error("journal.commit_failed", error=repr(exc), events=len(b.events))
                     b.future.set_exception(exc)
             self.batches += len(batches)
             self.flushed += sum(b.sync for b in batches)
             return
+        self.failures.succeeded()
         self.batches += 1
         self.flushed += sync
         self.committed += len(events)

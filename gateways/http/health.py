@@ -16,6 +16,10 @@ async def health() -> dict[str, Any]:
     runtime = get_runtime()
     link = runtime.system.device_link
     log_position = await in_thread(runtime.log.max_position)  # a query on the event store
+    failures = runtime.journal.failures
+    store: dict[str, Any] = {"storeWritable": not failures.failing}
+    if failures.failing:
+        store["storeError"] = failures.error  # e.g. "database or disk is full"
     return {
         "status": "ok",
         # Views lag the log by a few ms normally; a growing gap means a stuck projection.
@@ -24,6 +28,9 @@ async def health() -> dict[str, Any]:
         # others follow the log for their in-memory mirrors and take over if it stops).
         "projectionOwner": runtime.projections.owner,
         "logPosition": log_position,
+        # False while the log's commits fail (a full disk, an I/O error): reports are then
+        # not stored and commands are 503s. True again at the next commit that succeeds.
+        **store,
         "activeActors": runtime.system.active_count(),
         # Passivated, their threads still running: draining what they were told.
         "stoppingActors": runtime.system.stopping_count(),

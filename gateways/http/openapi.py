@@ -132,7 +132,12 @@ SCHEMAS: dict[str, Any] = {
     "Health": {"type": "object", "properties": {
         "status": {"const": "ok"}, "projectionPosition": INT,
         "projectionOwner": {"type": "boolean", "description": "this process writes the views"},
-        "logPosition": INT, "activeActors": INT,
+        "logPosition": INT,
+        "storeWritable": {"type": "boolean", "description":
+                          "false while the log's commits fail (a full disk, an I/O error); "
+                          "true again at the next commit that succeeds"},
+        "storeError": {"type": "string", "description": "why commits fail; only while storeWritable is false"},
+        "activeActors": INT,
         "mqttConnected": {"type": ["boolean", "null"], "description":
                           "whether commands can go out now (connected to the broker and subscribed); "
                           "null without an MQTT gateway"},

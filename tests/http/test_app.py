@@ -20,8 +20,9 @@ async def test_health_reports_positions(client: httpx.AsyncClient) -> None:
     assert r.status_code == 200
     body = r.json()
     assert body["status"] == "ok"
-    assert set(body) == {"status", "projectionPosition", "projectionOwner", "logPosition", "activeActors",
-                         "stoppingActors", "mqttConnected", "mqtt"}
+    assert set(body) == {"status", "projectionPosition", "projectionOwner", "logPosition", "storeWritable",
+                         "activeActors", "stoppingActors", "mqttConnected", "mqtt"}
+    assert body["storeWritable"] is True
     assert body["mqttConnected"] is None  # no MQTT gateway in this test
     assert body["projectionOwner"] is True  # the only process on its database
     # The create waited for the views, so they are caught up with the log.
