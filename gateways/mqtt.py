@@ -34,6 +34,9 @@ from gateways.runtime import Runtime
 
 log = structlog.get_logger(__name__)
 
+RECONNECT_MAX_DELAY_S = 5  # paho doubles its wait between tries from 1 s up to this
+UNREACHABLE_REPORT_S = 60.0  # while the broker stays unreachable, a line this often
+
 
 def _outcome(error: Exception) -> str:
     """The counter a message whose actor answered `error` goes to: `not_committed` (the
@@ -122,7 +125,10 @@ class MqttGateway:
                                      clean_session=False, protocol=paho.MQTTv311, manual_ack=True)
         if u.username:
             self.client.username_pw_set(u.username, u.password)
-        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        # Parley is one client of its broker, not a fleet, so it may try often: with 30 s
+        # at most, commands came back 21 s after a broker that was down for 40 s; with 5 s,
+        # within 5 s. Repeated failures are counted rather than logged (_on_connect_fail).
+        self.client.reconnect_delay_set(min_delay=1, max_delay=RECONNECT_MAX_DELAY_S)
         self.client.max_inflight_messages_set(1000)
         self.client.max_queued_messages_set(0)
         self.client.on_connect = self._on_connect
@@ -143,6 +149,9 @@ class MqttGateway:
         self._warned_takeover_at = -60.0
         self._warned_retained = -1  # the connection whose replayed retained messages were logged
         self._stopping = False
+        # Failed connects since the link was last up: (count, monotonic time of the first,
+        # of the last line logged). Only the network thread touches it.
+        self._failed_connects = (0, 0.0, 0.0)
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self, timeout: float = 15.0) -> None:
@@ -180,15 +189,29 @@ class MqttGateway:
         prefix = f"$share/{self.shared_group}/" if self.shared_group else ""
         # Subscribe on every connect: the broker may have lost our persistent session.
         client.subscribe([(prefix + t, 1) for t in codec.SUBSCRIPTIONS])
+        failed, first, _ = self._failed_connects
+        self._failed_connects = (0, 0.0, 0.0)
+        unreachable = {"failed_attempts": failed, "unreachable_s": round(time.monotonic() - first, 1)} if failed else {}
         log.info("mqtt.connected", broker=f"{self.host}:{self.port}", client_id=self.client_id,
-                 session_present=flags.session_present)
+                 session_present=flags.session_present, **unreachable)
 
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
         # paho calls this inside its `except OSError`, and passes no error: it is the one
         # being handled. Without this line a broker that is down was 15 s of silence.
         error = sys.exc_info()[1]
-        log.warning("mqtt.connect_failed", broker=f"{self.host}:{self.port}",
-                    error=str(error) if error is not None else "unknown", will_retry=not self._stopping)
+        shown = str(error) if error is not None else "unknown"
+        failed, first, said = self._failed_connects
+        now = time.monotonic()
+        if failed == 0:
+            first = said = now
+            log.warning("mqtt.connect_failed", broker=f"{self.host}:{self.port}", error=shown,
+                        will_retry=not self._stopping)
+        elif now - said >= UNREACHABLE_REPORT_S:
+            # A long outage: a line a minute, not one per try (every 5 s).
+            said = now
+            log.warning("mqtt.still_unreachable", broker=f"{self.host}:{self.port}", error=shown,
+                        failed_attempts=failed + 1, seconds=round(now - first, 1))
+        self._failed_connects = (failed + 1, first, said)
 
     def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
         if not self._ready.is_set():
