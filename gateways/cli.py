@@ -174,8 +174,12 @@ def _startup_problem(exc: BaseException, settings: Settings) -> str | None:
                         f"with --data-dir or PARLEY_DATA_DIR")
             return f"{e.strerror}: {path}"
         if type(e).__module__.startswith(("psycopg", "eventsourcing", "sqlite3")):
-            hint = "" if settings.database_url else f"; check that the data directory {data_dir} is writable"
-            return f"the event store at {_store_where(settings)} is not usable: {e}{hint}"
+            if settings.database_url:
+                return f"the event store at {_store_where(settings)} is not usable: {e}"
+            # SQLite's errors do not say which file: the log or the views.
+            return (f"the data in {data_dir} (events.sqlite, views.sqlite) is not usable: {e}; check "
+                    f"that the directory is writable (SQLite writes its shared-memory files there, "
+                    f"also to read) and that the files are whole")
     return None
 
 
@@ -330,10 +334,14 @@ def _find_product(log: Any, device_id: str) -> str:
         db = ViewDatabase(log.config, log.breaker)
         try:
             found = DeviceRegistry(db).find(device_id)
-        except Exception as exc:  # noqa: BLE001 - a log without views (yet): found nowhere
-            if log.config.is_postgres and _no_table(exc) and not log.max_position():
+        except Exception as exc:
+            if not any(_no_table(e) for e in _leaves(exc)):
+                # Not "no views yet" but views that cannot be read (a read-only directory,
+                # a locked or damaged file): said as such by replay_device, not "not found".
+                raise
+            if log.config.is_postgres and not log.max_position():
                 _fail("parley", f"no Parley data in {_where(log.config)} (use --data-dir or --database-url)")
-            found = []
+            found = []  # a log without views (yet): found nowhere
         finally:
             db.close()
     products = sorted({d.product_id for d in found})

@@ -316,6 +316,22 @@ def test_replay_of_an_unknown_device_names_the_store_it_read(tmp_path):
     assert not (data / "views.sqlite").exists()  # asking did not create the views
 
 
+def test_replay_whose_views_cannot_be_read_says_why_not_device_not_found(tmp_path):
+    """The views say which product a device is in; views that cannot be read (here a
+    damaged file; a read-only directory is alike: SQLite cannot open its shared memory)
+    were taken for "no views yet", and replay said the device was not found."""
+    from eventstore import EventLog, StoreConfig
+
+    data = tmp_path / "data"
+    EventLog(StoreConfig.resolve(data, None)).close()
+    (data / "views.sqlite").write_bytes(b"not a database, " * 512)
+    line = one_sentence(runner.invoke(app, ["replay", "device", "d-1", "--data-dir", str(data)]), 1)
+    assert line == (f"parley could not read the log: the data in {data} (events.sqlite, views.sqlite) is "
+                    f"not usable: file is not a database; check that the directory is writable (SQLite "
+                    f"writes its shared-memory files there, also to read) and that the files are whole"), line
+    assert "not found" not in line
+
+
 # -- simulate takes its broker from the settings -----------------------------------------
 
 class FakeSimulator:
