@@ -63,6 +63,8 @@ def serve(
     data_dir: DataDirOpt = None,
     demo: Annotated[Optional[bool], typer.Option("--demo", help=_h("Create the thermostat demo agent."))] = None,
     log_format: Annotated[Optional[str], typer.Option(help=_h("auto, console or json [auto]."))] = None,
+    access_log: Annotated[Optional[bool], typer.Option("--access-log", help=_h(
+        "Log every HTTP request (http.request: method, path, status, ms)."))] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Run the server: MQTT device gateway and HTTP API."""
@@ -72,7 +74,8 @@ def serve(
 
     settings = _settings(config, host=host, http_port=http_port, voice_port=voice_port, mqtt_url=mqtt_url,
                          mqtt_client_id=mqtt_client_id, mqtt_shared_group=mqtt_shared_group,
-                         database_url=database_url, data_dir=data_dir, demo=demo, log_format=log_format)
+                         database_url=database_url, data_dir=data_dir, demo=demo, log_format=log_format,
+                         access_log=access_log)
     configure_logging(settings.log_format, settings.log_level)
     try:
         trio.run(main, settings)

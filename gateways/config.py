@@ -80,6 +80,7 @@ class Settings(BaseSettings):
     max_active_actors: int = Field(50_000, ge=1)
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = False  # a line per HTTP request (http.request)
 
     @field_validator("http_port", "voice_port", "builtin_broker_port")
     @classmethod

@@ -84,7 +84,7 @@ async def serve(settings: Settings, *, task_status: trio.TaskStatus[Running] = t
         if settings.demo and await trio.to_thread.run_sync(ensure_demo_agent, runtime):
             log.info("demo.agent_created", agent_id="thermostat")
         async with trio.open_nursery() as nursery:
-            app = create_app(runtime)
+            app = create_app(runtime, access_log=settings.access_log)
             # On shutdown, requests waiting on actors get 503 before hypercorn drains them.
             http_port = await nursery.start(partial(
                 serve_http, app, settings.host, settings.http_port,

@@ -199,3 +199,29 @@ def test_json_responses_are_written_by_orjson_as_json_would_write_them():
             obj, separators=(",", ":"), ensure_ascii=False, default=app.json.default)
     assert app.json.dumps({"x": float("nan")}) == '{"x":null}'
     assert app.json.dumps({"b": 1, "a": 2}, indent=2) == '{\n  "b": 1,\n  "a": 2\n}'
+
+
+async def test_access_log_is_one_line_per_request_when_asked_and_none_by_default(runtime: Runtime) -> None:
+    lines = {}
+    for access_log in (False, True):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(serve_http, create_app(runtime, access_log=access_log), "127.0.0.1", 0)
+            with structlog.testing.capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=20) as c:
+                    assert (await c.get("/api/health", headers={"X-Request-Id": "acc-1"})).status_code == 200
+                    assert (await c.get("/api/devices/nobody/events?limit=5")).status_code == 404
+                    assert (await c.post("/api/agents", content=b"{")).status_code == 400
+                # The line comes once the app has returned, a moment after the client has its answer.
+                with trio.move_on_after(1 if access_log else 0.2):
+                    while sum(e["event"] == "http.request" for e in logs) < 3:
+                        await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        lines[access_log] = [e for e in logs if e["event"] == "http.request"]
+    assert lines[False] == []
+    health, events, agents = lines[True]
+    assert (health["method"], health["path"], health["status"], health["trace_id"]) == \
+        ("GET", "/api/health", 200, "acc-1")
+    assert (events["path"], events["status"]) == ("/api/devices/nobody/events?limit=5", 404)
+    assert (agents["method"], agents["status"]) == ("POST", 400)
+    assert all(e["log_level"] == "info" and isinstance(e["ms"], float) and e["ms"] > 0 for e in lines[True])
+    assert len({e["trace_id"] for e in lines[True]}) == 3  # each request its own
