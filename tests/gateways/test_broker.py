@@ -323,3 +323,27 @@ def test_offline_queued_messages_arrive_without_the_retain_flag(clients):
     late.subscribe("parley/test/retained", qos=1)
     m = late.get()
     assert (m.payload, m.retain) == (b"kept", True)
+
+
+def test_a_broker_falling_behind_says_so_once_a_minute(monkeypatch):
+    """amqtt's forwarding queue past BACKLOG_WARN: `broker.builtin_behind` with the count and
+    what to do, at most once per BACKLOG_REPORT_S. (The threshold is lowered below zero here,
+    so an idle broker counts as behind; the real backlog was measured: see gateways/broker.py.)"""
+    import time
+
+    import structlog
+
+    import gateways.broker as broker_module
+
+    monkeypatch.setattr(broker_module, "BACKLOG_WARN", -1)
+    monkeypatch.setattr(broker_module, "BACKLOG_CHECK_S", 0.05)
+    with structlog.testing.capture_logs() as logs:
+        with BuiltinBroker(port=0):
+            deadline = time.monotonic() + 10
+            while not logs and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(0.3)  # six more checks: still within the minute, so no more lines
+    lines = [e for e in logs if e["event"] == "broker.builtin_behind"]
+    assert len(lines) == 1, logs
+    assert lines[0]["log_level"] == "warning" and lines[0]["queued"] == 0
+    assert "--mqtt-url" in lines[0]["hint"]
