@@ -187,6 +187,7 @@ class BuiltinBroker:
         self._error: BaseException | None = None
         self._running = False
         self._abandoned: list[asyncio.Task[Any]] = []
+        self.backlog_warn, self.backlog_check_s = BACKLOG_WARN, BACKLOG_CHECK_S
 
     # -- public API -------------------------------------------------------------
 
@@ -269,10 +270,10 @@ class BuiltinBroker:
         said = -BACKLOG_REPORT_S
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(BACKLOG_CHECK_S)
+            await asyncio.sleep(self.backlog_check_s)
             queue = getattr(broker, "_broadcast_queue", None)  # amqtt's; gone in another version
             queued = queue.qsize() if queue is not None else 0
-            if queued > BACKLOG_WARN and loop.time() - said >= BACKLOG_REPORT_S:
+            if queued > self.backlog_warn and loop.time() - said >= BACKLOG_REPORT_S:
                 said = loop.time()
                 slog.warning("broker.builtin_behind", queued=queued,
                              hint="the built-in broker cannot keep up (about 1,000 messages a second): "

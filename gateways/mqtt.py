@@ -152,6 +152,7 @@ class MqttGateway:
         # Failed connects since the link was last up: (count, monotonic time of the first,
         # of the last line logged). Only the network thread touches it.
         self._failed_connects = (0, 0.0, 0.0)
+        self.unreachable_report_s = UNREACHABLE_REPORT_S
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self, timeout: float = 15.0) -> None:
@@ -206,7 +207,7 @@ class MqttGateway:
             first = said = now
             log.warning("mqtt.connect_failed", broker=f"{self.host}:{self.port}", error=shown,
                         will_retry=not self._stopping)
-        elif now - said >= UNREACHABLE_REPORT_S:
+        elif now - said >= self.unreachable_report_s:
             # A long outage: a line a minute, not one per try (every 5 s).
             said = now
             log.warning("mqtt.still_unreachable", broker=f"{self.host}:{self.port}", error=shown,
