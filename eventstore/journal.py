@@ -21,7 +21,7 @@ import structlog
 from eventsourcing.persistence import RecordConflictError
 
 from eventstore.breaker import is_store_error
-from eventstore.failures import CommitFailures
+from eventstore.failures import RepeatedFailures
 from eventstore.store import EventLog, StoreUnavailable
 
 log = structlog.get_logger(__name__)
@@ -69,7 +69,8 @@ class Journal:
         self._writing = threading.Lock()  # one transaction at a time, whoever writes it
         self._thread = threading.Thread(target=self._run, name="journal-writer", daemon=True)
         self._thread.start()
-        self.failures = CommitFailures()  # what /api/health shows as storeWritable
+        # What /api/health shows as storeWritable.
+        self.failures = RepeatedFailures("journal.commit_failed", "journal.still_failing", "journal.recovered")
         self.batches = 0
         self.flushed = 0  # transactions flushed to disk (sync); the rest were only written
         self.committed = 0
@@ -174,7 +175,7 @@ class Journal:
         except Exception as exc:
             if is_store_error(exc):
                 # (Not stored: a load replays a little more, and the next one takes it.)
-                self.failures.failed(exc, len(snapshots), "snapshot")
+                self.failures.failed(exc, "journal.snapshot_failed", snapshots=len(snapshots))
                 return
             if len(snapshots) == 1:
                 log.warning("journal.snapshot_failed", error=str(exc), snapshots=len(snapshots))
@@ -208,7 +209,7 @@ class Journal:
                     b.future.set_exception(exc)  # went down meanwhile: the breaker says so
                 except Exception as exc:
                     if is_store_error(exc):
-                        self.failures.failed(exc, len(b.events))  # once, then counted
+                        self.failures.failed(exc, events=len(b.events))  # once, then counted
                     else:
                         log.error("journal.commit_failed", error=repr(exc), events=len(b.events))
                     b.future.set_exception(exc)

@@ -27,6 +27,7 @@ from actors.device import AnswerRefused, DeviceActor, DeviceResponded, ReportEve
 from actors.errors import ActorCrashed, Unavailable
 from actors.ports import NoReply
 from eventstore.breaker import store_down
+from eventstore.failures import RepeatedFailures
 from gateways import mqtt_codec as codec
 from gateways.config import check_mqtt_url
 from gateways.mqtt_client import BufferedClient, no_delay
@@ -149,10 +150,10 @@ class MqttGateway:
         self._warned_takeover_at = -60.0
         self._warned_retained = -1  # the connection whose replayed retained messages were logged
         self._stopping = False
-        # Failed connects since the link was last up: (count, monotonic time of the first,
-        # of the last line logged). Only the network thread touches it.
-        self._failed_connects = (0, 0.0, 0.0)
-        self.unreachable_report_s = UNREACHABLE_REPORT_S
+        # Failed connects since the link was last up: the first said, then a count a minute.
+        self.connect_failures = RepeatedFailures("mqtt.connect_failed", "mqtt.still_unreachable",
+                                                 every_s=UNREACHABLE_REPORT_S, level="warning",
+                                                 broker=f"{self.host}:{self.port}")
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self, timeout: float = 15.0) -> None:
@@ -190,29 +191,16 @@ class MqttGateway:
         prefix = f"$share/{self.shared_group}/" if self.shared_group else ""
         # Subscribe on every connect: the broker may have lost our persistent session.
         client.subscribe([(prefix + t, 1) for t in codec.SUBSCRIPTIONS])
-        failed, first, _ = self._failed_connects
-        self._failed_connects = (0, 0.0, 0.0)
-        unreachable = {"failed_attempts": failed, "unreachable_s": round(time.monotonic() - first, 1)} if failed else {}
+        episode = self.connect_failures.succeeded()
+        unreachable = {"failed_attempts": episode[0], "unreachable_s": episode[1]} if episode else {}
         log.info("mqtt.connected", broker=f"{self.host}:{self.port}", client_id=self.client_id,
                  session_present=flags.session_present, **unreachable)
 
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
         # paho calls this inside its `except OSError`, and passes no error: it is the one
         # being handled. Without this line a broker that is down was 15 s of silence.
-        error = sys.exc_info()[1]
-        shown = str(error) if error is not None else "unknown"
-        failed, first, said = self._failed_connects
-        now = time.monotonic()
-        if failed == 0:
-            first = said = now
-            log.warning("mqtt.connect_failed", broker=f"{self.host}:{self.port}", error=shown,
-                        will_retry=not self._stopping)
-        elif now - said >= self.unreachable_report_s:
-            # A long outage: a line a minute, not one per try (every 5 s).
-            said = now
-            log.warning("mqtt.still_unreachable", broker=f"{self.host}:{self.port}", error=shown,
-                        failed_attempts=failed + 1, seconds=round(now - first, 1))
-        self._failed_connects = (failed + 1, first, said)
+        # A long outage is a line a minute, not one per try (every 5 s).
+        self.connect_failures.failed(sys.exc_info()[1], will_retry=not self._stopping)
 
     def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
         if not self._ready.is_set():

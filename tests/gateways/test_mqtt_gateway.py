@@ -508,13 +508,13 @@ def test_a_broker_down_for_a_while_is_said_once_then_counted(runtime):
     port = broker.start()
     gw = MqttGateway(runtime, f"mqtt://127.0.0.1:{port}", client_id=f"parley-down-{time.monotonic_ns()}")
     gw.client.reconnect_delay_set(min_delay=0.1, max_delay=0.1)
-    gw.unreachable_report_s = 0.35
+    gw.connect_failures.every_s = 0.35
     gw.start()
     try:
         with structlog.testing.capture_logs() as logs:
             broker.stop()
             wait_until(lambda: not gw._ready.is_set(), timeout=10)
-            wait_until(lambda: gw._failed_connects[0] >= 10, timeout=20)
+            wait_until(lambda: gw.connect_failures._total >= 10, timeout=20)
             broker = BuiltinBroker(port=port)
             broker.start()
             wait_until(lambda: gw._ready.is_set(), timeout=20)
@@ -525,7 +525,7 @@ def test_a_broker_down_for_a_while_is_said_once_then_counted(runtime):
         # about one line per 0.35 s of the outage, far fewer than the tries
         assert 1 <= events.count("mqtt.still_unreachable") <= connected["unreachable_s"] / 0.35 + 1
         assert events.count("mqtt.still_unreachable") < connected["failed_attempts"] / 2
-        assert gw._failed_connects == (0, 0.0, 0.0)
+        assert not gw.connect_failures.failing
     finally:
         gw.stop()
         broker.stop()
