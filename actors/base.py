@@ -56,6 +56,9 @@ class AggregateActor(pykka.ThreadingActor, ABC):
     # Messages that pin the actor from the tell until they are handled (ActorSystem.tell_many;
     # Lease): what an eviction in between would fail though it was carried out.
     pinning: ClassVar[tuple[type, ...]] = ()
+    # Messages someone waits on (an HTTP request): an actor with one queued loads ahead of
+    # the actors activated by reports (actors/loading.py).
+    urgent: ClassVar[tuple[type, ...]] = ()
     max_batch: ClassVar[int] = 256
     # How long a new actor waits for the ones it replaces to end (passivated a moment ago
     # and still handling what they were told, or crashed) before it answers Unavailable.
@@ -126,8 +129,15 @@ class AggregateActor(pykka.ThreadingActor, ABC):
 
     def reload(self) -> None:
         """(Re)build state from the latest snapshot plus the tail of the stream."""
-        with self.system.loading:  # bounded: thousands of activations at once share a pool
+        # Bounded: thousands of activations at once share a few slots, urgent ones first.
+        with self.system.loading.slot((type(self), self.key), self._urgent_queued):
             self.aggregate = self.system.log.load(self.stream_id(self.key))
+
+    def _urgent_queued(self) -> bool:
+        # Only this thread takes from the inbox; others may append meanwhile (tuple() of a
+        # deque copies it without letting another thread run).
+        return bool(self.urgent) and any(isinstance(untraced(e.message), self.urgent)
+                                         for e in tuple(self.actor_inbox.queue))
 
     def catch_up(self) -> None:
         """Load what another process wrote to this stream since our state, if it wrote

@@ -20,6 +20,7 @@ import structlog
 
 from actors.base import AggregateActor, Key
 from actors.errors import Unavailable
+from actors.loading import LoadGate
 from actors.ports import Burst, DeviceLink, Traced, untraced
 from actors.scheduler import Scheduler
 from eventstore import EventLog, Journal
@@ -115,7 +116,7 @@ class ActorSystem:
         # 26.2 s with 8 at once, 20.5 s with 2 and 14.6 s with 1 (a load's CPU 1.7 ms, 0.85,
         # 0.43; the process's system time 21.5 s, 14.4, 9.7). On PostgreSQL a load waits on
         # the server, and 8 at once (the pool's size) overlap those waits.
-        self.loading = threading.BoundedSemaphore(8 if event_log.config.is_postgres else 1)
+        self.loading = LoadGate(8 if event_log.config.is_postgres else 1)
         self.activations = 0
         self.passivations = 0
         self._over_cap_warned = -float("inf")
@@ -158,6 +159,9 @@ class ActorSystem:
                     for rest in messages[i:]:
                         self._enqueue(kind, entry, rest)
                     break
+            if kind.urgent and any(isinstance(untraced(m), kind.urgent) for m in messages):
+                # After the enqueue: an actor waiting to load now has it, and goes next.
+                self.loading.promote(k)
 
     @staticmethod
     def _enqueue(kind: type[AggregateActor], entry: _Entry, message: Any) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bench.common import Options, Result, check_services, console, start_broker
 
-BENCHMARKS = ("ingest", "commands", "activation", "actors")
+BENCHMARKS = ("ingest", "commands", "activation", "actors", "restart")
 ROOT = Path(__file__).resolve().parent.parent
 NOTES = Path(__file__).with_name("notes.md")
 

@@ -65,8 +65,8 @@ class SimulatorProcess(_Child):
         super().__init__(_run_simulator, kwargs)
 
 
-def _run_responder(host: str, port: int, cmd_topic: str, resp_topic: str, online_topic: str | None,
-                   ready: Any, stop: Any) -> None:
+def _run_responder(host: str, port: int, cmd_topic: str, resp_topic: str | None, online_topics: tuple[str, ...],
+                   arrivals: Any, ready: Any, stop: Any) -> None:
     import json
 
     import paho.mqtt.client as paho
@@ -81,15 +81,18 @@ def _run_responder(host: str, port: int, cmd_topic: str, resp_topic: str, online
         cl.subscribe(cmd_topic, 1)
 
     def on_subscribe(cl: paho.Client, *a: Any) -> None:
-        if online_topic:  # make the device known and online to Parley first
-            cl.publish(online_topic, b'{"type":"status","data":{"status":"online"}}', qos=1)
+        for topic in online_topics:  # make the devices known and online to Parley first
+            cl.publish(topic, b'{"type":"status","data":{"status":"online"}}', qos=1)
         ready.set()
 
     def on_message(cl: paho.Client, u: Any, m: paho.MQTTMessage) -> None:
         # The least a device can do and still answer as seed 000 says: match the requestId.
         command = json.loads(m.payload)
-        cl.publish(resp_topic, json.dumps({"requestId": command["requestId"], "code": 0, "msg": "ok",
-                                           "data": {}, "ts": int(time.time() * 1000)}).encode(), qos=1)
+        if arrivals is not None:
+            arrivals.put((command["requestId"], time.time()))
+        cl.publish(resp_topic or m.topic.rsplit("/", 1)[0] + "/responses",
+                   json.dumps({"requestId": command["requestId"], "code": 0, "msg": "ok",
+                               "data": {}, "ts": int(time.time() * 1000)}).encode(), qos=1)
 
     c.on_connect, c.on_subscribe, c.on_message = on_connect, on_subscribe, on_message
     c.connect(host, port)
@@ -102,11 +105,21 @@ def _run_responder(host: str, port: int, cmd_topic: str, resp_topic: str, online
 class ResponderProcess(_Child):
     """A bare paho device (QoS 1, TCP_NODELAY): answers every command on its response topic
     with code 0 and the command's requestId. The same device serves the bare MQTT baseline
-    and Parley, so the difference between the two is Parley's."""
+    and Parley, so the difference between the two is Parley's. With a wildcard `cmd_topic`
+    and no `resp_topic` it answers for many devices, each on its own response topic, and
+    with `arrivals` (a queue of this module's context) it puts (requestId, time.time()) there
+    as each command arrives."""
 
-    def __init__(self, host: str, port: int, cmd_topic: str, resp_topic: str,
-                 online_topic: str | None = None) -> None:
-        super().__init__(_run_responder, host, port, cmd_topic, resp_topic, online_topic)
+    def __init__(self, host: str, port: int, cmd_topic: str, resp_topic: str | None = None,
+                 online_topic: str | None = None, *, online_topics: tuple[str, ...] = (),
+                 arrivals: Any = None) -> None:
+        topics = (online_topic, *online_topics) if online_topic else online_topics
+        super().__init__(_run_responder, host, port, cmd_topic, resp_topic, topics, arrivals)
+
+
+def queue() -> Any:
+    """A queue the child processes of this module can put to."""
+    return _ctx.Queue()
 
 
 def _run_http_floor(kind: str, port: int, ready: Any, stop: Any) -> None:

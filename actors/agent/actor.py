@@ -14,6 +14,8 @@ from actors.errors import AgentAlreadyExists, AgentNotFound, InvalidAgent
 
 class AgentActor(AggregateActor):
     kind = "agent"
+    # Each is an HTTP request waiting (POST, PUT, DELETE /api/agents).
+    urgent = (CreateAgent, UpdateAgent, DeleteAgent)
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)

@@ -48,6 +48,8 @@ class DeviceActor(AggregateActor):
     batchable = (ReportTelemetry, ReportEvent)
     # Pinned from the tell: a command must not meet an eviction before its waiter pins it.
     pinning = (SendCommand,)
+    # An HTTP caller waits on it: after a restart, its actor loads before those of reports.
+    urgent = (SendCommand,)
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)

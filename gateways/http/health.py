@@ -32,6 +32,8 @@ async def health() -> dict[str, Any]:
         # not stored and commands are 503s. True again at the next commit that succeeds.
         **store,
         "activeActors": runtime.system.active_count(),
+        # Of those, still waiting for a slot to load (thousands just after a restart).
+        "loadingActors": runtime.system.loading.waiting(),
         # Passivated, their threads still running: draining what they were told.
         "stoppingActors": runtime.system.stopping_count(),
         # Whether commands can go out now (connected to the broker and subscribed): the

@@ -138,6 +138,9 @@ SCHEMAS: dict[str, Any] = {
                           "true again at the next commit that succeeds"},
         "storeError": {"type": "string", "description": "why commits fail; only while storeWritable is false"},
         "activeActors": INT,
+        "loadingActors": {"type": "integer", "description":
+                          "actors waiting for a slot to load from the log (an activation storm after a restart)"},
+        "stoppingActors": {"type": "integer", "description": "passivated actors whose threads still drain their queue"},
         "mqttConnected": {"type": ["boolean", "null"], "description":
                           "whether commands can go out now (connected to the broker and subscribed); "
                           "null without an MQTT gateway"},

@@ -8,12 +8,13 @@ import time
 import pytest
 import structlog.testing
 
-from actors.device import Device, DeviceActor, ExpireLiveness, ReportTelemetry
+from actors.device import Device, DeviceActor, ExpireLiveness, ReportTelemetry, SendCommand
+from actors.errors import DeviceNotFound
 from actors.errors import Unavailable
 from actors.ports import FutureReply
 from actors.system import ActorSystem, SystemSettings
 from eventstore import EventLog, Journal, StoreConfig
-from tests.actors.test_device_actor import Hold  # a test-only message that keeps an actor busy
+from tests.actors.test_device_actor import Hold, Link  # test-only: a message that keeps an actor busy; a device link
 from tests.support import now_ms, wait_until
 
 
@@ -442,3 +443,80 @@ def _most_loads_at_once(tmp_path, url, monkeypatch) -> int:
         system.shutdown()
         journal.close()
         log.close()
+
+
+class _SlowLoads:
+    """EventLog.load held by the test: the first load waits until `go` is set, so the
+    activations behind it queue for the slot; records which streams loaded in which order."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.go = threading.Event()
+        self.order: list[tuple[str, str]] = []
+        real_load = EventLog.load
+        streams: dict = {}
+        self.streams = streams
+
+        def load(log, stream_id, *args, **kwargs):
+            if not self.order:
+                self.go.wait(10)
+            self.order.append(streams.get(stream_id, ("?", "?")))
+            return real_load(log, stream_id, *args, **kwargs)
+
+        monkeypatch.setattr(EventLog, "load", load)
+
+    def key(self, key: tuple[str, str]) -> tuple[str, str]:
+        self.streams[DeviceActor.stream_id(key)] = key
+        return key
+
+
+def _report(system, key) -> FutureReply:
+    r = FutureReply()
+    system.tell(DeviceActor, key, ReportTelemetry("status", "online", None, None, now_ms(), reply=r))
+    return r
+
+
+def test_an_actor_with_a_command_loads_ahead_of_the_reports_waiting_in_line(system, monkeypatch):
+    """After a restart thousands of reports activate their actors at once; a command's
+    actor joining that line used to wait for all of them (4,000 devices: 11-20 s)."""
+    loads = _SlowLoads(monkeypatch)
+    replies = [_report(system, loads.key(("p", f"r{i}"))) for i in range(12)]
+    assert wait_until(lambda: system.loading.waiting() == 11, 5)  # r0 loads, held; the rest wait
+    command = FutureReply()
+    system.tell(DeviceActor, loads.key(("p", "cmd")), SendCommand("req-1", "reboot", {}, 5000, reply=command))
+    assert wait_until(lambda: system.loading.waiting() == 12, 5)
+    loads.go.set()
+    with pytest.raises(DeviceNotFound):  # (no such device: what matters is when it loaded)
+        command.get(10)
+    for r in replies:
+        r.get(10)
+    assert loads.order[:2] == [("p", "r0"), ("p", "cmd")]
+    assert sorted(loads.order[2:]) == sorted(("p", f"r{i}") for i in range(1, 12))
+
+
+def test_a_command_told_to_an_actor_already_waiting_to_load_moves_it_ahead(tmp_path, monkeypatch):
+    log = EventLog(StoreConfig.resolve(tmp_path, None))
+    journal = Journal(log)
+    link = Link()
+    system = ActorSystem(log, journal, SystemSettings(sweep_interval=3600), device_link=link)
+    link.system = system
+    try:
+        _promoted_command_goes_next(system, monkeypatch)
+    finally:
+        system.shutdown()
+        journal.close()
+        log.close()
+
+
+def _promoted_command_goes_next(system, monkeypatch) -> None:
+    loads = _SlowLoads(monkeypatch)
+    replies = [_report(system, loads.key(("p", f"r{i}"))) for i in range(12)]
+    assert wait_until(lambda: system.loading.waiting() == 11, 5)
+    # r9 waits in line for its report; then a command for it arrives.
+    command = FutureReply()
+    system.tell(DeviceActor, ("p", "r9"), SendCommand("req-2", "reboot", {}, 5000, reply=command))
+    assert system.loading.promoted == 1
+    loads.go.set()
+    for r in replies:
+        r.get(10)
+    assert command.get(10)["code"] == 0  # its report came first (online), then the command
+    assert loads.order[:2] == [("p", "r0"), ("p", "r9")]

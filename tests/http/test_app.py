@@ -21,7 +21,7 @@ async def test_health_reports_positions(client: httpx.AsyncClient) -> None:
     body = r.json()
     assert body["status"] == "ok"
     assert set(body) == {"status", "projectionPosition", "projectionOwner", "logPosition", "storeWritable",
-                         "activeActors", "stoppingActors", "mqttConnected", "mqtt"}
+                         "activeActors", "loadingActors", "stoppingActors", "mqttConnected", "mqtt"}
     assert body["storeWritable"] is True
     assert body["mqttConnected"] is None  # no MQTT gateway in this test
     assert body["projectionOwner"] is True  # the only process on its database
@@ -30,6 +30,7 @@ async def test_health_reports_positions(client: httpx.AsyncClient) -> None:
     assert body["projectionPosition"] == body["logPosition"]
     assert body["activeActors"] >= 1  # the agent's actor
     assert body["stoppingActors"] == 0
+    assert body["loadingActors"] == 0
 
 
 async def test_health_says_whether_commands_can_go_out(client: httpx.AsyncClient, link) -> None:

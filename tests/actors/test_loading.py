@@ -1,0 +1,108 @@
+"""LoadGate: a few load slots; urgent loads first; each line in arrival order."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from actors.loading import LoadGate
+from tests.support import wait_until
+
+
+class Line:
+    """Threads that each take a slot of `gate` and record the order they got it in."""
+
+    def __init__(self, gate: LoadGate) -> None:
+        self.gate = gate
+        self.order: list[str] = []
+        self.release = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    def join(self, who: str, urgent: bool = False) -> None:
+        def run() -> None:
+            with self.gate.slot(who, lambda: urgent):
+                self.order.append(who)
+                if who == "first":
+                    self.release.wait(10)
+
+        before = self.gate.waiting()
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        self.threads.append(t)
+        if who != "first":  # in line before the next one joins: the order is the test's
+            assert wait_until(lambda: self.gate.waiting() == before + 1, 5)
+
+    def finish(self) -> list[str]:
+        self.release.set()
+        for t in self.threads:
+            t.join(10)
+        return self.order
+
+
+def test_one_slot_holds_the_second_until_the_first_is_done():
+    line = Line(LoadGate(1))
+    line.join("first")
+    assert wait_until(lambda: line.order == ["first"], 5)
+    line.join("second")
+    time.sleep(0.05)
+    assert line.order == ["first"]  # still waiting
+    assert line.finish() == ["first", "second"]
+    assert line.gate.waiting() == 0
+
+
+def test_waiters_get_the_slot_in_arrival_order_and_urgent_ones_before_the_others():
+    line = Line(LoadGate(1))
+    line.join("first")
+    assert wait_until(lambda: line.order == ["first"], 5)
+    for who, urgent in (("a", False), ("b", False), ("u1", True), ("c", False), ("u2", True)):
+        line.join(who, urgent)
+    assert line.finish() == ["first", "u1", "u2", "a", "b", "c"]
+
+
+def test_a_waiter_promoted_later_goes_next_and_only_once():
+    gate = LoadGate(1)
+    line = Line(gate)
+    line.join("first")
+    assert wait_until(lambda: line.order == ["first"], 5)
+    for who in ("a", "b", "c"):
+        line.join(who)
+    gate.promote("c")
+    gate.promote("c")  # a second urgent message for the same actor changes nothing
+    gate.promote("nobody")  # not waiting (loaded already, or not started): nothing to do
+    assert gate.promoted == 1
+    assert line.finish() == ["first", "c", "a", "b"]
+    # Its stale place in the normal line was skipped, not given a slot: the slot is free again.
+    assert gate.waiting() == 0 and gate.free == 1
+
+
+def test_several_slots_are_used_at_once_and_all_come_back():
+    gate = LoadGate(3)
+    inside, most = [0], [0]
+    lock = threading.Lock()
+
+    def load() -> None:
+        with gate.slot(threading.get_ident(), lambda: False):
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.01)
+            with lock:
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=load) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert most[0] == 3
+    assert gate.free == 3 and gate.waiting() == 0
+
+
+def test_a_load_that_raises_gives_its_slot_back():
+    gate = LoadGate(1)
+    try:
+        with gate.slot("boom", lambda: False):
+            raise RuntimeError("the store is down")
+    except RuntimeError:
+        pass
+    assert gate.free == 1
