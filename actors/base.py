@@ -25,6 +25,7 @@ from eventsourcing.persistence import RecordConflictError
 
 from actors.errors import ActorCrashed, ParleyError, Unavailable
 from actors.ports import NO_REPLY, Burst, NoReply, Traced, unpacked, untraced
+from actors.starter import actor_thread
 from eventstore import UnencodableValue
 from eventstore.breaker import is_store_error, store_down
 
@@ -84,6 +85,11 @@ class AggregateActor(pykka.ThreadingActor, ABC):
     @abstractmethod
     def stream_id(cls, key: Key) -> UUID:
         """The stream this kind's actor for `key` drives."""
+
+    def _start_actor_loop(self) -> None:
+        # Not here and now, as pykka does (on the activating thread, under the system's
+        # lock, waiting until the thread runs): by the system's starter (actors/starter.py).
+        self.system.starter.start(self, actor_thread(self._actor_loop, type(self).__name__, self.use_daemon_thread))
 
     # -- loading ---------------------------------------------------------------------
     def on_start(self) -> None:

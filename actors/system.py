@@ -23,6 +23,7 @@ from actors.errors import Unavailable
 from actors.loading import LoadGate
 from actors.ports import Burst, DeviceLink, Traced, untraced
 from actors.scheduler import Scheduler
+from actors.starter import ThreadStarter
 from eventstore import EventLog, Journal
 
 log = structlog.get_logger(__name__)
@@ -97,6 +98,7 @@ class ActorSystem:
         self.settings = settings or SystemSettings()
         self.device_link = device_link
         self.scheduler = Scheduler()
+        self.starter = ThreadStarter(self._not_started)
         # request_id -> device key of the commands this process's callers wait on. Another
         # process may record their outcome (a shared subscription gave it the device's
         # answer): following the log, Runtime tells the actor to settle (CommandSettled).
@@ -160,7 +162,9 @@ class ActorSystem:
                         self._enqueue(kind, entry, rest)
                     break
             if kind.urgent and any(isinstance(untraced(m), kind.urgent) for m in messages):
-                # After the enqueue: an actor waiting to load now has it, and goes next.
+                # After the enqueue: its thread starts now if it waits to, and an actor
+                # waiting to load now has it, and goes next.
+                self.starter.expedite(entry.ref.actor_urn)
                 self.loading.promote(k)
 
     @staticmethod
@@ -286,6 +290,14 @@ class ActorSystem:
     # How long shutdown waits, in all, for actors to finish what they were told.
     SHUTDOWN_WAIT_S = 10.0
 
+    def _not_started(self, actor: AggregateActor) -> None:
+        # Dead under the lock, so that no tell adds to its inbox after the drain below (a
+        # tell then finds it dead and activates another); what it was told fails now.
+        with self._lock:
+            actor.actor_stopped.set()
+            pykka.ActorRegistry.unregister(actor.actor_ref)
+        actor._fail_queued("could not start its thread")
+
     def shutdown(self) -> None:
         """Stop every actor: each handles what it was told first (an actor not loaded yet
         answers Unavailable instead of loading), all within SHUTDOWN_WAIT_S together. An
@@ -303,4 +315,5 @@ class ActorSystem:
         left = sum(not ref.actor_stopped.wait(max(0.0, deadline - time.monotonic())) for ref in refs)
         if left:
             log.warning("actors.not_stopped", actors=left, of=len(refs), waited_s=self.SHUTDOWN_WAIT_S)
+        self.starter.close()
         self.scheduler.stop()

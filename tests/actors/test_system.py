@@ -520,3 +520,76 @@ def _promoted_command_goes_next(system, monkeypatch) -> None:
         r.get(10)
     assert command.get(10)["code"] == 0  # its report came first (online), then the command
     assert loads.order[:2] == [("p", "r0"), ("p", "r9")]
+
+
+def test_an_actor_whose_thread_cannot_start_fails_what_it_was_told_and_the_next_tell_starts_another(
+        system, monkeypatch):
+    real_start = threading.Thread.start
+    refused = []
+
+    def start(thread):
+        if thread.name.startswith("DeviceActor") and not refused:
+            refused.append(thread.name)
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with structlog.testing.capture_logs() as logs:
+        first = _report(system, ("p", "nothread"))
+        with pytest.raises(Unavailable, match="could not start its thread"):
+            first.get(5)
+    assert refused and any(e["event"] == "actors.thread_not_started" for e in logs)
+    assert _report(system, ("p", "nothread")).get(5) is not None  # a new actor, with a thread
+    assert system.is_active(DeviceActor, ("p", "nothread"))
+
+
+class _HeldStarts:
+    """The first Thread.start of an actor thread named `held` waits until `go` is set."""
+
+    def __init__(self, monkeypatch, held: str) -> None:
+        self.go = threading.Event()
+        self.waiting = threading.Event()
+        real_start = threading.Thread.start
+
+        def start(thread):
+            if thread.name.startswith(held) and not self.waiting.is_set():
+                self.waiting.set()
+                self.go.wait(10)
+            real_start(thread)
+
+        monkeypatch.setattr(threading.Thread, "start", start)
+
+
+def test_activating_does_not_wait_for_the_actors_thread_to_run(system, monkeypatch):
+    """pykka's start() returns once the new thread runs; in a storm of activations that held
+    the MQTT gateway (and, under the system's lock, every tell) for each new thread."""
+    starts = _HeldStarts(monkeypatch, "DeviceActor")
+    t = time.monotonic()
+    reply = _report(system, ("p", "later"))
+    assert time.monotonic() - t < 1
+    assert starts.waiting.wait(5)  # the starter's thread waits, not the teller
+    starts.go.set()
+    assert reply.get(5) is not None
+
+
+def test_a_command_starts_its_actors_thread_at_once_not_behind_the_line(tmp_path, monkeypatch):
+    log = EventLog(StoreConfig.resolve(tmp_path, None))
+    journal = Journal(log)
+    link = Link()
+    system = ActorSystem(log, journal, SystemSettings(sweep_interval=3600), device_link=link)
+    link.system = system
+    try:
+        _report(system, ("p", "cmd")).get(5)  # known and online
+        system.passivate_idle(time.monotonic() + 3600, wait=True)  # (as after a restart)
+        starts = _HeldStarts(monkeypatch, "DeviceActor")
+        _report(system, ("p", "first"))  # its thread's start holds the starter's line
+        assert starts.waiting.wait(5)
+        queued = _report(system, ("p", "cmd"))  # activated by a report: in line, behind it
+        command = FutureReply()
+        system.tell(DeviceActor, ("p", "cmd"), SendCommand("req-3", "reboot", {}, 5000, reply=command))
+        assert queued.get(5) is not None and command.get(5)["code"] == 0  # while "first" still waits
+        starts.go.set()
+    finally:
+        system.shutdown()
+        journal.close()
+        log.close()
