@@ -493,21 +493,22 @@ def test_an_actor_with_a_command_loads_ahead_of_the_reports_waiting_in_line(syst
     assert sorted(loads.order[2:]) == sorted(("p", f"r{i}") for i in range(1, 12))
 
 
-def test_a_command_told_to_an_actor_already_waiting_to_load_moves_it_ahead(tmp_path, monkeypatch):
+@pytest.fixture
+def linked(tmp_path):
+    """An actor system whose device link answers every command with code 0."""
     log = EventLog(StoreConfig.resolve(tmp_path, None))
     journal = Journal(log)
     link = Link()
     system = ActorSystem(log, journal, SystemSettings(sweep_interval=3600), device_link=link)
     link.system = system
-    try:
-        _promoted_command_goes_next(system, monkeypatch)
-    finally:
-        system.shutdown()
-        journal.close()
-        log.close()
+    yield system
+    system.shutdown()
+    journal.close()
+    log.close()
 
 
-def _promoted_command_goes_next(system, monkeypatch) -> None:
+def test_a_command_told_to_an_actor_already_waiting_to_load_moves_it_ahead(linked, monkeypatch):
+    system = linked
     loads = _SlowLoads(monkeypatch)
     replies = [_report(system, loads.key(("p", f"r{i}"))) for i in range(12)]
     assert wait_until(lambda: system.loading.waiting() == 11, 5)
@@ -572,24 +573,15 @@ def test_activating_does_not_wait_for_the_actors_thread_to_run(system, monkeypat
     assert reply.get(5) is not None
 
 
-def test_a_command_starts_its_actors_thread_at_once_not_behind_the_line(tmp_path, monkeypatch):
-    log = EventLog(StoreConfig.resolve(tmp_path, None))
-    journal = Journal(log)
-    link = Link()
-    system = ActorSystem(log, journal, SystemSettings(sweep_interval=3600), device_link=link)
-    link.system = system
-    try:
-        _report(system, ("p", "cmd")).get(5)  # known and online
-        system.passivate_idle(time.monotonic() + 3600, wait=True)  # (as after a restart)
-        starts = _HeldStarts(monkeypatch, "DeviceActor")
-        _report(system, ("p", "first"))  # its thread's start holds the starter's line
-        assert starts.waiting.wait(5)
-        queued = _report(system, ("p", "cmd"))  # activated by a report: in line, behind it
-        command = FutureReply()
-        system.tell(DeviceActor, ("p", "cmd"), SendCommand("req-3", "reboot", {}, 5000, reply=command))
-        assert queued.get(5) is not None and command.get(5)["code"] == 0  # while "first" still waits
-        starts.go.set()
-    finally:
-        system.shutdown()
-        journal.close()
-        log.close()
+def test_a_command_starts_its_actors_thread_at_once_not_behind_the_line(linked, monkeypatch):
+    system = linked
+    _report(system, ("p", "cmd")).get(5)  # known and online
+    system.passivate_idle(time.monotonic() + 3600, wait=True)  # (as after a restart)
+    starts = _HeldStarts(monkeypatch, "DeviceActor")
+    _report(system, ("p", "first"))  # its thread's start holds the starter's line
+    assert starts.waiting.wait(5)
+    queued = _report(system, ("p", "cmd"))  # activated by a report: in line, behind it
+    command = FutureReply()
+    system.tell(DeviceActor, ("p", "cmd"), SendCommand("req-3", "reboot", {}, 5000, reply=command))
+    assert queued.get(5) is not None and command.get(5)["code"] == 0  # while "first" still waits
+    starts.go.set()
