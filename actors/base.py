@@ -139,11 +139,14 @@ class AggregateActor(pykka.ThreadingActor, ABC):
         with self.system.loading.slot((type(self), self.key), self._urgent_queued):
             self.aggregate = self.system.log.load(self.stream_id(self.key))
 
+    @classmethod
+    def is_urgent(cls, message: Any) -> bool:
+        return bool(cls.urgent) and isinstance(untraced(message), cls.urgent)
+
     def _urgent_queued(self) -> bool:
         # Only this thread takes from the inbox; others may append meanwhile (tuple() of a
         # deque copies it without letting another thread run).
-        return bool(self.urgent) and any(isinstance(untraced(e.message), self.urgent)
-                                         for e in tuple(self.actor_inbox.queue))
+        return any(self.is_urgent(e.message) for e in tuple(self.actor_inbox.queue))
 
     def catch_up(self) -> None:
         """Load what another process wrote to this stream since our state, if it wrote

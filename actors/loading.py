@@ -32,7 +32,6 @@ class LoadGate:
     """A counting semaphore with two lines: urgent loads first, each line in arrival order."""
 
     def __init__(self, slots: int) -> None:
-        self.slots = slots
         self._free = slots  # > 0 only while nobody waits: a release hands its slot on
         self._lock = threading.Lock()
         self._urgent: deque[_Waiter] = deque()

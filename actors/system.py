@@ -161,7 +161,7 @@ class ActorSystem:
                     for rest in messages[i:]:
                         self._enqueue(kind, entry, rest)
                     break
-            if kind.urgent and any(isinstance(untraced(m), kind.urgent) for m in messages):
+            if any(kind.is_urgent(m) for m in messages):
                 # After the enqueue: its thread starts now if it waits to, and an actor
                 # waiting to load now has it, and goes next.
                 self.starter.expedite(entry.ref.actor_urn)

@@ -4,20 +4,19 @@ Simulated thermostats report every few seconds; 100 probe devices (a bare respon
 own process) answer commands. Baseline: commands to the probes while the server runs
 steadily (their actors loaded). Then the server is stopped and started again on the same
 store, and the same commands go to the probes from the moment it answers: now each probe's
-actor must load first, in the same line as the thousands activated by the reports
-(actors/loading.py lets the commands' go first). A command goes out every 0.1 s, each on its
-own connection, whether the ones before have been answered or not."""
+actor must start and load first, among the thousands activated by the reports
+(actors/starter.py and actors/loading.py let a command's actor go first). A command goes
+out every 0.1 s, each on its own connection, whether the ones before have been answered
+or not."""
 
 from __future__ import annotations
 
-import http.client
-import json
 import queue as queue_mod
 import threading
 import time
 from typing import Any
 
-from bench.commands import COMMAND
+from bench.commands import COMMAND, HttpClient
 from bench.common import Options, Result, console, ms, pct, quiet_logging, store, wait_until
 from bench.processes import ResponderProcess, SimulatorProcess, queue, start_server, stop_server
 
@@ -27,12 +26,11 @@ DOWN_S = 2.0  # between the stop and the start: the reports of these seconds are
 
 
 def _get(port: int, path: str) -> Any:
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    client = HttpClient(port, timeout=30)
     try:
-        c.request("GET", path)
-        return json.loads(c.getresponse().read())
+        return client.request("GET", path)[1]
     finally:
-        c.close()
+        client.close()
 
 
 def _online(port: int) -> int:
@@ -48,20 +46,17 @@ def _commands(port: int, arrivals: Any, count: int) -> tuple[list[float], list[f
     lock = threading.Lock()
 
     def one(device: str) -> None:
-        c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        client = HttpClient(port, timeout=120)
         t, wall = time.monotonic(), time.time()
         try:
-            c.request("POST", f"/api/devices/{device}/commands", json.dumps({**COMMAND, "timeoutMs": 60000}),
-                      {"Content-Type": "application/json"})
-            r = c.getresponse()
-            body = json.loads(r.read())
+            status, body = client.request("POST", f"/api/devices/{device}/commands", {**COMMAND, "timeoutMs": 60000})
             with lock:
                 answered.append(time.monotonic() - t)
-                statuses.add(r.status)
-                if "requestId" in body:
+                statuses.add(status)
+                if isinstance(body, dict) and "requestId" in body:
                     sent[body["requestId"]] = wall
         finally:
-            c.close()
+            client.close()
 
     threads = []
     for i in range(count):

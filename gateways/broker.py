@@ -65,7 +65,7 @@ from amqtt.session import Session
 
 __all__ = ["BuiltinBroker", "BuiltinBrokerError", "PermitAllAuthPlugin"]
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 # Loggers that amqtt (and its state-machine dependency) log to at INFO/DEBUG on every
 # connection and packet.
@@ -80,8 +80,6 @@ SHUTDOWN_GRACE = 3.0
 BACKLOG_WARN = 10_000
 BACKLOG_CHECK_S = 5.0
 BACKLOG_REPORT_S = 60.0
-
-slog = structlog.get_logger(__name__)
 
 
 def _drop_startup_traceback(record: logging.LogRecord) -> bool:
@@ -222,7 +220,7 @@ class BuiltinBroker:
         # bound and is listening.  (No TCP probe: amqtt logs an ERROR for every
         # connection that closes without sending CONNECT.)
         self._running = True
-        log.info("built-in MQTT broker listening on %s", self.url)
+        log.info("broker.builtin_listening", url=self.url)
         return self.port
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -275,7 +273,7 @@ class BuiltinBroker:
             queued = queue.qsize() if queue is not None else 0
             if queued > self.backlog_warn and loop.time() - said >= BACKLOG_REPORT_S:
                 said = loop.time()
-                slog.warning("broker.builtin_behind", queued=queued,
+                log.warning("broker.builtin_behind", queued=queued,
                              hint="the built-in broker cannot keep up (about 1,000 messages a second): "
                                   "commands wait behind the backlog; use Mosquitto or EMQX (--mqtt-url)")
 
@@ -315,8 +313,8 @@ class BuiltinBroker:
             # for the stuck task all the same.
             done, _ = await asyncio.wait({shutdown}, timeout=SHUTDOWN_GRACE)
             if not done:
-                log.warning("built-in MQTT broker: shutdown did not finish within %.0f s; "
-                            "abandoning its remaining tasks", SHUTDOWN_GRACE)
+                log.warning("broker.builtin_shutdown_slow", waited_s=SHUTDOWN_GRACE,
+                            hint="its remaining tasks are abandoned")
 
     @staticmethod
     def _drop_connections(broker: Broker) -> None:
