@@ -5,6 +5,12 @@ Message types listed in `batchable` may be folded: when several are already wait
 the inbox, they are all handled and committed in one journal transaction, and each is
 replied to after that commit. Under load this turns one commit (and two thread
 hand-offs) per message into one per burst.
+
+A burst nobody waits on (QoS 0 telemetry) is handed to the journal and not waited for: the
+actor is free at once, and learns how that commit went before it handles anything else
+(`_settle_unawaited`). With thousands of devices reporting once each, waking every actor
+a second time for its commit was a third of the server's CPU, and those wake-ups crowded
+the journal's own thread off the GIL (docs/architecture.md, "Unawaited commits").
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import random
 import threading
 import time
 from abc import ABC, abstractmethod
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, ClassVar
 from uuid import UUID
 
@@ -26,7 +33,7 @@ from eventsourcing.persistence import RecordConflictError
 from actors.errors import ActorCrashed, ParleyError, Unavailable
 from actors.ports import NO_REPLY, Burst, NoReply, Traced, unpacked, untraced
 from actors.starter import actor_thread
-from eventstore import UnencodableValue
+from eventstore import JournalClosed, UnencodableValue
 from eventstore.breaker import is_store_error, store_down
 
 if TYPE_CHECKING:
@@ -79,6 +86,9 @@ class AggregateActor(pykka.ThreadingActor, ABC):
         # (the HTTP loop's among them) would wait with it.
         self._after = after
         self._after_deadline = time.monotonic() + self.predecessor_wait_s
+        # The last burst handed to the journal without waiting, and its messages: at most
+        # one at a time, so a failed one is never followed by a later write of its stream.
+        self._unawaited: tuple[Future[list[int]], list[Any]] | None = None
         self.log = log.bind(actor=self.kind, key=":".join(key))
 
     @classmethod
@@ -178,12 +188,17 @@ class AggregateActor(pykka.ThreadingActor, ABC):
                 self.lease.pin(-1)  # the tell's pin (a handler that keeps a waiter took its own)
 
     def _receive_loaded(self, message: Any) -> Any:
+        # Before this message is decided on, and before more of a burst are taken from the
+        # inbox (they keep coming meanwhile, so the next burst grows instead).
+        self._settle_unawaited()
         error = self._ensure_loaded()
         if error is not None:
             for m in unpacked(message):
                 failure = Unavailable(f"could not load {self.kind}: {error}")
                 failure.__cause__ = error  # (store_down looks at the cause)
                 getattr(m, "reply", NO_REPLY).fail(failure)
+            return None
+        if isinstance(message, _Settle):
             return None
         if isinstance(message, (Burst, *self.batchable)):
             first = unpacked(message)
@@ -248,10 +263,11 @@ class AggregateActor(pykka.ThreadingActor, ABC):
         return Unavailable(f"{self.max_conflict_retries} version conflicts in a row: another process "
                            f"keeps writing this {self.kind}'s stream; try again")
 
-    def _receive_batch(self, messages: list[Any]) -> None:
+    def _receive_batch(self, messages: list[Any], *, wait: bool = False) -> None:
         """Apply every message, commit once, then reply to each with the last position.
         A message its handler refuses (a ParleyError, raised before any event) is answered
-        with that error, after the others' commit; the others are not held up by it."""
+        with that error, after the others' commit; the others are not held up by it. If
+        nobody waits on any of them, the commit is not waited for either (`wait=False`)."""
         for attempt in range(self.max_conflict_retries):
             accepted: list[Any] = []
             refused: list[tuple[Any, ParleyError]] = []
@@ -266,8 +282,14 @@ class AggregateActor(pykka.ThreadingActor, ABC):
                     else:
                         accepted.append(m)
                 # Flush to disk only if someone is acknowledged (a QoS 1 PUBACK, say);
-                # a burst of QoS 0 telemetry is written and left to the next flush.
-                positions = self.commit(sync=any(not isinstance(m.reply, NoReply) for m in accepted))
+                # a burst of QoS 0 telemetry is written and left to the next flush, and
+                # not waited for.
+                acknowledged = any(not isinstance(m.reply, NoReply) for m in accepted)
+                if not wait and not acknowledged:
+                    self._commit_unawaited(accepted)
+                    positions = []
+                else:
+                    positions = self.commit(sync=acknowledged)
             except RecordConflictError:
                 self._after_conflict(attempt, len(messages))
                 continue
@@ -277,8 +299,8 @@ class AggregateActor(pykka.ThreadingActor, ABC):
                     # state, then handle and commit each message of the burst alone.
                     self.log.warning("actor.batch_failed", error=repr(exc), batch=len(messages))
                     self._restart()
-                    for m in messages:
-                        self._receive_batch([m])
+                    for m in messages:  # each waited for: one unawaited commit at a time
+                        self._receive_batch([m], wait=True)
                     return
                 self._crashed(exc, messages)
                 return
@@ -332,6 +354,13 @@ class AggregateActor(pykka.ThreadingActor, ABC):
     def on_restarted(self) -> None:
         """Hook for kinds that hold runtime state besides the aggregate."""
 
+    def _stop(self) -> None:
+        # Passivated (or shut down) with a write in flight: a new actor for this stream
+        # loads once `actor_stopped` is set, which pykka's _stop does before on_stop. It
+        # must find the write in the log (tests/actors/test_device_actor.py).
+        self._settle_unawaited()
+        super()._stop()
+
     def on_stop(self) -> None:
         self._fail_queued("stopped")
 
@@ -353,16 +382,74 @@ class AggregateActor(pykka.ThreadingActor, ABC):
                 getattr(m, "reply", NO_REPLY).fail(Unavailable(f"{self.kind} actor {why}"))
 
     # -- committing ------------------------------------------------------------------
-    def commit(self, *, sync: bool = True) -> list[int]:
+    def commit(self, *, sync: bool = True, urgent: bool = False) -> list[int]:
         """Commit the aggregate's pending events (group commit); return global positions.
-        `sync=False` only where nobody is acknowledged on this commit (eventstore/recorders.py)."""
+        `sync=False` only where nobody is acknowledged on this commit (eventstore/recorders.py);
+        `urgent` where an HTTP caller waits on it (written ahead of the journal's queue)."""
         if self.aggregate is None:
             return []
         events = self.aggregate.collect_events()
         if not events:
             return []
+        return self._commit_events(events, sync, urgent)
+
+    def _commit_unawaited(self, messages: list[Any]) -> None:
+        """Hand the burst's events to the journal and go on, without waiting for the commit
+        (nobody is acknowledged on it). The next message waits for it if it is not written
+        by then (rarely: a burst takes milliseconds to write, a device reports every few
+        seconds). Waited for after all: the burst that reaches the next snapshot (a
+        snapshot must never be stored ahead of the log)."""
+        events = self.aggregate.collect_events() if self.aggregate is not None else []
+        if not events:
+            return
+        before = events[0].originator_version - 1
+        if before // self.snapshot_every != self.aggregate.version // self.snapshot_every:
+            self._commit_events(events, sync=False)
+            return
         try:
-            positions = self.system.journal.commit(events, sync=sync)
+            future = self.system.journal.submit(events, sync=False)
+        except JournalClosed:
+            self._commit_events(events, sync=False)  # raises Unavailable, as a commit would
+            return
+        self._unawaited = (future, messages)
+        future.add_done_callback(self._unawaited_done)
+
+    def _unawaited_done(self, future: Future[list[int]]) -> None:
+        # On the journal's thread. A failure is dealt with on the actor's own thread before
+        # its next message; this one makes sure that comes soon, even for a quiet device.
+        if future.exception() is not None:
+            try:
+                self.actor_ref.tell(_Settle())
+            except pykka.ActorDeadError:
+                pass  # stopped: on_stop settled it
+
+    def _settle_unawaited(self) -> None:
+        """Learn how the last unawaited commit went (waiting for it if it is still queued).
+        If it failed, nothing of it is in the log: rebuild the state from the log and handle
+        its messages again, waiting for the commit this time, so each fails or is refused
+        as it would have been then (a conflict is decided again, a value the log cannot
+        encode is refused alone, a store that is down loses them: nobody was acknowledged)."""
+        if self._unawaited is None:
+            return
+        (future, messages), self._unawaited = self._unawaited, None
+        try:
+            future.result()
+            return
+        except Exception as exc:
+            (self.log.debug if store_down(exc) else self.log.info)(
+                "actor.unawaited_commit_failed", error=repr(exc), messages=len(messages))
+        try:
+            self.reload()
+        except Exception as exc:
+            if not store_down(exc):
+                self.log.warning("actor.reload_failed", error=repr(exc))
+            self.aggregate, self._loaded = None, False
+            return
+        self._receive_batch(messages, wait=True)
+
+    def _commit_events(self, events: list[Any], sync: bool, urgent: bool = False) -> list[int]:
+        try:
+            positions = self.system.journal.commit(events, sync=sync, urgent=urgent)
         except (RecordConflictError, UnencodableValue):
             # Not the store's fault: the caller reloads and decides again (a conflict) or
             # refuses the message (a value the log cannot encode).
@@ -384,3 +471,8 @@ class AggregateActor(pykka.ThreadingActor, ABC):
             # Deep copy now, on our thread: the writer stores it later while we move on.
             self.system.journal.snapshot(Snapshot.take(copy.deepcopy(self.aggregate)))
         return positions
+
+
+class _Settle:
+    """Told by the journal's thread when an unawaited commit failed: the actor deals with it
+    (`AggregateActor._settle_unawaited`) now, not only when its device next reports."""

@@ -163,7 +163,7 @@ class DeviceActor(AggregateActor):
         device.send_command(msg.request_id, msg.command, msg.params, msg.timeout_ms, sent)
         # Written before publishing (a crash of the process cannot lose it), but not
         # flushed: the result's commit flushes both before the HTTP caller hears anything.
-        self.commit(sync=False)
+        self.commit(sync=False, urgent=True)
         left = self._time_left(msg)
         if left <= 0:  # the write itself took that long: close the command unsent
             self._close_unsent(msg.request_id, "its timeout passed before it could be sent")
@@ -190,7 +190,7 @@ class DeviceActor(AggregateActor):
     def _close_unsent(self, request_id: str, reason: str) -> None:
         """Record that a command in the log never went to the broker, and never will."""
         self.aggregate.command_undelivered(request_id, reason)
-        self.commit()
+        self.commit(urgent=True)  # its caller waits
 
     def handle_DeviceResponded(self, msg: DeviceResponded) -> None:
         device = self.aggregate
@@ -208,7 +208,7 @@ class DeviceActor(AggregateActor):
             device.command_succeeded(msg.request_id, msg.code, msg.msg, msg.data, msg.received_ms)
         else:
             device.command_failed(msg.request_id, msg.code, msg.msg, msg.data, msg.received_ms)
-        positions = self.commit()
+        positions = self.commit(urgent=msg.request_id in self.waiters)  # a caller here waits
         result = command_result(msg.request_id, command, msg.code, msg.msg, msg.data)
         waiter = self._take_waiter(msg.request_id)
         if waiter is not None:
@@ -248,7 +248,7 @@ class DeviceActor(AggregateActor):
         if entry is not None and entry[2] is not None and self.system.device_link is not None:
             self.system.device_link.withdraw(entry[2])  # expired: not sent after a reconnect
         device.command_timed_out(msg.request_id, timeout_ms)
-        self.commit()
+        self.commit(urgent=msg.request_id in self.waiters)  # a caller here waits for its 504
         self.log.info("device.command_timed_out", request_id=msg.request_id, timeout_ms=timeout_ms)
         refused = self.refused.get(msg.request_id)
         waiter = self._take_waiter(msg.request_id)

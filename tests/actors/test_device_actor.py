@@ -20,6 +20,7 @@ from actors.device import (
     ReportEvent,
     ReportTelemetry,
     SendCommand,
+    Wake,
 )
 from actors.device.aggregate import MAX_STATE_BYTES, state_growth
 from actors.errors import ActorCrashed, CommandTimedOut, DeviceNotFound, DeviceOffline, StateTooLarge, Unavailable
@@ -223,7 +224,6 @@ class TestDeviceActor:
         assert names[-2:] == ["CommandSent", "CommandUndelivered"]
 
     def test_wake_only_loads_and_answers_with_the_version(self, parts):
-        from actors.device import Wake
 
         system, log, _ = parts
         online(system)
@@ -235,7 +235,7 @@ class TestDeviceActor:
         """The log follower tells CatchUp for every CommandSent it finds no caller waiting
         on, this process's own included once they settled: those must cost no reload (a
         reload per command stalled the actor every 50 ms)."""
-        from actors.device import CatchUp, Wake
+        from actors.device import CatchUp
 
         system, log, _ = parts
         online(system)
@@ -434,6 +434,135 @@ class TestDeviceActor:
         stored = [e.state["i"] for e in log.read_stream(Device.create_id(*KEY)) if hasattr(e, "state") and e.state]
         assert stored[-4:] == [0, 1, 3, 4]
 
+    def test_an_unstorable_report_nobody_waits_on_is_dropped_alone_after_its_commit(self, parts):
+        """The same burst unacknowledged (QoS 0): its commit is not waited for, so the actor
+        learns of the failure afterwards; it rebuilds from the log and handles the burst
+        again, and again only the unstorable report is lost."""
+        system, log, _ = parts
+        online(system)
+        gate = threading.Event()
+        system.tell(DeviceActor, KEY, Hold(gate))
+        for i in range(5):
+            system.tell(DeviceActor, KEY, ReportTelemetry("state", None, {"i": 2**70 if i == 2 else i}, None, now_ms()))
+        with structlog.testing.capture_logs() as logs:
+            gate.set()
+            assert wait_until(lambda: len(_stored_states(log)) == 4, 5)
+            ask(system, lambda r: Wake(reply=r))  # the actor is done with it
+        assert [s["i"] for s in _stored_states(log)] == [0, 1, 3, 4]
+        assert log.load(Device.create_id(*KEY)).state == {"i": 4}
+        assert [e["event"] for e in logs if e["event"].startswith("actor.")][:1] == ["actor.unawaited_commit_failed"]
+
+    def test_reports_nobody_waits_on_leave_the_actor_free_before_their_commit(self, parts, monkeypatch):
+        """QoS 0 telemetry: the actor hands the events to the journal and goes back to its
+        inbox instead of sleeping until they are written; its next message waits for that
+        write, and the log holds both in order."""
+        system, log, _ = parts
+        online(system)
+        entered, release = threading.Event(), threading.Event()
+        append = log.append
+
+        def stalled(events, **kw):
+            entered.set()
+            release.wait(5)
+            return append(events, **kw)
+
+        monkeypatch.setattr(log, "append", stalled)
+        system.tell(DeviceActor, KEY, ReportTelemetry("state", None, {"t": 1}, None, now_ms()))
+        assert entered.wait(5)
+        thread = next(t for t in threading.enumerate() if t.name.startswith("DeviceActor-"))
+        assert wait_until(lambda: _in_inbox(thread), 5)  # back in its inbox, the write still stalled
+        answer = FutureReply()
+        system.tell(DeviceActor, KEY, ReportTelemetry("state", None, {"t": 2}, None, now_ms(), reply=answer))
+        time.sleep(0.1)
+        assert not answer.future.done()  # waits for the first write
+        release.set()
+        assert isinstance(answer.get(5), int)
+        assert [s["t"] for s in _stored_states(log)] == [1, 2]
+
+    def test_a_report_commit_that_failed_unawaited_is_handled_again(self, parts, monkeypatch):
+        """The write of a QoS 0 burst fails (the store hiccupped: its transaction and the
+        journal's retry alone): nobody hears of it, but the actor does, before anything
+        else; it rebuilds its state from the log and handles the burst again."""
+        system, log, _ = parts
+        online(system)
+        failures = [2]
+        append = log.append
+
+        def flaky(events, **kw):
+            if failures[0]:
+                failures[0] -= 1
+                raise OSError("disk I/O error")
+            return append(events, **kw)
+
+        monkeypatch.setattr(log, "append", flaky)
+        with structlog.testing.capture_logs() as logs:
+            system.tell(DeviceActor, KEY, ReportTelemetry("state", None, {"t": 1}, None, now_ms()))
+            assert wait_until(lambda: [s.get("t") for s in _stored_states(log)] == [1], 5)
+        assert "actor.unawaited_commit_failed" in [e["event"] for e in logs]
+        assert ask(system, lambda r: ReportTelemetry("state", None, {"t": 2}, None, now_ms(), reply=r))
+        assert [s["t"] for s in _stored_states(log)] == [1, 2]
+
+    def test_a_report_commit_that_conflicted_unawaited_is_decided_again(self, parts):
+        """Another process wrote the stream's next version first: the QoS 0 report's commit
+        conflicts after the actor moved on; the actor loads what the other wrote and
+        handles the report again, after it."""
+        system, log, _ = parts
+        online(system, state={"mode": "auto"})
+        other = log.load(Device.create_id(*KEY))
+        other.report_state({"by": "other"}, None, now_ms(), None)
+        log.append(other.collect_events(), sync=False)
+        system.tell(DeviceActor, KEY, ReportTelemetry("state", None, {"by": "us"}, None, now_ms()))
+        assert wait_until(lambda: [s.get("by") for s in _stored_states(log)][-2:] == ["other", "us"], 5)
+        assert ask(system, lambda r: Wake(reply=r)) == log.load(Device.create_id(*KEY)).version
+        assert log.load(Device.create_id(*KEY)).state == {"mode": "auto", "by": "us"}
+
+    def test_an_actor_passivated_with_a_write_in_flight_stops_after_it(self, parts, monkeypatch):
+        """The actor that replaces it loads only once the write is in the log."""
+        system, log, _ = parts
+        online(system)
+        entered, release = threading.Event(), threading.Event()
+        append = log.append
+
+        def stalled(events, **kw):
+            if not release.is_set():
+                entered.set()
+                release.wait(5)
+            return append(events, **kw)
+
+        monkeypatch.setattr(log, "append", stalled)
+        system.tell(DeviceActor, KEY, ReportTelemetry("state", None, {"t": 1}, None, now_ms()))
+        assert entered.wait(5)
+        system.passivate_idle(now=time.monotonic() + 10_000)
+        threading.Timer(0.2, release.set).start()
+        with structlog.testing.capture_logs() as logs:
+            ask(system, lambda r: ReportTelemetry("state", None, {"t": 2}, None, now_ms(), reply=r))  # a new actor
+        assert system.activations == 2 and [s["t"] for s in _stored_states(log)] == [1, 2]
+        assert "actor.version_conflict" not in [e["event"] for e in logs]  # it loaded the first write
+
+    def test_snapshots_of_a_device_that_only_reports_are_never_ahead_of_the_log(self, parts, monkeypatch):
+        """The burst that reaches a snapshot's version is waited for: if its write fails, no
+        snapshot is taken of a state the log does not hold."""
+        system, log, _ = parts
+        monkeypatch.setattr(DeviceActor, "snapshot_every", 4)
+        online(system)  # versions 1 (registered) and 2
+        device_id = Device.create_id(*KEY)
+        for t in range(2):  # versions 3 and 4
+            system.tell(DeviceActor, KEY, ReportTelemetry("state", None, {"t": t}, None, now_ms()))
+        assert wait_until(lambda: log.snapshot_version(device_id) == 4, 5)
+        append = log.append
+        monkeypatch.setattr(log, "append", lambda events, **kw: (
+            (_ for _ in ()).throw(OSError("disk I/O error")) if events[-1].originator_version == 8
+            else append(events, **kw)))
+        for t in range(2, 6):  # versions 5 to 8: the last one fails, and so its snapshot
+            ask(system, lambda r: Wake(reply=r))  # one report a burst
+            system.tell(DeviceActor, KEY, ReportTelemetry("state", None, {"t": t}, None, now_ms()))
+        ask(system, lambda r: Wake(reply=r))
+        assert log.load(device_id).version == 7 and log.snapshot_version(device_id) == 4
+        monkeypatch.setattr(log, "append", append)
+        ask(system, lambda r: ReportTelemetry("state", None, {"t": 9}, None, now_ms(), reply=r))
+        assert log.load(device_id).state == {"t": 9}
+        assert wait_until(lambda: log.snapshot_version(device_id) == 8, 5)  # stored after the commit
+
     def test_a_report_that_would_grow_the_state_past_its_bound_is_refused_alone(self, parts):
         """A device sending a new big key in every message: the report that would take its
         state past MAX_STATE_BYTES is refused (nothing of it stored, logged, the sender told
@@ -552,6 +681,22 @@ class TestDeviceActor:
         assert device.version == len(OLD_LOG) + 1 and device.online
         assert device.state == {"temperature": 21, "mode": "auto", "humidity": 50}
 
+
+
+def _stored_states(log: EventLog) -> list[dict[str, Any]]:
+    """The state of each StateReported in the test device's stream, in order."""
+    return [e.state for e in log.read_stream(Device.create_id(*KEY)) if type(e).__name__ == "StateReported"]
+
+
+def _in_inbox(thread: threading.Thread) -> bool:
+    """Whether an actor's thread waits in its inbox (not on a commit, say)."""
+    import sys
+
+    frame, names = sys._current_frames().get(thread.ident), []
+    while frame is not None:
+        names.append(frame.f_code.co_name)
+        frame = frame.f_back
+    return bool(names) and "_actor_loop_running" in names and "on_receive" not in names
 
 
 class Hold:
