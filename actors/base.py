@@ -438,14 +438,20 @@ class AggregateActor(pykka.ThreadingActor, ABC):
         except Exception as exc:
             (self.log.debug if store_down(exc) else self.log.info)(
                 "actor.unawaited_commit_failed", error=repr(exc), messages=len(messages))
+        if self._reload_or_unload():
+            self._receive_batch(messages, wait=True)
+
+    def _reload_or_unload(self) -> bool:
+        """Rebuild from the log after a failed commit; if that fails too (the store is still
+        down), forget the state, so that the next message loads again. True if reloaded."""
         try:
             self.reload()
+            return True
         except Exception as exc:
             if not store_down(exc):
                 self.log.warning("actor.reload_failed", error=repr(exc))
             self.aggregate, self._loaded = None, False
-            return
-        self._receive_batch(messages, wait=True)
+            return False
 
     def _commit_events(self, events: list[Any], sync: bool, urgent: bool = False) -> list[int]:
         try:
@@ -455,16 +461,10 @@ class AggregateActor(pykka.ThreadingActor, ABC):
             # refuses the message (a value the log cannot encode).
             raise
         except Exception as exc:
-            # The store failed (down, full, locked): nothing of this is committed. Rebuild
-            # from the log; if that fails too (the store is still down), the next message
-            # loads again. Either way the caller hears Unavailable, so an MQTT message stays
-            # unacknowledged and is tried again, never acknowledged as poison.
-            try:
-                self.reload()
-            except Exception as reload_exc:
-                if not store_down(reload_exc):
-                    self.log.warning("actor.reload_failed", error=repr(reload_exc))
-                self.aggregate, self._loaded = None, False
+            # The store failed (down, full, locked): nothing of this is committed. Either
+            # way the caller hears Unavailable, so an MQTT message stays unacknowledged and
+            # is tried again, never acknowledged as poison.
+            self._reload_or_unload()
             raise Unavailable(f"could not commit: {exc}") from exc
         before = events[0].originator_version - 1
         if before // self.snapshot_every != self.aggregate.version // self.snapshot_every:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,22 @@ THERMO_SPEC = {
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def stall_appends(monkeypatch: Any, log: Any) -> tuple[threading.Event, threading.Event]:
+    """A store stuck in a transaction: `log.append` sets `entered` and waits for `release`;
+    once that is set, appends go through at once. Returns (entered, release)."""
+    entered, release = threading.Event(), threading.Event()
+    append = log.append
+
+    def stalled(events: Any, **kw: Any) -> Any:
+        if not release.is_set():
+            entered.set()
+            release.wait(10)
+        return append(events, **kw)
+
+    monkeypatch.setattr(log, "append", stalled)
+    return entered, release
 
 
 def wait_until(cond: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01) -> Any:

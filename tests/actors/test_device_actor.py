@@ -30,7 +30,7 @@ from eventsourcing.persistence import StoredEvent
 
 from eventstore import EventLog, Journal, StoreConfig
 from eventstore.transcoder import MsgpackTranscoder
-from tests.support import now_ms, wait_until
+from tests.support import now_ms, stall_appends, wait_until
 
 KEY = ("thermostat", "t-1")
 
@@ -458,15 +458,7 @@ class TestDeviceActor:
         write, and the log holds both in order."""
         system, log, _ = parts
         online(system)
-        entered, release = threading.Event(), threading.Event()
-        append = log.append
-
-        def stalled(events, **kw):
-            entered.set()
-            release.wait(5)
-            return append(events, **kw)
-
-        monkeypatch.setattr(log, "append", stalled)
+        entered, release = stall_appends(monkeypatch, log)
         system.tell(DeviceActor, KEY, ReportTelemetry("state", None, {"t": 1}, None, now_ms()))
         assert entered.wait(5)
         thread = next(t for t in threading.enumerate() if t.name.startswith("DeviceActor-"))
@@ -520,16 +512,7 @@ class TestDeviceActor:
         """The actor that replaces it loads only once the write is in the log."""
         system, log, _ = parts
         online(system)
-        entered, release = threading.Event(), threading.Event()
-        append = log.append
-
-        def stalled(events, **kw):
-            if not release.is_set():
-                entered.set()
-                release.wait(5)
-            return append(events, **kw)
-
-        monkeypatch.setattr(log, "append", stalled)
+        entered, release = stall_appends(monkeypatch, log)
         system.tell(DeviceActor, KEY, ReportTelemetry("state", None, {"t": 1}, None, now_ms()))
         assert entered.wait(5)
         system.passivate_idle(now=time.monotonic() + 10_000)

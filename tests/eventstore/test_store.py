@@ -16,6 +16,7 @@ from eventsourcing.persistence import RecordConflictError
 
 from eventstore import EventLog, Journal, StoreConfig, stream_id
 from eventstore.transcoder import MsgpackTranscoder
+from tests.support import stall_appends
 
 
 class Counter(Aggregate):
@@ -220,15 +221,7 @@ class TestEventLog:
         behind others committed since, and be told to nobody."""
         from eventstore.journal import JournalTimeout
 
-        stuck, release = threading.Event(), threading.Event()
-        real_append = log.append
-
-        def slow_append(events, **kw):
-            stuck.set()
-            release.wait(10)
-            return real_append(events, **kw)
-
-        monkeypatch.setattr(log, "append", slow_append)
+        stuck, release = stall_appends(monkeypatch, log)
         blocker = journal.submit(Counter(name="first").collect_events())  # holds the writer
         assert stuck.wait(5)
         late = Counter(name="late")
@@ -243,16 +236,7 @@ class TestEventLog:
     def test_an_urgent_commit_is_written_ahead_of_the_queue(self, log, journal, monkeypatch):
         """A command's commit (an HTTP caller waits) goes in the next transaction, alone,
         not behind the reports queued before it; the queue keeps its order."""
-        stuck, release = threading.Event(), threading.Event()
-        real_append = log.append
-
-        def slow_append(events, **kw):
-            if not release.is_set():
-                stuck.set()
-                release.wait(10)
-            return real_append(events, **kw)
-
-        monkeypatch.setattr(log, "append", slow_append)
+        stuck, release = stall_appends(monkeypatch, log)
         blocker = journal.submit(Counter(name="first").collect_events())  # holds the writer
         assert stuck.wait(5)
         queued = [journal.submit(Counter(name=f"q{i}").collect_events(), sync=False) for i in range(20)]
