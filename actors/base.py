@@ -9,8 +9,8 @@ hand-offs) per message into one per burst.
 A burst nobody waits on (QoS 0 telemetry) is handed to the journal and not waited for: the
 actor is free at once, and learns how that commit went before it handles anything else
 (`_settle_unawaited`). With thousands of devices reporting once each, waking every actor
-a second time for its commit was a third of the server's CPU, and those wake-ups crowded
-the journal's own thread off the GIL (docs/architecture.md, "Unawaited commits").
+a second time for its commit crowded the journal's own thread off the GIL, and commands
+waited seconds behind the reports (docs/architecture.md, "Unawaited commits").
 """
 
 from __future__ import annotations
@@ -421,7 +421,7 @@ class AggregateActor(pykka.ThreadingActor, ABC):
             try:
                 self.actor_ref.tell(_Settle())
             except pykka.ActorDeadError:
-                pass  # stopped: on_stop settled it
+                pass  # stopped: _stop settled it
 
     def _settle_unawaited(self) -> None:
         """Learn how the last unawaited commit went (waiting for it if it is still queued).
