@@ -8,9 +8,9 @@ hand-offs) per message into one per burst.
 
 A burst nobody waits on (QoS 0 telemetry) is handed to the journal and not waited for: the
 actor is free at once, and learns how that commit went before it handles anything else
-(`_settle_unawaited`). With thousands of devices reporting once each, waking every actor
-a second time for its commit crowded the journal's own thread off the GIL, and commands
-waited seconds behind the reports (docs/architecture.md, "Unawaited commits").
+(`_settle_unawaited`). With thousands of devices reporting once each, every report woke
+its actor twice, and the journal fell behind: commands waited seconds behind the reports
+(docs/architecture.md, "Unawaited commits").
 """
 
 from __future__ import annotations
