@@ -100,7 +100,9 @@ def run(opts: Options) -> Result:
                     raise RuntimeError("the devices never all showed up online")
                 console.print(f"  restart: before, {count} commands to loaded probes, one every {SPACING_S} s ...")
                 before, before_reached, before_statuses = _commands(port, arrivals, count)
+                t_stop = time.monotonic()
                 stop_server(server)
+                stopped = time.monotonic() - t_stop
                 time.sleep(DOWN_S)
                 t0 = time.monotonic()
                 server = start_server(data_dir, b.url, port, url)
@@ -137,6 +139,8 @@ def run(opts: Options) -> Result:
     if after_reached:
         r.add("after the restart: command at the device p50 / p90 / max",
               f"{ms(pct(after_reached, 50))} / {ms(pct(after_reached, 90))} / {ms(max(after_reached))}")
+    r.add("server stop (SIGTERM to exit: every actor stopped, each snapshotted if it moved on since its load)",
+          f"{stopped:.1f} s")
     r.add("server start (process start to /api/health answering)", f"{up:.1f} s")
     r.add("activation storm: actors waiting to load at most; until none waits (from /api/health answering)",
           f"{peak[0]:,}; " + (f"{storm[0]:.1f} s" if storm else "not over within the run"))

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from eventsourcing.persistence import RecordConflictError
+from eventsourcing.persistence import IntegrityError, RecordConflictError
 
 from eventstore.breaker import is_store_error
 from eventstore.failures import RepeatedFailures
@@ -205,11 +205,18 @@ class Journal:
         except StoreUnavailable:
             return  # known down: the breaker said so (store.down)
         except Exception as exc:
-            if is_store_error(exc):
+            if isinstance(exc, IntegrityError):
+                # Another process stored one of these versions already (its actor for the
+                # same device stopped at the same version, say): nothing is missing. Not a
+                # store failure, though eventsourcing raises it: the others are stored.
+                if len(snapshots) == 1:
+                    log.debug("journal.snapshot_exists", error=str(exc))
+                    return
+            elif is_store_error(exc):
                 # (Not stored: a load replays a little more, and the next one takes it.)
                 self.failures.failed(exc, "journal.snapshot_failed", snapshots=len(snapshots))
                 return
-            if len(snapshots) == 1:
+            elif len(snapshots) == 1:
                 log.warning("journal.snapshot_failed", error=str(exc), snapshots=len(snapshots))
                 return
         for snapshot in snapshots:

@@ -26,6 +26,7 @@ from actors.device.aggregate import MAX_STATE_BYTES, state_growth
 from actors.errors import ActorCrashed, CommandTimedOut, DeviceNotFound, DeviceOffline, StateTooLarge, Unavailable
 from actors.ports import FutureReply
 from actors.system import ActorSystem, SystemSettings
+from eventsourcing.domain import Snapshot
 from eventsourcing.persistence import StoredEvent
 
 from eventstore import EventLog, Journal, StoreConfig
@@ -545,6 +546,28 @@ class TestDeviceActor:
         ask(system, lambda r: ReportTelemetry("state", None, {"t": 9}, None, now_ms(), reply=r))
         assert log.load(device_id).state == {"t": 9}
         assert wait_until(lambda: log.snapshot_version(device_id) == 8, 5)  # stored after the commit
+
+    @pytest.mark.parametrize("reports, snapshot", [(12, True), (7, False)])  # 14 or 9 events since its load
+    def test_an_actor_stopped_well_past_its_load_leaves_a_snapshot(self, parts, reports, snapshot):
+        """After a restart every device loads at once; one that was snapshotted when it
+        stopped reads one row instead of replaying what it did since its last load."""
+        system, log, _ = parts
+        online(system)  # versions 1 and 2, loaded at 0
+        device_id = Device.create_id(*KEY)
+        for t in range(reports):
+            ask(system, lambda r: ReportTelemetry("state", None, {"t": t}, None, now_ms(), reply=r))
+        version = 2 + reports
+        with structlog.testing.capture_logs() as logs:
+            system.passivate_idle(now=time.monotonic() + 10_000, wait=True)
+            system.journal.close()  # stores what it has queued, as at shutdown
+        assert log.snapshot_version(device_id) == (version if snapshot else None)
+        assert [e for e in logs if e["log_level"] in ("warning", "error")] == []
+        if snapshot:  # a duplicate (another process stored the same version) says nothing
+            with structlog.testing.capture_logs() as logs:
+                journal = Journal(log)
+                journal.snapshot(Snapshot.take(log.load(device_id)))
+                journal.close()
+            assert [e for e in logs if e["log_level"] in ("warning", "error")] == []
 
     def test_a_report_that_would_grow_the_state_past_its_bound_is_refused_alone(self, parts):
         """A device sending a new big key in every message: the report that would take its

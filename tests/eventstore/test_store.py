@@ -252,6 +252,23 @@ class TestEventLog:
         assert positions == list(range(3, 23))
         assert journal.batches == 3  # the blocker, the urgent one alone, the twenty together
 
+    def test_a_snapshot_another_process_stored_already_is_no_failure(self, log, journal):
+        """Two processes' actors for one device stop at the same version and both snapshot
+        it: the second insert fails on the key. That is no store failure (no warning, no
+        failure counted) and the other snapshots of its transaction are stored."""
+        import structlog.testing
+
+        a, b = Counter(name="a"), Counter(name="b")
+        a.add(1)
+        b.add(2)
+        journal.commit(a.collect_events() + b.collect_events())
+        log.put_snapshot(Snapshot.take(a))  # by the other process
+        with structlog.testing.capture_logs() as logs:
+            journal._put_snapshots([Snapshot.take(a), Snapshot.take(b)])
+        assert [e for e in logs if e["log_level"] != "debug"] == []
+        assert (log.snapshot_version(a.id), log.snapshot_version(b.id)) == (2, 2)
+        assert journal.failures.failing is False
+
     def test_unflushed_commits_land_like_flushed_ones(self, log, journal):
         c = Counter(name="u")
         journal.commit(c.collect_events(), sync=False)  # e.g. QoS 0 telemetry: nobody is told
