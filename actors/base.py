@@ -364,17 +364,21 @@ class AggregateActor(pykka.ThreadingActor, ABC):
         # Passivated (or shut down) with a write in flight: a new actor for this stream
         # loads once `actor_stopped` is set, which pykka's _stop does before on_stop. It
         # must find the write in the log (tests/actors/test_device_actor.py).
-        self._settle_unawaited()
-        self._snapshot_at_stop()
-        super()._stop()
+        try:
+            self._settle_unawaited()
+            self._snapshot_at_stop()
+        except Exception:
+            self.log.exception("actor.stop_failed")  # it stops all the same
+        finally:
+            super()._stop()
 
     def _snapshot_at_stop(self) -> None:
         """Snapshot the state (stored by the journal before it closes) if this actor took it
         `snapshot_at_stop_after` events past its load, unless a snapshot every
         `snapshot_every` events has just been taken of it. Nothing changes the state any
-        more, so no copy is needed."""
+        more, so no copy is needed; a state with events not committed is never taken."""
         aggregate = self.aggregate
-        if aggregate is None or not self._loaded \
+        if aggregate is None or not self._loaded or getattr(aggregate, "_pending_events", None) \
                 or aggregate.version - self._loaded_version < self.snapshot_at_stop_after \
                 or aggregate.version % self.snapshot_every == 0:
             return
