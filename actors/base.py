@@ -151,8 +151,8 @@ class AggregateActor(pykka.ThreadingActor, ABC):
     def reload(self) -> None:
         """(Re)build state from the latest snapshot plus the tail of the stream."""
         # Bounded: thousands of activations at once share a few slots, urgent ones first.
-        with self.system.loading.slot((type(self), self.key), self._urgent_queued):
-            self.aggregate = self.system.log.load(self.stream_id(self.key))
+        self.aggregate = self.system.loading.load((type(self), self.key), self._urgent_queued,
+                                                  self.system.load_states)
         self._loaded_version = self.aggregate.version if self.aggregate is not None else 0
 
     @classmethod

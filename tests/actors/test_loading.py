@@ -19,11 +19,14 @@ class Line:
         self.threads: list[threading.Thread] = []
 
     def join(self, who: str, urgent: bool = False) -> None:
+        def load_many(whos: list[str]) -> dict[str, None]:
+            self.order.extend(whos)
+            if who == "first":
+                self.release.wait(10)
+            return dict.fromkeys(whos)
+
         def run() -> None:
-            with self.gate.slot(who, lambda: urgent):
-                self.order.append(who)
-                if who == "first":
-                    self.release.wait(10)
+            self.gate.load(who, lambda: urgent, load_many)
 
         before = self.gate.waiting()
         t = threading.Thread(target=run, daemon=True)
@@ -80,14 +83,17 @@ def test_several_slots_are_used_at_once_and_all_come_back():
     inside, most = [0], [0]
     lock = threading.Lock()
 
+    def load_many(whos: list[int]) -> dict[int, None]:
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.01)
+        with lock:
+            inside[0] -= 1
+        return dict.fromkeys(whos)
+
     def load() -> None:
-        with gate.slot(threading.get_ident(), lambda: False):
-            with lock:
-                inside[0] += 1
-                most[0] = max(most[0], inside[0])
-            time.sleep(0.01)
-            with lock:
-                inside[0] -= 1
+        gate.load(threading.get_ident(), lambda: False, load_many)
 
     threads = [threading.Thread(target=load) for _ in range(12)]
     for t in threads:
@@ -100,9 +106,76 @@ def test_several_slots_are_used_at_once_and_all_come_back():
 
 def test_a_load_that_raises_gives_its_slot_back():
     gate = LoadGate(1)
+
+    def load_many(whos: list[str]) -> dict[str, None]:
+        raise RuntimeError("the store is down")
+
     try:
-        with gate.slot("boom", lambda: False):
-            raise RuntimeError("the store is down")
+        gate.load("boom", lambda: False, load_many)
     except RuntimeError:
         pass
     assert gate.free == 1
+
+
+def _loader(gate: LoadGate, calls: list[list[str]], fail: set[str] = frozenset(), hold: threading.Event | None = None):
+    """A `load_many` for gate.load: records each call's streams; the state of `x` is
+    `"state of x"`; raises if one of `fail` is among them; the first call waits for `hold`."""
+    def load_many(whos: list[str]) -> dict[str, str]:
+        calls.append(list(whos))
+        if hold is not None and len(calls) == 1:
+            hold.wait(10)
+        if fail & set(whos):
+            raise OSError("store down")
+        return {w: f"state of {w}" for w in whos}
+    return load_many
+
+
+def test_a_slot_holder_loads_the_waiters_behind_it_and_hands_each_its_state():
+    """In a storm one holder serves up to `batch` streams with one `load_many`, urgent
+    waiters first; each waiter returns its own state without taking a slot."""
+    gate = LoadGate(1, batch=3)
+    calls: list[list[str]] = []
+    hold = threading.Event()
+    results: dict[str, object] = {}
+
+    def run(who: str, urgent: bool = False) -> None:
+        results[who] = gate.load(who, lambda: urgent, _loader(gate, calls, hold=hold))
+
+    threads = [threading.Thread(target=run, args=("first",), daemon=True)]
+    threads[0].start()
+    assert wait_until(lambda: calls, 5)  # "first" holds the slot, loading
+    for who, urgent in (("a", False), ("b", False), ("c", False), ("cmd", True)):
+        threads.append(threading.Thread(target=run, args=(who, urgent), daemon=True))
+        threads[-1].start()
+        assert wait_until(lambda: gate.waiting() == len(threads) - 1, 5)
+    hold.set()
+    for t in threads:
+        t.join(10)
+    assert calls == [["first"], ["cmd", "a", "b"], ["c"]]
+    assert results == {w: f"state of {w}" for w in ("first", "a", "b", "c", "cmd")}
+    assert (gate.free, gate.waiting()) == (1, 0)
+
+
+def test_a_failed_batch_load_is_raised_in_every_waiter_it_served():
+    gate = LoadGate(1, batch=4)
+    calls: list[list[str]] = []
+    hold = threading.Event()
+    errors: dict[str, BaseException] = {}
+
+    def run(who: str) -> None:
+        try:
+            gate.load(who, lambda: False, _loader(gate, calls, fail={"b"}, hold=hold))
+        except OSError as exc:
+            errors[who] = exc
+
+    threads = [threading.Thread(target=run, args=(w,), daemon=True) for w in ("first", "a", "b")]
+    threads[0].start()
+    assert wait_until(lambda: calls, 5)
+    for t in threads[1:]:
+        t.start()
+        assert wait_until(lambda: gate.waiting() == threads.index(t), 5)
+    hold.set()
+    for t in threads:
+        t.join(10)
+    assert calls == [["first"], ["a", "b"]]
+    assert set(errors) == {"a", "b"} and (gate.free, gate.waiting()) == (1, 0)

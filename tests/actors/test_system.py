@@ -447,12 +447,14 @@ def _most_loads_at_once(tmp_path, url, monkeypatch) -> int:
 
 class _SlowLoads:
     """EventLog.load held by the test: the first load waits until `go` is set, so the
-    activations behind it queue for the slot; records which streams loaded in which order."""
+    activations behind it queue for the slot; records which streams loaded in which order
+    (a slot holder's `load_many` the holder's first, then the waiters it took along)."""
 
     def __init__(self, monkeypatch) -> None:
         self.go = threading.Event()
         self.order: list[tuple[str, str]] = []
-        real_load = EventLog.load
+        self.batches: list[int] = []
+        real_load, real_load_many = EventLog.load, EventLog.load_many
         streams: dict = {}
         self.streams = streams
 
@@ -460,9 +462,16 @@ class _SlowLoads:
             if not self.order:
                 self.go.wait(10)
             self.order.append(streams.get(stream_id, ("?", "?")))
+            self.batches.append(1)
             return real_load(log, stream_id, *args, **kwargs)
 
+        def load_many(log, stream_ids):
+            self.order.extend(streams.get(s, ("?", "?")) for s in stream_ids)
+            self.batches.append(len(stream_ids))
+            return real_load_many(log, stream_ids)
+
         monkeypatch.setattr(EventLog, "load", load)
+        monkeypatch.setattr(EventLog, "load_many", load_many)
 
     def key(self, key: tuple[str, str]) -> tuple[str, str]:
         self.streams[DeviceActor.stream_id(key)] = key
@@ -491,6 +500,7 @@ def test_an_actor_with_a_command_loads_ahead_of_the_reports_waiting_in_line(syst
         r.get(10)
     assert loads.order[:2] == [("p", "r0"), ("p", "cmd")]
     assert sorted(loads.order[2:]) == sorted(("p", f"r{i}") for i in range(1, 12))
+    assert loads.batches == [1, 12]  # the command's actor loaded the eleven behind it too
 
 
 @pytest.fixture

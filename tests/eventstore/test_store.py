@@ -126,6 +126,28 @@ class TestEventLog:
         assert [logged[p] for p in first + second] == events
         assert sorted(logged) == first + second  # nothing else was left in the log
 
+    def test_load_many_makes_each_aggregate_as_load_does(self, log):
+        """Streams with and without a snapshot, with and without events after it, and one
+        that does not exist: two queries for all of them, the same aggregates as `load`."""
+        counters = [Counter(name=f"m{i}") for i in range(6)]
+        for i, c in enumerate(counters):
+            for n in range(i * 3):
+                c.add(n, note={"n": n})
+            log.append(c.collect_events(), sync=False)
+            if i % 2:
+                log.put_snapshot(Snapshot.take(c))
+            for n in range(i % 3):
+                c.add(100 + n)
+            log.append(c.collect_events(), sync=False)
+        missing = uuid4()
+        many = log.load_many([c.id for c in counters] + [missing, counters[0].id])
+        assert set(many) == {c.id for c in counters} | {missing} and many[missing] is None
+        for c in counters:
+            one = log.load(c.id)
+            assert type(many[c.id]) is Counter and vars(many[c.id]) == vars(one)
+            assert (one.version, one.total) == (c.version, c.total)
+        assert log.load_many([]) == {}
+
     def test_read_by_stream_and_by_global_position(self, log, journal):
         a, b = Counter(name="a"), Counter(name="b")
         a.add(1)
