@@ -171,6 +171,10 @@ class Journal:
                         item = self._queue.get(timeout=self.LINGER)
                     except queue.Empty:
                         break
+            # Those queued meanwhile, ahead of the gathered batches: their wake-up may have
+            # been among the items just gathered (an urgent batch is queued before its
+            # wake-up, so it is there by now), and nothing else would write them.
+            self._write_urgent()
             batches = [b for b in batches if b.take()]  # not those whose callers gave up
             self._last_callers = len(batches)
             if batches:

@@ -291,6 +291,35 @@ class TestEventLog:
         assert (log.snapshot_version(a.id), log.snapshot_version(b.id)) == (2, 2)
         assert journal.failures.failing is False
 
+    def test_an_urgent_commit_queued_while_the_writer_gathers_is_not_left_behind(self, log, journal):
+        """Its wake-up item is taken (and skipped) by the writer gathering a transaction:
+        the urgent batch must still be written then, not wait for the next item, which a
+        quiet system may never send (a command hung until its commit timed out)."""
+        from eventstore.journal import Journal
+
+        real_queue, fired = journal._queue, []
+        urgent: list[Any] = []
+
+        class Racing:  # the writer's queue: an urgent commit arrives as it gathers
+            def get(self, *a, **k):
+                return real_queue.get(*a, **k)
+
+            def get_nowait(self):
+                if not fired:
+                    fired.append(True)
+                    urgent.append(Journal._enqueue(journal, Counter(name="cmd").collect_events(), True, True))
+                return real_queue.get_nowait()
+
+            def put(self, item):
+                real_queue.put(item)
+
+            def empty(self):
+                return real_queue.empty()
+
+        journal._queue = Racing()
+        journal.submit(Counter(name="report").collect_events(), sync=False).result(5)
+        assert fired and urgent[0].future.result(5) == [1]  # written ahead of the gathered report
+
     def test_unflushed_commits_land_like_flushed_ones(self, log, journal):
         c = Counter(name="u")
         journal.commit(c.collect_events(), sync=False)  # e.g. QoS 0 telemetry: nobody is told
