@@ -156,9 +156,10 @@ def test_qos1_reports_held_in_an_outage_are_tried_as_soon_as_the_store_is_back(
         private_postgres.start()
         wait_until(lambda: not runtime.log.breaker.down, timeout=10)
         stream = Device.create_id("thermostat", "held-1")
-        wait_until(lambda: any(type(e).__name__ == "EventReported" for e in runtime.log.read_stream(stream)),
-                   timeout=10)
-        assert gw.stats["retried"] == 1 and gw.stats["acked"] >= 1
+        assert wait_until(lambda: any(type(e).__name__ == "EventReported" for e in runtime.log.read_stream(stream)),
+                          timeout=10)
+        # Acknowledged after the commit, once the actor's reply reaches the network thread.
+        assert wait_until(lambda: gw.stats["acked"] >= 1, timeout=5) and gw.stats["retried"] == 1
     finally:
         dev.close()
         gw.stop()
