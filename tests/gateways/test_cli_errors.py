@@ -3,6 +3,7 @@ to do, a non-zero exit, no traceback; and the settings `simulate` takes its brok
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -246,12 +248,20 @@ def test_serve_on_an_address_of_another_machine_says_so(tmp_path):
         assert "broker may be running" not in line
 
 
-def test_closed_postgresql_port_gives_the_reason_and_the_url_without_password(tmp_path):
-    with socket.socket() as s:  # a port nobody listens on
+@contextlib.contextmanager
+def _refused_port() -> Iterator[int]:
+    """A port that refuses connections while the block runs: bound, never listening. (One
+    closed again at once was taken by another listener once in CI, and `parley simulate`
+    waited 15 s for a CONNACK instead of being refused.)"""
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"postgresql://postgres:secret@127.0.0.1:{port}/parley"
-    line = one_sentence(runner.invoke(app, ["replay", "device", "x", "--database-url", url]), 1)
+        yield s.getsockname()[1]
+
+
+def test_closed_postgresql_port_gives_the_reason_and_the_url_without_password(tmp_path):
+    with _refused_port() as port:
+        url = f"postgresql://postgres:secret@127.0.0.1:{port}/parley"
+        line = one_sentence(runner.invoke(app, ["replay", "device", "x", "--database-url", url]), 1)
     assert line.startswith(f"parley could not read the log: cannot use the PostgreSQL log at "
                            f"postgresql://postgres@127.0.0.1:{port}/parley: ")
     assert "refused" in line.lower() and "secret" not in line and "couldn't get a connection" not in line
@@ -428,10 +438,8 @@ def test_simulate_finds_a_moved_builtin_broker_port(mqtt_broker):
 
 def test_simulate_without_a_broker_says_so_at_once():
     """Refused: said straight away (not after 15 s of paho's quiet retries), as one line."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
-    proc = _run_parley("simulate", "--duration", "3", "--mqtt-url", f"mqtt://127.0.0.1:{port}")
+    with _refused_port() as port:
+        proc = _run_parley("simulate", "--duration", "3", "--mqtt-url", f"mqtt://127.0.0.1:{port}")
     assert proc.returncode == 1
     assert _problem_line(proc) == (f"parley simulate: MQTT broker at 127.0.0.1:{port}: Connection refused; is "
                                    "`parley serve` running with this broker? (--mqtt-url, PARLEY_MQTT_URL or "
