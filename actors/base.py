@@ -425,8 +425,7 @@ class AggregateActor(pykka.ThreadingActor, ABC):
         events = self.aggregate.collect_events() if self.aggregate is not None else []
         if not events:
             return
-        before = events[0].originator_version - 1
-        if before // self.snapshot_every != self.aggregate.version // self.snapshot_every:
+        if self._reaches_snapshot(events):
             self._commit_events(events, sync=False)
             return
         try:
@@ -489,11 +488,16 @@ class AggregateActor(pykka.ThreadingActor, ABC):
             # is tried again, never acknowledged as poison.
             self._reload_or_unload()
             raise Unavailable(f"could not commit: {exc}") from exc
-        before = events[0].originator_version - 1
-        if before // self.snapshot_every != self.aggregate.version // self.snapshot_every:
+        if self._reaches_snapshot(events):
             # Deep copy now, on our thread: the writer stores it later while we move on.
             self.system.journal.snapshot(Snapshot.take(copy.deepcopy(self.aggregate)))
         return positions
+
+    def _reaches_snapshot(self, events: list[Any]) -> bool:
+        """Whether these events (the aggregate's last) take it to the next multiple of
+        `snapshot_every`, where it is snapshotted."""
+        before = events[0].originator_version - 1
+        return before // self.snapshot_every != self.aggregate.version // self.snapshot_every
 
 
 class _Settle:

@@ -62,7 +62,7 @@ def server(code: Path, broker_url: str, work: Path, label: str) -> Iterator[tupl
     client = HttpClient(port)
     try:
         with ResponderProcess(host, int(mqtt_port), f"{base}/commands", f"{base}/responses",
-                              online_topic=f"v1/thermostat/{device}/telemetry"):
+                              online_topics=(f"v1/thermostat/{device}/telemetry",)):
             if not wait_until(lambda: _online(client, device), 15):
                 raise RuntimeError(f"{label}: the device never showed up online")
             yield client, device

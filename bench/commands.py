@@ -115,7 +115,7 @@ def parley(opts: Options, n: int, sdk_device: bool, probes: dict[str, list[float
                                                response_qos=1, prefix=prefix, state_on_command=True)
             else:
                 device = ResponderProcess(opts.broker.host, opts.broker.port, f"{base}/commands",
-                                          f"{base}/responses", online_topic=f"v1/thermostat/{device_id}/telemetry")
+                                          f"{base}/responses", online_topics=(f"v1/thermostat/{device_id}/telemetry",))
             with device:
                 assert wait_until(lambda: _online(client, device_id), 15), "the device never showed up online"
                 for path in ("/api/health", f"/api/devices/{device_id}") if probes is not None else ():

@@ -110,11 +110,9 @@ class ResponderProcess(_Child):
     with `arrivals` (a queue of this module's context) it puts (requestId, time.time()) there
     as each command arrives."""
 
-    def __init__(self, host: str, port: int, cmd_topic: str, resp_topic: str | None = None,
-                 online_topic: str | None = None, *, online_topics: tuple[str, ...] = (),
-                 arrivals: Any = None) -> None:
-        topics = (online_topic, *online_topics) if online_topic else online_topics
-        super().__init__(_run_responder, host, port, cmd_topic, resp_topic, topics, arrivals)
+    def __init__(self, host: str, port: int, cmd_topic: str, resp_topic: str | None = None, *,
+                 online_topics: tuple[str, ...] = (), arrivals: Any = None) -> None:
+        super().__init__(_run_responder, host, port, cmd_topic, resp_topic, online_topics, arrivals)
 
 
 def queue() -> Any:

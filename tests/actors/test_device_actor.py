@@ -243,8 +243,8 @@ class TestDeviceActor:
         ask(system, lambda r: SendCommand("rq-10", "x", {}, 5000, reply=r))
         version = ask(system, lambda r: Wake(reply=r))
         loads: list[Any] = []
-        load = log.load
-        monkeypatch.setattr(log, "load", lambda *a, **kw: loads.append(a) or load(*a, **kw))
+        load = log.load_many
+        monkeypatch.setattr(log, "load_many", lambda *a, **kw: loads.append(a) or load(*a, **kw))
         system.tell(DeviceActor, KEY, CatchUp(version - 1))  # our CommandSent
         system.tell(DeviceActor, KEY, CatchUp(version))
         assert ask(system, lambda r: Wake(reply=r)) == version
@@ -268,8 +268,8 @@ class TestDeviceActor:
         system, log, _ = parts
         online(system)
         loads: list[Any] = []
-        load = log.load
-        monkeypatch.setattr(log, "load", lambda *a, **kw: loads.append(a) or load(*a, **kw))
+        load = log.load_many
+        monkeypatch.setattr(log, "load_many", lambda *a, **kw: loads.append(a) or load(*a, **kw))
         assert ask(system, lambda r: DeviceResponded("nobody-asked", 0, "ok", None, now_ms(), reply=r)) is None
         assert loads == []  # it looked for events another process wrote, found none, loaded nothing
         assert log.load(Device.create_id(*KEY)).version == 2
@@ -337,11 +337,11 @@ class TestDeviceActor:
         system, log, _ = parts
         online(system)
         system.passivate_idle(now=time.monotonic() + 10_000)
-        real_load = log.load
-        monkeypatch.setattr(log, "load", lambda *a, **k: (_ for _ in ()).throw(OSError("pool exhausted")))
+        real_load = log.load_many
+        monkeypatch.setattr(log, "load_many", lambda *a, **k: (_ for _ in ()).throw(OSError("pool exhausted")))
         with pytest.raises(Unavailable):
             online(system)
-        monkeypatch.setattr(log, "load", real_load)
+        monkeypatch.setattr(log, "load_many", real_load)
         online(system, state={"back": True})
         assert log.load(Device.create_id(*KEY)).state == {"back": True}
 
@@ -351,14 +351,14 @@ class TestDeviceActor:
         MQTT acknowledges as poison: the message would be lost)."""
         system, log, _ = parts
         online(system)
-        journal, real_commit, real_load = system.journal, system.journal.commit, log.load
+        journal, real_commit, real_load = system.journal, system.journal.commit, log.load_many
         down = OSError("couldn't get a connection after 5.00 sec")
         monkeypatch.setattr(journal, "commit", lambda *a, **k: (_ for _ in ()).throw(down))
-        monkeypatch.setattr(log, "load", lambda *a, **k: (_ for _ in ()).throw(down))
+        monkeypatch.setattr(log, "load_many", lambda *a, **k: (_ for _ in ()).throw(down))
         with pytest.raises(Unavailable):
             ask(system, lambda r: ReportTelemetry("state", None, {"lost": False}, None, now_ms(), reply=r))
         monkeypatch.setattr(journal, "commit", real_commit)
-        monkeypatch.setattr(log, "load", real_load)
+        monkeypatch.setattr(log, "load_many", real_load)
         ask(system, lambda r: ReportTelemetry("state", None, {"lost": False}, None, now_ms(), reply=r))  # the retry
         assert log.load(Device.create_id(*KEY)).state == {"lost": False}
 

@@ -335,15 +335,15 @@ def test_when_the_actor_dies_during_tell_many_a_new_one_gets_the_rest_in_order(s
 
 def test_a_burst_for_an_actor_that_cannot_load_fails_every_message_and_the_next_retries(system, monkeypatch):
     key = ("p", "unloadable")
-    real_load = system.log.load
-    monkeypatch.setattr(system.log, "load", lambda *a, **k: (_ for _ in ()).throw(OSError("pool exhausted")))
+    real_load = system.log.load_many
+    monkeypatch.setattr(system.log, "load_many", lambda *a, **k: (_ for _ in ()).throw(OSError("pool exhausted")))
     replies = [FutureReply() for _ in range(3)]
     system.tell_many(DeviceActor, key, [
         ReportTelemetry("state", None, {"i": i}, None, now_ms(), reply=r) for i, r in enumerate(replies)])
     for r in replies:  # each one told, none left waiting
         with pytest.raises(Unavailable):
             r.get(5)
-    monkeypatch.setattr(system.log, "load", real_load)
+    monkeypatch.setattr(system.log, "load_many", real_load)
     again = [FutureReply() for _ in range(3)]
     system.tell_many(DeviceActor, key, [
         ReportTelemetry("state", None, {"i": i}, None, now_ms(), reply=r) for i, r in enumerate(again)])
@@ -415,7 +415,7 @@ def _most_loads_at_once(tmp_path, url, monkeypatch) -> int:
     system = ActorSystem(log, journal, SystemSettings(sweep_interval=3600))
     at_once, worst = [0], [0]
     lock = threading.Lock()
-    real_load = EventLog.load
+    real_load = EventLog.load_many
 
     def load(self, *args, **kwargs):
         with lock:
@@ -428,7 +428,7 @@ def _most_loads_at_once(tmp_path, url, monkeypatch) -> int:
             with lock:
                 at_once[0] -= 1
 
-    monkeypatch.setattr(EventLog, "load", load)
+    monkeypatch.setattr(EventLog, "load_many", load)
     try:
         replies = []
         for i in range(24):
@@ -446,31 +446,25 @@ def _most_loads_at_once(tmp_path, url, monkeypatch) -> int:
 
 
 class _SlowLoads:
-    """EventLog.load held by the test: the first load waits until `go` is set, so the
+    """EventLog.load_many held by the test: the first load waits until `go` is set, so the
     activations behind it queue for the slot; records which streams loaded in which order
-    (a slot holder's `load_many` the holder's first, then the waiters it took along)."""
+    (a slot holder's first, then the waiters it took along) and how many at a time."""
 
     def __init__(self, monkeypatch) -> None:
         self.go = threading.Event()
         self.order: list[tuple[str, str]] = []
         self.batches: list[int] = []
-        real_load, real_load_many = EventLog.load, EventLog.load_many
+        real_load_many = EventLog.load_many
         streams: dict = {}
         self.streams = streams
 
-        def load(log, stream_id, *args, **kwargs):
+        def load_many(log, stream_ids):
             if not self.order:
                 self.go.wait(10)
-            self.order.append(streams.get(stream_id, ("?", "?")))
-            self.batches.append(1)
-            return real_load(log, stream_id, *args, **kwargs)
-
-        def load_many(log, stream_ids):
             self.order.extend(streams.get(s, ("?", "?")) for s in stream_ids)
             self.batches.append(len(stream_ids))
             return real_load_many(log, stream_ids)
 
-        monkeypatch.setattr(EventLog, "load", load)
         monkeypatch.setattr(EventLog, "load_many", load_many)
 
     def key(self, key: tuple[str, str]) -> tuple[str, str]:
