@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import trio
@@ -61,3 +62,35 @@ async def test_a_discarded_reply_is_left_alone_and_a_late_answer_is_ignored() ->
     with pytest.raises(Unavailable):
         await waiting.wait(1)
     assert await done.wait(1) == "answered"
+
+
+async def test_an_answer_from_an_actor_thread_wakes_the_waiting_task() -> None:
+    reply = TrioReply()
+    failed = TrioReply()
+
+    def actor() -> None:
+        time.sleep(0.02)  # the task is parked by now
+        reply.ok({"code": 0})
+        failed.fail(Unavailable("device actor stopped"))
+
+    threading.Thread(target=actor).start()
+    with trio.fail_after(5):
+        assert await reply.wait(5) == {"code": 0}
+        with pytest.raises(Unavailable, match="device actor stopped"):
+            await failed.wait(5)
+
+
+async def test_a_timed_out_or_cancelled_wait_ignores_a_later_answer() -> None:
+    timed_out, cancelled = TrioReply(), TrioReply()
+    with pytest.raises(trio.TooSlowError):
+        await timed_out.wait(0.01)
+    with trio.move_on_after(0.01) as scope:
+        await cancelled.wait(60)
+    assert scope.cancelled_caught
+    # The actors answer after their callers gave up: nobody is woken, the loop carries on.
+    for reply in (timed_out, cancelled):
+        thread = threading.Thread(target=reply.ok, args=("late",))
+        thread.start()
+        thread.join()
+    await trio.sleep(0.01)
+    assert await timed_out.wait(1) == "late"  # recorded, for anyone who asks again
