@@ -102,6 +102,24 @@ def _replay(aggregate: Any, events: Any) -> Any:
 class _ParleyApplication(Application[UUID]):
     name = "parley"
 
+    def __init__(self, env: dict[str, str]) -> None:
+        try:
+            super().__init__(env=env)
+        except BaseException:
+            # Its connection pool may have started threads: close it here, where they can
+            # be joined. Left to `Application.__del__`, the half-built application was closed
+            # by whichever thread collected it, once a pool worker ("cannot join current
+            # thread", an "Exception ignored" line on stderr).
+            self._failed = True
+            factory = vars(self).get("factory")
+            if factory is not None:
+                factory.close()
+            raise
+
+    def __del__(self) -> None:
+        if not vars(self).get("_failed"):
+            super().__del__()
+
     def construct_transcoder(self) -> Transcoder:
         return MsgpackTranscoder()
 
@@ -156,6 +174,12 @@ class EventLog:
 
     def __init__(self, config: StoreConfig) -> None:
         self.config = config
+        # One direct connection first: a missing database or role, a wrong password or a
+        # server that is down is named at once, where eventsourcing's pool retries for its
+        # whole 5 s timeout and then says only "couldn't get a connection".
+        reason = _postgres_problem(config) if config.is_postgres else None
+        if reason is not None:
+            raise StoreUnavailable(f"cannot use the PostgreSQL log at {config.display_url}: {reason}")
         # Explicit env only: keep stray POSTGRES_*/SQLITE_* variables of the host out.
         try:
             self._app = _ParleyApplication(env=config.env())

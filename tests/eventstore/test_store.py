@@ -14,7 +14,7 @@ import pytest
 from eventsourcing.domain import Aggregate, Snapshot, event
 from eventsourcing.persistence import RecordConflictError
 
-from eventstore import EventLog, Journal, StoreConfig, stream_id
+from eventstore import EventLog, Journal, StoreConfig, StoreUnavailable, stream_id
 from eventstore.transcoder import MsgpackTranscoder
 from tests.support import stall_appends
 
@@ -628,3 +628,48 @@ def test_rows_are_what_eventsourcings_mapper_makes_of_each_event(tmp_path):
         assert log.load(r.id).values == [(21.5, "kelvin")]
     finally:
         log.close()
+
+
+def _missing_database(pg_url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(pg_url)._replace(path=f"/parley_missing_{uuid4().hex[:8]}").geturl()
+
+
+def test_a_missing_postgresql_database_is_named_before_any_pool_opens(tmp_path, pg_url, monkeypatch):
+    """One direct connection names the problem; eventsourcing's pool would retry for its
+    whole timeout first and then say only that it got no connection."""
+    import eventstore.store as store_module
+
+    def no_pool(*a: Any, **k: Any) -> None:
+        raise AssertionError("the pool was opened for a database that does not exist")
+
+    monkeypatch.setattr(store_module._ParleyApplication, "__init__", no_pool)
+    missing = _missing_database(pg_url)
+    with pytest.raises(StoreUnavailable, match=r'database "parley_missing_\w+" does not exist \(create it: createdb'):
+        EventLog(StoreConfig.resolve(tmp_path, missing))
+
+
+def test_a_half_built_log_is_closed_by_the_thread_that_built_it(tmp_path, monkeypatch):
+    """The application fails after its factory (and a PostgreSQL pool's threads) exist: the
+    factory is closed there and then, and the half-built application's `__del__`, which
+    once ran in a pool worker that collected it ("cannot join current thread"), does
+    nothing more."""
+    import eventstore.store as store_module
+    from eventsourcing.application import Application
+
+    closed_by: list[str] = []
+
+    def fail_recorder(self: Any) -> None:
+        real_close = self.factory.close
+        self.factory.close = lambda: (closed_by.append(threading.current_thread().name), real_close())
+        raise RuntimeError("the store went away")
+
+    monkeypatch.setattr(Application, "construct_recorder", fail_recorder)
+    with pytest.raises(RuntimeError, match="went away") as caught:
+        EventLog(StoreConfig.resolve(tmp_path, None))
+    assert closed_by == [threading.current_thread().name]
+    half_built = caught.traceback[-1].frame.f_locals["self"]
+    assert isinstance(half_built, store_module._ParleyApplication)
+    half_built.__del__()  # as the collector would, in any thread
+    assert closed_by == [threading.current_thread().name]
