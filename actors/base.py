@@ -33,7 +33,8 @@ from eventsourcing.persistence import RecordConflictError
 from actors.errors import ActorCrashed, ParleyError, Unavailable
 from actors.ports import NO_REPLY, Burst, NoReply, Traced, unpacked, untraced
 from actors.starter import actor_thread
-from eventstore import JournalClosed, UnencodableValue
+from eventstore import JournalClosed, JournalTimeout, UnencodableValue
+from eventstore.journal import Queued
 from eventstore.breaker import is_store_error, store_down
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ class AggregateActor(pykka.ThreadingActor, ABC):
         self._after_deadline = time.monotonic() + self.predecessor_wait_s
         # The last burst handed to the journal without waiting, and its messages: at most
         # one at a time, so a failed one is never followed by a later write of its stream.
-        self._unawaited: tuple[Future[list[int]], list[Any]] | None = None
+        self._unawaited: tuple[Queued, list[Any]] | None = None
         self._loaded_version = 0  # the aggregate's version when last loaded from the log
         self.log = log.bind(actor=self.kind, key=":".join(key))
 
@@ -196,7 +197,14 @@ class AggregateActor(pykka.ThreadingActor, ABC):
     def _receive_loaded(self, message: Any) -> Any:
         # Before this message is decided on, and before more of a burst are taken from the
         # inbox (they keep coming meanwhile, so the next burst grows instead).
-        self._settle_unawaited()
+        try:
+            self._settle_unawaited()
+        except Exception:
+            # A bug (the store's failures are dealt with inside): the state may be anything,
+            # so it is forgotten, and this message loads it again below. Escaping, it would
+            # stop the actor with this message, already out of the inbox, never answered.
+            self.log.exception("actor.settle_failed")
+            self.aggregate, self._loaded = None, False
         error = self._ensure_loaded()
         if error is not None:
             for m in unpacked(message):
@@ -251,18 +259,25 @@ class AggregateActor(pykka.ThreadingActor, ABC):
                 return None
             except RecordConflictError:
                 # Another process wrote this stream first: catch up and decide again.
-                self._after_conflict(attempt)
+                if not self._after_conflict(attempt):
+                    reply.fail(self._reload_failed())
+                    return None
             except Exception as exc:
                 self._crashed(exc, [message])
                 return None
         reply.fail(self._conflicts_exhausted(1))
         return None
 
-    def _after_conflict(self, attempt: int, batch: int = 1) -> None:
+    def _after_conflict(self, attempt: int, batch: int = 1) -> bool:
+        """Catch up with the log after a version conflict; False if that failed (the state
+        is then forgotten: the next message loads again)."""
         self.log.info("actor.version_conflict", attempt=attempt, batch=batch)
         if attempt:
             time.sleep(random.uniform(0, self.conflict_backoff_s * 2 ** attempt))
-        self.reload()
+        return self._reload_or_unload()
+
+    def _reload_failed(self) -> Unavailable:
+        return Unavailable(f"could not read this {self.kind}'s stream from the log; try again")
 
     def _conflicts_exhausted(self, batch: int) -> Unavailable:
         self.log.warning("actor.version_conflicts_exhausted", attempts=self.max_conflict_retries, batch=batch)
@@ -297,8 +312,12 @@ class AggregateActor(pykka.ThreadingActor, ABC):
                 else:
                     positions = self.commit(sync=acknowledged)
             except RecordConflictError:
-                self._after_conflict(attempt, len(messages))
-                continue
+                if self._after_conflict(attempt, len(messages)):
+                    continue
+                error = self._reload_failed()
+                for m in messages:
+                    m.reply.fail(error)
+                return
             except Exception as exc:
                 if len(messages) > 1 and not isinstance(exc, Unavailable):
                     # One bad message must not take the others down with it: rebuild the
@@ -429,12 +448,12 @@ class AggregateActor(pykka.ThreadingActor, ABC):
             self._commit_events(events, sync=False)
             return
         try:
-            future = self.system.journal.submit(events, sync=False)
+            queued = self.system.journal.submit(events, sync=False)
         except JournalClosed:
             self._commit_events(events, sync=False)  # raises Unavailable, as a commit would
             return
-        self._unawaited = (future, messages)
-        future.add_done_callback(self._unawaited_done)
+        self._unawaited = (queued, messages)
+        queued.future.add_done_callback(self._unawaited_done)
 
     def _unawaited_done(self, future: Future[list[int]]) -> None:
         # On the journal's thread. A failure is dealt with on the actor's own thread before
@@ -450,18 +469,29 @@ class AggregateActor(pykka.ThreadingActor, ABC):
         If it failed, nothing of it is in the log: rebuild the state from the log and handle
         its messages again, waiting for the commit this time, so each fails or is refused
         as it would have been then (a conflict is decided again, a value the log cannot
-        encode is refused alone, a store that is down loses them: nobody was acknowledged)."""
+        encode is refused alone, a store that is down loses them: nobody was acknowledged).
+        Waited for as long as a commit is (`Journal.TIMEOUT`): a stuck store withdraws it,
+        and its messages are lost, not handled again ahead of the message in hand."""
         if self._unawaited is None:
             return
-        (future, messages), self._unawaited = self._unawaited, None
+        (queued, messages), self._unawaited = self._unawaited, None
         try:
-            future.result()
+            self.system.journal.wait(queued)
             return
+        except JournalTimeout as exc:
+            self.log.warning("actor.unawaited_commit_withdrawn", error=str(exc), messages=len(messages))
+            lost: Unavailable | None = Unavailable(f"could not commit: {exc}")
         except Exception as exc:
             (self.log.debug if store_down(exc) else self.log.info)(
                 "actor.unawaited_commit_failed", error=repr(exc), messages=len(messages))
-        if self._reload_or_unload():
+            lost = None
+        if self._reload_or_unload() and lost is None:
             self._receive_batch(messages, wait=True)
+            return
+        # Lost (the gateway counts them; QoS 0: nobody waits for an answer).
+        error = lost or self._reload_failed()
+        for m in messages:
+            m.reply.fail(error)
 
     def _reload_or_unload(self) -> bool:
         """Rebuild from the log after a failed commit; if that fails too (the store is still

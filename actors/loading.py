@@ -12,7 +12,9 @@ waiter when it is released, never raced for, so a newcomer cannot overtake the l
 A load in a storm costs far more than alone (3.9 ms at p50 against 0.13: its queries let
 go of the GIL and wait to get it back from the storm's other threads), so the holder of a
 slot also loads the waiters next in line, up to `batch` streams in one `load_many` of two
-queries, and hands each its state (`LoadGate.load`).
+queries, and hands each its state (`LoadGate.load`). A batch that fails for a reason other
+than the database is loaded stream by stream, so a stream this version cannot read fails
+only its own actor.
 """
 
 from __future__ import annotations
@@ -44,8 +46,13 @@ class LoadGate:
     """A counting semaphore with two lines, urgent loads first, each line in arrival order;
     whoever holds a slot loads the next `batch - 1` waiters' streams with its own."""
 
-    def __init__(self, slots: int, batch: int = 1) -> None:
+    def __init__(self, slots: int, batch: int = 1,
+                 store_error: Callable[[BaseException], bool] = lambda exc: False) -> None:
         self.batch = batch  # streams one slot holder loads at once (itself and waiters)
+        # Whether a failed `load_many` is the store's (down, say): every stream of the batch
+        # would fail alike, so all fail at once. Any other error may be one stream's own
+        # (an event this version cannot read): then each stream is loaded alone.
+        self._store_error = store_error
         self._free = slots  # > 0 only while nobody waits: a release hands its slot on
         self._lock = threading.Lock()
         self._urgent: deque[_Waiter] = deque()
@@ -68,8 +75,9 @@ class LoadGate:
              load_many: Callable[[list[Hashable]], dict[Hashable, Any]]) -> Any:
         """`who`'s state, loaded in a slot: by this thread, which then also loads the next
         `batch - 1` waiters (`load_many` gets them all and returns each one's state), or by
-        the holder of a slot for it while it waits in line. A failed `load_many` is raised
-        in each of them."""
+        the holder of a slot for it while it waits in line. A store failure is raised in
+        each of them; any other failure of a batch is found out stream by stream, so that
+        only the stream that caused it fails."""
         waiter = self._join(who, urgent)
         if waiter is not None:
             waiter.event.wait()
@@ -81,6 +89,12 @@ class LoadGate:
             others = self._next_waiters(who)
             try:
                 states = load_many([who, *(w.who for w in others)])
+            except Exception as exc:
+                if not others or self._store_error(exc):
+                    for w in others:
+                        w.finish(error=exc)
+                    raise
+                return self._load_each(who, others, load_many)
             except BaseException as exc:
                 for w in others:
                     w.finish(error=exc)
@@ -90,6 +104,19 @@ class LoadGate:
             return states.get(who)
         finally:
             self._release()
+
+    @staticmethod
+    def _load_each(who: Hashable, others: list[_Waiter],
+                   load_many: Callable[[list[Hashable]], dict[Hashable, Any]]) -> Any:
+        """The batch failed, maybe for one stream's sake: each loaded alone, as the journal
+        falls back to a transaction per caller (a restart storm put one device whose
+        stream this version could not read in a batch with 31 healthy ones)."""
+        for w in others:
+            try:
+                w.finish(load_many([w.who]).get(w.who))
+            except BaseException as exc:
+                w.finish(error=exc)
+        return load_many([who]).get(who)
 
     def _next_waiters(self, holder: Hashable) -> list[_Waiter]:
         """Take up to `batch - 1` waiters out of the line, urgent ones first, one per `who`."""

@@ -25,6 +25,7 @@ from actors.ports import Burst, DeviceLink, Traced, untraced
 from actors.scheduler import Scheduler
 from actors.starter import ThreadStarter
 from eventstore import EventLog, Journal
+from eventstore.breaker import is_database_error
 
 log = structlog.get_logger(__name__)
 
@@ -118,7 +119,8 @@ class ActorSystem:
         # 26.2 s with 8 at once, 20.5 s with 2 and 14.6 s with 1 (a load's CPU 1.7 ms, 0.85,
         # 0.43; the process's system time 21.5 s, 14.4, 9.7). On PostgreSQL a load waits on
         # the server, and 8 at once (the pool's size) overlap those waits.
-        self.loading = LoadGate(8 if event_log.config.is_postgres else 1, batch=self.LOAD_BATCH)
+        self.loading = LoadGate(8 if event_log.config.is_postgres else 1, batch=self.LOAD_BATCH,
+                                store_error=is_database_error)
         self.activations = 0
         self.passivations = 0
         self._over_cap_warned = -float("inf")

@@ -65,6 +65,16 @@ def is_store_error(exc: BaseException) -> bool:
     return type(exc).__module__.split(".")[0] in ("psycopg", "psycopg_pool", "sqlite3", "eventsourcing")
 
 
+def is_database_error(exc: BaseException) -> bool:
+    """A failure of the database itself (down, locked, full, out of connections), which
+    every stream meets alike. Narrower than `is_store_error`: not eventsourcing's errors
+    about one stream's contents (an event topic this version cannot resolve, say)."""
+    from eventsourcing.persistence import PersistenceError
+
+    return store_down(exc) or isinstance(exc, PersistenceError) \
+        or type(exc).__module__.split(".")[0] in ("psycopg", "psycopg_pool", "sqlite3")
+
+
 class StoreBreaker:
     PROBE_INTERVAL_S = 1.0
     PROBE_TIMEOUT_S = 2  # psycopg's connect_timeout: whole seconds

@@ -24,10 +24,11 @@ from actors.device import (
 )
 from actors.device.aggregate import MAX_STATE_BYTES, state_growth
 from actors.errors import ActorCrashed, CommandTimedOut, DeviceNotFound, DeviceOffline, StateTooLarge, Unavailable
-from actors.ports import FutureReply
+from actors.loading import LoadGate
+from actors.ports import FutureReply, NoReply
 from actors.system import ActorSystem, SystemSettings
 from eventsourcing.domain import Snapshot
-from eventsourcing.persistence import StoredEvent
+from eventsourcing.persistence import RecordConflictError, StoredEvent
 
 from eventstore import EventLog, Journal, StoreConfig
 from eventstore.transcoder import MsgpackTranscoder
@@ -397,6 +398,63 @@ class TestDeviceActor:
             assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["actor.version_conflicts_exhausted"]
             left[0] = conflicts
 
+    def test_a_conflict_whose_reload_fails_is_unavailable_and_the_actor_lives_on(self, parts, monkeypatch):
+        """After a version conflict the actor reloads; if the log cannot be read just then,
+        the message is answered Unavailable (the state is forgotten, the next message
+        loads it), never left unanswered by an actor that stopped."""
+        system, log, _ = parts
+        online(system)
+        journal, commit, load_many = system.journal, system.journal.commit, log.load_many
+        for msg in (lambda r: ReportTelemetry("state", None, {"k": 1}, None, now_ms(), reply=r),
+                    lambda r: SendCommand("rq-c", "set_target_temperature", {"target_temperature": 20}, 1000, reply=r)):
+            monkeypatch.setattr(journal, "commit", lambda *a, **k: _raise(RecordConflictError("another process")))
+            monkeypatch.setattr(log, "load_many", lambda ids: _raise(OSError("could not connect")))
+            with pytest.raises(Unavailable, match="could not read this device's stream"):
+                ask(system, msg)
+            monkeypatch.setattr(journal, "commit", commit)
+            monkeypatch.setattr(log, "load_many", load_many)
+            assert ask(system, lambda r: Wake(reply=r))
+        assert system.activations == 1
+
+    def test_a_stream_this_version_cannot_read_fails_only_its_own_load_in_a_storm(self, parts, monkeypatch):
+        """Loads in a storm go in batches (actors/loading.py): a device whose stream ends in
+        an event this version cannot read fails its own load, not the healthy devices'
+        batched with it."""
+        system, log, _ = parts
+        good, bad, first = ("thermostat", "good"), ("thermostat", "bad"), ("thermostat", "first")
+        for key in (good, bad, first):
+            online(system, key)
+        system.passivate_idle(now=time.monotonic() + 10_000, wait=True)
+        bad_id = Device.create_id(*bad)
+        log._app.recorder.insert_events([StoredEvent(
+            originator_id=bad_id, originator_version=log.load(bad_id).version + 1,
+            topic="actors.device.aggregate:Device.NoSuchEvent", state=MsgpackTranscoder().encode({}))])
+        gate = system.loading  # one slot, as on SQLite (PostgreSQL has eight)
+        monkeypatch.setattr(system, "loading", LoadGate(1, batch=gate.batch, store_error=gate._store_error))
+        real, hold, calls = log.load_many, threading.Event(), []
+
+        def held(ids):  # the first load holds the slot until both others wait in line
+            calls.append(len(ids))
+            if len(calls) == 1:
+                hold.wait(5)
+            return real(ids)
+
+        monkeypatch.setattr(log, "load_many", held)
+        system.tell(DeviceActor, first, ReportTelemetry("state", None, {"t": 1}, None, now_ms(), reply=FutureReply()))
+        assert wait_until(lambda: calls, 5)
+        answers = {key: FutureReply() for key in (good, bad)}
+        for key, answer in answers.items():
+            system.tell(DeviceActor, key, ReportTelemetry("state", None, {"t": 1}, None, now_ms(), reply=answer))
+        assert wait_until(lambda: system.loading.waiting() == 2, 5)
+        with structlog.testing.capture_logs() as logs:
+            hold.set()
+            assert isinstance(answers[good].get(5), int)
+            with pytest.raises(Unavailable, match="NoSuchEvent"):
+                answers[bad].get(5)
+        assert calls[:2] == [1, 2]  # the two waiters in one batch, which failed
+        failed = [e["key"] for e in logs if e["event"] == "actor.load_failed"]
+        assert failed and set(failed) == {"thermostat:bad"}
+
     def test_queued_reports_are_folded_into_one_commit(self, parts):
         system, log, _ = parts
         online(system)
@@ -508,6 +566,84 @@ class TestDeviceActor:
         assert wait_until(lambda: [s.get("by") for s in _stored_states(log)][-2:] == ["other", "us"], 5)
         assert ask(system, lambda r: Wake(reply=r)) == log.load(Device.create_id(*KEY)).version
         assert log.load(Device.create_id(*KEY)).state == {"mode": "auto", "by": "us"}
+
+    def test_a_report_queued_behind_a_stuck_store_is_given_up_in_bounded_time(self, parts, monkeypatch):
+        """The store hangs in another stream's transaction with a QoS 0 report queued behind
+        it: the device's next message waits for that report as long as for a commit of its
+        own, not for as long as the store hangs. Then the report is withdrawn and lost
+        (counted by its reply), and the message is answered Unavailable."""
+        system, log, _ = parts
+        online(system)
+        journal = system.journal
+        monkeypatch.setattr(journal, "TIMEOUT", 0.3)
+        entered, release = stall_appends(monkeypatch, log)
+        journal.submit(Device("thermostat", "other").collect_events())  # the stuck transaction
+        assert entered.wait(5)
+        report, answer = _Counted(), FutureReply()
+        _report_unawaited(system, monkeypatch, report)  # queued behind the stuck transaction
+        system.tell(DeviceActor, KEY, ReportTelemetry("state", None, {"t": 2}, None, now_ms(), reply=answer))
+        with pytest.raises(Unavailable, match="could not commit"):
+            answer.get(5)
+        assert [type(e) for e in report.failed] == [Unavailable]
+        release.set()
+        assert ask(system, lambda r: ReportTelemetry("state", None, {"t": 3}, None, now_ms(), reply=r))
+        assert [s["t"] for s in _stored_states(log) if "t" in s] == [3]  # withdrawn: never written
+
+    def test_a_failed_report_commit_that_cannot_be_handled_again_is_counted_lost(self, parts, monkeypatch):
+        """The QoS 0 burst's write failed and the log cannot be read to handle it again: the
+        burst is lost, and its replies say so (the MQTT gateway counts them)."""
+        system, log, _ = parts
+        online(system)
+        stream = Device.create_id(*KEY)
+        append, load_many = log.append, log.load_many
+        monkeypatch.setattr(log, "append", lambda events, **kw: _raise(OSError("disk I/O error"))
+                            if any(e.originator_id == stream for e in events) else append(events, **kw))
+        monkeypatch.setattr(log, "load_many", lambda ids: _raise(OSError("store down")))
+        report = _Counted()
+        system.tell(DeviceActor, KEY, ReportTelemetry("state", None, {"t": 1}, None, now_ms(), reply=report))
+        assert wait_until(lambda: report.failed, 5)
+        monkeypatch.setattr(log, "append", append)
+        monkeypatch.setattr(log, "load_many", load_many)
+        assert ask(system, lambda r: ReportTelemetry("state", None, {"t": 2}, None, now_ms(), reply=r))
+        assert [s["t"] for s in _stored_states(log) if "t" in s] == [2]
+
+    def test_a_reload_that_fails_after_a_conflict_answers_the_message_in_hand(self, parts, monkeypatch):
+        """A QoS 0 burst's write failed; handled again it conflicts (another process wrote
+        the stream), and the reload after the conflict fails too: the QoS 1 message that
+        was next in line is answered Unavailable, and the actor goes on serving."""
+        system, log, _ = parts
+        online(system)
+        ask(system, lambda r: Wake(reply=r))
+        stream = Device.create_id(*KEY)
+        entered, release = stall_appends(monkeypatch, log)
+        system.journal.submit(Device("thermostat", "other").collect_events())
+        assert entered.wait(5)
+        _report_unawaited(system, monkeypatch)
+        answer = FutureReply()
+        system.tell(DeviceActor, KEY, ReportTelemetry("state", None, {"t": 2}, None, now_ms(), reply=answer))
+        time.sleep(0.2)  # the actor waits for the first report's write
+        stalled = log.append
+        monkeypatch.setattr(log, "append", lambda events, **kw: _raise(OSError("disk I/O error"))
+                            if any(e.originator_id == stream for e in events) else stalled(events, **kw))
+        commit = system.journal.commit
+        monkeypatch.setattr(system.journal, "commit", lambda *a, **k: _raise(RecordConflictError("another process")))
+        real_load_many, loads = log.load_many, []
+
+        def load_many(ids):
+            loads.append(ids)
+            if len(loads) > 1:
+                raise OSError("could not connect")
+            return real_load_many(ids)
+
+        monkeypatch.setattr(log, "load_many", load_many)
+        release.set()
+        with pytest.raises(Unavailable):
+            answer.get(5)
+        monkeypatch.setattr(system.journal, "commit", commit)
+        monkeypatch.setattr(log, "load_many", real_load_many)
+        monkeypatch.setattr(log, "append", stalled)
+        assert ask(system, lambda r: ReportTelemetry("state", None, {"t": 3}, None, now_ms(), reply=r))
+        assert system.activations == 1  # the same actor: it did not stop
 
     def test_an_actor_passivated_with_a_write_in_flight_stops_after_it(self, parts, monkeypatch):
         """The actor that replaces it loads only once the write is in the log."""
@@ -692,6 +828,33 @@ class TestDeviceActor:
 def _stored_states(log: EventLog) -> list[dict[str, Any]]:
     """The state of each StateReported in the test device's stream, in order."""
     return [e.state for e in log.read_stream(Device.create_id(*KEY)) if type(e).__name__ == "StateReported"]
+
+
+class _Counted(NoReply):
+    """A QoS 0 reply (nobody waits on it) that records what it was failed with."""
+
+    def __init__(self) -> None:
+        self.failed: list[Exception] = []
+
+    def fail(self, error: Exception) -> None:
+        self.failed.append(error)
+
+
+def _raise(exc: Exception) -> Any:
+    raise exc
+
+
+def _report_unawaited(system: ActorSystem, monkeypatch: Any, reply: Any = None) -> None:
+    """Tell the device a QoS 0 report and wait until its actor has handed the report's
+    events to the journal and is back in its inbox: handled alone, not waited for, and
+    not in one burst with what is told next."""
+    handed = threading.Event()
+    submit = system.journal.submit
+    monkeypatch.setattr(system.journal, "submit", lambda *a, **k: (handed.set(), submit(*a, **k))[1])
+    system.tell(DeviceActor, KEY, ReportTelemetry("state", None, {"t": 1}, None, now_ms(), reply=reply or NoReply()))
+    assert handed.wait(5)
+    thread = next(t for t in threading.enumerate() if t.name.startswith("DeviceActor-"))
+    assert wait_until(lambda: _in_inbox(thread), 5)
 
 
 def _in_inbox(thread: threading.Thread) -> bool:

@@ -117,15 +117,13 @@ def test_a_load_that_raises_gives_its_slot_back():
     assert gate.free == 1
 
 
-def _loader(gate: LoadGate, calls: list[list[str]], fail: set[str] = frozenset(), hold: threading.Event | None = None):
+def _loader(gate: LoadGate, calls: list[list[str]], hold: threading.Event | None = None):
     """A `load_many` for gate.load: records each call's streams; the state of `x` is
-    `"state of x"`; raises if one of `fail` is among them; the first call waits for `hold`."""
+    `"state of x"`; the first call waits for `hold`."""
     def load_many(whos: list[str]) -> dict[str, str]:
         calls.append(list(whos))
         if hold is not None and len(calls) == 1:
             hold.wait(10)
-        if fail & set(whos):
-            raise OSError("store down")
         return {w: f"state of {w}" for w in whos}
     return load_many
 
@@ -156,17 +154,26 @@ def test_a_slot_holder_loads_the_waiters_behind_it_and_hands_each_its_state():
     assert (gate.free, gate.waiting()) == (1, 0)
 
 
-def test_a_failed_batch_load_is_raised_in_every_waiter_it_served():
-    gate = LoadGate(1, batch=4)
+def _failed_batch(gate: LoadGate, error: type[Exception]) -> tuple[list[list[str]], dict[str, object]]:
+    """"first" holds the slot while "a" and "b" join the line; loading "b" raises `error`.
+    Returns the `load_many` calls and each one's state or error."""
     calls: list[list[str]] = []
     hold = threading.Event()
-    errors: dict[str, BaseException] = {}
+    outcome: dict[str, object] = {}
+
+    def load_many(whos: list[str]) -> dict[str, str]:
+        calls.append(list(whos))
+        if len(calls) == 1:
+            hold.wait(10)
+        if "b" in whos:
+            raise error("b cannot be read")
+        return {w: f"state of {w}" for w in whos}
 
     def run(who: str) -> None:
         try:
-            gate.load(who, lambda: False, _loader(gate, calls, fail={"b"}, hold=hold))
-        except OSError as exc:
-            errors[who] = exc
+            outcome[who] = gate.load(who, lambda: False, load_many)
+        except Exception as exc:
+            outcome[who] = exc
 
     threads = [threading.Thread(target=run, args=(w,), daemon=True) for w in ("first", "a", "b")]
     threads[0].start()
@@ -177,5 +184,20 @@ def test_a_failed_batch_load_is_raised_in_every_waiter_it_served():
     hold.set()
     for t in threads:
         t.join(10)
-    assert calls == [["first"], ["a", "b"]]
-    assert set(errors) == {"a", "b"} and (gate.free, gate.waiting()) == (1, 0)
+    assert (gate.free, gate.waiting()) == (1, 0)
+    return calls, outcome
+
+
+def test_a_store_failure_of_a_batch_is_raised_in_every_waiter_it_served():
+    calls, outcome = _failed_batch(LoadGate(1, batch=4, store_error=lambda exc: isinstance(exc, OSError)), OSError)
+    assert calls == [["first"], ["a", "b"]]  # not tried again stream by stream: all would fail
+    assert outcome["first"] == "state of first"
+    assert isinstance(outcome["a"], OSError) and isinstance(outcome["b"], OSError)
+
+
+def test_any_other_failure_of_a_batch_is_found_out_stream_by_stream():
+    """One stream this version cannot read (a renamed event class, say) fails only its own
+    load, not the healthy streams batched with it."""
+    calls, outcome = _failed_batch(LoadGate(1, batch=4, store_error=lambda exc: isinstance(exc, OSError)), KeyError)
+    assert calls == [["first"], ["a", "b"], ["b"], ["a"]]  # the waiter alone, then the holder
+    assert outcome["a"] == "state of a" and isinstance(outcome["b"], KeyError)

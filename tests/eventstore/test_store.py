@@ -171,7 +171,7 @@ class TestEventLog:
         for c in counters:
             c.add(1)
         futures = [journal.submit(c.collect_events()) for c in counters]
-        assert all(len(f.result(10)) == 2 for f in futures)
+        assert all(len(f.future.result(10)) == 2 for f in futures)
         assert journal.batches < 200  # at least some callers shared a transaction
         assert log.max_position() == 400
 
@@ -186,8 +186,8 @@ class TestEventLog:
         bad = journal.submit(stale.collect_events())
         good = journal.submit(other.collect_events())
         with pytest.raises(RecordConflictError):
-            bad.result(10)
-        assert len(good.result(10)) == 1
+            bad.future.result(10)
+        assert len(good.future.result(10)) == 1
         assert log.load(c.id).total == 2
 
     def test_snapshot_then_tail(self, log, journal):
@@ -234,7 +234,7 @@ class TestEventLog:
         done.start()
         done.join(10)
         queued = journal.submit(Counter(name="q").collect_events())  # submit always queues
-        queued.result(10)
+        queued.future.result(10)
         assert writers == ["caller", "journal-writer"]
 
     def test_a_commit_whose_caller_gave_up_is_never_written_later(self, log, journal, monkeypatch):
@@ -250,7 +250,7 @@ class TestEventLog:
         with pytest.raises(JournalTimeout):
             journal.commit(late.collect_events(), timeout=0.2)
         release.set()
-        blocker.result(10)
+        blocker.future.result(10)
         journal.commit(Counter(name="after").collect_events())  # the writer moves on
         assert [type(e).__name__ for e in log.read_stream(late.id)] == []  # never written
         assert log.max_position() == 2
@@ -269,8 +269,8 @@ class TestEventLog:
         time.sleep(0.1)  # queued behind the twenty
         release.set()
         caller.join(10)
-        positions = [f.result(10)[0] for f in queued]
-        assert blocker.result(10) == [1] and urgent == [[2]]
+        positions = [f.future.result(10)[0] for f in queued]
+        assert blocker.future.result(10) == [1] and urgent == [[2]]
         assert positions == list(range(3, 23))
         assert journal.batches == 3  # the blocker, the urgent one alone, the twenty together
 
@@ -317,8 +317,75 @@ class TestEventLog:
                 return real_queue.empty()
 
         journal._queue = Racing()
-        journal.submit(Counter(name="report").collect_events(), sync=False).result(5)
+        journal.submit(Counter(name="report").collect_events(), sync=False).future.result(5)
         assert fired and urgent[0].future.result(5) == [1]  # written ahead of the gathered report
+
+    def test_an_urgent_commit_ends_the_gathering_of_a_transaction(self, log, journal):
+        """Under load the writer gathers queued batches into one transaction until the queue
+        is quiet; an urgent commit's wake-up ends that at once: it is written before any
+        batch queued behind it is even taken (it once waited for the whole gathering, a
+        hundred milliseconds and more behind a steady trickle of reports)."""
+        from eventstore.journal import Queued
+
+        real_queue, state = journal._queue, {"taken_after": 0, "at_write": None}
+        urgent: list[Queued] = []
+
+        class Busy:  # the writer's queue: an urgent commit arrives as it gathers, reports behind it
+            def get(self, *a, **k):
+                return self._count(real_queue.get(*a, **k))
+
+            def get_nowait(self):
+                if not urgent:
+                    urgent.append(Journal._enqueue(journal, Counter(name="cmd").collect_events(), True, True))
+                    urgent[0].future.add_done_callback(lambda f: state.update(at_write=state["taken_after"]))
+                    for i in range(3):
+                        journal.submit(Counter(name=f"late{i}").collect_events(), sync=False)
+                return self._count(real_queue.get_nowait())
+
+            def _count(self, item):
+                if urgent and isinstance(item, Queued):
+                    state["taken_after"] += 1
+                return item
+
+            def put(self, item):
+                real_queue.put(item)
+
+            def empty(self):
+                return real_queue.empty()
+
+        journal._queue = Busy()
+        first = journal.submit(Counter(name="report").collect_events(), sync=False)
+        assert first.future.result(5) == [2]  # gathered before the urgent commit came
+        assert urgent and urgent[0].future.result(5) == [1]
+        assert state["at_write"] == 0  # no batch behind it was taken before it was written
+
+    def test_a_commit_queued_as_the_journal_closes_is_written_not_stranded(self, log):
+        """A caller found the journal open and is putting its batch on the queue when the
+        journal closes: the batch goes ahead of the writer's stop item and is written,
+        never behind it, where nobody would take it and its caller would wait for ever."""
+        from eventstore.journal import Queued
+
+        journal = Journal(log)
+        real_queue, putting = journal._queue, threading.Event()
+
+        class Slow:  # a caller preempted between checking `_closed` and its put
+            def __getattr__(self, name):
+                return getattr(real_queue, name)
+
+            def put(self, item):
+                if isinstance(item, Queued):
+                    putting.set()
+                    time.sleep(0.2)
+                real_queue.put(item)
+
+        journal._queue = Slow()
+        queued: list[Queued] = []
+        caller = threading.Thread(target=lambda: queued.append(journal.submit(Counter(name="late").collect_events())))
+        caller.start()
+        assert putting.wait(5)
+        journal.close()
+        caller.join(5)
+        assert queued[0].future.result(5) == [1]
 
     def test_unflushed_commits_land_like_flushed_ones(self, log, journal):
         c = Counter(name="u")
