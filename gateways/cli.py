@@ -261,16 +261,23 @@ def _replay(store: Any, device_id: str, product: str | None, at: int | None) -> 
             if device.version < at:  # the load stops at the last version there is
                 _fail("parley", f"device {device_id!r} in product {product!r} has versions 1 to "
                                 f"{device.version}, not {at}", 2)
-            table = Table(title=f"{product}/{device_id} at version {device.version}")
-            table.add_column("field")
-            table.add_column("value")
-            table.add_row("online", str(device.online))
-            table.add_row("last seen", _ms(device.last_seen_ms))
-            for k, v in sorted(device.state.items()):
-                table.add_row(f"state.{k}", json.dumps(v))
-            for rid, p in device.pending.items():
-                table.add_row(f"pending {rid}", f"{p['command']} (timeout {p['timeout_ms']} ms)")
-            console.print(table)
+            # Values as JSON spells them (true, "auto"), like the timeline's data.
+            fields = [("version", str(device.version)), ("online", json.dumps(device.online)),
+                      ("last seen", _ms(device.last_seen_ms))]
+            fields += [(f"state.{k}", json.dumps(v, default=str, ensure_ascii=False))
+                       for k, v in sorted(device.state.items())]
+            fields += [(f"pending {rid}", f"{p['command']} (timeout {p['timeout_ms']} ms)")
+                       for rid, p in device.pending.items()]
+            if console.is_terminal:
+                table = Table(title=f"{product}/{device_id} at version {device.version}")
+                table.add_column("field")
+                table.add_column("value", overflow="fold")
+                for row in fields:
+                    table.add_row(*row)
+                console.print(table)
+            else:  # piped: one tab-separated line per field, as the timeline's rows
+                print("field\tvalue")
+                print("\n".join("\t".join(row) for row in fields))
             return
         # Page by page: a device may have millions of events; reading them all first (and
         # holding one table of them) took 2 GB for 290k events.
@@ -280,7 +287,17 @@ def _replay(store: Any, device_id: str, product: str | None, at: int | None) -> 
             if not page:
                 break
             rows = [_timeline_row(logged) for logged in page]
-            if console.is_terminal:
+            if console.is_terminal and console.width < WIDE:
+                # Narrow: a table left the data some 10 columns at 80, and folded each
+                # event's JSON over 5-10 lines. Each event's header line, its data below.
+                if not version:
+                    console.print(f"[bold]{product}/{device_id}: timeline[/bold] "
+                                  f"({', '.join(TIMELINE_COLUMNS[:-1])}; data below each)")
+                for position, v, at_time, kind, data in rows:
+                    console.print(f"[bold]{position}[/bold]  v{v}  {at_time}  [cyan]{kind}[/cyan]", highlight=False)
+                    # Not folded by rich: the terminal wraps it, and a copy of it stays one line.
+                    console.print(f"    {data}", markup=False, highlight=False, soft_wrap=True)
+            elif console.is_terminal:
                 table = Table(title=f"{product}/{device_id}: timeline" if not version else None,
                               show_header=not version)
                 # Position, version, time and type stay on one line each; the data takes
@@ -307,6 +324,7 @@ def _replay(store: Any, device_id: str, product: str | None, at: int | None) -> 
 # `position` is the event's place in the whole log: the `id` GET /api/devices/:id/events
 # gives; `version` its place in the device's stream: what --at takes.
 TIMELINE_COLUMNS = ("position", "version", "time", "type", "data")
+WIDE = 120  # terminal columns from which the timeline is a table
 MAX_VERSION = 2**63 - 1  # the largest version the log can hold (a 64-bit integer)
 
 
@@ -398,9 +416,11 @@ def simulate(
     sim = Simulator(spec, product, devices=devices, interval=interval, mqtt_url=url,
                     connections=connections)
 
-    def line() -> str:
+    def line(stopped: bool = False) -> str:
         c = sim.counters()
-        return (f"devices connected {c['connected_devices']}/{c['devices']}  messages sent {c['sent']}"
+        # Once stopped, every device has disconnected: "connected 0/5" read as if none had.
+        devices = f"devices {c['devices']}" if stopped else f"devices connected {c['connected_devices']}/{c['devices']}"
+        return (f"{devices}  messages sent {c['sent']}"
                 f"  events {c['events']}  commands answered {c['answered']} (rejected {c['rejected']})"
                 f"  {c['rate']:.0f} msg/s  {c['elapsed']:.0f} s")
 
@@ -436,7 +456,7 @@ def simulate(
         sim.stop()
         for signum, handler in before.items():
             signal.signal(signum, handler)
-    console.print(f"stopped: {line()}", soft_wrap=True)
+    console.print(f"stopped: {line(stopped=True)}", soft_wrap=True)
 
 
 def builtin_broker_url(settings: Settings) -> str:

@@ -356,7 +356,8 @@ def create_app(runtime: Runtime, *, access_log: bool = False) -> QuartTrio:
         # Quart's own refusals (404 no route, 405, 413 body too large, ...) as JSON.
         status = exc.code or 500
         code = (exc.name or "error").lower().replace(" ", "_")
-        message = {404: "no such route", 413: f"request body exceeds {MAX_BODY} bytes"}.get(
+        message = {404: "no such route", 413: f"request body exceeds {MAX_BODY} bytes",
+                   408: f"the request body was not received in full within {app.config['BODY_TIMEOUT']:g} s"}.get(
             status, exc.description or exc.name)
         body = {"error": message, "code": code}
         log.info("http.request_refused", method=request.method, path=clip(request.path),

@@ -93,8 +93,10 @@ def test_replay_device_timeline_and_state_at_version(tmp_path, monkeypatch):
         result = runner.invoke(app, ["replay", "device", "t-9", "--data-dir", str(tmp_path), "--at", "2"],
                                terminal_width=200)
         assert result.exit_code == 0, result.output
-        row = next(line for line in result.output.splitlines() if "state.temperature" in line)
-        assert row.split("│")[2].strip() == "20" and "at version 2" in result.output
+        # Piped: one tab-separated line per field, values spelt as JSON spells them.
+        fields = dict(line.split("\t") for line in result.output.splitlines()[1:])
+        assert result.output.startswith("field\tvalue\n")
+        assert (fields["version"], fields["online"], fields["state.temperature"]) == ("2", "true", "20")
         # A version the stream does not have is named as such, not shown as another one.
         for at, exit_code, words in (("99", 2, "has versions 1 to 5, not 99"), ("0", 2, "0 is not in the range x>=1"),
                                      ("9" * 20, 2, f"has versions 1 to 5, not {'9' * 20}")):
@@ -125,6 +127,21 @@ def test_replay_device_timeline_and_state_at_version(tmp_path, monkeypatch):
         assert table.count("t-9: timeline") == 1 and table.count("position") == 1
         cells = [[c.strip() for c in line.split("│")[1:-1]] for line in table.splitlines() if line.startswith("│")]
         assert [c[:2] for c in cells if c[0].isdigit()] == [[str(p), str(v)] for v, p in enumerate(positions, 1)]
+        # A terminal of 80 columns: each event on a line of its own, its data whole below it
+        # (a table left the data 10 columns and folded it over many lines).
+        monkeypatch.setattr(cli, "console", Console(force_terminal=True, width=80, color_system=None))
+        with cli.console.capture() as captured:
+            result = runner.invoke(app, ["replay", "device", "t-9", "--data-dir", str(tmp_path)])
+        lines = captured.get().splitlines()
+        heads = [line.split() for line in lines[1:] if not line.startswith(" ")]
+        assert [h[:2] for h in heads] == [[str(p), f"v{v}"] for v, p in enumerate(positions, 1)]
+        data = [line.strip() for line in lines if line.startswith("    ")]
+        assert json.loads(data[[h[3] for h in heads].index("CommandSent")])["request_id"] == "rq-77"
+        # --at in a terminal: a table of the fields
+        with cli.console.capture() as captured:
+            runner.invoke(app, ["replay", "device", "t-9", "--data-dir", str(tmp_path), "--at", "2"])
+        row = next(line for line in captured.get().splitlines() if "state.temperature" in line)
+        assert row.split("│")[2].strip() == "20" and "at version 2" in captured.get()
     finally:
         rt.close()
     result = runner.invoke(app, ["replay", "device", "nobody", "--data-dir", str(tmp_path)])
