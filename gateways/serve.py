@@ -12,7 +12,7 @@ from functools import partial
 import structlog
 import trio
 
-from gateways.broker import BuiltinBroker
+from gateways.broker import BuiltinBroker, BuiltinBrokerError
 from gateways.config import Settings, shown_url
 from gateways.demo import ensure_demo_agent
 from gateways.http.app import answer_waiting_requests, create_app
@@ -31,6 +31,15 @@ def check_port_free(host: str, port: int) -> None:
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as hypercorn binds
         probe.bind((host, port))
+
+
+def check_broker_port_free(host: str, port: int) -> None:
+    """Raise BuiltinBrokerError (caused by the OSError) if the built-in broker could not
+    listen on `port`, as its start would later."""
+    try:
+        check_port_free(host, port)
+    except OSError as exc:
+        raise BuiltinBrokerError(f"built-in MQTT broker failed to start on {host}:{port}: {exc}") from exc
 
 
 # How long `serve` waits for the broker at start before it gives up (paho retries meanwhile).
@@ -56,6 +65,14 @@ class Running:
 
 
 async def serve(settings: Settings, *, task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED) -> None:
+    # First: a second `parley serve` whose HTTP port is taken must stop here, not first
+    # connect with the running server's MQTT session and knock it off (nor catch up with
+    # the log and log that it started). The built-in broker's port too (a Mosquitto of the
+    # machine's on 1883, say), and both before the store is opened: a start that fails on
+    # a port leaves no data directory or empty log behind.
+    check_port_free(settings.host, settings.http_port)
+    if not settings.mqtt_url:
+        check_broker_port_free(settings.host, settings.builtin_broker_port)
     runtime = Runtime(RuntimeSettings(
         data_dir=settings.data_dir, database_url=settings.database_url,
         liveness_window=settings.liveness_window, liveness_check_interval=settings.liveness_check_interval,
@@ -63,10 +80,6 @@ async def serve(settings: Settings, *, task_status: trio.TaskStatus[Running] = t
     broker: BuiltinBroker | None = None
     gateway: MqttGateway | None = None
     try:
-        # First: a second `parley serve` whose HTTP port is taken must stop here, not first
-        # connect with the running server's MQTT session and knock it off (nor catch up
-        # with the log and log that it started).
-        check_port_free(settings.host, settings.http_port)
         started = time.monotonic()
         if await trio.to_thread.run_sync(runtime.log.warm_up):
             log.info("store.wal_warmed", seconds=round(time.monotonic() - started, 3))

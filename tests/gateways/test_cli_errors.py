@@ -230,6 +230,33 @@ def _problem_line(proc: subprocess.CompletedProcess[str]) -> str:
     return proc.stderr.splitlines()[-1]
 
 
+@pytest.mark.parametrize("taken", ["http", "broker"])
+def test_serve_whose_port_is_taken_stops_before_opening_the_store(tmp_path, taken):
+    """A Mosquitto of the machine's on the built-in broker's port, or another server on the
+    HTTP port: one line saying so, and no data directory or empty log left behind."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port, free = listener.getsockname()[1], _free_port()
+        http, broker = (port, free) if taken == "http" else (free, port)
+        proc = _run_parley("serve", "--http-port", str(http), "--data-dir", str(tmp_path / "data"),
+                           PARLEY_BUILTIN_BROKER_PORT=str(broker))
+    assert proc.returncode == 1
+    line = _problem_line(proc)
+    if taken == "http":
+        assert line == f"parley could not start: port {port} on 127.0.0.1 is taken: choose another with --http-port"
+    else:
+        assert line.startswith(f"parley could not start: built-in MQTT broker failed to start on 127.0.0.1:{port}")
+        assert f"--mqtt-url mqtt://127.0.0.1:{port}" in line
+    assert not (tmp_path / "data").exists() and "runtime.started" not in proc.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_serve_with_its_data_dir_under_a_regular_file_says_so(tmp_path):
     (tmp_path / "file").write_text("")
     proc = _run_parley("serve", "--mqtt-url", "mqtt://127.0.0.1:1", "--data-dir", str(tmp_path / "file" / "data"))
