@@ -62,7 +62,7 @@ class _Ack:
         self.attempts = 0
 
     def ok(self, value: Any = None) -> None:
-        self.gw._ack(self.mid, self.qos)
+        self.gw._ack(self.mid, self.qos, self.connection)
 
     def fail(self, error: Exception) -> None:
         outcome = _outcome(error)
@@ -70,7 +70,7 @@ class _Ack:
         if outcome == "not_committed":
             self.gw._retry(self, error)  # unacknowledged, and tried again
         else:
-            self.gw._ack(self.mid, self.qos)  # it would fail the same way on every redelivery
+            self.gw._ack(self.mid, self.qos, self.connection)  # it would fail alike on every redelivery
 
 
 class _Unacked(NoReply):
@@ -86,6 +86,11 @@ class _Unacked(NoReply):
     def fail(self, error: Exception) -> None:
         outcome = _outcome(error)
         self.gw.stats["lost" if outcome == "not_committed" else outcome] += 1
+
+
+def _shown_topic(msg: paho.MQTTMessage) -> str:
+    """A topic for the log, whatever its bytes (paho's `topic` raises on non-UTF-8)."""
+    return bytes(msg._topic).decode("utf-8", errors="replace")[:200]
 
 
 def default_client_id(store_url: str) -> str:
@@ -144,7 +149,10 @@ class MqttGateway:
         self._urgent = False  # a command's response is among them: hand over now
         self._held_unacked = 0  # QoS 1 messages among them: the broker waits for their acks
         self.client.on_read_end = self._hand_over
-        self._connection = 0  # counts connects (each may redeliver what was not acknowledged)
+        # Counts connects and disconnects: a message is acknowledged only on the connection it
+        # came on (`_ack`), so it changes on both, and a message's ack never reaches a new
+        # connection, not even one still waiting for its CONNACK.
+        self._connection = 0
         self._connected_at = 0.0
         self._short_drops: list[float] = []
         self._warned_takeover_at = -60.0
@@ -188,13 +196,16 @@ class MqttGateway:
         no_delay(client)
         self._connected_at = time.monotonic()
         self._connection += 1  # retries of messages from an earlier connection stop: redelivered
-        prefix = f"$share/{self.shared_group}/" if self.shared_group else ""
         # Subscribe on every connect: the broker may have lost our persistent session.
-        client.subscribe([(prefix + t, 1) for t in codec.SUBSCRIPTIONS])
+        client.subscribe([(t, 1) for t in self._subscriptions()])
         episode = self.connect_failures.succeeded()
         unreachable = {"failed_attempts": episode[0], "unreachable_s": episode[1]} if episode else {}
         log.info("mqtt.connected", broker=f"{self.host}:{self.port}", client_id=self.client_id,
                  session_present=flags.session_present, **unreachable)
+
+    def _subscriptions(self) -> list[str]:
+        prefix = f"$share/{self.shared_group}/" if self.shared_group else ""
+        return [prefix + t for t in codec.SUBSCRIPTIONS]
 
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
         # paho calls this inside its `except OSError`, and passes no error: it is the one
@@ -203,6 +214,15 @@ class MqttGateway:
         self.connect_failures.failed(sys.exc_info()[1], will_retry=not self._stopping)
 
     def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        refused = [(t, str(r)) for t, r in zip(self._subscriptions(), reasons) if r.is_failure]
+        if refused:
+            # Refused (an ACL, a broker without shared subscriptions): Parley would hear
+            # nothing on those topics while it looked connected. Not ready: commands are
+            # refused (503), /api/health says the link is down, and this says why.
+            self.stats["subscriptions_refused"] += len(refused)
+            log.error("mqtt.subscription_refused", refused=refused, broker=f"{self.host}:{self.port}",
+                      hint="allow this client to subscribe to these topics on the broker")
+            return
         if not self._ready.is_set():
             self.listening_since = time.time()
         self._ready.set()
@@ -212,6 +232,7 @@ class MqttGateway:
     TAKEOVER_DROPS = 3
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self._connection += 1  # what came on the lost connection is not acknowledged on the next
         self._ready.clear()
         self.listening_since = None
         self._flush()  # nothing held waits for a reconnect
@@ -240,12 +261,21 @@ class MqttGateway:
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         received_ms = int(time.time() * 1000)
         self.stats["received"] += 1
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:
+            # paho decodes the topic when asked, and raised out of this callback, which ended
+            # its network thread. Mosquitto refuses such a topic; another broker may not.
+            self.stats["dropped.bad_topic"] += 1
+            log.warning("mqtt.dropped", topic=_shown_topic(msg), reason="bad_topic", detail="topic is not UTF-8")
+            self._ack(msg.mid, msg.qos)
+            return
         if msg.retain:
             self._ignore_retained(msg)
             return
         obj: dict[str, Any] | None = None
         try:
-            route = codec.parse_topic(msg.topic)
+            route = codec.parse_topic(topic)
             obj = codec.decode(msg.payload)
             if self.runtime.agents.get(route.product_id) is None and not self._answers_a_command(route, obj):
                 if msg.qos and self.shared_group and route.kind != "ntp":
@@ -280,14 +310,17 @@ class MqttGateway:
             self.stats[f"dropped.{exc.reason}"] += 1
             # An empty message is what a device clearing its retained message sends: no error.
             (log.info if exc.reason == "empty" else log.warning)(
-                "mqtt.dropped", topic=msg.topic, reason=exc.reason, detail=exc.detail[:200])
+                "mqtt.dropped", topic=topic, reason=exc.reason, detail=exc.detail[:200])
             self._ack(msg.mid, msg.qos)
             if obj is not None:
                 self._tell_refused(obj, exc.detail[:200])
         except Exception:
-            # Never let one message kill the network thread.
+            # Never let one message kill the network thread. Acknowledged: Parley cannot use
+            # it (a bug of ours), and unacknowledged it would hold a slot of the broker's
+            # in-flight window until the next reconnect, and then come again.
             self.stats["dropped.error"] += 1
-            log.exception("mqtt.message_failed", topic=msg.topic)
+            log.exception("mqtt.message_failed", topic=topic)
+            self._ack(msg.mid, msg.qos)
 
     def _tell_refused(self, obj: dict[str, Any], detail: str) -> None:
         """A dropped answer to a command waiting here: its caller's 504 will say why."""
@@ -361,11 +394,11 @@ class MqttGateway:
         self.stats["dropped.retained"] += 1
         if self._warned_retained != self._connection:
             self._warned_retained = self._connection
-            log.info("mqtt.retained_ignored", topic=msg.topic,
+            log.info("mqtt.retained_ignored", topic=_shown_topic(msg),
                      hint="retained messages are replays of old reports, not new ones; Parley takes "
                           "only messages published while it is subscribed (see docs/mqtt.md)")
         else:
-            log.debug("mqtt.retained_ignored", topic=msg.topic)
+            log.debug("mqtt.retained_ignored", topic=_shown_topic(msg))
         self._ack(msg.mid, msg.qos)
 
     def _answers_a_command(self, route: codec.Route, obj: dict[str, Any]) -> bool:
@@ -406,16 +439,16 @@ class MqttGateway:
             elif attempt + 1 < len(self.PRODUCT_WAITS):
                 self.runtime.system.scheduler.call_later(self.PRODUCT_WAITS[attempt + 1], partial(again, attempt + 1))
             else:
-                self._unknown_product(route, msg)
+                self._unknown_product(route, msg, reply.connection)
 
         self.runtime.system.scheduler.call_later(self.PRODUCT_WAITS[0], partial(again, 0))
 
-    def _unknown_product(self, route: codec.Route, msg: paho.MQTTMessage) -> None:
+    def _unknown_product(self, route: codec.Route, msg: paho.MQTTMessage, connection: int | None = None) -> None:
         self.stats["dropped.unknown_product"] += 1
         if route.product_id not in self._warned_products:  # once per product, then count only
             self._warned_products.add(route.product_id)
             log.warning("mqtt.unknown_product", product_id=route.product_id, topic=msg.topic)
-        self._ack(msg.mid, msg.qos)
+        self._ack(msg.mid, msg.qos, connection)
 
     # Waits before a message whose commit failed is tried again: a store that is down for a
     # while gets one try per device message every 30 s, not a storm.
@@ -472,10 +505,23 @@ class MqttGateway:
         except Exception as exc:  # shutting down: unacknowledged, redelivered later
             log.warning(event, mid=ack.mid, error=str(exc))
 
-    def _ack(self, mid: int, qos: int) -> None:
-        if qos:
-            self.client.ack(mid, qos)
-            self.stats["acked"] += 1
+    def _ack(self, mid: int, qos: int, connection: int | None = None) -> None:
+        """PUBACK a QoS 1 message; `connection`: the one it came on, if it may have changed
+        since (its commit took a while). A packet id means something only on its own
+        connection: sent on the next, it acknowledged whatever the broker gave that id
+        there (after a lost session, another message, not yet committed, which was then
+        lost). So a message whose connection is gone is left to the broker: redelivered
+        with a persistent session (and stored again: QoS 1 is at least once), or dropped
+        with the session. paho waits a second or more before it reconnects, far longer
+        than this check takes before the write."""
+        if not qos:
+            return
+        if connection is not None and connection != self._connection:
+            self.stats["ack_skipped.reconnected"] += 1
+            log.debug("mqtt.ack_skipped", mid=mid, reason="the connection it came on is gone")
+            return
+        self.client.ack(mid, qos)
+        self.stats["acked"] += 1
 
     # -- Parley -> device (the actors' DeviceLink) -------------------------------------
     @property

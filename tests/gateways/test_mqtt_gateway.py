@@ -1106,3 +1106,105 @@ def test_an_answer_for_a_deleted_product_reaches_the_actor_when_another_process_
         assert shared_gateway.stats["dropped.unknown_product"] == 0
     finally:
         dev.close()
+
+
+# -- acknowledgements never cross connections ------------------------------------------
+
+def test_a_message_committed_after_a_reconnect_is_not_acknowledged_on_the_new_connection(
+        runtime, redelivering_broker, monkeypatch):
+    """A's commit is slow; meanwhile the broker loses Parley's session (here another client
+    takes it over with a clean session) and gives B, on the new connection, the packet id A
+    had. A's PUBACK on the new connection would acknowledge B, whose commit then fails: B
+    lost. A's acknowledgement is dropped instead, and B is retried and stored."""
+    create_agent(runtime)
+    cid = f"parley-stale-{time.monotonic_ns()}"
+    gw = MqttGateway(runtime, redelivering_broker.url, client_id=cid)
+    gw.RETRY_DELAYS = (0.3,)
+    gw.start()
+    gw.client.reconnect_delay_set(min_delay=0.05, max_delay=0.05)
+    received: list[tuple[int, int]] = []
+    acks: list[tuple[int, int]] = []
+    real_on_message, real_ack = gw._on_message, gw.client.ack
+    gw.client.on_message = lambda c, u, m: (received.append((gw._connection, m.mid)), real_on_message(c, u, m))
+    monkeypatch.setattr(gw.client, "ack", lambda mid, qos: (acks.append((gw._connection, mid)), real_ack(mid, qos)))
+    entered, gate, failing = threading.Event(), threading.Event(), [False]
+    real_append = runtime.log.append
+
+    def append(events, **kw):
+        if not entered.is_set():  # A's commit: slow
+            entered.set()
+            gate.wait(20)
+        elif failing[0]:  # B's first commit: the store blinks
+            failing[0] = False
+            raise OSError("store hiccup")
+        return real_append(events, **kw)
+
+    monkeypatch.setattr(runtime.log, "append", append)
+    dev = DeviceClient(redelivering_broker.port, client_id=f"dev-stale-{time.monotonic_ns()}")
+    try:
+        dev.send(f"v1/{P}/{D}/telemetry", {"type": "state", "data": {"n": 1}})  # A
+        assert entered.wait(5)
+        first = gw._connection
+        thief = paho.Client(CallbackAPIVersion.VERSION2, client_id=cid, clean_session=True, protocol=paho.MQTTv311)
+        thief.connect("127.0.0.1", redelivering_broker.port)
+        thief.loop_start()
+        time.sleep(0.3)
+        thief.disconnect()
+        thief.loop_stop()
+        wait_until(lambda: gw._connection > first and gw.connected, 10)
+        failing[0] = True
+        dev.send(f"v1/{P}/{D}/telemetry", {"type": "state", "data": {"n": 2}})  # B
+        wait_until(lambda: len(received) == 2, 5)
+        assert received[0][1] == received[1][1]  # the same packet id, on two connections
+        gate.set()  # A commits; its ack belongs to a connection that is gone
+        wait_until(lambda: gw.stats["ack_skipped.reconnected"] == 1, 5)
+        wait_until(lambda: state_numbers(runtime, D) == [1, 2], 5)  # B retried and stored
+        wait_until(lambda: acks == [(received[1][0], received[1][1])], 5)  # B's ack alone, once committed
+    finally:
+        gate.set()
+        dev.close()
+        gw.stop()
+
+
+def test_a_topic_that_is_not_utf8_is_dropped_and_acknowledged(runtime, mqtt_broker):
+    """paho raises when such a topic is read, and out of the callback that ended its network
+    thread. Mosquitto refuses such a topic itself; another broker may pass it on."""
+    gw = MqttGateway(runtime, mqtt_broker.url, client_id=f"parley-test-{time.monotonic_ns()}")
+    acks: list[int] = []
+    gw.client.ack = lambda mid, qos: acks.append(mid)
+    for mid, retain in ((5, False), (6, True)):
+        msg = paho.MQTTMessage(mid=mid, topic=b"v1/p\xff/d/telemetry")
+        msg.payload, msg.qos, msg.retain = b"{}", 1, retain
+        with structlog.testing.capture_logs() as logs:
+            gw._on_message(gw.client, None, msg)
+        assert [(e["event"], e["reason"], e["topic"]) for e in logs] == [("mqtt.dropped", "bad_topic", "v1/p\ufffd/d/telemetry")]
+    assert acks == [5, 6] and gw.stats["dropped.bad_topic"] == 2
+
+
+def test_a_message_that_fails_in_the_gateway_itself_is_acknowledged(runtime, gateway, device, monkeypatch):
+    """A bug of ours on one message: logged with its traceback, counted, and acknowledged
+    (unacknowledged, it held a slot of the broker's in-flight window until a reconnect)."""
+    create_agent(runtime)
+    monkeypatch.setattr(MqttGateway, "_message", staticmethod(lambda *a: 1 / 0))
+    with structlog.testing.capture_logs() as logs:
+        mid = device.send(f"v1/{P}/{D}/telemetry", status())
+        wait_until(lambda: mid in device.acked, 5)
+    assert gateway.stats["dropped.error"] == 1
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["mqtt.message_failed"]
+
+
+def test_a_refused_subscription_leaves_the_link_down_and_says_why(runtime, mqtt_broker):
+    """A broker that refuses a subscription (an ACL) would leave Parley deaf while it looked
+    connected and took commands."""
+    from paho.mqtt.reasoncodes import ReasonCode
+    from paho.mqtt.packettypes import PacketTypes
+
+    gw = MqttGateway(runtime, mqtt_broker.url, client_id=f"parley-test-{time.monotonic_ns()}")
+    granted, refused = ReasonCode(PacketTypes.SUBACK, identifier=1), ReasonCode(PacketTypes.SUBACK, identifier=0x80)
+    with structlog.testing.capture_logs() as logs:
+        gw._on_subscribe(gw.client, None, 1, [granted] + [refused] * (len(gw._subscriptions()) - 1), None)
+    assert not gw.connected and gw.listening_since is None
+    (line,) = [e for e in logs if e["event"] == "mqtt.subscription_refused"]
+    assert line["log_level"] == "error" and len(line["refused"]) == len(gw._subscriptions()) - 1
+    gw._on_subscribe(gw.client, None, 2, [granted] * len(gw._subscriptions()), None)
+    assert gw.connected
