@@ -9,7 +9,9 @@ payload) is acknowledged at once, so the broker does not redeliver it forever.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import socket
 import sys
 import threading
@@ -53,10 +55,10 @@ def _outcome(error: Exception) -> str:
 class _Ack:
     """Acknowledge a QoS 1 message once its events are committed."""
 
-    __slots__ = ("gw", "mid", "qos", "key", "message", "connection", "attempts")
+    __slots__ = ("gw", "mid", "qos", "key", "seq", "message", "connection", "attempts")
 
-    def __init__(self, gw: MqttGateway, mid: int, qos: int, key: tuple[str, str]) -> None:
-        self.gw, self.mid, self.qos, self.key = gw, mid, qos, key
+    def __init__(self, gw: MqttGateway, mid: int, qos: int, key: tuple[str, str], seq: int) -> None:
+        self.gw, self.mid, self.qos, self.key, self.seq = gw, mid, qos, key, seq
         self.message: Any = None  # set once the message exists (it carries this reply)
         self.connection = gw._connection  # the broker connection the message came on
         self.attempts = 0
@@ -71,6 +73,31 @@ class _Ack:
             self.gw._retry(self, error)  # unacknowledged, and tried again
         else:
             self.gw._ack(self.mid, self.qos, self.connection)  # it would fail alike on every redelivery
+
+
+class _Line:
+    """One device's messages the gateway holds back, in the order they came (`seq`): a QoS 1
+    message whose commit failed, until it is tried again, or one waiting for its product,
+    and every later message of that device, so that none overtakes it. (A retry used to
+    come 0.5-30 s later, after the device's newer reports: its older state overwrote the
+    newer one. And after an outage all retries went at once, in a set's order.)"""
+
+    __slots__ = ("items", "armed", "for_product", "unacked")
+
+    # QoS 0 messages a line holds at most: during a store outage they pile up until the next
+    # retry (up to 30 s); past this many, a device's newer ones are counted lost at once
+    # (they would be lost with the store down anyway; QoS 1 is bounded by the broker's
+    # in-flight window).
+    MAX_UNACKED = 100
+
+    def __init__(self, for_product: bool = False) -> None:
+        self.items: list[tuple[int, Any]] = []  # (seq, message), by seq
+        self.armed = False  # a retry is scheduled
+        self.for_product = for_product  # waiting for its product to show up (shared subscriptions)
+        self.unacked = 0  # QoS 0 messages among the items
+
+    def add(self, seq: int, message: Any) -> None:
+        bisect.insort(self.items, (seq, message), key=lambda item: item[0])
 
 
 class _Unacked(NoReply):
@@ -116,10 +143,13 @@ class MqttGateway:
         self.shared_group = shared_group
         self.stats: Counter[str] = Counter()
         self._unacked = _Unacked(self)
-        # QoS 1 messages waiting to be tried again (their commit failed), and when the store
-        # (PostgreSQL) is back after an outage, all of them at once.
-        self._retries: set[_Ack] = set()
-        self._retries_lock = threading.Lock()
+        # Devices whose messages are held back (`_Line`), in the order their lines began:
+        # tried again after a delay, and when the store (PostgreSQL) is back after an
+        # outage, all of them at once. Touched by the network thread, actors' threads (a
+        # failed commit), the scheduler's and the breaker's: under the lock.
+        self._lines: dict[tuple[str, str], _Line] = {}
+        self._lines_lock = threading.Lock()
+        self._seq = itertools.count()  # the order messages came in (network thread only)
         if runtime.log.breaker is not None:
             runtime.log.breaker.on_up(self._retry_held_now)
         self._ready = threading.Event()
@@ -142,8 +172,9 @@ class MqttGateway:
         self.client.on_connect_fail = self._on_connect_fail
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
-        # Messages parsed but not yet handed to their actors. Only the network thread touches these.
-        self._bursts: dict[tuple[str, str], list[Any]] = {}
+        # Messages parsed but not yet handed to their actors, with the order they came in.
+        # Only the network thread touches these.
+        self._bursts: dict[tuple[str, str], list[tuple[int, Any]]] = {}
         self._held = 0  # messages in _bursts
         self._held_since = 0.0
         self._urgent = False  # a command's response is among them: hand over now
@@ -291,18 +322,19 @@ class MqttGateway:
                 self._ack(msg.mid, msg.qos)
                 return
             key = (route.product_id, route.device_id)
-            reply = _Ack(self, msg.mid, msg.qos, key) if msg.qos else self._unacked
+            seq = next(self._seq)
+            reply = _Ack(self, msg.mid, msg.qos, key, seq) if msg.qos else self._unacked
             message = self._message(route, obj, received_ms, reply, len(msg.payload))
             if msg.qos:
                 reply.message = message  # to try it again if its commit fails
                 self._held_unacked += 1
             burst = self._bursts.get(key)
             if burst is None:
-                self._bursts[key] = [message]
+                self._bursts[key] = [(seq, message)]
                 if not self._held:
                     self._held_since = time.monotonic()
             else:
-                burst.append(message)
+                burst.append((seq, message))
             self._held += 1
             if route.kind == "responses":
                 self._urgent = True
@@ -358,19 +390,38 @@ class MqttGateway:
         self._flush()
 
     def _flush(self) -> None:
-        """Hand every held message to its actor now."""
+        """Hand every held message to its actor now (or to its device's line, if it has one)."""
         self.client.hold_until = None
         bursts, self._bursts = self._bursts, {}
         self._held, self._held_unacked, self._urgent = 0, 0, False
-        tell_many = self.runtime.system.tell_many
-        for key, messages in bursts.items():
-            try:
-                tell_many(DeviceActor, key, messages)
-            except Exception as exc:
-                # Shutting down: leave QoS 1 messages unacknowledged, so they are redelivered.
-                self.stats["dropped.error"] += len(messages)
-                log.error("mqtt.not_delivered", product_id=key[0], device_id=key[1],
-                          messages=len(messages), error=str(exc))
+        waiting_for_product = []
+        if self._lines:
+            with self._lines_lock:
+                for key in [k for k in bursts if k in self._lines]:
+                    line = self._lines[key]
+                    for seq, message in bursts.pop(key):
+                        if message.reply is self._unacked:
+                            if line.unacked >= line.MAX_UNACKED:
+                                self.stats["lost"] += 1
+                                continue
+                            line.unacked += 1
+                        line.add(seq, message)
+                    if line.for_product:
+                        waiting_for_product.append(key)
+        for key, items in bursts.items():
+            self._tell(key, [message for _, message in items])
+        for key in waiting_for_product:
+            if self.runtime.agents.get(key[0]) is not None:  # it showed up: no need to wait for the next look
+                self._release(key)
+
+    def _tell(self, key: tuple[str, str], messages: list[Any]) -> None:
+        try:
+            self.runtime.system.tell_many(DeviceActor, key, messages)
+        except Exception as exc:
+            # Shutting down: leave QoS 1 messages unacknowledged, so they are redelivered.
+            self.stats["dropped.error"] += len(messages)
+            log.error("mqtt.not_delivered", product_id=key[0], device_id=key[1],
+                      messages=len(messages), error=str(exc))
 
     @staticmethod
     def _message(route: codec.Route, obj: dict[str, Any], received_ms: int, reply: Any, size: int) -> Any:
@@ -427,28 +478,42 @@ class MqttGateway:
         after `POST /api/agents` through another process was dropped 9 times in 10). Left
         unacknowledged, it is handed to its actor once the product shows up here, or
         dropped as unknown_product after PRODUCT_WAITS."""
-        reply = _Ack(self, msg.mid, msg.qos, (route.product_id, route.device_id))
+        key = (route.product_id, route.device_id)
+        reply = _Ack(self, msg.mid, msg.qos, key, next(self._seq))
         reply.message = self._message(route, obj, received_ms, reply, len(msg.payload))  # refusals first
         self.stats["waited.unknown_product"] += 1
+        with self._lines_lock:
+            line = self._lines.get(key)
+            started = line is None
+            if started:
+                line = self._lines[key] = _Line(for_product=True)
+            line.add(reply.seq, reply.message)  # the device's later messages wait behind it
+        if not started:
+            return  # its line is looked at already
 
         def again(attempt: int) -> None:
-            if not self._still_held(reply):
-                return
             if self.runtime.agents.get(route.product_id) is not None:
-                self._hand_over_late(reply, "mqtt.not_delivered")
+                self._release(key)
             elif attempt + 1 < len(self.PRODUCT_WAITS):
                 self.runtime.system.scheduler.call_later(self.PRODUCT_WAITS[attempt + 1], partial(again, attempt + 1))
             else:
-                self._unknown_product(route, msg, reply.connection)
+                with self._lines_lock:
+                    gone = self._lines.pop(key, None)
+                for _, message in gone.items if gone is not None else ():
+                    if not isinstance(message.reply, _Ack) or self._still_held(message.reply):
+                        self._unknown_product(route, msg, getattr(message.reply, "connection", None),
+                                              getattr(message.reply, "mid", 0), getattr(message.reply, "qos", 0))
 
         self.runtime.system.scheduler.call_later(self.PRODUCT_WAITS[0], partial(again, 0))
 
-    def _unknown_product(self, route: codec.Route, msg: paho.MQTTMessage, connection: int | None = None) -> None:
+    def _unknown_product(self, route: codec.Route, msg: paho.MQTTMessage, connection: int | None = None,
+                         mid: int | None = None, qos: int | None = None) -> None:
+        """Drop `msg` (or the message `mid` of that device, waiting in its line) as unknown."""
         self.stats["dropped.unknown_product"] += 1
         if route.product_id not in self._warned_products:  # once per product, then count only
             self._warned_products.add(route.product_id)
             log.warning("mqtt.unknown_product", product_id=route.product_id, topic=msg.topic)
-        self._ack(msg.mid, msg.qos, connection)
+        self._ack(msg.mid if mid is None else mid, msg.qos if qos is None else qos, connection)
 
     # Waits before a message whose commit failed is tried again: a store that is down for a
     # while gets one try per device message every 30 s, not a storm.
@@ -466,44 +531,51 @@ class MqttGateway:
         log_fn("mqtt.not_committed", mid=ack.mid, product_id=ack.key[0], device_id=ack.key[1],
                error=str(error), attempt=ack.attempts, retry_in_s=delay)
 
-        with self._retries_lock:
-            self._retries.add(ack)
+        with self._lines_lock:
+            line = self._lines.get(ack.key)
+            if line is None:
+                line = self._lines[ack.key] = _Line()
+            line.add(ack.seq, ack.message)
+            arm = not line.armed and not line.for_product
+            line.armed = True
+        if arm:
+            self.runtime.system.scheduler.call_later(delay, partial(self._release, ack.key))
 
-        def again() -> None:
-            with self._retries_lock:
-                if ack not in self._retries:
-                    return  # tried already: the store came back (_retry_held_now)
-                self._retries.discard(ack)
-            self._try_again(ack)
-
-        self.runtime.system.scheduler.call_later(delay, again)
-
-    def _try_again(self, ack: _Ack) -> None:
-        if self._still_held(ack):
-            self.stats["retried"] += 1
-            self._hand_over_late(ack, "mqtt.retry_dropped")
+    def _release(self, key: tuple[str, str]) -> None:
+        """Hand a device's line to its actor, in the order its messages came. A QoS 1
+        message from a connection that is gone is left out: the broker redelivers it."""
+        with self._lines_lock:
+            line = self._lines.pop(key, None)
+        if line is None:
+            return  # released already: the store came back (_retry_held_now)
+        messages = []
+        for _, message in line.items:
+            reply = message.reply
+            if isinstance(reply, _Ack):
+                if not self._still_held(reply):
+                    continue
+                if reply.attempts:
+                    self.stats["retried"] += 1
+            messages.append(message)
+        if messages:
+            self._tell(key, messages)
 
     def _retry_held_now(self) -> None:
         """The store is back: try every held QoS 1 message now, not at the end of its
         backoff (up to 30 s). They fill the broker's in-flight window, and meanwhile it
         queues the rest for us only up to its limit, then drops them (a re-audit lost
-        messages for 18 s after the store was back)."""
-        with self._retries_lock:
-            held, self._retries = self._retries, set()
-        for ack in held:
-            self._try_again(ack)
+        messages for 18 s after the store was back). Device by device, in the order their
+        lines began, each line in the order its messages came."""
+        with self._lines_lock:
+            keys = [key for key, line in self._lines.items() if not line.for_product]
+        for key in keys:
+            self._release(key)
 
     def _still_held(self, ack: _Ack) -> bool:
         """Whether a QoS 1 message held back (to retry, or to wait for its product) is still
         ours to hand over: after a reconnect the broker redelivers it itself (persistent
         session)."""
         return not (self._stopping or ack.connection != self._connection or self.client.socket() is None)
-
-    def _hand_over_late(self, ack: _Ack, event: str) -> None:
-        try:
-            self.runtime.system.tell(DeviceActor, ack.key, ack.message)
-        except Exception as exc:  # shutting down: unacknowledged, redelivered later
-            log.warning(event, mid=ack.mid, error=str(exc))
 
     def _ack(self, mid: int, qos: int, connection: int | None = None) -> None:
         """PUBACK a QoS 1 message; `connection`: the one it came on, if it may have changed

@@ -1208,3 +1208,82 @@ def test_a_refused_subscription_leaves_the_link_down_and_says_why(runtime, mqtt_
     assert line["log_level"] == "error" and len(line["refused"]) == len(gw._subscriptions()) - 1
     gw._on_subscribe(gw.client, None, 2, [granted] * len(gw._subscriptions()), None)
     assert gw.connected
+
+
+# -- a device's messages keep their order through retries and waits --------------------
+
+def test_retries_after_an_outage_keep_each_devices_order(runtime, gateway, device, monkeypatch):
+    """Ten reports fail to commit; the store comes back: they are stored in the order they
+    came, so the device's state is its last report (a set's order once left it at the 7th)."""
+    create_agent(runtime)
+    gateway.RETRY_DELAYS = (60.0,)
+    real_append = runtime.log.append
+    monkeypatch.setattr(runtime.log, "append", lambda events, **kw: _raise(OSError("store down")))
+    for n in range(10):
+        device.send(f"v1/{P}/{D}/telemetry", {"type": "state", "data": {"n": n}})
+    # Each failed, or came after the first failure and waits behind it without being tried.
+    wait_until(lambda: sum(len(line.items) for line in gateway._lines.values()) == 10, 10)
+    assert gateway.stats["not_committed"] >= 1
+    monkeypatch.setattr(runtime.log, "append", real_append)
+    gateway._retry_held_now()  # what the breaker calls when PostgreSQL is back
+    wait_until(lambda: gateway.stats["acked"] == 10, 10)
+    assert state_numbers(runtime, D) == list(range(10))
+    assert runtime.log.load(Device.create_id(P, D)).state["n"] == 9
+
+
+def test_a_report_waiting_for_its_retry_is_not_overtaken_by_the_next(runtime, gateway, device, monkeypatch):
+    """The store blinks on a report and is back before the device's next one: the next
+    waits behind the first's retry, in the gateway, instead of landing first."""
+    create_agent(runtime)
+    gateway.RETRY_DELAYS = (0.5,)
+    real_append = runtime.log.append
+    monkeypatch.setattr(runtime.log, "append", lambda events, **kw: _raise(OSError("store down")))
+    device.send(f"v1/{P}/{D}/telemetry", {"type": "state", "data": {"n": 0}})
+    wait_until(lambda: gateway.stats["not_committed"] == 1, 10)
+    monkeypatch.setattr(runtime.log, "append", real_append)
+    qos0 = device.send(f"v1/{P}/{D}/telemetry", {"type": "state", "data": {"n": 1}}, qos=0)
+    device.send(f"v1/{P}/{D}/telemetry", {"type": "state", "data": {"n": 2}})
+    wait_until(lambda: gateway.stats["acked"] == 2, 10)
+    assert qos0 and state_numbers(runtime, D) == [0, 1, 2] and gateway.stats["retried"] == 1
+
+
+def test_a_report_waiting_for_its_product_is_not_overtaken_by_the_next(shared_runtime, shared_gateway,
+                                                                     sharing_broker, monkeypatch):
+    """Shared subscriptions: a report waits for its product (created through another
+    process a moment ago); the device's next report, once the product is known here,
+    waits behind it instead of landing first."""
+    runtime = shared_runtime
+    monkeypatch.setattr(MqttGateway, "PRODUCT_WAITS", (0.5, 0.5, 0.5))
+    dev = DeviceClient(sharing_broker.port, client_id=f"dev-{time.monotonic_ns()}")
+    try:
+        dev.send(f"v1/{P}/{D}/telemetry", {"type": "state", "data": {"n": 0}})
+        wait_until(lambda: shared_gateway.stats["waited.unknown_product"] == 1)
+        create_agent(runtime)
+        wait_until(lambda: runtime.agents.get(P) is not None)
+        dev.send(f"v1/{P}/{D}/telemetry", {"type": "state", "data": {"n": 1}})
+        wait_until(lambda: len(state_numbers(runtime, D)) == 2, 5)
+        assert state_numbers(runtime, D) == [0, 1]
+        wait_until(lambda: shared_gateway.stats["acked"] == 2)
+    finally:
+        dev.close()
+
+
+def _raise(exc: Exception) -> Any:
+    raise exc
+
+
+def test_a_devices_line_holds_only_so_many_qos0_reports(runtime, gateway, device, monkeypatch):
+    """During an outage a device's QoS 0 reports wait behind its failed QoS 1 one until the
+    retry; past the line's bound the newer ones are counted lost at once, not held."""
+    from gateways.mqtt import _Line
+
+    create_agent(runtime)
+    gateway.RETRY_DELAYS = (60.0,)
+    monkeypatch.setattr(_Line, "MAX_UNACKED", 3)
+    monkeypatch.setattr(runtime.log, "append", lambda events, **kw: _raise(OSError("store down")))
+    device.send(f"v1/{P}/{D}/telemetry", {"type": "state", "data": {"n": 0}})
+    wait_until(lambda: (P, D) in gateway._lines, 10)
+    for n in range(1, 6):
+        device.send(f"v1/{P}/{D}/telemetry", {"type": "state", "data": {"n": n}}, qos=0)
+    wait_until(lambda: gateway.stats["received"] == 6, 10)
+    wait_until(lambda: len(gateway._lines[(P, D)].items) == 4 and gateway.stats["lost"] == 2, 5)
