@@ -82,22 +82,36 @@ class Agents(View):
             self._by_agent_id = {r[1]: self._record(r) for r in rows}
 
     def apply(self, cur: Cursor, events: Sequence[LoggedEvent]) -> None:
-        created: list[str] = []  # agents created earlier in this batch (not yet in the mirror)
+        # Updated and Deleted do not name their agent, only its stream. Which row they touch
+        # is resolved from the table as it stands at that event (this transaction), never
+        # from the mirror: a process that takes over goes back to the tables' position while
+        # its mirror may already reflect events past it (say the agent's deletion), and then
+        # found no agent and skipped the event, leaving a deleted agent in the table. The
+        # table has one row per product and these events are rare, so reading its agent ids
+        # once per batch that has any costs nothing, needs no stream_id column (no migration
+        # of existing databases), and leaves the mirror alone (reloading it at takeover
+        # would make a product unknown to the MQTT gateway until the runner caught up).
+        streams: dict[Any, str] | None = None  # stream id -> agent id, read at the first need
         for le in events:
             e = le.event
             if isinstance(e, (Agent.Created, Agent.Recreated)):
                 at = _iso(e.timestamp)
-                created.append(e.agent_id)
                 cur.execute("DELETE FROM parley_agents WHERE agent_id = ?", (e.agent_id,))
                 cur.execute("INSERT INTO parley_agents (id, agent_id, config, running, inserted_at,"
                             " updated_at) VALUES (?, ?, ?, 1, ?, ?)",
                             (le.position, e.agent_id, dumps(e.config), at, at))
+                if streams is not None:
+                    streams[Agent.create_id(e.agent_id)] = e.agent_id
             elif isinstance(e, (Agent.Updated, Agent.Deleted)):
-                agent_id = self._agent_id_of(le, created)
+                if streams is None:
+                    cur.execute("SELECT agent_id FROM parley_agents")
+                    streams = {Agent.create_id(r[0]): r[0] for r in cur.fetchall()}
+                agent_id = streams.get(le.stream_id)
                 if agent_id is None:
                     continue
                 if isinstance(e, Agent.Deleted):
                     cur.execute("DELETE FROM parley_agents WHERE agent_id = ?", (agent_id,))
+                    del streams[le.stream_id]
                     continue
                 cur.execute("SELECT config FROM parley_agents WHERE agent_id = ?", (agent_id,))
                 row = cur.fetchone()
@@ -114,7 +128,7 @@ class Agents(View):
                 with self._lock:
                     self._by_agent_id[e.agent_id] = AgentRecord(le.position, e.agent_id, e.config, True, at, at)
             elif isinstance(e, (Agent.Updated, Agent.Deleted)):
-                agent_id = self._agent_id_of(le, [])
+                agent_id = self._agent_id_of(le)
                 if agent_id is None:
                     continue
                 with self._lock:
@@ -125,9 +139,9 @@ class Agents(View):
                     self._by_agent_id[agent_id] = AgentRecord(old.id, agent_id, {**old.config, **e.changes},
                                                               old.running, old.inserted_at, _iso(e.timestamp))
 
-    def _agent_id_of(self, le: LoggedEvent, created: Sequence[str]) -> str | None:
-        """The agent whose stream `le` is on: known to the mirror, or created in this batch."""
-        for agent_id in [*reversed(created), *list(self._by_agent_id)]:
+    def _agent_id_of(self, le: LoggedEvent) -> str | None:
+        """The agent whose stream `le` is on, as the mirror knows it."""
+        for agent_id in list(self._by_agent_id):
             if Agent.create_id(agent_id) == le.stream_id:
                 return agent_id
         return None

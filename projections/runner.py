@@ -50,19 +50,32 @@ class ProjectionRunner:
         self._failing, self._failing_logged = "", 0.0  # the failure being retried, and when logged
         with db.transaction() as cur:
             cur.execute(TRACKING)
-            for view in self.views:
-                view.create(cur)
             # The row must exist before the first batch: `_write` locks it (compare-and-set).
             cur.execute("INSERT INTO parley_tracking (runner, position) VALUES (?, 0)"
                         " ON CONFLICT (runner) DO NOTHING", (name,))
+            # The position first, then the mirrors (`create` loads them from the tables). On
+            # PostgreSQL (READ COMMITTED) each statement sees the commits made before it, so
+            # an owner's commit in between leaves the mirrors ahead of the position, never
+            # behind: the runner follows those events again, which a view's `follow` takes
+            # (it must be idempotent). Read the other way round, the position could be past
+            # events the mirrors never saw, and nothing would ever follow them. Locking the
+            # tracking row instead would hold up the owner's writes for this whole start-up.
+            # (On SQLite the transaction is IMMEDIATE: both reads see the same state.)
             cur.execute("SELECT position FROM parley_tracking WHERE runner = ?", (name,))
             row = cur.fetchone()
+            for view in self.views:
+                view.create(cur)
         # What this process's views reflect: the tables and mirrors (owner), or the mirrors
         # (follower, whose tables are written by the owner).
         self.position: int = row[0] if row else 0
         # The last commit this process knows of: its own, and on PostgreSQL other
         # processes' (NOTIFY). A read that must see every acknowledged write waits for it.
         self.committed: int = self.position
+        # The last position whose events this process's views were handed while following
+        # another owner (set before `follow`, so before a view acts on them: CommandOutcomes
+        # settles a command this process sent, whose 200 the owner's tables may not hold
+        # yet). Reads wait for it too (wait_for_committed): read-your-writes across processes.
+        self.learned: int = self.position
         self.owner = db.claim(name)
         self._next_claim = 0.0
         self.applied = 0  # events this runner wrote to the view tables
@@ -130,9 +143,10 @@ class ProjectionRunner:
 
     def wait_for_committed(self, timeout: float) -> bool:
         """Read-your-writes: block until the views reflect every commit this process knows
-        of, i.e. everything acknowledged before the call (an MQTT ack, an HTTP 2xx). Returns
+        of, i.e. everything acknowledged before the call (an MQTT ack, an HTTP 2xx), also
+        what it learned from the log while following (a command's outcome). Returns
         at once when they do; otherwise the runner skips its gathering delay."""
-        target = self.committed
+        target = max(self.committed, self.learned)  # an owner past its takeover: learned <= position
         if self.position >= target and (self.owner or self.stored_position() >= target):
             return True
         return self.wait_for(target, timeout)
@@ -166,6 +180,8 @@ class ProjectionRunner:
         if not self.owner:
             for view in self.views:
                 view.tables_at = None  # someone else writes the tables: memory says nothing
+            if last > self.learned:
+                self.learned = last  # what follow() may tell someone about: reads wait for it
         for view in self.views:
             mine = self._for(view, events, kinds)
             if mine:

@@ -291,6 +291,107 @@ class TestSharedDatabase:
             log.close()
 
 
+    def test_a_follower_whose_mirror_is_ahead_takes_over_and_applies_updates_and_deletes(
+            self, tmp_path, database_url):
+        """The owner stops behind the log; the follower's mirror has already followed an
+        update and a deletion when it takes over and goes back to the tables' position.
+        Which agent those events touch comes from the table, not from the mirror (where the
+        deleted agent no longer is): otherwise the table kept the deleted agent, which came
+        back after a restart and could not be deleted."""
+        from actors.agent import AgentActor, DeleteAgent, UpdateAgent
+        from eventstore import EventLog
+        from projections.agents import Agents
+        from projections.db import ViewDatabase
+        from projections.runner import ProjectionRunner
+
+        a = make_runtime(tmp_path, database_url)
+        log, db = EventLog(a.store), ViewDatabase(a.store)  # another process's
+        agents = Agents(db)
+        b = ProjectionRunner(log, db, [agents], name="views", poll_interval=3600)
+        try:
+            create_agent(a, "kept")
+            create_agent(a, "gone")  # a writes the tables: both are there
+            assert not b.owner
+            a.projections.stop()  # the owner stops behind the log (e.g. shutting down)
+            r = FutureReply()
+            a.system.tell(AgentActor, ("kept",), UpdateAgent({"name": "renamed"}, reply=r))
+            r.get(5)
+            r = FutureReply()
+            a.system.tell(AgentActor, ("gone",), DeleteAgent(None, reply=r))
+            deleted_at = r.get(5)
+            b._next_claim = 1e18
+            b.catch_up()  # b follows the log: its mirror has the update and no 'gone'
+            assert agents.get("gone") is None and b.position == deleted_at
+            b._next_claim = 0
+            b.catch_up()  # b takes over from the tables' position and writes from there
+            assert b.owner and b.stored_position() == deleted_at
+            assert [r[0] for r in db.query("SELECT agent_id FROM parley_agents")] == ["kept"]
+            restarted = Agents(db)
+            with db.transaction() as cur:
+                restarted.create(cur)  # what a process starting now loads
+            assert [x.agent_id for x in restarted.list()] == ["kept"]
+            assert restarted.get("kept").config["name"] == "renamed" == agents.get("kept").config["name"]
+        finally:
+            b.stop()
+            db.close()
+            log.close()
+            a.close()
+
+    def test_a_read_after_a_command_answered_through_the_log_sees_the_answer(self, tmp_path, database_url):
+        """B (a follower) sends a command; the device answers on A (the owner), which
+        commits the device's report and the outcome; B learns the outcome from the log and
+        answers 200. A read on B right after must see the report, though A gathers its
+        commits for a while before it writes its tables: B waits for the position it
+        learned the outcome at, not only for its own commits."""
+        import threading
+
+        from actors.device import DeviceResponded, SendCommand
+
+        class AnsweredOnA:
+            connected = True
+
+            def publish_command(self, product_id, device_id, payload):
+                sent = a.log.max_position()  # CommandSent is committed before it is published
+
+                def device():
+                    # The device answers once A knows of the command (A's actor settles it)
+                    # and A has written its tables: what it reports next waits in A's gathering.
+                    wait_until(lambda: a.projections.position >= sent and a.projections.owner, 5)
+                    tell(a, (product_id, device_id), lambda r: ReportTelemetry(
+                        "state", None, {"target": payload["params"]["target_temperature"]}, None, now_ms(), reply=r))
+                    a.system.tell(DeviceActor, (product_id, device_id), DeviceResponded(
+                        payload["requestId"], 0, "ok", {}, now_ms()))
+                threading.Thread(target=device).start()
+                return payload["requestId"]
+
+            def withdraw(self, handle):
+                pass
+
+        a = make_runtime(tmp_path, database_url)
+        b = make_runtime(tmp_path, database_url)
+        try:
+            assert a.projections.owner and not b.projections.owner
+            a.projections.coalesce = 0.3  # the owner writes its tables 0.3 s after a commit
+            b.projections.poll_interval = 0.02  # SQLite: B follows within 20 ms (no NOTIFY)
+            b.projections._wake.set()
+            b.attach_device_link(AnsweredOnA())
+            create_agent(a, "thermostat")
+            tell(b, ("thermostat", "d5"), lambda r: ReportTelemetry("status", "online", None, None, now_ms(), reply=r))
+            stale = []
+            for i in range(3):
+                answer = tell(b, ("thermostat", "d5"), lambda r: SendCommand(
+                    f"c{i}", "set_target_temperature", {"target_temperature": i}, 5000, reply=r))
+                assert answer["code"] == 0  # B's caller hears 200
+                assert b.projections.wait_for_committed(2.0)  # what read_view does
+                (row,) = b.devices.find("d5")
+                if row.state.get("target") != i:
+                    stale.append((i, row.state))
+            assert stale == []
+        finally:
+            b.close()
+            a.close()
+
+
 class TestSharedDatabasePostgres(TestSharedDatabase):
     @pytest.fixture
     def database_url(self, pg_database):
@@ -587,6 +688,37 @@ class TestRegistryRowCachePostgres(TestRegistryRowCache):
     @pytest.fixture
     def database_url(self, pg_database):
         return pg_database
+
+
+def test_an_owner_commit_while_a_process_starts_is_followed(tmp_path, pg_database):
+    """On PostgreSQL each statement of the start-up transaction sees the commits made
+    before it. The owner commits a batch after a starting process has loaded its mirrors:
+    the process must still follow that batch (its position was read before the mirrors,
+    not after, which skipped it: the agent was never known to this process)."""
+    from eventstore import EventLog
+    from projections.agents import Agents
+    from projections.db import ViewDatabase
+    from projections.runner import ProjectionRunner
+
+    a = make_runtime(tmp_path, pg_database)
+    log, db = EventLog(a.store), ViewDatabase(a.store)  # another process's
+
+    class OwnerCommitsMeanwhile(Agents):
+        def create(self, cur):
+            super().create(cur)  # the mirror, loaded from parley_agents
+            create_agent(a, "late")  # the owner commits a batch (and writes its tables)
+
+    agents = OwnerCommitsMeanwhile(db)
+    b = ProjectionRunner(log, db, [agents], name="views", poll_interval=3600)
+    try:
+        assert not b.owner and b.position < a.agents.get("late").id
+        b.catch_up()
+        assert agents.get("late") is not None
+    finally:
+        b.stop()
+        db.close()
+        log.close()
+        a.close()
 
 
 def test_a_process_starting_locks_no_view_table_against_writes(tmp_path, pg_database):
