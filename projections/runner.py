@@ -283,6 +283,12 @@ class ProjectionRunner:
             else:
                 self._failing = ""
 
+    @property
+    def failing(self) -> str:
+        """The error the views' last batch failed with, while it keeps failing (it is tried
+        again every second: the views stop at `position` until it applies); else ""."""
+        return self._failing
+
     def stop(self) -> None:
         self._stopped.set()
         self._urgent.set()

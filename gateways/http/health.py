@@ -20,6 +20,8 @@ async def health() -> dict[str, Any]:
     store: dict[str, Any] = {"storeWritable": not failures.failing}
     if failures.failing:
         store["storeError"] = failures.error  # e.g. "database or disk is full"
+    stuck = runtime.projections.failing
+    views = {"projectionError": stuck} if stuck else {}  # a view that cannot apply an event
     return {
         "status": "ok",
         # Views lag the log by a few ms normally; a growing gap means a stuck projection.
@@ -27,6 +29,7 @@ async def health() -> dict[str, Any]:
         # Whether this process writes the views (one process per database does; the
         # others follow the log for their in-memory mirrors and take over if it stops).
         "projectionOwner": runtime.projections.owner,
+        **views,
         "logPosition": log_position,
         # False while the log's commits fail (a full disk, an I/O error): reports are then
         # not stored and commands are 503s. True again at the next commit that succeeds.

@@ -226,3 +226,25 @@ async def test_access_log_is_one_line_per_request_when_asked_and_none_by_default
     assert (agents["method"], agents["status"]) == ("POST", 400)
     assert all(e["log_level"] == "info" and isinstance(e["ms"], float) and e["ms"] > 0 for e in lines[True])
     assert len({e["trace_id"] for e in lines[True]}) == 3  # each request its own
+
+
+async def test_health_names_the_error_a_stuck_view_keeps_failing_with(client: httpx.AsyncClient, runtime,
+                                                                       monkeypatch) -> None:
+    """One event a view cannot apply stops the views at that position (they try again every
+    second): /api/health says why, not only that the positions drift apart."""
+    from projections.agents import Agents
+
+    def broken(self, cur, events):
+        raise ValueError("a view bug")
+
+    monkeypatch.setattr(Agents, "apply", broken)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(create_agent, client)  # answered once the views have it
+        with trio.fail_after(5):
+            while "projectionError" not in (body := (await client.get("/api/health")).json()):
+                await trio.sleep(0.05)
+        assert body["projectionError"] == "ValueError('a view bug')"
+        assert body["projectionPosition"] < body["logPosition"]
+        monkeypatch.undo()  # fixed: the views go on from where they stopped
+    body = (await client.get("/api/health")).json()
+    assert "projectionError" not in body and body["projectionPosition"] == body["logPosition"]
