@@ -31,6 +31,16 @@ log = structlog.get_logger(__name__)
 # before) connects at once.
 POOL_RECONNECT_TIMEOUT_S = 5.0
 
+# On every PostgreSQL connection: a server that vanished without a reset (a network
+# partition, a host that froze) makes a query fail within some 15-20 s instead of hanging
+# until the kernel gives up on it, some 15 minutes later (a reviewer's test held two
+# commits for a minute with the breaker none the wiser); the failure then trips the breaker.
+# Data sent and not acknowledged for 15 s, or an idle connection whose 3 keepalive probes
+# go unanswered after 10 s. (A server process that hangs while its host answers is not
+# seen this way: its kernel acknowledges.)
+TCP_LIMITS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 3, "keepalives_count": 3,
+              "tcp_user_timeout": 15000}
+
 
 def _connection_errors() -> tuple[type[BaseException], ...]:
     import psycopg
@@ -192,7 +202,8 @@ class StoreBreaker:
         import psycopg
 
         try:
-            with psycopg.connect(**self._connect_kwargs, connect_timeout=self.PROBE_TIMEOUT_S, autocommit=True) as conn:
+            with psycopg.connect(**self._connect_kwargs, **TCP_LIMITS, connect_timeout=self.PROBE_TIMEOUT_S,
+                                 autocommit=True) as conn:
                 conn.execute("SELECT 1")
         except Exception as exc:  # noqa: BLE001 - its message is the reason we log
             return " ".join(str(exc).split()) or type(exc).__name__

@@ -197,10 +197,13 @@ class Journal:
             # been among the items just gathered (an urgent batch is queued before its
             # wake-up, so it is there by now), and nothing else would write them.
             self._write_urgent()
-            batches = [b for b in batches if b.take()]  # not those whose callers gave up
-            self._last_callers = len(batches)
-            if batches:
-                with self._writing:
+            # Taken only once the write lock is ours: a caller writing on its own thread may
+            # hold it (for as long as its store hangs), and a batch taken while we waited
+            # could no longer be withdrawn by its caller's timeout (`wait`).
+            with self._writing:
+                batches = [b for b in batches if b.take()]  # not those whose callers gave up
+                self._last_callers = len(batches)
+                if batches:
                     self._write(batches)
             if snapshots:
                 self._put_snapshots(snapshots)
@@ -209,16 +212,18 @@ class Journal:
 
     def _write_urgent(self) -> None:
         """The urgent batches queued by now, in a transaction of their own."""
-        batches = []
-        while True:
-            try:
-                batch = self._urgent.get_nowait()
-            except queue.Empty:
-                break
-            if batch.take():
-                batches.append(batch)
-        if batches:
-            with self._writing:
+        if self._urgent.empty():
+            return
+        with self._writing:  # then taken (see _run)
+            batches = []
+            while True:
+                try:
+                    batch = self._urgent.get_nowait()
+                except queue.Empty:
+                    break
+                if batch.take():
+                    batches.append(batch)
+            if batches:
                 self._write(batches)
 
     def _put_snapshots(self, snapshots: list[Any]) -> None:

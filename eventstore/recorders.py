@@ -43,7 +43,7 @@ from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteConnection, SQ
 from eventsourcing.sqlite import SQLiteFactory as _EventsourcingSQLiteFactory
 from psycopg.sql import SQL, Identifier
 
-from eventstore.breaker import POOL_RECONNECT_TIMEOUT_S, StoreBreaker
+from eventstore.breaker import POOL_RECONNECT_TIMEOUT_S, TCP_LIMITS, StoreBreaker
 
 _SQLITE_MODE = {True: "FULL", False: "NORMAL"}
 # Set once on the connection that writes events (SingleWriterDatastore). Device streams
@@ -294,6 +294,7 @@ class PostgresFactory(_EventsourcingPostgresFactory):
                                   f"{kw['host']}:{kw['port']}/{kw['dbname']}")
         ds.breaker.on_recovered(ds.pool.check)  # drop the connections that died with the server
         ds.pool.reconnect_timeout = POOL_RECONNECT_TIMEOUT_S
+        kw.update(TCP_LIMITS)  # the pool opens its connections later, with these
 
 
 class PostgresRecorder(PostgresApplicationRecorder):
@@ -340,6 +341,9 @@ class PostgresRecorder(PostgresApplicationRecorder):
         # What eventsourcing's version does, in its order: lock the table (so notification
         # ids commit in order), NOTIFY followers, insert; unnest keeps the arrays' order,
         # so the returned ids follow the events.
+        # Ids a failed chunked insert of this thread left (its connection dropped between the
+        # chunks and the fetch; a reviewer's test handed them to the next commit) are stale.
+        self._chunked.ids = None
         self._lock_table(curs)
         self._notify_channel(curs)
         chunks = list(_chunks(stored_events, self.INSERT_CHUNK_BYTES))

@@ -20,7 +20,7 @@ from eventsourcing.domain import Snapshot
 from eventsourcing.persistence import Transcoder
 from eventsourcing.utils import get_topic
 
-from eventstore.breaker import StoreBreaker, StoreUnavailable
+from eventstore.breaker import TCP_LIMITS, StoreBreaker, StoreUnavailable
 from eventstore.recorders import warm_wal
 from eventstore.transcoder import MsgpackTranscoder
 
@@ -399,7 +399,7 @@ class EventLog:
         missed = False
         while not self._closed.is_set():
             try:
-                with psycopg.connect(self.config.url, autocommit=True) as conn:
+                with psycopg.connect(self.config.url, autocommit=True, **TCP_LIMITS) as conn:
                     conn.execute(f'LISTEN "{channel}"')
                     if missed:  # commits may have come while we did not listen: followers look
                         missed = False

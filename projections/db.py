@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from eventstore import StoreConfig
-from eventstore.breaker import POOL_RECONNECT_TIMEOUT_S, StoreBreaker
+from eventstore.breaker import POOL_RECONNECT_TIMEOUT_S, TCP_LIMITS, StoreBreaker
 
 
 class ViewDatabase:
@@ -38,7 +38,7 @@ class ViewDatabase:
             # timeout: how long a query waits for a connection. 30 s (psycopg's default) kept
             # HTTP reads hanging through a database outage; 5 s, then 503 (gateways/http/app.py).
             self._pool = ConnectionPool(config.url, min_size=1, max_size=8, open=True, timeout=5.0,
-                                        reconnect_timeout=POOL_RECONNECT_TIMEOUT_S, kwargs={"autocommit": False})
+                                        reconnect_timeout=POOL_RECONNECT_TIMEOUT_S, kwargs={"autocommit": False, **TCP_LIMITS})
             if breaker is not None:
                 breaker.on_recovered(self._pool.check)
         else:

@@ -740,3 +740,65 @@ def test_a_half_built_log_is_closed_by_the_thread_that_built_it(tmp_path, monkey
     assert isinstance(half_built, store_module._ParleyApplication)
     half_built.__del__()  # as the collector would, in any thread
     assert closed_by == [threading.current_thread().name]
+
+
+def test_ids_a_failed_chunked_insert_left_are_not_handed_to_the_next_commit(tmp_path, pg_url):
+    """PostgreSQL, a transaction over 1 MiB inserted in chunks: if the connection drops
+    between the chunks and eventsourcing's fetch of the ids, they stayed on the thread,
+    and the thread's next commit returned them as its own positions."""
+    log = EventLog(StoreConfig.resolve(tmp_path, pg_url))
+    try:
+        first = Counter(name="first")
+        log.append(first.collect_events())
+        log._app.recorder._chunked.ids = [999]  # what the failed insert left on this thread
+        positions = log.append(Counter(name="next").collect_events())
+        assert positions == [log.max_position()] and positions != [999]
+    finally:
+        log.close()
+
+
+def test_a_queued_commit_is_withdrawn_on_time_while_a_caller_writes_on_its_own_thread(tmp_path, monkeypatch):
+    """An idle journal lets a caller write on its own thread, holding the write lock for as
+    long as the store hangs. A commit queued meanwhile must still time out (withdrawn):
+    the writer used to take it first and then wait for the lock, past its caller's timeout."""
+    from eventstore.journal import JournalTimeout
+
+    log = EventLog(StoreConfig.resolve(tmp_path, None))
+    journal = Journal(log)
+    try:
+        entered, release = stall_appends(monkeypatch, log)
+        direct = threading.Thread(target=lambda: journal.commit(Counter(name="direct").collect_events()))
+        direct.start()  # the writer is idle: this caller writes itself, and hangs in the store
+        assert entered.wait(5)
+        late = Counter(name="late")
+        started = time.monotonic()
+        with pytest.raises(JournalTimeout):
+            journal.commit(late.collect_events(), timeout=0.3)
+        assert time.monotonic() - started < 5
+        release.set()
+        direct.join(5)
+        journal.commit(Counter(name="after").collect_events())
+        assert list(log.read_stream(late.id)) == []  # withdrawn: never written
+    finally:
+        journal.close()
+        log.close()
+
+
+def test_every_postgresql_connection_gives_up_on_a_server_that_vanished(tmp_path, pg_url):
+    """TCP keepalives and a user timeout on the log's pool, the views' pool and the LISTEN
+    connection: a partition fails a query in seconds, not after the kernel's 15 minutes."""
+    from eventstore.breaker import TCP_LIMITS
+    from projections.db import ViewDatabase
+
+    log = EventLog(StoreConfig.resolve(tmp_path, pg_url))
+    views = ViewDatabase(StoreConfig.resolve(tmp_path, pg_url))
+    try:
+        with log._app.recorder.datastore.get_connection() as conn:
+            params = conn.info.get_parameters()
+        with views._pool.connection() as conn:
+            view_params = conn.info.get_parameters()
+        for given in (params, view_params):
+            assert {k: given.get(k) for k in TCP_LIMITS} == {k: str(v) for k, v in TCP_LIMITS.items()}
+    finally:
+        views.close()
+        log.close()
