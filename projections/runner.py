@@ -119,13 +119,15 @@ class ProjectionRunner:
 
     def wait_for(self, position: int, timeout: float = 10.0) -> bool:
         """Block until the views (tables and this process's mirrors) reflect the log up to
-        `position`."""
+        `position`. False at the timeout, and at once while the views are stuck on an event
+        they cannot apply (`failing`): every read would otherwise wait out its whole timeout
+        (2 s for a GET) for a position they will not reach until someone fixes the view."""
         deadline = time.monotonic() + timeout
         while True:
             with self._cond:
                 while self.position < position:
                     remaining = deadline - time.monotonic()
-                    if remaining <= 0:
+                    if remaining <= 0 or self._failing:
                         return False
                     self._urgent.set()
                     self._wake.set()
@@ -274,7 +276,9 @@ class ProjectionRunner:
                 now = time.monotonic()
                 if repr(exc) != self._failing:
                     log.exception("projection.apply_failed", runner=self.name, position=self.position)
-                    self._failing, self._failing_logged = repr(exc), now
+                    with self._cond:  # readers waiting for the views stop waiting (wait_for)
+                        self._failing, self._failing_logged = repr(exc), now
+                        self._cond.notify_all()
                 elif now - self._failing_logged >= 60:
                     log.warning("projection.still_failing", runner=self.name, position=self.position,
                                 error=repr(exc))

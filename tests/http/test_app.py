@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import httpx
 import pytest
 import structlog.testing
@@ -228,6 +230,39 @@ async def test_access_log_is_one_line_per_request_when_asked_and_none_by_default
     assert len({e["trace_id"] for e in lines[True]}) == 3  # each request its own
 
 
+async def test_reads_do_not_wait_for_views_stuck_on_an_event(client: httpx.AsyncClient, monkeypatch) -> None:
+    """While the views are stuck on an event they cannot apply, a read answers at once from
+    what they hold (not after waiting out its read-your-writes wait each time), a create is
+    answered without the read side, and the stuck view is logged by the runner, not per read."""
+    import gateways.http.agents
+    import gateways.http.app
+    from projections.agents import Agents
+
+    await create_agent(client, "before")
+    # Waits no test could sit out: answering in time means not waiting at all.
+    monkeypatch.setattr(gateways.http.app, "READ_WAIT_S", 600.0)
+    monkeypatch.setattr(gateways.http.agents, "PROJECTION_TIMEOUT_S", 600.0)
+
+    def broken(self, cur, events):
+        raise ValueError("a view bug")
+
+    monkeypatch.setattr(Agents, "apply", broken)
+    with structlog.testing.capture_logs() as logs, trio.fail_after(30):
+        r = await client.post("/api/agents", json={"agent": agent_input("during")})
+        assert r.status_code == 201 and r.json()["success"] is True
+        for _ in range(3):
+            listed = await client.get("/api/agents")
+            assert listed.status_code == 200
+            # What the views hold: the agent from before, not the one they cannot apply.
+            assert [a["agent_id"] for a in listed.json()["agents"]] == ["before"]
+    assert not [e for e in logs if e["event"] == "http.projection_lagging"]
+    assert [e["event"] for e in logs if e["event"].startswith("projection.")] == ["projection.apply_failed"]
+    monkeypatch.undo()
+    with trio.fail_after(30):
+        while len((await client.get("/api/agents")).json()["agents"]) < 2:  # fixed: it goes on
+            await trio.sleep(0.05)
+
+
 async def test_health_names_the_error_a_stuck_view_keeps_failing_with(client: httpx.AsyncClient, runtime,
                                                                        monkeypatch) -> None:
     """One event a view cannot apply stops the views at that position (they try again every
@@ -239,12 +274,15 @@ async def test_health_names_the_error_a_stuck_view_keeps_failing_with(client: ht
 
     monkeypatch.setattr(Agents, "apply", broken)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(create_agent, client)  # answered once the views have it
+        # Committed and answered; the views stop before it.
+        nursery.start_soon(partial(client.post, "/api/agents", json={"agent": agent_input("thermostat")}))
         with trio.fail_after(5):
             while "projectionError" not in (body := (await client.get("/api/health")).json()):
                 await trio.sleep(0.05)
         assert body["projectionError"] == "ValueError('a view bug')"
         assert body["projectionPosition"] < body["logPosition"]
-        monkeypatch.undo()  # fixed: the views go on from where they stopped
-    body = (await client.get("/api/health")).json()
-    assert "projectionError" not in body and body["projectionPosition"] == body["logPosition"]
+        monkeypatch.undo()  # fixed: the views go on from where they stopped (tried every second)
+    with trio.fail_after(30):
+        while "projectionError" in (body := (await client.get("/api/health")).json()):
+            await trio.sleep(0.05)
+    assert body["projectionPosition"] == body["logPosition"]
