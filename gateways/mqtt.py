@@ -219,6 +219,19 @@ class MqttGateway:
         self.client.disconnect()
         self.client.loop_stop()
         self._flush()  # the network thread has ended: what it held goes to the actors now
+        self._count_left_in_lines()
+
+    def _count_left_in_lines(self) -> None:
+        """At stop, the messages still held in devices' lines (a commit that failed, waiting
+        for its retry; a device waiting for its product) are not handed on: a QoS 1 one the
+        broker redelivers (persistent session), a QoS 0 one is lost, and counted so."""
+        with self._lines_lock:
+            lines, self._lines = self._lines, {}
+        qos0 = sum(1 for line in lines.values() for _, m in line.items if m.reply is self._unacked)
+        qos1 = sum(len(line.items) for line in lines.values()) - qos0
+        if qos0 or qos1:
+            self.stats["lost"] += qos0
+            log.warning("mqtt.stopped_holding", devices=len(lines), qos0_lost=qos0, qos1_left_to_broker=qos1)
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:

@@ -1287,3 +1287,10 @@ def test_a_devices_line_holds_only_so_many_qos0_reports(runtime, gateway, device
         device.send(f"v1/{P}/{D}/telemetry", {"type": "state", "data": {"n": n}}, qos=0)
     wait_until(lambda: gateway.stats["received"] == 6, 10)
     wait_until(lambda: len(gateway._lines[(P, D)].items) == 4 and gateway.stats["lost"] == 2, 5)
+    # Stopped meanwhile: the 3 QoS 0 reports still held are lost too, and counted and said so;
+    # the QoS 1 one is left to the broker (redelivered on the next connection).
+    with structlog.testing.capture_logs() as logs:
+        gateway.stop()
+    assert gateway.stats["lost"] == 5 and not gateway._lines
+    assert [(e["devices"], e["qos0_lost"], e["qos1_left_to_broker"]) for e in logs
+            if e["event"] == "mqtt.stopped_holding"] == [(1, 3, 1)]
