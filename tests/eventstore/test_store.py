@@ -742,11 +742,11 @@ def test_a_half_built_log_is_closed_by_the_thread_that_built_it(tmp_path, monkey
     assert closed_by == [threading.current_thread().name]
 
 
-def test_ids_a_failed_chunked_insert_left_are_not_handed_to_the_next_commit(tmp_path, pg_url):
+def test_ids_a_failed_chunked_insert_left_are_not_handed_to_the_next_commit(tmp_path, pg_database):
     """PostgreSQL, a transaction over 1 MiB inserted in chunks: if the connection drops
     between the chunks and eventsourcing's fetch of the ids, they stayed on the thread,
     and the thread's next commit returned them as its own positions."""
-    log = EventLog(StoreConfig.resolve(tmp_path, pg_url))
+    log = EventLog(StoreConfig.resolve(tmp_path, pg_database))
     try:
         first = Counter(name="first")
         log.append(first.collect_events())
@@ -784,14 +784,14 @@ def test_a_queued_commit_is_withdrawn_on_time_while_a_caller_writes_on_its_own_t
         log.close()
 
 
-def test_every_postgresql_connection_gives_up_on_a_server_that_vanished(tmp_path, pg_url):
+def test_every_postgresql_connection_gives_up_on_a_server_that_vanished(tmp_path, pg_database):
     """TCP keepalives and a user timeout on the log's pool, the views' pool and the LISTEN
     connection: a partition fails a query in seconds, not after the kernel's 15 minutes."""
     from eventstore.breaker import TCP_LIMITS
     from projections.db import ViewDatabase
 
-    log = EventLog(StoreConfig.resolve(tmp_path, pg_url))
-    views = ViewDatabase(StoreConfig.resolve(tmp_path, pg_url))
+    log = EventLog(StoreConfig.resolve(tmp_path, pg_database))
+    views = ViewDatabase(StoreConfig.resolve(tmp_path, pg_database))
     try:
         with log._app.recorder.datastore.get_connection() as conn:
             params = conn.info.get_parameters()
