@@ -1,4 +1,5 @@
-"""Two gaps in hypercorn 0.18's HTTP/1.1 server, closed for Parley's HTTP API.
+"""Two gaps in hypercorn 0.18's HTTP/1.1 server, closed for Parley's HTTP API, and one write
+saved per response.
 
 1. A client that stops reading holds its connection forever, and holds up shutdown too.
    hypercorn writes every response shielded from cancellation (`TCPServer.protocol_send`)
@@ -11,7 +12,13 @@
    while every other refusal is JSON `{"error", "code"}` and logged.
    `JsonErrorH11Protocol` answers those in the API's shape and logs them.
 
-hypercorn has no hook for either, so `install()` puts the two subclasses where hypercorn
+3. hypercorn writes a response's head as soon as the app starts it, and its body in a
+   second write: two `send()` calls and two wake-ups of the client for every JSON answer.
+   `JsonErrorH11Protocol` holds the head of a response that declares its Content-Length
+   (Quart's in-memory responses, sent whole right after their head) and writes it with the
+   body; a streamed response (SSE: no Content-Length) still gets its head at once.
+
+hypercorn has no hook for any of these, so `install()` puts the two subclasses where hypercorn
 looks them up when a connection starts (`hypercorn.trio.run.TCPServer`,
 `hypercorn.protocol.H11Protocol`). hypercorn is pinned to 0.18 in pyproject.toml for this,
 and tests/gateways/test_hypercorn_fixes.py covers both over real sockets.
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import json
 from http import HTTPStatus
+from typing import Any
 
 import h11
 import hypercorn.protocol
@@ -28,6 +36,7 @@ import hypercorn.trio.run
 import structlog
 import trio
 from hypercorn.events import Closed, Event, RawData
+from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.tcp_server import TCPServer
 
@@ -73,7 +82,35 @@ def _peer(stream: object) -> str:
         return "?"
 
 
+def _sized(response: h11.Response) -> bool:
+    return any(name.lower() == b"content-length" for name, _ in response.headers)
+
+
 class JsonErrorH11Protocol(H11Protocol):
+    _held_head = b""  # a sized response's head, written with what follows it (3. above)
+
+    async def _send_h11_event(self, event: Any) -> None:
+        try:
+            data = self.connection.send(event)
+        except h11.LocalProtocolError:
+            if self.connection.their_state != h11.ERROR:
+                raise
+            return
+        if isinstance(event, h11.Response) and _sized(event):
+            self._held_head = data
+            return
+        if self._held_head:
+            data, self._held_head = self._held_head + data, b""
+        await self.send(RawData(data=data))
+
+    async def stream_send(self, event: Any) -> None:
+        if isinstance(event, StreamClosed) and self._held_head:
+            # The app ended after the head of a sized response, without its body: the head
+            # goes out as hypercorn would have sent it, and hypercorn closes the connection.
+            data, self._held_head = self._held_head, b""
+            await self.send(RawData(data=data))
+        await super().stream_send(event)
+
     async def _send_error_response(self, status_code: int) -> None:
         status = HTTPStatus(status_code)
         code = status.phrase.lower().replace(" ", "_")  # as app.py names Quart's refusals

@@ -1,6 +1,7 @@
 """gateways/hypercorn_fixes.py over real sockets: a client that stops reading loses its
 connection instead of holding it (and shutdown) forever, and malformed HTTP is refused in
-the API's JSON shape with a log line."""
+the API's JSON shape with a log line; a sized response goes out in one write, a streamed
+one's head at once."""
 
 from __future__ import annotations
 
@@ -28,10 +29,19 @@ def make_app() -> QuartTrio:
     async def big() -> bytes:
         return BIG
 
-    @app.route("/ping")
+    @app.route("/ping", methods=["GET", "HEAD"])
     async def ping() -> str:
         return "pong"
 
+    @app.route("/stream")
+    async def stream() -> tuple:
+        async def events():  # its first event waits for the test: the head must not
+            await app.config["RELEASE"].wait()
+            yield b"data: 1\n\n"
+
+        return events(), 200, {"Content-Type": "text/event-stream"}
+
+    app.config["RELEASE"] = trio.Event()
     return app
 
 
@@ -123,3 +133,47 @@ async def test_malformed_http_is_refused_as_json_and_logged(port: int, raw: byte
     assert answer["code"] == code and answer["error"].startswith("malformed HTTP request")
     refused = [e for e in logs if e["event"] == "http.request_refused"]
     assert refused and refused[0]["status"] == status and refused[0]["trace_id"] == headers[b"x-request-id"].decode()
+
+
+async def test_a_sized_response_is_written_once_head_and_body_together(port: int, monkeypatch) -> None:
+    """Head and body in one write (one wake-up of the client), for a body and for none (HEAD)."""
+    writes: list[bytes] = []
+    send = hypercorn_fixes.StallBoundedTCPServer.protocol_send
+
+    async def recording(self, event):
+        if isinstance(event, hypercorn_fixes.RawData) and event.data:
+            writes.append(bytes(event.data))
+        await send(self, event)
+
+    monkeypatch.setattr(hypercorn_fixes.StallBoundedTCPServer, "protocol_send", recording)
+    assert await ping(port) == b"pong"
+    assert len(writes) == 1 and writes[0].startswith(b"HTTP/1.1 200") and writes[0].endswith(b"\r\n\r\npong")
+    writes.clear()
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(b"HEAD /ping HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        data = b""
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+    assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"\r\n\r\n") and b"content-length: 4" in data.lower()
+    assert writes == [data]
+
+
+async def test_a_streamed_response_gets_its_head_before_its_first_event(monkeypatch) -> None:
+    app = make_app()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_http, app, "127.0.0.1", 0)
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(b"GET /stream HTTP/1.1\r\nHost: t\r\n\r\n")
+            head = b""
+            with trio.fail_after(5):  # while the app still waits for its first event
+                while b"\r\n\r\n" not in head:
+                    head += await stream.receive_some(65536)
+            assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head
+            assert not head.partition(b"\r\n\r\n")[2]  # nothing of the body yet
+            app.config["RELEASE"].set()
+            body = b""
+            with trio.fail_after(5):
+                while b"data: 1" not in body:
+                    body += await stream.receive_some(65536)
+        nursery.cancel_scope.cancel()
