@@ -31,19 +31,26 @@ import os
 import shutil
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.persistence import Notification, PersistenceError, StoredEvent
+from eventsourcing.persistence import (IntegrityError, InterfaceError, Notification, OperationalError,
+                                       PersistenceError, StoredEvent)
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
 from eventsourcing.postgres import PostgresFactory as _EventsourcingPostgresFactory
 from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteConnection, SQLiteDatastore
 from eventsourcing.sqlite import SQLiteFactory as _EventsourcingSQLiteFactory
+import structlog
 from psycopg.sql import SQL, Identifier
 
 from eventstore.breaker import POOL_RECONNECT_TIMEOUT_S, TCP_LIMITS, StoreBreaker
+
+# eventsourcing's insert without its retry decorator: PostgresRecorder.insert_events retries.
+_insert_once = PostgresApplicationRecorder.insert_events.__wrapped__  # type: ignore[attr-defined]
+log = structlog.get_logger(__name__)
 
 _SQLITE_MODE = {True: "FULL", False: "NORMAL"}
 # Set once on the connection that writes events (SingleWriterDatastore). Device streams
@@ -313,6 +320,56 @@ class PostgresRecorder(PostgresApplicationRecorder):
         ).format(schema=Identifier(self.datastore.schema), table=Identifier(self.events_table_name),
                  id_type=Identifier(self.datastore.originator_id_type))
         self._chunked = threading.local()  # the ids of a transaction inserted in chunks
+
+    # eventsourcing's own retry of an insert: a connection-class error, 10 attempts 0.2 s apart.
+    INSERT_ATTEMPTS = 10
+    INSERT_RETRY_WAIT_S = 0.2
+
+    def insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
+        """eventsourcing's insert, retried as eventsourcing retries it, plus what its retry
+        lacks: a connection lost while the COMMIT was under way leaves the commit in doubt.
+        It may have landed; the retry then fails on the very events it wrote (a unique
+        violation), and the caller took that for another process's write: it reloaded and
+        stored its message again, or answered a command that had succeeded with an error.
+        Here, a unique violation after a lost connection first looks whether the rows at
+        those versions are these events, byte for byte: then the commit did land, and its
+        positions are returned."""
+        in_doubt = False
+        for attempt in range(1, self.INSERT_ATTEMPTS + 1):
+            try:
+                return _insert_once(self, stored_events, **kwargs)
+            except (InterfaceError, OperationalError):
+                if attempt == self.INSERT_ATTEMPTS:
+                    raise
+                in_doubt = True
+                time.sleep(self.INSERT_RETRY_WAIT_S)
+            except IntegrityError:
+                if in_doubt:
+                    landed = self._landed(stored_events)
+                    if landed is not None:
+                        log.warning("store.commit_in_doubt_landed", events=len(stored_events), attempt=attempt)
+                        return landed
+                raise
+        raise AssertionError("unreachable")  # the last attempt returns or raises
+
+    def _landed(self, stored_events: Sequence[StoredEvent]) -> list[int] | None:
+        """The positions of `stored_events` if the log holds exactly them (same stream,
+        version, type and bytes), else None. A transaction lands whole or not at all."""
+        statement = SQL(
+            "SELECT e.notification_id, e.topic, e.state FROM unnest(%s::{id_type}[], %s::bigint[])"
+            " WITH ORDINALITY AS k(originator_id, originator_version, n)"
+            " LEFT JOIN {schema}.{table} e USING (originator_id, originator_version) ORDER BY k.n"
+        ).format(schema=Identifier(self.datastore.schema), table=Identifier(self.events_table_name),
+                 id_type=Identifier(self.datastore.originator_id_type))
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(statement, ([e.originator_id for e in stored_events],
+                                     [e.originator_version for e in stored_events]))
+            rows = curs.fetchall()
+        if len(rows) != len(stored_events) or any(
+                row["notification_id"] is None or row["topic"] != e.topic or bytes(row["state"]) != e.state
+                for row, e in zip(rows, stored_events)):
+            return None
+        return [row["notification_id"] for row in rows]
 
     def select_stream_notifications(self, originator_id: UUID, *, gt: int, limit: int) -> list[Notification]:
         """One stream's events after version `gt`, each with its global position."""

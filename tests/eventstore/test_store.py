@@ -802,3 +802,65 @@ def test_every_postgresql_connection_gives_up_on_a_server_that_vanished(tmp_path
     finally:
         views.close()
         log.close()
+
+
+def _lost_at_commit(monkeypatch, write: Any) -> list[int]:
+    """The first PostgreSQL insert runs `write(insert, self, stored_events, **kw)`, then fails
+    as a connection lost while its COMMIT was under way would; later ones run normally."""
+    from eventsourcing.persistence import OperationalError
+
+    from eventstore import recorders
+
+    real, calls = recorders._insert_once, []
+
+    def insert(self: Any, stored_events: Any, **kw: Any) -> Any:
+        calls.append(len(stored_events))
+        if len(calls) == 1:
+            write(real, self, stored_events, **kw)
+            raise OperationalError("server closed the connection unexpectedly")
+        return real(self, stored_events, **kw)
+
+    monkeypatch.setattr(recorders, "_insert_once", insert)
+    monkeypatch.setattr(recorders.PostgresRecorder, "INSERT_RETRY_WAIT_S", 0.01)
+    return calls
+
+
+def test_a_commit_in_doubt_that_landed_is_not_taken_for_a_conflict(tmp_path, pg_database, monkeypatch):
+    """PostgreSQL: the connection is lost while the COMMIT is under way, but the commit
+    landed. The retry fails on its own rows; it must return their positions, not report a
+    conflict (the caller would store its message again, or fail a command that succeeded)."""
+    import structlog.testing
+
+    log = EventLog(StoreConfig.resolve(tmp_path, pg_database))
+    try:
+        log.append(Counter(name="before").collect_events())
+        calls = _lost_at_commit(monkeypatch, lambda real, self, events, **kw: real(self, events, **kw))
+        counter = Counter(name="in doubt")
+        counter.add(2)
+        with structlog.testing.capture_logs() as logs:
+            positions = log.append(counter.collect_events())
+        assert calls == [2, 2]  # tried again, once
+        assert positions == [2, 3] == [le.position for le in log.read_stream_logged(counter.id)]
+        assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["store.commit_in_doubt_landed"]
+    finally:
+        log.close()
+
+
+def test_a_commit_in_doubt_that_did_not_land_still_meets_another_writers_events(tmp_path, pg_database,
+                                                                                monkeypatch):
+    """In doubt, and meanwhile another writer took those versions with other events: that
+    is a real conflict (compared byte for byte), reported as one."""
+    from eventsourcing.persistence import StoredEvent
+
+    log = EventLog(StoreConfig.resolve(tmp_path, pg_database))
+    try:
+        def other_writer(real: Any, self: Any, events: Any, **kw: Any) -> None:
+            real(self, [StoredEvent(e.originator_id, e.originator_version, e.topic, e.state + b"!")
+                        for e in events], **kw)
+
+        _lost_at_commit(monkeypatch, other_writer)
+        counter = Counter(name="in doubt")
+        with pytest.raises(RecordConflictError):
+            log.append(counter.collect_events())
+    finally:
+        log.close()
