@@ -345,7 +345,13 @@ class PostgresRecorder(PostgresApplicationRecorder):
                 time.sleep(self.INSERT_RETRY_WAIT_S)
             except IntegrityError:
                 if in_doubt:
-                    landed = self._landed(stored_events)
+                    try:
+                        landed = self._landed(stored_events)
+                    except (InterfaceError, OperationalError):
+                        if attempt == self.INSERT_ATTEMPTS:
+                            raise
+                        time.sleep(self.INSERT_RETRY_WAIT_S)
+                        continue  # the look itself lost its connection: try the whole again
                     if landed is not None:
                         log.warning("store.commit_in_doubt_landed", events=len(stored_events), attempt=attempt)
                         return landed

@@ -16,7 +16,9 @@ saved per response.
    second write: two `send()` calls and two wake-ups of the client for every JSON answer.
    `JsonErrorH11Protocol` holds the head of a response that declares its Content-Length
    (Quart's in-memory responses, sent whole right after their head) and writes it with the
-   body; a streamed response (SSE: no Content-Length) still gets its head at once.
+   body; a streamed response (SSE: no Content-Length) still gets its head at once. (A sized
+   response whose body came slowly would hold its head until the first chunk; Parley
+   serves none.)
 
 hypercorn has no hook for any of these, so `install()` puts the two subclasses where hypercorn
 looks them up when a connection starts (`hypercorn.trio.run.TCPServer`,

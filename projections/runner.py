@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import structlog
 
 from eventstore import EventLog, LoggedEvent, StoreUnavailable
+from eventstore.breaker import is_database_error
 from projections.db import ViewDatabase
 from projections.view import View
 
@@ -48,6 +49,10 @@ class ProjectionRunner:
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing, self._failing_logged = "", 0.0  # the failure being retried, and when logged
+        self._failed_at = -1  # the position the last failure happened at
+        # The views cannot move on by themselves: the same failure again at the same position,
+        # not one of the database's (`wait_for` then stops waiting). Cleared by any progress.
+        self._stuck = False
         with db.transaction() as cur:
             cur.execute(TRACKING)
             # The row must exist before the first batch: `_write` locks it (compare-and-set).
@@ -120,14 +125,16 @@ class ProjectionRunner:
     def wait_for(self, position: int, timeout: float = 10.0) -> bool:
         """Block until the views (tables and this process's mirrors) reflect the log up to
         `position`. False at the timeout, and at once while the views are stuck on an event
-        they cannot apply (`failing`): every read would otherwise wait out its whole timeout
-        (2 s for a GET) for a position they will not reach until someone fixes the view."""
+        they cannot apply (the same error again on the retry at the same position, not a
+        database's): every read would otherwise wait out its whole timeout (2 s for a GET)
+        for a position they will not reach until someone fixes the view. A failure that
+        the retry a second later gets past (a lock, a blip) is waited for as any lag."""
         deadline = time.monotonic() + timeout
         while True:
             with self._cond:
                 while self.position < position:
                     remaining = deadline - time.monotonic()
-                    if remaining <= 0 or self._failing:
+                    if remaining <= 0 or self._stuck:
                         return False
                     self._urgent.set()
                     self._wake.set()
@@ -191,6 +198,7 @@ class ProjectionRunner:
         with self._cond:
             self.position = last
             self.followed += len(events)
+            self._stuck = False
             self._cond.notify_all()
         return len(events)
 
@@ -274,11 +282,15 @@ class ProjectionRunner:
                 # A view bug must not kill the runner silently: log, back off, retry. The
                 # traceback once; the same failure again, a line a minute at most.
                 now = time.monotonic()
+                with self._cond:
+                    if repr(exc) == self._failing and self.position == self._failed_at \
+                            and not is_database_error(exc) and not self._stuck:
+                        self._stuck = True  # readers waiting for the views stop waiting (wait_for)
+                        self._cond.notify_all()
+                    self._failed_at = self.position
                 if repr(exc) != self._failing:
                     log.exception("projection.apply_failed", runner=self.name, position=self.position)
-                    with self._cond:  # readers waiting for the views stop waiting (wait_for)
-                        self._failing, self._failing_logged = repr(exc), now
-                        self._cond.notify_all()
+                    self._failing, self._failing_logged = repr(exc), now
                 elif now - self._failing_logged >= 60:
                     log.warning("projection.still_failing", runner=self.name, position=self.position,
                                 error=repr(exc))
@@ -286,6 +298,11 @@ class ProjectionRunner:
                 self._stopped.wait(1.0)
             else:
                 self._failing = ""
+
+    @property
+    def stuck(self) -> bool:
+        """The views cannot get past an event (see `wait_for`): reads do not wait for them."""
+        return self._stuck
 
     @property
     def failing(self) -> str:

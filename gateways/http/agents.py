@@ -114,7 +114,7 @@ async def ask(agent_id: str, message_type: Any, *args: Any) -> int:
     finally:
         pending.discard(reply)
     if not await in_thread(runtime.projections.wait_for, position, PROJECTION_TIMEOUT_S) \
-            and not runtime.projections.failing:  # stuck views: the runner says so, once
+            and not runtime.projections.stuck:  # stuck views: the runner says so, once
         # Committed, so it is done; only the read side is late. Say so in the log.
         log.warning("http.projection_lagging", agent_id=agent_id, position=position)
     return position

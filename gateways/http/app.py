@@ -272,16 +272,16 @@ async def read_view(fn: Any, *args: Any) -> Any:
     the log a few ms later, so a client that reads the device right after (the seed's own
     call order) would see the state from before the command. In the worker thread, wait
     until the views hold every commit this process knows of (usually they do already), at
-    most READ_WAIT_S (not at all while they are stuck, `failing`), then query."""
+    most READ_WAIT_S (not at all while they are stuck, `stuck`), then query."""
     runtime = get_runtime()
     projections, breaker = runtime.projections, runtime.log.breaker
 
     def query() -> Any:
         if breaker is not None:
             breaker.check()  # known down: 503 now, not after waiting for views that cannot move
-        # Stuck on an event a view cannot apply (`failing`): answered at once from what the
+        # Stuck on an event a view cannot apply (`stuck`): answered at once from what the
         # views hold; the runner logs that once (and /api/health names it), not every read.
-        if not projections.wait_for_committed(READ_WAIT_S) and not projections.failing:
+        if not projections.wait_for_committed(READ_WAIT_S) and not projections.stuck:
             log.warning("http.projection_lagging", position=projections.position,
                         committed=projections.committed)
         return fn(*args)

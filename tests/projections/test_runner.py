@@ -879,3 +879,53 @@ class TestRegistryTablePostgres(TestRegistryTable):
         self.create(db, DeviceRegistry(db))
         assert self.reloptions(db) == ["fillfactor=70"]
         assert "parley_devices_liveness" not in self.indexes(db)
+
+
+def _failing_apply(monkeypatch, times: int | None, error: Exception) -> list[int]:
+    """The device events view fails `times` times (None: always) on its next batches."""
+    from projections.device_events import DeviceEvents
+
+    real, calls = DeviceEvents.apply, []
+
+    def apply(self, cur, events):
+        calls.append(len(events))
+        if times is None or len(calls) <= times:
+            raise error
+        return real(self, cur, events)
+
+    monkeypatch.setattr(DeviceEvents, "apply", apply)
+    return calls
+
+
+@pytest.mark.parametrize("error", [RuntimeError("a passing view bug"),
+                                   __import__("sqlite3").OperationalError("database is locked")])
+def test_reads_wait_through_a_failure_the_retry_gets_past(tmp_path, monkeypatch, error):
+    """A batch that fails once (a lock, a blip) is retried a second later: a read waiting
+    for it waits (read-your-writes), it is not told the views are stuck."""
+    runtime = make_runtime(tmp_path, None)
+    try:
+        calls = _failing_apply(monkeypatch, 1, error)
+        pos = tell(runtime, ("p", "d"), lambda r: ReportEvent("e", {}, None, now_ms(), reply=r))
+        assert runtime.projections.wait_for(pos, 30)
+        assert len(calls) == 2 and not runtime.projections.stuck
+        assert [e.position for e in runtime.device_events.recent("p", "d", 10)] == [pos]
+    finally:
+        runtime.close()
+
+
+def test_reads_stop_waiting_for_views_stuck_on_an_event(tmp_path, monkeypatch):
+    """The same error again on the retry at the same position: the views cannot get past
+    that event by themselves, and a read no longer waits out its whole wait for them."""
+    runtime = make_runtime(tmp_path, None)
+    try:
+        calls = _failing_apply(monkeypatch, None, RuntimeError("a view bug"))
+        pos = tell(runtime, ("p", "d"), lambda r: ReportEvent("e", {}, None, now_ms(), reply=r))
+        started = time.monotonic()
+        assert not runtime.projections.wait_for(pos, 600)
+        assert time.monotonic() - started < 60 and len(calls) >= 2 and runtime.projections.stuck
+        assert not runtime.projections.wait_for_committed(600)  # at once now
+        monkeypatch.undo()  # the view fixed: it goes on, and reads wait for it again
+        assert wait_until(lambda: runtime.projections.position >= pos, 30)
+        assert not runtime.projections.stuck and runtime.projections.wait_for(pos, 5)
+    finally:
+        runtime.close()
