@@ -30,7 +30,7 @@ import structlog
 from eventsourcing.domain import Snapshot
 from eventsourcing.persistence import RecordConflictError
 
-from actors.errors import ActorCrashed, ParleyError, Unavailable
+from actors.errors import ActorCrashed, HeldBack, ParleyError, Unavailable
 from actors.ports import NO_REPLY, Burst, NoReply, Traced, unpacked, untraced
 from actors.starter import actor_thread
 from eventstore import JournalClosed, JournalTimeout, UnencodableValue
@@ -357,9 +357,54 @@ class AggregateActor(pykka.ThreadingActor, ABC):
         else:
             self.log.exception("actor.crashed", message=type(messages[0]).__name__)
             error = ActorCrashed(f"{self.kind} failed on {type(messages[0]).__name__}: {exc}")
+        # Taken before anyone hears of the failure: a report sent after that is its sender's
+        # to order (the MQTT gateway holds the device's later ones back itself).
+        queued = self._take_queued_reports() if isinstance(exc, Unavailable) and any(
+            isinstance(m, self.batchable) and not isinstance(getattr(m, "reply", NO_REPLY), NoReply)
+            for m in messages) else []
         for m in messages:
             getattr(m, "reply", NO_REPLY).fail(error)
+        rest = self._hold_back(queued)
         self._restart()
+        if rest:
+            not_loaded = self._ensure_loaded()  # the restart may have failed to load
+            if not_loaded is not None:
+                for m in rest:
+                    m.reply.fail(Unavailable(f"could not load {self.kind}: {not_loaded}"))
+                return
+            self._receive_batch(rest)
+
+    def _take_queued_reports(self) -> list[Any]:
+        """The reports queued right behind the failed ones (up to a command or a stop, which
+        keep their place, as does what follows them), taken from the inbox."""
+        inbox = self.actor_inbox
+        taken: list[Any] = []
+        while True:  # only this thread consumes, so the head stays put
+            try:
+                head = inbox.queue[0]
+            except IndexError:
+                break
+            message = untraced(head.message)
+            if head.reply_to is not None or not isinstance(message, (Burst, *self.batchable)):
+                break
+            inbox.get_nowait()
+            taken.extend(unpacked(message))
+        return taken
+
+    def _hold_back(self, queued: list[Any]) -> list[Any]:
+        """A commit of reports that will be tried again (QoS 1) failed, and `queued` were
+        told before anyone knew. Those someone acknowledges are handed back (`HeldBack`), not
+        committed: their sender, trying the failed ones again, puts these behind them. A
+        store that is back by now would otherwise take them first, and the older report's
+        retry would then overwrite the newer state. Returns the unacknowledged ones (QoS 0,
+        never tried again), to be handled now as they would have been."""
+        held = [m for m in queued if not isinstance(getattr(m, "reply", NO_REPLY), NoReply)]
+        if held:
+            self.log.debug("actor.held_back", reports=len(held))
+            held_back = HeldBack("an earlier report of this device failed to commit; tried again after it")
+            for m in held:
+                m.reply.fail(held_back)
+        return [m for m in queued if isinstance(getattr(m, "reply", NO_REPLY), NoReply)]
 
     def _discard_pending(self) -> None:
         if self.aggregate is not None and getattr(self.aggregate, "_pending_events", None):

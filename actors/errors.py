@@ -56,3 +56,8 @@ class Unavailable(ParleyError):
     """The system is shutting down or a dependency (the journal) is gone."""
 
     code = "unavailable"
+
+
+class HeldBack(Unavailable):
+    """Not tried: a report of the same device queued before it failed to commit. The sender
+    tries it again after that one, so that it does not land first."""

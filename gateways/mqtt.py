@@ -26,7 +26,7 @@ import structlog
 from paho.mqtt.enums import CallbackAPIVersion
 
 from actors.device import AnswerRefused, DeviceActor, DeviceResponded, ReportEvent, ReportTelemetry
-from actors.errors import ActorCrashed, Unavailable
+from actors.errors import ActorCrashed, HeldBack, Unavailable
 from actors.ports import NoReply
 from eventstore.breaker import store_down
 from eventstore.failures import RepeatedFailures
@@ -43,8 +43,11 @@ UNREACHABLE_REPORT_S = 60.0  # while the broker stays unreachable, a line this o
 
 def _outcome(error: Exception) -> str:
     """The counter a message whose actor answered `error` goes to: `not_committed` (the
-    store was unavailable: worth trying again), `poison` (it crashed its actor, and would
+    store was unavailable: worth trying again), `held_back` (not tried, because an earlier
+    message of its device failed: tried again after that one), `poison` (it crashed its actor, and would
     again), else `dropped.<code>` (refused, and logged, by its actor: bad input)."""
+    if isinstance(error, HeldBack):
+        return "held_back"  # not tried: an earlier one of its device failed (tried again too)
     if isinstance(error, Unavailable):
         return "not_committed"
     if isinstance(error, ActorCrashed):
@@ -69,7 +72,7 @@ class _Ack:
     def fail(self, error: Exception) -> None:
         outcome = _outcome(error)
         self.gw.stats[outcome] += 1
-        if outcome == "not_committed":
+        if outcome in ("not_committed", "held_back"):
             self.gw._retry(self, error)  # unacknowledged, and tried again
         else:
             self.gw._ack(self.mid, self.qos, self.connection)  # it would fail alike on every redelivery
@@ -112,7 +115,7 @@ class _Unacked(NoReply):
 
     def fail(self, error: Exception) -> None:
         outcome = _outcome(error)
-        self.gw.stats["lost" if outcome == "not_committed" else outcome] += 1
+        self.gw.stats["lost" if outcome in ("not_committed", "held_back") else outcome] += 1
 
 
 def _shown_topic(msg: paho.MQTTMessage) -> str:
@@ -540,7 +543,8 @@ class MqttGateway:
         delay = self.RETRY_DELAYS[min(ack.attempts, len(self.RETRY_DELAYS) - 1)]
         ack.attempts += 1
         # The store known down is one line of the breaker's (store.down), not one a message.
-        log_fn = log.debug if store_down(error) else log.error if ack.attempts == 1 else log.warning
+        log_fn = log.debug if store_down(error) or isinstance(error, HeldBack) \
+            else log.error if ack.attempts == 1 else log.warning
         log_fn("mqtt.not_committed", mid=ack.mid, product_id=ack.key[0], device_id=ack.key[1],
                error=str(error), attempt=ack.attempts, retry_in_s=delay)
 

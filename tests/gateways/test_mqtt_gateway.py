@@ -1250,6 +1250,45 @@ def test_a_report_waiting_for_its_retry_is_not_overtaken_by_the_next(runtime, ga
     assert qos0 and state_numbers(runtime, D) == [0, 1, 2] and gateway.stats["retried"] == 1
 
 
+@pytest.mark.parametrize("qos", [1, 0])
+def test_a_report_already_with_the_actor_is_not_committed_ahead_of_a_failed_one(runtime, gateway, device,
+                                                                                monkeypatch, qos):
+    """The device's next report reached its actor while the first one's commit was still
+    under way; the commit then fails and the store is back at once. A QoS 1 report must
+    not land ahead of the first one's retry (it did: the older state overwrote the newer):
+    it is handed back and tried again after it. A QoS 0 one, never tried again, is stored
+    as it comes (docs/mqtt.md), not lost."""
+    create_agent(runtime)
+    gateway.RETRY_DELAYS = (0.3,)
+    entered, release, append, failed = threading.Event(), threading.Event(), runtime.log.append, []
+
+    def failing_once(events, **kw):
+        if len(failed) < 2:  # the commit, and the journal's one retry of it
+            entered.set()
+            release.wait(10)
+            failed.append(len(events))
+            raise OSError("disk I/O error")
+        return append(events, **kw)
+
+    device.send(f"v1/{P}/{D}/telemetry", status())  # the actor exists, loaded
+    wait_until(lambda: gateway.stats["acked"] == 1, 10)
+    monkeypatch.setattr(runtime.log, "append", failing_once)
+    device.send(f"v1/{P}/{D}/telemetry", {"type": "state", "data": {"n": 0}})
+    assert entered.wait(10)  # n=0 is being committed ...
+    device.send(f"v1/{P}/{D}/telemetry", {"type": "state", "data": {"n": 1}}, qos=qos)
+    inbox = runtime.system._active[(DeviceActor, (P, D))].ref.actor_inbox
+    wait_until(lambda: inbox.qsize() == 1, 10)  # ... and n=1 waits in the actor's inbox
+    release.set()  # n=0 fails; the store works again from now on
+    wait_until(lambda: gateway.stats["acked"] == 2 + qos, 10)
+    wait_until(lambda: len(state_numbers(runtime, D)) == 2, 10)
+    if qos:
+        assert (gateway.stats["not_committed"], gateway.stats["held_back"]) == (1, 1)
+        assert state_numbers(runtime, D) == [0, 1]
+        assert runtime.log.load(Device.create_id(P, D)).state["n"] == 1
+    else:
+        assert sorted(state_numbers(runtime, D)) == [0, 1] and not gateway.stats["lost"]
+
+
 def test_a_report_waiting_for_its_product_is_not_overtaken_by_the_next(shared_runtime, shared_gateway,
                                                                      sharing_broker, monkeypatch):
     """Shared subscriptions: a report waits for its product (created through another
