@@ -21,6 +21,7 @@ import random
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, ClassVar
 from uuid import UUID
@@ -207,10 +208,13 @@ class AggregateActor(pykka.ThreadingActor, ABC):
             self.aggregate, self._loaded = None, False
         error = self._ensure_loaded()
         if error is not None:
-            for m in unpacked(message):
+            failed = list(unpacked(message))
+            held = self._failing_reports(failed)
+            for m in failed:
                 failure = Unavailable(f"could not load {self.kind}: {error}")
                 failure.__cause__ = error  # (store_down looks at the cause)
                 getattr(m, "reply", NO_REPLY).fail(failure)
+            self._hold_back(held)
             return None
         if isinstance(message, _Settle):
             return None
@@ -315,8 +319,10 @@ class AggregateActor(pykka.ThreadingActor, ABC):
                 if self._after_conflict(attempt, len(messages)):
                     continue
                 error = self._reload_failed()
+                held = self._failing_reports(messages)
                 for m in messages:
                     m.reply.fail(error)
+                self._hold_back(held)
                 return
             except Exception as exc:
                 if len(messages) > 1 and not isinstance(exc, Unavailable):
@@ -336,8 +342,10 @@ class AggregateActor(pykka.ThreadingActor, ABC):
                 m.reply.ok(position)
             return
         error = self._conflicts_exhausted(len(messages))
+        held = self._failing_reports(messages)
         for m in messages:
             m.reply.fail(error)
+        self._hold_back(held)
 
     def on_refused(self, message: Any, error: ParleyError) -> None:
         """A batchable message its handler refused (bad input, nothing stored): say why."""
@@ -357,54 +365,58 @@ class AggregateActor(pykka.ThreadingActor, ABC):
         else:
             self.log.exception("actor.crashed", message=type(messages[0]).__name__)
             error = ActorCrashed(f"{self.kind} failed on {type(messages[0]).__name__}: {exc}")
-        # Taken before anyone hears of the failure: a report sent after that is its sender's
-        # to order (the MQTT gateway holds the device's later ones back itself).
-        queued = self._take_queued_reports() if isinstance(exc, Unavailable) and any(
-            isinstance(m, self.batchable) and not isinstance(getattr(m, "reply", NO_REPLY), NoReply)
-            for m in messages) else []
+        held = self._failing_reports(messages) if isinstance(exc, Unavailable) else []
         for m in messages:
             getattr(m, "reply", NO_REPLY).fail(error)
-        rest = self._hold_back(queued)
+        self._hold_back(held)
         self._restart()
-        if rest:
-            not_loaded = self._ensure_loaded()  # the restart may have failed to load
-            if not_loaded is not None:
-                for m in rest:
-                    m.reply.fail(Unavailable(f"could not load {self.kind}: {not_loaded}"))
-                return
-            self._receive_batch(rest)
 
-    def _take_queued_reports(self) -> list[Any]:
-        """The reports queued right behind the failed ones (up to a command or a stop, which
-        keep their place, as does what follows them), taken from the inbox."""
+    # -- reports that will be tried again keep their order -----------------------------
+    def _failing_reports(self, messages: Sequence[Any]) -> list[Any]:
+        """Call before answering `messages` with a failure. If one of them is a report that
+        will be tried again (someone acknowledges it: MQTT QoS 1), the reports of the same
+        kind queued behind it (up to an ask or a stop) were told before anyone knew of the
+        failure; those someone acknowledges are taken out of the inbox here, to be handed
+        back with `_hold_back` once the failure is answered. Committed instead, they would
+        land ahead of the failed one's retry if the store were back a moment later, and the
+        older report would then overwrite the newer state. Taken before the failure is
+        answered: a report sent after that is its sender's to order (the MQTT gateway puts
+        the device's later messages behind the failed one itself). Unacknowledged reports
+        (QoS 0, never tried again) and other messages keep their places."""
+        if not any(isinstance(m, self.batchable) and _acknowledged(m) for m in messages):
+            return []
         inbox = self.actor_inbox
-        taken: list[Any] = []
-        while True:  # only this thread consumes, so the head stays put
-            try:
-                head = inbox.queue[0]
-            except IndexError:
-                break
-            message = untraced(head.message)
-            if head.reply_to is not None or not isinstance(message, (Burst, *self.batchable)):
-                break
-            inbox.get_nowait()
-            taken.extend(unpacked(message))
-        return taken
+        held: list[Any] = []
+        with inbox.mutex:  # others append meanwhile; only this thread takes
+            kept = []
+            for i, envelope in enumerate(inbox.queue):
+                if envelope.reply_to is not None:  # an ask or a stop: it and all after keep their place
+                    kept.extend(list(inbox.queue)[i:])
+                    break
+                message = untraced(envelope.message)
+                if isinstance(message, (Burst, *self.batchable)):
+                    inner = unpacked(message)
+                    held.extend(m for m in inner if _acknowledged(m))
+                    others = tuple(m for m in inner if not _acknowledged(m))
+                    if not others:
+                        continue
+                    if len(others) < len(inner):
+                        rest: Any = Burst(others)
+                        envelope.message = Traced(envelope.message.context, rest) \
+                            if isinstance(envelope.message, Traced) else rest
+                kept.append(envelope)
+            inbox.queue.clear()
+            inbox.queue.extend(kept)
+        return held
 
-    def _hold_back(self, queued: list[Any]) -> list[Any]:
-        """A commit of reports that will be tried again (QoS 1) failed, and `queued` were
-        told before anyone knew. Those someone acknowledges are handed back (`HeldBack`), not
-        committed: their sender, trying the failed ones again, puts these behind them. A
-        store that is back by now would otherwise take them first, and the older report's
-        retry would then overwrite the newer state. Returns the unacknowledged ones (QoS 0,
-        never tried again), to be handled now as they would have been."""
-        held = [m for m in queued if not isinstance(getattr(m, "reply", NO_REPLY), NoReply)]
+    def _hold_back(self, held: list[Any]) -> None:
+        """Hand back the reports `_failing_reports` took: their sender tries them again after
+        the failed ones (`HeldBack`)."""
         if held:
             self.log.debug("actor.held_back", reports=len(held))
-            held_back = HeldBack("an earlier report of this device failed to commit; tried again after it")
+            error = HeldBack("an earlier report of this device failed to commit; tried again after it")
             for m in held:
-                m.reply.fail(held_back)
-        return [m for m in queued if isinstance(getattr(m, "reply", NO_REPLY), NoReply)]
+                m.reply.fail(error)
 
     def _discard_pending(self) -> None:
         if self.aggregate is not None and getattr(self.aggregate, "_pending_events", None):
@@ -578,3 +590,9 @@ class AggregateActor(pykka.ThreadingActor, ABC):
 class _Settle:
     """Told by the journal's thread when an unawaited commit failed: the actor deals with it
     (`AggregateActor._settle_unawaited`) now, not only when its device next reports."""
+
+
+def _acknowledged(message: Any) -> bool:
+    """Someone is acknowledged once this message is committed (an MQTT PUBACK, an HTTP
+    reply), so a failure is not the end of it: it is tried again."""
+    return not isinstance(getattr(message, "reply", NO_REPLY), NoReply)

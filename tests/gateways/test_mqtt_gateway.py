@@ -17,7 +17,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from actors.device import Device, DeviceActor, ReportTelemetry, SendCommand
 from actors.errors import CommandTimedOut, Unavailable
-from actors.ports import FutureReply
+from actors.ports import FutureReply, unpacked, untraced
 from gateways.mqtt import MqttGateway
 from gateways.mqtt_client import no_delay
 from tests.support import create_agent, make_runtime, now_ms, wait_until
@@ -1287,6 +1287,70 @@ def test_a_report_already_with_the_actor_is_not_committed_ahead_of_a_failed_one(
         assert runtime.log.load(Device.create_id(P, D)).state["n"] == 1
     else:
         assert sorted(state_numbers(runtime, D)) == [0, 1] and not gateway.stats["lost"]
+
+
+def _failing_twice(real: Any) -> tuple[threading.Event, threading.Event, Any]:
+    """`real`, failing its first two calls (a commit and the journal's one retry of it, or
+    two loads): the first waits for `release`. Returns (entered, release, the wrapper)."""
+    entered, release, calls = threading.Event(), threading.Event(), []
+
+    def failing(*args: Any, **kw: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            entered.set()
+            release.wait(10)
+        if len(calls) <= 2:
+            raise OSError("disk I/O error")
+        return real(*args, **kw)
+
+    return entered, release, failing
+
+
+def test_a_report_behind_another_message_at_the_actor_is_held_back_too(runtime, gateway, device, monkeypatch):
+    """Between the failing report and the next one, another message waits at the actor (a
+    wake-up, a settle, a command's answer): it keeps its place, the report is still held."""
+    from actors.device.messages import Wake
+
+    create_agent(runtime)
+    gateway.RETRY_DELAYS = (0.3,)
+    device.send(f"v1/{P}/{D}/telemetry", status())
+    wait_until(lambda: gateway.stats["acked"] == 1, 10)
+    entered, release, failing = _failing_twice(runtime.log.append)
+    monkeypatch.setattr(runtime.log, "append", failing)
+    device.send(f"v1/{P}/{D}/telemetry", {"type": "state", "data": {"n": 0}})
+    assert entered.wait(10)
+    runtime.system.tell(DeviceActor, (P, D), Wake())
+    device.send(f"v1/{P}/{D}/telemetry", {"type": "state", "data": {"n": 1}})
+    inbox = runtime.system._active[(DeviceActor, (P, D))].ref.actor_inbox
+    wait_until(lambda: inbox.qsize() == 2, 10)
+    release.set()
+    wait_until(lambda: gateway.stats["acked"] == 3, 10)
+    wait_until(lambda: len(state_numbers(runtime, D)) == 2, 10)
+    assert state_numbers(runtime, D) == [0, 1] and gateway.stats["held_back"] == 1
+
+
+def test_a_report_behind_one_whose_actor_could_not_load_is_held_back(runtime, gateway, device, monkeypatch):
+    """The actor's load fails for the first report (a store blip); the next one, queued,
+    must not load and commit ahead of the first one's retry once the store is back."""
+    create_agent(runtime)
+    gateway.RETRY_DELAYS = (0.3,)
+    device.send(f"v1/{P}/{D}/telemetry", status())
+    wait_until(lambda: gateway.stats["acked"] == 1, 10)
+    assert runtime.system.passivate_idle(now=time.monotonic() + 10_000) >= 1
+    wait_until(lambda: not runtime.system.is_active(DeviceActor, (P, D)), 10)
+    entered, release, failing = _failing_twice(runtime.log.load_many)
+    monkeypatch.setattr(runtime.log, "load_many", failing)
+    device.send(f"v1/{P}/{D}/telemetry", {"type": "state", "data": {"n": 0}})
+    assert entered.wait(10)
+    device.send(f"v1/{P}/{D}/telemetry", {"type": "state", "data": {"n": 1}})
+    inbox = runtime.system._active[(DeviceActor, (P, D))].ref.actor_inbox
+    wait_until(lambda: any(getattr(m, "state", None) == {"n": 1}
+                           for e in tuple(inbox.queue) for m in unpacked(untraced(e.message))), 10)
+    release.set()  # n=1 waits in the actor's inbox; the load fails, the store is back
+    wait_until(lambda: gateway.stats["acked"] == 3, 10)
+    wait_until(lambda: len(state_numbers(runtime, D)) == 2, 10)
+    assert state_numbers(runtime, D) == [0, 1]
+    assert runtime.log.load(Device.create_id(P, D)).state["n"] == 1
 
 
 def test_a_report_waiting_for_its_product_is_not_overtaken_by_the_next(shared_runtime, shared_gateway,
