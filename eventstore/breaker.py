@@ -124,9 +124,29 @@ class StoreBreaker:
         self.check()
         try:
             yield
-        except CONNECTION_ERRORS:
+        except CONNECTION_ERRORS as exc:
             self.suspect()
+            # The first use to meet the outage waits for the probe's word (a refused
+            # connection: at once; no answer: the probe's connect timeout): a failure the
+            # probe confirms is the outage, said once by store.down, like every later one.
+            # Passed on raw, it was logged as an error of its own (a load, a message not
+            # committed) ahead of store.down, now and then.
+            if self._confirmed_down(self.PROBE_TIMEOUT_S + 1.0):
+                try:
+                    self.check()
+                except StoreUnavailable as down:
+                    raise down from exc
             raise
+
+    def _confirmed_down(self, timeout: float) -> bool:
+        """Wait up to `timeout` for a running probe's first verdict; True if the store is
+        down. At once False with no probe running (disarmed, closed, or it said up)."""
+        deadline = time.monotonic() + timeout
+        while not self.down:
+            if self._prober is None or self._closed.is_set() or time.monotonic() >= deadline:
+                return False
+            self._closed.wait(0.005)
+        return True
 
     def on_recovered(self, callback: Callable[[], None]) -> None:
         """Call `callback` (on the prober's thread) when the server answers again after an

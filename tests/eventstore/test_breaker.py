@@ -72,3 +72,49 @@ def test_disarmed_or_closed_it_never_probes(private_postgres):
     assert b._prober is None
     with pytest.raises(StoreUnavailable, match="closed"):
         b.check()
+
+
+def test_the_first_use_to_meet_an_outage_hears_of_it_as_the_outage(private_postgres):
+    """A pooled connection that died with the server fails raw; the guard waits for the
+    probe it starts and, the outage confirmed, raises StoreUnavailable (logged at debug
+    everywhere, as the outage is one line, store.down) instead of a raw error that each
+    user logged as its own (a load failed, a message not committed)."""
+    import psycopg
+
+    b = breaker_for(private_postgres)
+    conn = psycopg.connect(host="127.0.0.1", port=private_postgres.port, user="postgres", dbname="postgres",
+                           autocommit=True)
+    try:
+        private_postgres.stop("immediate")
+        with pytest.raises(StoreUnavailable, match="is not answering") as raised:
+            with b.guard():
+                conn.execute("SELECT 1")
+        assert store_down(raised.value) and isinstance(raised.value.__cause__, psycopg.OperationalError)
+        assert b.down
+    finally:
+        conn.close()
+        private_postgres.start()
+        assert b.wait_up(10)
+        b.close()
+
+
+def test_a_failure_the_probe_does_not_confirm_is_passed_on_as_it_was(private_postgres):
+    """One dead connection while the server answers: the probe says up, the error is the
+    query's own (not StoreUnavailable), and nothing is logged."""
+    import psycopg
+
+    b = breaker_for(private_postgres)
+    conn = psycopg.connect(host="127.0.0.1", port=private_postgres.port, user="postgres", dbname="postgres",
+                           autocommit=True)
+    killer = psycopg.connect(host="127.0.0.1", port=private_postgres.port, user="postgres", dbname="postgres",
+                             autocommit=True)
+    try:
+        killer.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
+        with structlog.testing.capture_logs() as logs, pytest.raises(psycopg.OperationalError):
+            with b.guard():
+                conn.execute("SELECT 1")
+        assert not b.down and logs == []
+    finally:
+        conn.close()
+        killer.close()
+        b.close()
