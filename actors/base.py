@@ -309,7 +309,7 @@ class AggregateActor(pykka.ThreadingActor, ABC):
                 # Flush to disk only if someone is acknowledged (a QoS 1 PUBACK, say);
                 # a burst of QoS 0 telemetry is written and left to the next flush, and
                 # not waited for.
-                acknowledged = any(not isinstance(m.reply, NoReply) for m in accepted)
+                acknowledged = any(_acknowledged(m) for m in accepted)
                 if not wait and not acknowledged:
                     self._commit_unawaited(accepted)
                     positions = []

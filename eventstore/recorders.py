@@ -37,13 +37,13 @@ from contextlib import contextmanager
 from typing import Any
 from uuid import UUID
 
+import structlog
 from eventsourcing.persistence import (IntegrityError, InterfaceError, Notification, OperationalError,
                                        PersistenceError, StoredEvent)
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
 from eventsourcing.postgres import PostgresFactory as _EventsourcingPostgresFactory
 from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteConnection, SQLiteDatastore
 from eventsourcing.sqlite import SQLiteFactory as _EventsourcingSQLiteFactory
-import structlog
 from psycopg.sql import SQL, Identifier
 
 from eventstore.breaker import POOL_RECONNECT_TIMEOUT_S, TCP_LIMITS, StoreBreaker
@@ -337,25 +337,19 @@ class PostgresRecorder(PostgresApplicationRecorder):
         in_doubt = False
         for attempt in range(1, self.INSERT_ATTEMPTS + 1):
             try:
-                return _insert_once(self, stored_events, **kwargs)
+                try:
+                    return _insert_once(self, stored_events, **kwargs)
+                except IntegrityError:
+                    landed = self._landed(stored_events) if in_doubt else None  # (may lose its connection too)
+                    if landed is None:
+                        raise
+                    log.warning("store.commit_in_doubt_landed", events=len(stored_events), attempt=attempt)
+                    return landed
             except (InterfaceError, OperationalError):
                 if attempt == self.INSERT_ATTEMPTS:
                     raise
                 in_doubt = True
                 time.sleep(self.INSERT_RETRY_WAIT_S)
-            except IntegrityError:
-                if in_doubt:
-                    try:
-                        landed = self._landed(stored_events)
-                    except (InterfaceError, OperationalError):
-                        if attempt == self.INSERT_ATTEMPTS:
-                            raise
-                        time.sleep(self.INSERT_RETRY_WAIT_S)
-                        continue  # the look itself lost its connection: try the whole again
-                    if landed is not None:
-                        log.warning("store.commit_in_doubt_landed", events=len(stored_events), attempt=attempt)
-                        return landed
-                raise
         raise AssertionError("unreachable")  # the last attempt returns or raises
 
     def _landed(self, stored_events: Sequence[StoredEvent]) -> list[int] | None:

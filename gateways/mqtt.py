@@ -115,7 +115,7 @@ class _Unacked(NoReply):
 
     def fail(self, error: Exception) -> None:
         outcome = _outcome(error)
-        self.gw.stats["lost" if outcome in ("not_committed", "held_back") else outcome] += 1
+        self.gw.stats["lost" if outcome == "not_committed" else outcome] += 1
 
 
 def _shown_topic(msg: paho.MQTTMessage) -> str:
