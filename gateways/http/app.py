@@ -266,14 +266,15 @@ async def in_thread(fn: Any, *args: Any) -> Any:
 READ_WAIT_S = 2.0
 
 
-async def read_view(fn: Any, *args: Any) -> Any:
+async def read_view(fn: Any, *args: Any, runtime: Runtime | None = None) -> Any:
     """A view query that sees every write acknowledged before it (read-your-writes, within
     this process): a command's 200 comes when its result is committed, and the views follow
     the log a few ms later, so a client that reads the device right after (the seed's own
     call order) would see the state from before the command. In the worker thread, wait
     until the views hold every commit this process knows of (usually they do already), at
-    most READ_WAIT_S (not at all while they are stuck, `stuck`), then query."""
-    runtime = get_runtime()
+    most READ_WAIT_S (not at all while they are stuck, `stuck`), then query. `runtime`
+    where there is no Quart app context (the command route, gateways/http/command_route.py)."""
+    runtime = runtime or get_runtime()
     projections, breaker = runtime.projections, runtime.log.breaker
 
     def query() -> Any:
@@ -296,7 +297,11 @@ async def json_body() -> Any:
     if encoding not in ("", "identity"):  # a gzip body would read as "can't decode byte 0x8b"
         raise ApiError.coded(415, "unsupported_media_type",
                              f"Content-Encoding {shown(encoding)} is not supported: send the body uncompressed")
-    raw = await request.get_data(as_text=False)  # enforces MAX_CONTENT_LENGTH
+    return parse_json(await request.get_data(as_text=False))  # get_data enforces MAX_CONTENT_LENGTH
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body parsed as JSON; empty, not JSON, or not storable -> 400."""
     if not raw.strip():
         raise ApiError.coded(400, "invalid_json", "request body is empty; expected a JSON object")
     try:
@@ -308,10 +313,47 @@ async def json_body() -> Any:
 
 
 async def json_object() -> dict[str, Any]:
-    body = await json_body()
+    return as_object(await json_body())
+
+
+def as_object(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError.coded(400, "invalid_request", "request body must be a JSON object")
     return body
+
+
+def refused(exc: ApiError, method: str, path: str) -> None:
+    """Log a refusal of ours. A device that does not answer in time (504) is the device's
+    trouble, not the server's, and a 503 is "try again later" (the store or the broker down,
+    said once by store.down or mqtt.disconnected): warnings. Other 5xx (a crashed actor)
+    are errors."""
+    log_fn = log.info if exc.status < 500 else log.warning if exc.status in (503, 504) else log.error
+    log_fn("http.request_refused", method=method, path=clip(path), status=exc.status, body=exc.body)
+
+
+def failed(exc: Exception, method: str, path: str) -> tuple[int, dict[str, Any]]:
+    """Status and body for an exception no route turned into an ApiError, logged."""
+    if is_store_error(exc):
+        # Not a bug: the database is down, full or locked. 503, and the reason in the log.
+        # Known down (the breaker said so once, `store.down`): a warning per request.
+        log_fn = log.warning if isinstance(exc, StoreUnavailable) else log.error
+        log_fn("http.store_unavailable", method=method, path=clip(path), error=clip(repr(exc)))
+        return 503, {"error": "the store is not reachable; try again later", "code": "unavailable"}
+    # A bug: log the traceback for us, give the client only a generic message.
+    log.exception("http.unhandled_error", method=method, path=clip(path))
+    return 500, {"error": "internal server error", "code": "internal_error"}
+
+
+def http_refused(exc: HTTPException, method: str, path: str, body_timeout: float) -> tuple[int, dict[str, Any]]:
+    """Status and body for one of Quart's (werkzeug's) own refusals, logged."""
+    status = exc.code or 500
+    code = (exc.name or "error").lower().replace(" ", "_")
+    message = {404: "no such route", 413: f"request body exceeds {MAX_BODY} bytes",
+               408: f"the request body was not received in full within {body_timeout:g} s"}.get(
+        status, exc.description or exc.name)
+    body = {"error": message, "code": code}
+    log.info("http.request_refused", method=method, path=clip(path), status=status, body=body)
+    return status, body
 
 
 def _json(status: int, body: dict[str, Any]) -> Response:
@@ -323,6 +365,7 @@ def _json(status: int, body: dict[str, Any]) -> Response:
 def create_app(runtime: Runtime, *, access_log: bool = False) -> QuartTrio:
     # Imported here, not at the top: the blueprints import helpers from this module.
     from gateways.http.agents import bp as agents_bp
+    from gateways.http.command_route import CommandRoute
     from gateways.http.devices import bp as devices_bp
     from gateways.http.health import bp as health_bp
     from gateways.http.openapi import bp as openapi_bp
@@ -341,29 +384,18 @@ def create_app(runtime: Runtime, *, access_log: bool = False) -> QuartTrio:
         app.register_blueprint(bp)
 
     # TraceIds outermost: CheckTarget's refusals carry X-Request-Id and trace_id too.
-    app.asgi_app = TraceIds(CheckTarget(app.asgi_app), access_log)  # type: ignore[method-assign]
+    # CommandRoute inside both: it serves most command POSTs without Quart (its module says why).
+    app.asgi_app = TraceIds(CheckTarget(CommandRoute(app.asgi_app, app)), access_log)  # type: ignore[method-assign]
 
     @app.errorhandler(ApiError)
     async def api_error(exc: ApiError) -> Response:
-        # A device that does not answer in time (504) is the device's trouble, not the
-        # server's, and a 503 is "try again later" (the store or the broker down, said once
-        # by store.down or mqtt.disconnected): warnings. Other 5xx (a crashed actor) are errors.
-        log_fn = log.info if exc.status < 500 else log.warning if exc.status in (503, 504) else log.error
-        log_fn("http.request_refused", method=request.method, path=clip(request.path),
-               status=exc.status, body=exc.body)
+        refused(exc, request.method, request.path)
         return _json(exc.status, exc.body)
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
         # Quart's own refusals (404 no route, 405, 413 body too large, ...) as JSON.
-        status = exc.code or 500
-        code = (exc.name or "error").lower().replace(" ", "_")
-        message = {404: "no such route", 413: f"request body exceeds {MAX_BODY} bytes",
-                   408: f"the request body was not received in full within {app.config['BODY_TIMEOUT']:g} s"}.get(
-            status, exc.description or exc.name)
-        body = {"error": message, "code": code}
-        log.info("http.request_refused", method=request.method, path=clip(request.path),
-                 status=status, body=body)
+        status, body = http_refused(exc, request.method, request.path, app.config["BODY_TIMEOUT"])
         response = _json(status, body)
         if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
             response.headers["Allow"] = ", ".join(sorted(exc.valid_methods))
@@ -371,15 +403,6 @@ def create_app(runtime: Runtime, *, access_log: bool = False) -> QuartTrio:
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Response:
-        if is_store_error(exc):
-            # Not a bug: the database is down, full or locked. 503, and the reason in the log.
-            # Known down (the breaker said so once, `store.down`): a warning per request.
-            log_fn = log.warning if isinstance(exc, StoreUnavailable) else log.error
-            log_fn("http.store_unavailable", method=request.method, path=clip(request.path),
-                      error=clip(repr(exc)))
-            return _json(503, {"error": "the store is not reachable; try again later", "code": "unavailable"})
-        # A bug: log the traceback for us, give the client only a generic message.
-        log.exception("http.unhandled_error", method=request.method, path=clip(request.path))
-        return _json(500, {"error": "internal server error", "code": "internal_error"})
+        return _json(*failed(exc, request.method, request.path))
 
     return app

@@ -18,9 +18,10 @@ from actors.device import DeviceActor
 from actors.device.messages import SendCommand
 from actors.errors import InvalidCommand, ParleyError
 from gateways import ids
-from gateways.bridge import TrioReply
+from gateways.bridge import PendingReplies, TrioReply
 from gateways.http.app import (ApiError, ascii_int, get_pending, get_runtime, json_object, query_arg,
                                read_view, shown)
+from gateways.runtime import Runtime
 from projections.device_events import MAX_POSITION, DeviceEventRow
 from projections.device_registry import DeviceRow
 
@@ -58,17 +59,18 @@ def _optional_str(value: Any, name: str) -> str | None:
     raise ApiError.coded(400, "invalid_request", f"{name} must be a non-empty string")
 
 
-def _product_exists(product_id: str) -> bool:
-    return get_runtime().agents.get(product_id) is not None  # in-memory mirror: no query
+def _product_exists(runtime: Runtime, product_id: str) -> bool:
+    return runtime.agents.get(product_id) is not None  # in-memory mirror: no query
 
 
-async def find_device(device_id: str, product_id: str | None) -> DeviceRow:
+async def find_device(device_id: str, product_id: str | None, runtime: Runtime | None = None) -> DeviceRow:
     """The device with this id; without a product, the most recently seen one. Only
     devices of products that exist: a deleted product's devices stay in the log and the
     registry (its history), but are no longer served, nor chosen over a live device that
     shares their id."""
-    rows = await read_view(get_runtime().devices.find, device_id, product_id)
-    live = [r for r in rows if _product_exists(r.product_id)]
+    runtime = runtime or get_runtime()
+    rows = await read_view(runtime.devices.find, device_id, product_id, runtime=runtime)
+    live = [r for r in rows if _product_exists(runtime, r.product_id)]
     if not live:
         where = f" in product {shown(product_id)}" if product_id else ""
         why = ""
@@ -81,17 +83,17 @@ async def find_device(device_id: str, product_id: str | None) -> DeviceRow:
     return live[0]
 
 
-async def command_product(device_id: str, product_id: str | None) -> str:
+async def command_product(runtime: Runtime, device_id: str, product_id: str | None) -> str:
     """The product a command goes to. The registry's in-memory index answers without a
     query; only a device id shared by several products needs the view (most recently seen),
     and so does a device the index does not know yet (`find_device` waits for the views)."""
-    products = [p for p in get_runtime().devices.products_of(device_id) if _product_exists(p)]
+    products = [p for p in runtime.devices.products_of(device_id) if _product_exists(runtime, p)]
     if product_id is not None:
         if product_id in products:
             return product_id
     elif len(products) == 1:
         return products[0]
-    return (await find_device(device_id, product_id)).product_id
+    return (await find_device(device_id, product_id, runtime)).product_id
 
 
 @bp.get("/api/products/<product_id>/devices")
@@ -142,14 +144,22 @@ def _parse_command(body: dict[str, Any]) -> tuple[str, dict[str, Any], int, str 
 
 @bp.post("/api/devices/<device_id>/commands")
 async def send_command(device_id: str) -> dict[str, Any]:
-    runtime = get_runtime()
-    command, params, timeout_ms, product_id = _parse_command(await json_object())
+    # Most POSTs here never reach Quart: CommandRoute (command_route.py) serves them at the
+    # ASGI level and leaves this view the rest (a query string, a chunked or encoded body).
+    return await command(get_runtime(), get_pending(), device_id, await json_object(),
+                         _optional_str(query_arg("productId"), "productId"))
+
+
+async def command(runtime: Runtime, pending: PendingReplies, device_id: str, body: dict[str, Any],
+                  in_query: str | None = None) -> dict[str, Any]:
+    """POST /api/devices/:deviceId/commands, after its JSON body is read: check, send, and
+    wait for the device's answer (the 200 body) or raise ApiError."""
+    command, params, timeout_ms, product_id = _parse_command(body)
     # `?productId=` as on the device's GET routes, or in the body; both must agree.
-    in_query = _optional_str(query_arg("productId"), "productId")
     if in_query is not None and product_id is not None and in_query != product_id:
         raise ApiError.coded(400, "invalid_request", f"productId {shown(in_query)} in the query and "
                              f"{shown(product_id)} in the body differ")
-    product_id = await command_product(device_id, product_id or in_query)
+    product_id = await command_product(runtime, device_id, product_id or in_query)
     # Check against the product's spec before anything is committed or published:
     # a typo must not reach the device, nor leave a CommandSent in the log.
     agent = runtime.agents.get(product_id)
@@ -165,7 +175,6 @@ async def send_command(device_id: str) -> dict[str, Any]:
 
     request_id = ids.request_id()
     reply = TrioReply()
-    pending = get_pending()
     try:
         pending.add(reply)  # shutdown answers it (503); once shut down, raises before the tell
         runtime.system.tell(DeviceActor, (product_id, device_id),
