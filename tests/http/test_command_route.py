@@ -150,34 +150,6 @@ def test_which_requests_the_asgi_route_takes(scope: dict[str, Any], served: str 
     assert device_id_served_here(scope) == served
 
 
-async def test_a_body_that_never_comes_is_408(client: httpx.AsyncClient, online: FakeLink,
-                                             runtime: Runtime) -> None:
-    """Content-Length promises more than is sent: 408 after BODY_TIMEOUT, as from Quart."""
-    from gateways.http import create_app
-    from gateways.http_server import serve_http
-
-    app = create_app(runtime)
-    app.config["BODY_TIMEOUT"] = 0.3
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(serve_http, app, "127.0.0.1", 0)
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        async with stream:
-            await stream.send_all(b"POST /api/devices/t-001/commands HTTP/1.1\r\nHost: x\r\n"
-                                  b"Content-Length: 40\r\n\r\n{\"command\": ")
-            data = b""
-            with trio.fail_after(10):
-                while b"\r\n\r\n" not in data or not data.endswith(b"\n"):
-                    chunk = await stream.receive_some()
-                    if not chunk:
-                        break
-                    data += chunk
-        nursery.cancel_scope.cancel()
-    assert data.startswith(b"HTTP/1.1 408 ")
-    assert data.endswith(b'{"error":"the request body was not received in full within 0.3 s",'
-                         b'"code":"request_timeout"}\n')
-    assert online.published == []
-
-
 async def test_a_client_gone_before_its_body_leaves_no_trace(client: httpx.AsyncClient, online: FakeLink) -> None:
     port = client.base_url.port
     stream = await trio.open_tcp_stream("127.0.0.1", port)
