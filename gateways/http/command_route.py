@@ -4,10 +4,12 @@ The command round trip is the latency Parley's users wait on, and most of the HT
 it was Quart's machinery for a request, not the route's own work. Quart opens a nursery
 with two tasks per request (one reads the body, one runs the handler), pushes request and
 app contexts, routes, builds a Response object and sends its body as an async iteration.
-Between a command's thread hand-offs that work ran two to three times slower than in
-isolation on the 2-core test host. Measured in one server, alternating 1,000 command pairs
-(three rounds): the same route at the ASGI level answered 0.39-0.68 ms sooner than through
-Quart. Bypassing only Quart's two tasks saved 0.05-0.1 ms of that (docs/benchmarks.md).
+Inside a command that work ran two to three times slower than a no-op server runs it
+back to back (on the 2-core test host, CPUs run slower for a while after every idle spell,
+and the trio thread idles while the device answers). Measured in one server, alternating
+1,000 command pairs (three rounds): the same route at the ASGI level answered 0.39-0.68 ms
+sooner than through Quart; bypassing only Quart's two tasks saved 0.05-0.1 ms of that.
+`bench.ab` against the Quart route: -0.48 to -0.62 ms per command (bench/notes.md).
 
 So the usual command request is served here: a POST with no query string, a Content-Length
 within MAX_BODY and no Content-Encoding. It goes through the same `devices.command`, the same
