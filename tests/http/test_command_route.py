@@ -18,7 +18,7 @@ from quart import request_started
 from gateways.http.app import MAX_BODY
 from gateways.http.command_route import device_id_served_here
 from gateways.runtime import Runtime
-from tests.http.conftest import FakeLink, create_agent, raw_request, set_status
+from tests.http.conftest import FakeLink, RawResponse, create_agent, raw_request, set_status
 
 
 @pytest.fixture
@@ -158,3 +158,37 @@ async def test_a_client_gone_before_its_body_leaves_no_trace(client: httpx.Async
     r = await raw_request(client, "POST", "/api/devices/t-001/commands", b'{"command": "reboot"}')
     assert r.status == 200 and r.json()["code"] == 0
     assert len(online.published) == 1
+
+
+async def test_concurrent_commands_each_get_their_own_answer(client: httpx.AsyncClient, online: FakeLink) -> None:
+    answers: dict[int, Any] = {}
+
+    async def one(i: int) -> None:
+        r = await client.post("/api/devices/t-001/commands",
+                              json={"command": "set_target_temperature", "params": {"target_temperature": i}})
+        answers[i] = (r.status_code, r.json())
+
+    async with trio.open_nursery() as nursery:
+        for i in range(30):
+            nursery.start_soon(one, i)
+    assert all(status == 200 for status, _ in answers.values())
+    assert {i: a["data"]["applied"]["target_temperature"] for i, (_, a) in answers.items()} == {i: i for i in range(30)}
+    assert len({a["requestId"] for _, a in answers.values()}) == 30 == len(online.published)
+
+
+async def test_pipelined_commands_are_answered_in_order(client: httpx.AsyncClient, online: FakeLink) -> None:
+    """Two requests written at once on one connection (HTTP/1.1 pipelining): the second is
+    read only once the first is answered, and the answers come in the order asked."""
+    bodies = [b'{"command": "set_target_temperature", "params": {"target_temperature": %d}}' % t for t in (1, 2)]
+    requests = b"".join(b"POST /api/devices/t-001/commands HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                        + str(len(b)).encode() + b"\r\n\r\n" + b for b in bodies)
+    stream = await trio.open_tcp_stream("127.0.0.1", client.base_url.port)
+    async with stream:
+        await stream.send_all(requests)
+        data = b""
+        with trio.fail_after(10):
+            while data.count(b"HTTP/1.1 200") < 2 or not data.endswith(b"}\n"):
+                data += await stream.receive_some()
+    first, second = (RawResponse(b"HTTP/1.1 200" + part) for part in data.split(b"HTTP/1.1 200")[1:])
+    assert [first.json()["data"]["applied"], second.json()["data"]["applied"]] == [
+        {"target_temperature": 1}, {"target_temperature": 2}]
