@@ -1,4 +1,10 @@
-"""One timer thread for all actors' deadlines (command timeouts), instead of a thread per timer."""
+"""One timer thread for all actors' deadlines (command timeouts), instead of a thread per timer.
+
+Most deadlines are cancelled long before they come (a device answers in milliseconds, its
+command times out in 30 s). A cancelled timer stays in the heap until the thread next wakes,
+and the thread waits for the earliest timer still live, so a steady stream of commands
+wakes it about once per timeout rather than once per command.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ class Scheduler:
         self._seq = itertools.count()
         self._cond = threading.Condition()
         self._stopped = False
+        self.wakeups = 0  # times the thread woke (tests: cancelled timers do not wake it)
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
         self._thread.start()
 
@@ -47,13 +54,19 @@ class Scheduler:
         self._thread.join(5)
 
     def _run(self) -> None:
+        heap = self._heap
         while True:
             with self._cond:
-                while not self._stopped and (not self._heap or self._heap[0][0] > time.monotonic()):
-                    self._cond.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
+                while True:
+                    while heap and heap[0][2].cancelled:
+                        heapq.heappop(heap)  # (a timer earlier than these is at the top when pushed)
+                    if self._stopped or (heap and heap[0][0] <= time.monotonic()):
+                        break
+                    self._cond.wait(heap[0][0] - time.monotonic() if heap else None)
+                    self.wakeups += 1
                 if self._stopped:
                     return
-                _, _, timer, fn = heapq.heappop(self._heap)
+                _, _, timer, fn = heapq.heappop(heap)
             if not timer.cancelled:
                 try:
                     fn()
