@@ -3,11 +3,14 @@ simulated device and back, minus a bare MQTT request/response round trip."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import statistics
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -28,8 +31,10 @@ def _nodelay_client(name: str) -> paho.Client:
     return c
 
 
-def bare(opts: Options, n: int) -> list[float]:
-    """Requester here, responder in its own process: the floor any broker-mediated command pays."""
+@contextlib.contextmanager
+def bare_requester(opts: Options) -> Iterator[Callable[[int], float]]:
+    """Requester here, responder in its own process: the floor any broker-mediated command
+    pays. Yields a function that makes round trip number i and returns its seconds."""
     b = opts.broker
     cmd_topic, resp_topic = "device-agent/bare/device/d1/commands", "device-agent/bare/device/d1/responses"
     requester = _nodelay_client("bench-req")
@@ -41,23 +46,29 @@ def bare(opts: Options, n: int) -> list[float]:
     requester.loop_start()
     requester.subscribe(resp_topic, 1)
     subscribed.wait(5)
-    out = []
+
+    def round_trip(i: int) -> float:
+        got.clear()
+        payload = ('{"cmd":"set_target_temperature","params":{"target_temperature":21.5},'
+                   f'"requestId":"r{i}","ts":0}}').encode()
+        t = time.perf_counter()
+        requester.publish(cmd_topic, payload, qos=1)
+        if not got.wait(5):
+            raise TimeoutError("bare responder did not answer")
+        return time.perf_counter() - t
+
     try:
         with ResponderProcess(b.host, b.port, cmd_topic, resp_topic):
-            for i in range(n + 50):
-                got.clear()
-                payload = ('{"cmd":"set_target_temperature","params":{"target_temperature":21.5},'
-                           f'"requestId":"r{i}","ts":0}}').encode()
-                t = time.perf_counter()
-                requester.publish(cmd_topic, payload, qos=1)
-                if not got.wait(5):
-                    raise TimeoutError("bare responder did not answer")
-                if i >= 50:  # warm-up
-                    out.append(time.perf_counter() - t)
+            yield round_trip
     finally:
         requester.disconnect()
         requester.loop_stop()
-    return out
+
+
+def bare(opts: Options, n: int) -> list[float]:
+    with bare_requester(opts) as round_trip:
+        samples = [round_trip(i) for i in range(n + 50)]
+    return samples[50:]  # after 50 warm-up
 
 
 class HttpClient:
@@ -78,9 +89,10 @@ class HttpClient:
         self.conn.close()
 
 
-def _timed(client: HttpClient, method: str, path: str, n: int, body: Any = None, pause: float = 0.0) -> list[float]:
+def _timed(client: HttpClient, method: str, path: str, n: int, body: Any = None, pause: float = 0.0,
+           warm_up: int = 50) -> list[float]:
     samples = []
-    for i in range(n + 50):
+    for i in range(n + warm_up):
         if pause:
             time.sleep(pause)
         t = time.perf_counter()
@@ -88,7 +100,7 @@ def _timed(client: HttpClient, method: str, path: str, n: int, body: Any = None,
         dt = time.perf_counter() - t
         if status != 200 or (method == "POST" and answer.get("code") != 0):
             raise RuntimeError(f"{method} {path} failed: {status} {str(answer)[:200]}")
-        if i >= 50:
+        if i >= warm_up:
             samples.append(dt)
     return samples
 
@@ -98,10 +110,12 @@ def _online(client: HttpClient, device_id: str) -> bool:
     return status == 200 and answer["online"]
 
 
-def parley(opts: Options, n: int, sdk_device: bool, probes: dict[str, list[float]] | None = None) -> list[float]:
-    """HTTP client here; `parley serve` and the device each in their own process. The device
-    is the bare responder of the baseline, or (`sdk_device`) a simulated thermostat that
-    behaves like the generated SDK: status-with-state, state and an event before its response."""
+@contextlib.contextmanager
+def parley_server(opts: Options, sdk_device: bool) -> Iterator[tuple[HttpClient, str]]:
+    """`parley serve` and a device, each in their own process; yields an HTTP client for
+    the server and the device's id. The device is the bare responder of the baseline, or
+    (`sdk_device`) a simulated thermostat that behaves like the generated SDK:
+    status-with-state, state and an event before its response."""
     from tests.services import free_port
 
     prefix = f"rt{uuid.uuid4().hex[:4]}"
@@ -120,12 +134,34 @@ def parley(opts: Options, n: int, sdk_device: bool, probes: dict[str, list[float
                                           f"{base}/responses", online_topics=(f"v1/thermostat/{device_id}/telemetry",))
             with device:
                 assert wait_until(lambda: _online(client, device_id), 15), "the device never showed up online"
-                for path in ("/api/health", f"/api/devices/{device_id}") if probes is not None else ():
-                    probes[path] = _timed(client, "GET", path, n)
-                return _timed(client, "POST", f"/api/devices/{device_id}/commands", n, COMMAND)
+                yield client, device_id
         finally:
             client.close()
             stop_server(server)
+
+
+def parley(opts: Options, n: int, sdk_device: bool, probes: dict[str, list[float]] | None = None) -> list[float]:
+    """HTTP client here, `parley serve` and the device in their own processes."""
+    with parley_server(opts, sdk_device) as (client, device_id):
+        for path in ("/api/health", f"/api/devices/{device_id}") if probes is not None else ():
+            probes[path] = _timed(client, "GET", path, n)
+        return _timed(client, "POST", f"/api/devices/{device_id}/commands", n, COMMAND)
+
+
+def interleaved(opts: Options, n: int) -> tuple[list[float], list[float]]:
+    """The bare round trip and Parley's, alternating request by request, so both meet the
+    host in the same moments (the phases above run one after the other, and this shared
+    machine's speed moves between them). Returns (bare, Parley) samples, paired."""
+    bare_rt, par = [], []
+    with bare_requester(opts) as round_trip, parley_server(opts, sdk_device=False) as (client, device_id):
+        path = f"/api/devices/{device_id}/commands"
+        for i in range(n + 50):
+            b = round_trip(i)
+            p = _timed(client, "POST", path, 1, COMMAND, warm_up=0)[0]
+            if i >= 50:
+                bare_rt.append(b)
+                par.append(p)
+    return bare_rt, par
 
 
 # Inside a command the server idles while the device answers (about a bare MQTT round
@@ -164,6 +200,8 @@ def run(opts: Options) -> Result:
                   f"{n} sequential each, and by quart-trio after a pause each ...")
     floors = {kind: http_floor(kind, n) for kind in ("hypercorn", "quart-trio")}
     paused = http_floor("quart-trio", n, FLOOR_PAUSE_S)
+    console.print(f"  commands: bare MQTT and Parley alternating request by request, {n} pairs ...")
+    pair_bare, pair_par = interleaved(opts, n)
     r.add("requests", f"{n} sequential (after 50 warm-up), stdlib http.client keep-alive client; server, "
           "device and client in separate processes")
     r.add("bare MQTT round trip p50 / p99 (requester -> broker -> bare device -> broker -> requester)",
@@ -183,6 +221,10 @@ def run(opts: Options) -> Result:
     r.add("for reference: difference p50 minus the quart-trio floor p50 (Parley's own work: actors, "
           "store, MQTT hand-offs)", ms(d50 - pct(floors["quart-trio"], 50)))
     r.add("for reference: difference p50 minus the paused quart-trio floor p50", ms(d50 - pct(paused, 50)))
+    r.add("for reference: bare MQTT and Parley alternating request by request (the same moments of the host): "
+          "p50 each; difference of the p50s; median of the per-pair differences",
+          f"{ms(pct(pair_bare, 50))}, {ms(pct(pair_par, 50))}; {ms(pct(pair_par, 50) - pct(pair_bare, 50))}; "
+          f"{ms(statistics.median(p - b for b, p in zip(pair_bare, pair_par)))}")
     for path, samples in probes.items():
         r.add(f"for reference: HTTP GET {path.split('/api/')[0]}/api/{path.split('/api/')[1].split('/')[0]}"
               f"{'/:id' if path.count('/') > 2 else ''} p50 / p99", f"{ms(pct(samples, 50))} / {ms(pct(samples, 99))}")
