@@ -58,8 +58,11 @@ class Scheduler:
         while True:
             with self._cond:
                 while True:
+                    # Cancelled timers at the top are dropped unwaited. One cancelled while
+                    # we wait still wakes us at its deadline, once; a new timer earlier than
+                    # the one we wait for is the top when pushed, and call_later notifies.
                     while heap and heap[0][2].cancelled:
-                        heapq.heappop(heap)  # (a timer earlier than these is at the top when pushed)
+                        heapq.heappop(heap)
                     if self._stopped or (heap and heap[0][0] <= time.monotonic()):
                         break
                     self._cond.wait(heap[0][0] - time.monotonic() if heap else None)

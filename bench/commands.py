@@ -89,20 +89,23 @@ class HttpClient:
         self.conn.close()
 
 
-def _timed(client: HttpClient, method: str, path: str, n: int, body: Any = None, pause: float = 0.0,
-           warm_up: int = 50) -> list[float]:
+def _one(client: HttpClient, method: str, path: str, body: Any = None) -> float:
+    """Seconds for one request, which must succeed (a POST: the device's code 0 too)."""
+    t = time.perf_counter()
+    status, answer = client.request(method, path, body)
+    dt = time.perf_counter() - t
+    if status != 200 or (method == "POST" and answer.get("code") != 0):
+        raise RuntimeError(f"{method} {path} failed: {status} {str(answer)[:200]}")
+    return dt
+
+
+def _timed(client: HttpClient, method: str, path: str, n: int, body: Any = None, pause: float = 0.0) -> list[float]:
     samples = []
-    for i in range(n + warm_up):
+    for _ in range(n + 50):
         if pause:
             time.sleep(pause)
-        t = time.perf_counter()
-        status, answer = client.request(method, path, body)
-        dt = time.perf_counter() - t
-        if status != 200 or (method == "POST" and answer.get("code") != 0):
-            raise RuntimeError(f"{method} {path} failed: {status} {str(answer)[:200]}")
-        if i >= warm_up:
-            samples.append(dt)
-    return samples
+        samples.append(_one(client, method, path, body))
+    return samples[50:]  # after 50 warm-up
 
 
 def _online(client: HttpClient, device_id: str) -> bool:
@@ -157,8 +160,8 @@ def interleaved(opts: Options, n: int) -> tuple[list[float], list[float]]:
         path = f"/api/devices/{device_id}/commands"
         for i in range(n + 50):
             b = round_trip(i)
-            p = _timed(client, "POST", path, 1, COMMAND, warm_up=0)[0]
-            if i >= 50:
+            p = _one(client, "POST", path, COMMAND)
+            if i >= 50:  # warm-up
                 bare_rt.append(b)
                 par.append(p)
     return bare_rt, par

@@ -334,13 +334,14 @@ class PostgresRecorder(PostgresApplicationRecorder):
         Here, a unique violation after a lost connection first looks whether the rows at
         those versions are these events, byte for byte: then the commit did land, and its
         positions are returned."""
-        in_doubt = False
-        for attempt in range(1, self.INSERT_ATTEMPTS + 1):
+        attempt = 1
+        while True:
             try:
                 try:
                     return _insert_once(self, stored_events, **kwargs)
                 except IntegrityError:
-                    landed = self._landed(stored_events) if in_doubt else None  # (may lose its connection too)
+                    # After a lost connection (attempt > 1); the look may lose its connection too.
+                    landed = self._landed(stored_events) if attempt > 1 else None
                     if landed is None:
                         raise
                     log.warning("store.commit_in_doubt_landed", events=len(stored_events), attempt=attempt)
@@ -348,9 +349,8 @@ class PostgresRecorder(PostgresApplicationRecorder):
             except (InterfaceError, OperationalError):
                 if attempt == self.INSERT_ATTEMPTS:
                     raise
-                in_doubt = True
+                attempt += 1
                 time.sleep(self.INSERT_RETRY_WAIT_S)
-        raise AssertionError("unreachable")  # the last attempt returns or raises
 
     def _landed(self, stored_events: Sequence[StoredEvent]) -> list[int] | None:
         """The positions of `stored_events` if the log holds exactly them (same stream,
