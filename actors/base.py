@@ -21,7 +21,7 @@ import random
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, ClassVar
 from uuid import UUID
@@ -44,6 +44,29 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 Key = tuple[str, ...]
+
+
+class Inbox(queue.Queue):
+    """An actor's inbox that first runs what its actor deferred with `AggregateActor.later`,
+    each time the actor's loop takes its next message (a blocking `get`; the handlers' own
+    `get_nowait`, gathering a burst, emptying the inbox at a stop, run nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deferred: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        if block and self.deferred:
+            self.run_deferred()
+        return super().get(block, timeout)
+
+    def run_deferred(self) -> None:
+        deferred, self.deferred = self.deferred, []
+        for fn, args in deferred:
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("actor.deferred_failed", fn=getattr(fn, "__qualname__", repr(fn)))
 
 
 class AggregateActor(pykka.ThreadingActor, ABC):
@@ -102,6 +125,23 @@ class AggregateActor(pykka.ThreadingActor, ABC):
     @abstractmethod
     def stream_id(cls, key: Key) -> UUID:
         """The stream this kind's actor for `key` drives."""
+
+    @staticmethod
+    def _create_actor_inbox() -> Inbox:
+        return Inbox()
+
+    def later(self, fn: Callable[..., None], *args: Any) -> None:
+        """Call `fn(*args)` once this actor is done with the message it is handling, as its
+        thread turns to the next (or ends). For waking another thread that then needs the
+        GIL: woken earlier, it waited for this thread to finish the message anyway, and
+        then for a second wake-up when it let go (the two took turns)."""
+        self.actor_inbox.deferred.append((fn, args))
+
+    def _actor_loop(self) -> None:
+        try:
+            super()._actor_loop()
+        finally:
+            self.actor_inbox.run_deferred()  # what the last message deferred (a stop, a crash)
 
     def _start_actor_loop(self) -> None:
         # Not here and now, as pykka does (on the activating thread, under the system's

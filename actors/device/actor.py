@@ -211,12 +211,13 @@ class DeviceActor(AggregateActor):
         positions = self.commit(urgent=msg.request_id in self.waiters)  # a caller here waits
         result = command_result(msg.request_id, command, msg.code, msg.msg, msg.data)
         waiter = self._take_waiter(msg.request_id)
-        # The MQTT ack before the HTTP caller's wake-up, though nobody waits on the ack: done
-        # after, it ran on this thread while the woken HTTP loop wrote the response, and the
-        # two took turns at the GIL (bench.ab: 0.11 ms per command sooner this way round).
+        # The HTTP caller is woken last: once this thread is done with the message (`later`),
+        # and after the MQTT ack, though nobody waits on that. Woken earlier, the HTTP loop
+        # writing the response and this thread took turns at the GIL (bench.ab, per command:
+        # the ack first 0.11 ms sooner; `later` another 0.09 ms, the median of nine rounds).
         msg.reply.ok(positions[-1])
         if waiter is not None:
-            waiter.ok(result)
+            self.later(waiter.ok, result)
 
     def handle_AnswerRefused(self, msg: AnswerRefused) -> None:
         if msg.request_id in self.waiters:  # else settled meanwhile, or not ours to answer
