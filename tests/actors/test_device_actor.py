@@ -530,6 +530,31 @@ class TestDeviceActor:
         assert isinstance(answer.get(5), int)
         assert [s["t"] for s in _stored_states(log)] == [1, 2]
 
+    def test_reports_with_a_message_queued_behind_are_committed_before_it_on_the_actors_thread(
+            self, parts, monkeypatch):
+        """QoS 0 reports followed by a message the burst does not take (a device's answer
+        to a command, here a Wake): that message would wait for their commit first, so it is
+        made at once, not handed to the journal's thread."""
+        system, log, _ = parts
+        online(system)
+        handed: list[int] = []
+        submit = system.journal.submit
+        monkeypatch.setattr(system.journal, "submit", lambda *a, **k: (handed.append(1), submit(*a, **k))[1])
+        gate = threading.Event()
+        system.tell(DeviceActor, KEY, Hold(gate))
+        for t in (1, 2):
+            system.tell(DeviceActor, KEY, ReportTelemetry("state", None, {"t": t}, None, now_ms()))
+        woken = FutureReply()
+        system.tell(DeviceActor, KEY, Wake(reply=woken))
+        gate.set()
+        version = woken.get(5)
+        assert handed == []
+        assert [s["t"] for s in _stored_states(log)] == [1, 2]
+        assert log.load(Device.create_id(*KEY)).version == version
+        # Told alone, a report is handed over and not waited for, as before.
+        system.tell(DeviceActor, KEY, ReportTelemetry("state", None, {"t": 3}, None, now_ms()))
+        assert wait_until(lambda: handed == [1], 5)
+
     def test_a_report_commit_that_failed_unawaited_is_handled_again(self, parts, monkeypatch):
         """The write of a QoS 0 burst fails (the store hiccupped: its transaction and the
         journal's retry alone): nobody hears of it, but the actor does, before anything
