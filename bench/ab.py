@@ -10,6 +10,8 @@ request: whatever the machine does meanwhile slows both alike. The result is the
 the per-pair differences; two identical servers differ by about 0.01 ms this way.
 
 Both servers use this checkout's virtualenv, so REF must run on the same dependencies.
+`--device sdk` answers with a simulated SDK-like thermostat (state, state and an event
+before each answer) instead of the benchmark's bare responder.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from rich.table import Table
 
 from bench.commands import COMMAND, HttpClient, _online
 from bench.common import console, pct, wait_until
-from bench.processes import ResponderProcess
+from bench.processes import ResponderProcess, SimulatorProcess
 from tests.services import free_port, start_parley, stop_parley
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,21 +51,31 @@ def worktree(ref: str) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def server(code: Path, broker_url: str, work: Path, label: str) -> Iterator[tuple[HttpClient, str]]:
-    """`parley serve --demo` running `code`, with one bare device online; (client, device)."""
+def server(code: Path, broker_url: str, work: Path, label: str, sdk_device: bool = False) -> Iterator[tuple[HttpClient, str]]:
+    """`parley serve --demo` running `code`, with one device online; (client, device). The
+    device is a bare responder, or (`sdk_device`) a simulated thermostat that sends its
+    state, state and an event before each answer, as the generated SDK does."""
     port = free_port()
     data = work / label
     data.mkdir()
     # `python -m gateways.cli` imports from its working directory first: run it in `code`.
     with contextlib.chdir(code):
         proc = start_parley(data, broker_url, port, client_id=f"ab-{label}-{port}")
-    device = f"ab{label}{uuid.uuid4().hex[:4]}"
-    base = f"device-agent/thermostat/device/{device}"
-    host, mqtt_port = broker_url.removeprefix("mqtt://").split(":")
+    prefix = f"ab{label}{uuid.uuid4().hex[:4]}"
+    device_process: Any
+    if sdk_device:
+        device = f"{prefix}-001"  # the simulator's name for its first device
+        device_process = SimulatorProcess(devices=1, interval=3600, mqtt_url=broker_url, connections=1,
+                                          response_qos=1, prefix=prefix, state_on_command=True)
+    else:
+        device = prefix
+        base = f"device-agent/thermostat/device/{device}"
+        host, mqtt_port = broker_url.removeprefix("mqtt://").split(":")
+        device_process = ResponderProcess(host, int(mqtt_port), f"{base}/commands", f"{base}/responses",
+                                          online_topics=(f"v1/thermostat/{device}/telemetry",))
     client = HttpClient(port)
     try:
-        with ResponderProcess(host, int(mqtt_port), f"{base}/commands", f"{base}/responses",
-                              online_topics=(f"v1/thermostat/{device}/telemetry",)):
+        with device_process:
             if not wait_until(lambda: _online(client, device), 15):
                 raise RuntimeError(f"{label}: the device never showed up online")
             yield client, device
@@ -96,6 +109,9 @@ def main() -> None:
                    "this checkout's uncommitted changes against its last commit)")
     p.add_argument("-n", type=int, default=1000, help="request pairs per round (default 1000)")
     p.add_argument("--rounds", type=int, default=3, help="rounds, each with fresh servers (default 3)")
+    p.add_argument("--device", choices=("bare", "sdk"), default="bare",
+                   help="the device answering: a bare responder (the benchmark's, default) or an SDK-like "
+                        "simulated thermostat (state, state and an event before each answer)")
     args = p.parse_args()
     from bench.common import check_services, quiet_logging, start_broker
 
@@ -114,7 +130,9 @@ def main() -> None:
                 console.print(f"round {r}/{args.rounds}: two servers, {args.n} request pairs ...")
                 round_dir = work / f"round{r}"
                 round_dir.mkdir()
-                with server(base_code, broker.url, round_dir, "a") as a, server(ROOT, broker.url, round_dir, "b") as b:
+                sdk = args.device == "sdk"
+                with server(base_code, broker.url, round_dir, "a", sdk) as a, \
+                        server(ROOT, broker.url, round_dir, "b", sdk) as b:
                     ta, tb = measure(a, b, args.n)
                 d = statistics.median(y - x for x, y in zip(ta, tb))
                 diffs.append(d)
