@@ -534,7 +534,7 @@ class TestDeviceActor:
             self, parts, monkeypatch):
         """QoS 0 reports followed by a message the burst does not take (a device's answer
         to a command, here a Wake): that message would wait for their commit first, so it is
-        made at once, not handed to the journal's thread."""
+        made at once, not handed to the journal's thread. Reports behind reports are not."""
         system, log, _ = parts
         online(system)
         handed: list[int] = []
@@ -554,6 +554,16 @@ class TestDeviceActor:
         # Told alone, a report is handed over and not waited for, as before.
         system.tell(DeviceActor, KEY, ReportTelemetry("state", None, {"t": 3}, None, now_ms()))
         assert wait_until(lambda: handed == [1], 5)
+        # So is a burst with only more reports behind it (here: bursts of one): those go to
+        # the journal too, grouped with other devices' reports.
+        monkeypatch.setattr(DeviceActor, "max_batch", 1)
+        gate = threading.Event()
+        system.tell(DeviceActor, KEY, Hold(gate))
+        for t in (4, 5):
+            system.tell(DeviceActor, KEY, ReportTelemetry("state", None, {"t": t}, None, now_ms()))
+        gate.set()
+        assert wait_until(lambda: handed == [1, 1, 1], 5)
+        assert wait_until(lambda: [s["t"] for s in _stored_states(log)] == [1, 2, 3, 4, 5], 5)
 
     def test_a_report_commit_that_failed_unawaited_is_handled_again(self, parts, monkeypatch):
         """The write of a QoS 0 burst fails (the store hiccupped: its transaction and the
