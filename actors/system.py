@@ -133,9 +133,12 @@ class ActorSystem:
         """Deliver a message to the actor for `key`, activating it from the log if needed."""
         self.tell_many(kind, key, (message,))
 
-    def tell_many(self, kind: type[AggregateActor], key: Key, messages: Sequence[Any]) -> None:
+    def tell_many(self, kind: type[AggregateActor], key: Key, messages: Sequence[Any], *,
+                  here: bool = False) -> None:
         """Deliver messages to the actor for `key`, in order, with one lookup. A gateway that
-        hands over a device's whole burst at once lets the actor fold it into one commit."""
+        hands over a device's whole burst at once lets the actor fold it into one commit.
+        `here`: the caller may wait while a lone message of `kind.run_here` is handled on its
+        own thread, if the actor is idle (it then commits here too)."""
         k = (kind, key)
         if len(messages) > 1 and all(isinstance(m, kind.batchable) for m in messages):
             # In bursts the actor may fold into one commit each (at most max_batch).
@@ -144,6 +147,15 @@ class ActorSystem:
         context = structlog.contextvars.get_contextvars()
         if context:
             messages = [Traced(context, m) for m in messages]
+        if here and len(messages) == 1 and isinstance(untraced(messages[0]), kind.run_here):
+            # Handled on this thread if its actor is idle (Inbox.run_here): not waking the
+            # actor's thread took 0.11-0.31 ms off a command's round trip (bench.ab).
+            # Looked up under the lock; a passivation meanwhile queues a stop, and the
+            # inbox then refuses, or the stop waits for this message.
+            with self._lock:
+                entry = self._active.get(k)
+            if entry is not None and entry.ref.actor_inbox.run_here(messages[0]):
+                return
         with self._lock:
             if self._closed:
                 raise Unavailable("actor system is shutting down")

@@ -424,15 +424,19 @@ class MqttGateway:
                         line.add(seq, message)
                     if line.for_product:
                         waiting_for_product.append(key)
+        # A lone message read alone, nothing more waiting to be read: its actor may handle
+        # it on this thread (a device's answer to a command: ActorSystem.tell_many's `here`).
+        # Never when more came or is coming: this thread must not wait on a commit then.
+        here = len(bursts) == 1 and not self.client.input_waiting()
         for key, items in bursts.items():
-            self._tell(key, [message for _, message in items])
+            self._tell(key, [message for _, message in items], here=here)
         for key in waiting_for_product:
             if self.runtime.agents.get(key[0]) is not None:  # it showed up: no need to wait for the next look
                 self._release(key)
 
-    def _tell(self, key: tuple[str, str], messages: list[Any]) -> None:
+    def _tell(self, key: tuple[str, str], messages: list[Any], here: bool = False) -> None:
         try:
-            self.runtime.system.tell_many(DeviceActor, key, messages)
+            self.runtime.system.tell_many(DeviceActor, key, messages, here=here)
         except Exception as exc:
             # Shutting down: leave QoS 1 messages unacknowledged, so they are redelivered.
             self.stats["dropped.error"] += len(messages)

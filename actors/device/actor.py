@@ -50,6 +50,9 @@ class DeviceActor(AggregateActor):
     pinning = (SendCommand,)
     # An HTTP caller waits on it: after a restart, its actor loads before those of reports.
     urgent = (SendCommand,)
+    # A device's answer: the MQTT gateway's thread commits it itself when the actor and the
+    # journal are idle, and wakes the HTTP caller from there.
+    run_here = (DeviceResponded,)
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)

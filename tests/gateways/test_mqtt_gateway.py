@@ -321,6 +321,27 @@ def test_command_round_trip_over_mqtt(runtime, gateway, device):
     assert stream(runtime)[-2:] == ["CommandSent", "CommandSucceeded"]
 
 
+def test_a_lone_answer_is_handled_on_the_gateways_thread_when_quiet(runtime, gateway, device, monkeypatch):
+    """Nothing else read or waiting, the actor and the journal idle: the device's answer is
+    committed on paho's network thread, without waking the actor's (ActorSystem.tell_many's
+    `here`); the outcome is the same."""
+    online_for_commands(runtime, device)
+    handled_on: list[str] = []
+    real = DeviceActor.handle_DeviceResponded
+    monkeypatch.setattr(DeviceActor, "handle_DeviceResponded",
+                        lambda self, msg: (handled_on.append(threading.current_thread().name), real(self, msg))[1])
+    reply = FutureReply()
+    runtime.system.tell(DeviceActor, (P, D), SendCommand("req-here", "set_target_temperature",
+                                                        {"target_temperature": 21}, 5000, reply=reply))
+    device.inbox.get(timeout=5)
+    time.sleep(0.2)  # the commit of CommandSent is long done: the journal is idle
+    device.send(f"device-agent/{P}/device/{D}/responses", {"code": 0, "msg": "ok", "requestId": "req-here"})
+    assert reply.get(5)["requestId"] == "req-here"
+    assert handled_on == [gateway.client._thread.name]
+    assert stream(runtime)[-2:] == ["CommandSent", "CommandSucceeded"]
+    wait_until(lambda: gateway.stats["acked"] >= 1, 5)
+
+
 def test_a_command_in_flight_when_its_product_is_deleted_still_takes_its_answer(runtime, gateway, device):
     """The device carried it out: its caller hears the answer, not a 504 after the whole
     timeout. Other messages of the deleted product are dropped as unknown_product."""
@@ -614,8 +635,8 @@ def test_a_flood_for_many_devices_is_committed_in_publish_order_and_every_qos1_a
 
     gateway.client.on_read_end = held_hand_over
     tell_many = runtime.system.tell_many
-    monkeypatch.setattr(runtime.system, "tell_many", lambda kind, key, messages: (
-        bursts.append(len(messages)), tell_many(kind, key, messages)))
+    monkeypatch.setattr(runtime.system, "tell_many", lambda kind, key, messages, **kw: (
+        bursts.append(len(messages)), tell_many(kind, key, messages, **kw)))
     batches = runtime.journal.batches
     qos1_mids = []
     try:
@@ -716,9 +737,9 @@ def record_tell_many(runtime, monkeypatch) -> list[tuple[str, list[Any]]]:
     told: list[tuple[str, list[Any]]] = []
     tell_many = runtime.system.tell_many
 
-    def recording(kind, key, messages):
+    def recording(kind, key, messages, **kw):
         told.append((key[1], list(messages)))
-        tell_many(kind, key, messages)
+        tell_many(kind, key, messages, **kw)
 
     monkeypatch.setattr(runtime.system, "tell_many", recording)
     return told
@@ -921,8 +942,8 @@ def test_stop_hands_over_what_the_network_thread_held(runtime, mqtt_broker, monk
     gw.HOLD_MIN, gw.HOLD_SECONDS = 1, 60.0
     flushed_on: list[threading.Thread] = []
     tell_many = runtime.system.tell_many
-    monkeypatch.setattr(runtime.system, "tell_many", lambda kind, key, messages: (
-        flushed_on.append(threading.current_thread()), tell_many(kind, key, messages)))
+    monkeypatch.setattr(runtime.system, "tell_many", lambda kind, key, messages, **kw: (
+        flushed_on.append(threading.current_thread()), tell_many(kind, key, messages, **kw)))
     gw.start()
     dev = DeviceClient(mqtt_broker.port, client_id=f"dev-stop-{time.monotonic_ns()}")
     try:
@@ -951,8 +972,8 @@ def test_a_dropped_connection_hands_over_what_the_network_thread_held(runtime, m
     gw.HOLD_MIN, gw.HOLD_SECONDS = 1, 60.0
     ready_when_told: list[bool] = []
     tell_many = runtime.system.tell_many
-    monkeypatch.setattr(runtime.system, "tell_many", lambda kind, key, messages: (
-        ready_when_told.append(gw._ready.is_set()), tell_many(kind, key, messages)))
+    monkeypatch.setattr(runtime.system, "tell_many", lambda kind, key, messages, **kw: (
+        ready_when_told.append(gw._ready.is_set()), tell_many(kind, key, messages, **kw)))
     gw.start()
     gw.client.reconnect_delay_set(min_delay=0.05, max_delay=0.05)  # a quick reconnect, a quick stop
     dev = DeviceClient(mqtt_broker.port, client_id=f"dev-drop-{time.monotonic_ns()}")
