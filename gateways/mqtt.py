@@ -424,15 +424,21 @@ class MqttGateway:
                         line.add(seq, message)
                     if line.for_product:
                         waiting_for_product.append(key)
-        # A lone message read alone, nothing more waiting to be read: its actor may handle
-        # it on this thread (a device's answer to a command: ActorSystem.tell_many's `here`).
-        # Never when more came or is coming: this thread must not wait on a commit then.
-        here = len(bursts) == 1 and not self.client.input_waiting()
+        # A device's answer read alone, nothing more waiting to be read: its actor may handle
+        # it on this thread (ActorSystem.tell_many's `here`). Never when more came or is
+        # coming: this thread must not wait on a commit then. (The look at the socket is a
+        # system call: only for a message it can matter to.)
+        here = len(bursts) == 1 and self._lone_answer(next(iter(bursts.values()))) \
+            and not self.client.input_waiting()
         for key, items in bursts.items():
             self._tell(key, [message for _, message in items], here=here)
         for key in waiting_for_product:
             if self.runtime.agents.get(key[0]) is not None:  # it showed up: no need to wait for the next look
                 self._release(key)
+
+    @staticmethod
+    def _lone_answer(items: list[tuple[int, Any]]) -> bool:
+        return len(items) == 1 and isinstance(items[0][1], DeviceActor.run_here)
 
     def _tell(self, key: tuple[str, str], messages: list[Any], here: bool = False) -> None:
         try:
