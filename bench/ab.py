@@ -25,13 +25,11 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from rich.table import Table
 
-from bench.commands import COMMAND, HttpClient, _online
+from bench.commands import COMMAND, HttpClient, _online, device_process
 from bench.common import console, pct, wait_until
-from bench.processes import ResponderProcess, SimulatorProcess
 from tests.services import free_port, start_parley, stop_parley
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,21 +59,10 @@ def server(code: Path, broker_url: str, work: Path, label: str, sdk_device: bool
     # `python -m gateways.cli` imports from its working directory first: run it in `code`.
     with contextlib.chdir(code):
         proc = start_parley(data, broker_url, port, client_id=f"ab-{label}-{port}")
-    prefix = f"ab{label}{uuid.uuid4().hex[:4]}"
-    device_process: Any
-    if sdk_device:
-        device = f"{prefix}-001"  # the simulator's name for its first device
-        device_process = SimulatorProcess(devices=1, interval=3600, mqtt_url=broker_url, connections=1,
-                                          response_qos=1, prefix=prefix, state_on_command=True)
-    else:
-        device = prefix
-        base = f"device-agent/thermostat/device/{device}"
-        host, mqtt_port = broker_url.removeprefix("mqtt://").split(":")
-        device_process = ResponderProcess(host, int(mqtt_port), f"{base}/commands", f"{base}/responses",
-                                          online_topics=(f"v1/thermostat/{device}/telemetry",))
+    process, device = device_process(broker_url, f"ab{label}{uuid.uuid4().hex[:4]}", sdk_device)
     client = HttpClient(port)
     try:
-        with device_process:
+        with process:
             if not wait_until(lambda: _online(client, device), 15):
                 raise RuntimeError(f"{label}: the device never showed up online")
             yield client, device

@@ -113,6 +113,20 @@ def _online(client: HttpClient, device_id: str) -> bool:
     return status == 200 and answer["online"]
 
 
+def device_process(broker_url: str, prefix: str, sdk_device: bool) -> tuple[Any, str]:
+    """A thermostat in its own process (not started yet) and its device id: the bare
+    responder of the baseline, or (`sdk_device`) a simulated thermostat that behaves like
+    the generated SDK: status-with-state, state and an event before its response."""
+    device_id = f"{prefix}-001"
+    if sdk_device:
+        return SimulatorProcess(devices=1, interval=3600, mqtt_url=broker_url, connections=1, response_qos=1,
+                                prefix=prefix, state_on_command=True), device_id
+    base = f"device-agent/thermostat/device/{device_id}"
+    host, port = broker_url.removeprefix("mqtt://").split(":")
+    return ResponderProcess(host, int(port), f"{base}/commands", f"{base}/responses",
+                            online_topics=(f"v1/thermostat/{device_id}/telemetry",)), device_id
+
+
 @contextlib.contextmanager
 def parley_server(opts: Options, sdk_device: bool) -> Iterator[tuple[HttpClient, str]]:
     """`parley serve` and a device, each in their own process; yields an HTTP client for
@@ -121,20 +135,12 @@ def parley_server(opts: Options, sdk_device: bool) -> Iterator[tuple[HttpClient,
     status-with-state, state and an event before its response."""
     from tests.services import free_port
 
-    prefix = f"rt{uuid.uuid4().hex[:4]}"
-    device_id = f"{prefix}-001"
-    base = f"device-agent/thermostat/device/{device_id}"
     with store(opts, "commands") as (data_dir, url):
         port = free_port()
         server = start_server(data_dir, opts.broker.url, port, url)
         client = HttpClient(port)
         try:
-            if sdk_device:
-                device: Any = SimulatorProcess(devices=1, interval=3600, mqtt_url=opts.broker.url, connections=1,
-                                               response_qos=1, prefix=prefix, state_on_command=True)
-            else:
-                device = ResponderProcess(opts.broker.host, opts.broker.port, f"{base}/commands",
-                                          f"{base}/responses", online_topics=(f"v1/thermostat/{device_id}/telemetry",))
+            device, device_id = device_process(opts.broker.url, f"rt{uuid.uuid4().hex[:4]}", sdk_device)
             with device:
                 assert wait_until(lambda: _online(client, device_id), 15), "the device never showed up online"
                 yield client, device_id
