@@ -7,6 +7,7 @@ from typing import Any
 from quart import Blueprint
 
 from gateways.http.app import get_runtime, in_thread
+from gateways.http.devices import iso_ms
 
 bp = Blueprint("health", __name__)
 
@@ -21,7 +22,12 @@ async def health() -> dict[str, Any]:
     if failures.failing:
         store["storeError"] = failures.error  # e.g. "database or disk is full"
     stuck = runtime.projections.failing
-    views = {"projectionError": stuck} if stuck else {}  # a view that cannot apply an event
+    views: dict[str, Any] = {"projectionError": stuck} if stuck else {}  # failing now, tried again
+    halted = runtime.projections.halts()
+    if halted:  # views that stopped at an event they cannot apply; the others go on
+        views["haltedViews"] = [
+            {"view": h.view, "position": h.position, "error": h.error, "since": iso_ms(h.halted_ms)}
+            for h in halted]
     return {
         "status": "ok",
         # Views lag the log by a few ms normally; a growing gap means a stuck projection.

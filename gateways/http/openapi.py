@@ -132,6 +132,15 @@ SCHEMAS: dict[str, Any] = {
     "Health": {"type": "object", "properties": {
         "status": {"const": "ok"}, "projectionPosition": INT,
         "projectionOwner": {"type": "boolean", "description": "this process writes the views"},
+        "projectionError": {"type": "string", "description":
+                            "the error the views' next batch failed with; only while it lasts (tried "
+                            "again a second later; the same error again in one view halts that view)"},
+        "haltedViews": {"type": "array", "description": (
+            "only when there are any: views that stopped at an event they cannot apply; their tables "
+            "reflect the log up to position, the other views go on, and each is tried again from "
+            "there when a Parley process next starts writing the views"),
+            "items": {"type": "object", "properties": {
+                "view": STR, "position": INT, "error": STR, "since": {"type": "string", "format": "date-time"}}}},
         "logPosition": INT,
         "storeWritable": {"type": "boolean", "description":
                           "false while the log's commits fail (a full disk, an I/O error); "

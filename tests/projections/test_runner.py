@@ -254,6 +254,22 @@ class TestSharedDatabase:
         (ev,) = b.device_events.recent("thermostat", "d2", 10)
         assert ev.position == pos and b.projections.stored_position() == pos
 
+    def test_a_view_halted_by_the_owner_is_resumed_by_the_process_taking_over(self, two, monkeypatch):
+        a, b = two
+        first = tell(a, ("p", "d5"), lambda r: ReportEvent("before", {}, None, now_ms(), reply=r))
+        assert a.projections.wait_for(first, 5)
+        _failing_apply(monkeypatch, None, RuntimeError("a view bug"))
+        halted_at = tell(a, ("p", "d5"), lambda r: ReportEvent("e", {}, None, now_ms(), reply=r))
+        assert a.projections.wait_for(halted_at, 30) and "device_events" in a.projections.halted
+        assert not b.projections.halted  # a follower writes no table: it has nothing halted
+        monkeypatch.undo()  # b runs a version without the bug
+        a.close()
+        assert wait_until(lambda: b.projections.owner and not b.projections.halted, 15), "b did not resume it"
+        assert _halts(b) == []
+        last = tell(b, ("p", "d5"), lambda r: ReportEvent("after", {}, None, now_ms(), reply=r))
+        assert b.projections.wait_for(last, 10)
+        assert [e.position for e in b.device_events.recent("p", "d5", 10)] == [last, halted_at, first]
+
     def test_two_runners_that_both_think_they_own_never_apply_twice(self, two):
         a, b = two
         b.projections.owner = True  # e.g. a lock connection that died unnoticed
@@ -913,19 +929,125 @@ def test_reads_wait_through_a_failure_the_retry_gets_past(tmp_path, monkeypatch,
         runtime.close()
 
 
+def _failing_follow(monkeypatch) -> list[int]:
+    """The device registry's in-memory mirror fails on every batch from now on."""
+    from projections.device_registry import DeviceRegistry
+
+    calls: list[int] = []
+
+    def follow(self, events):
+        calls.append(len(events))
+        raise RuntimeError("a mirror bug")
+
+    monkeypatch.setattr(DeviceRegistry, "follow", follow)
+    return calls
+
+
 def test_reads_stop_waiting_for_views_stuck_on_an_event(tmp_path, monkeypatch):
-    """The same error again on the retry at the same position: the views cannot get past
-    that event by themselves, and a read no longer waits out its whole wait for them."""
+    """The same error again on the retry at the same position, outside a view's tables (an
+    in-memory mirror): the views cannot get past that event by themselves, and a read no
+    longer waits out its whole wait for them. The tables the batch was written to before
+    the mirror failed are not written twice, and the process keeps them."""
     runtime = make_runtime(tmp_path, None)
     try:
-        calls = _failing_apply(monkeypatch, None, RuntimeError("a view bug"))
+        calls = _failing_follow(monkeypatch)
         pos = tell(runtime, ("p", "d"), lambda r: ReportEvent("e", {}, None, now_ms(), reply=r))
         started = time.monotonic()
         assert not runtime.projections.wait_for(pos, 600)
         assert time.monotonic() - started < 60 and len(calls) >= 2 and runtime.projections.stuck
         assert not runtime.projections.wait_for_committed(600)  # at once now
-        monkeypatch.undo()  # the view fixed: it goes on, and reads wait for it again
+        assert runtime.projections.owner and not runtime.projections.halted
+        monkeypatch.undo()  # the mirror fixed: it goes on, and reads wait for it again
         assert wait_until(lambda: runtime.projections.position >= pos, 30)
         assert not runtime.projections.stuck and runtime.projections.wait_for(pos, 5)
+        assert runtime.projections.owner  # it never lost the views to itself
+        assert [e.position for e in runtime.device_events.recent("p", "d", 10)] == [pos]
+        assert runtime.devices.products_of("d") == ("p",)
+    finally:
+        runtime.close()
+
+
+def _halts(runtime) -> list[tuple]:
+    return runtime.views_db.query("SELECT view, position FROM parley_view_halts WHERE runner = 'views'")
+
+
+def test_a_view_that_cannot_apply_an_event_is_halted_and_the_others_go_on(tmp_path, monkeypatch):
+    """The events view fails on a batch, again on the retry: it stops at the position its
+    table reflects (recorded with the others' next batch), and the registry, the agents and
+    every read go on; nothing waits for the halted view."""
+    runtime = make_runtime(tmp_path, None)
+    try:
+        first = tell(runtime, ("p", "d"), lambda r: ReportEvent("before", {}, None, now_ms(), reply=r))
+        assert runtime.projections.wait_for(first, 5)
+        calls = _failing_apply(monkeypatch, None, RuntimeError("a view bug"))
+        pos = tell(runtime, ("p", "d"), lambda r: ReportEvent("e", {"n": 1}, 5, now_ms(), reply=r))
+        started = time.monotonic()
+        assert runtime.projections.wait_for(pos, 30)  # the other views went on
+        assert time.monotonic() - started < 10 and len(calls) == 2  # tried twice, then halted
+        halt = runtime.projections.halted["device_events"]
+        assert (halt.position, halt.error) == (first, "RuntimeError('a view bug')")
+        assert _halts(runtime) == [("device_events", first)]
+        assert not runtime.projections.stuck and not runtime.projections.failing
+        later = tell(runtime, ("p", "d"), lambda r: ReportTelemetry("state", None, {"t": 2}, None, now_ms(), reply=r))
+        assert runtime.projections.wait_for_committed(5) and runtime.projections.position >= later
+        assert runtime.devices.find("d")[0].state == {"t": 2}  # the registry follows the log
+        assert [e.name for e in runtime.device_events.recent("p", "d", 10)] == ["before"]  # stopped
+        assert len(calls) == 2  # a halted view is not tried on later batches
+    finally:
+        runtime.close()
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+def test_a_halted_view_catches_up_from_where_it_stopped_at_the_next_start(tmp_path, monkeypatch, request, store):
+    url = request.getfixturevalue("pg_database") if store == "postgres" else None
+    runtime = make_runtime(tmp_path, url)
+    try:
+        first = tell(runtime, ("p", "d"), lambda r: ReportEvent("before", {}, None, now_ms(), reply=r))
+        assert runtime.projections.wait_for(first, 5)
+        _failing_apply(monkeypatch, None, RuntimeError("a view bug"))
+        positions = [tell(runtime, ("p", "d"), lambda r, i=i: ReportEvent(f"e{i}", {}, None, now_ms(), reply=r))
+                     for i in range(3)]
+        assert runtime.projections.wait_for(positions[-1], 30)
+        assert "device_events" in runtime.projections.halted
+    finally:
+        runtime.close()
+    # Started again with the bug still there: it stays halted, the server starts all the same.
+    runtime = make_runtime(tmp_path, url)
+    try:
+        assert runtime.projections.halted["device_events"].position == first
+        more = tell(runtime, ("p", "d"), lambda r: ReportEvent("e3", {}, None, now_ms(), reply=r))
+        assert runtime.projections.wait_for(more, 10)
+        positions.append(more)
+        assert [e.name for e in runtime.device_events.recent("p", "d", 10)] == ["before"]
+    finally:
+        runtime.close()
+    monkeypatch.undo()  # a version without the bug
+    runtime = make_runtime(tmp_path, url)
+    try:
+        assert not runtime.projections.halted and _halts(runtime) == []
+        got = runtime.device_events.recent("p", "d", 10)
+        assert [e.position for e in got] == [*reversed(positions), first]  # each once, in order
+        last = tell(runtime, ("p", "d"), lambda r: ReportEvent("e4", {}, None, now_ms(), reply=r))
+        assert runtime.projections.wait_for(last, 5)
+        assert runtime.device_events.recent("p", "d", 1)[0].position == last  # back with the others
+    finally:
+        runtime.close()
+
+
+def test_a_view_failing_on_an_event_at_start_is_halted_there(tmp_path, monkeypatch):
+    """A log whose events a view cannot apply (written by a version without the bug, say)
+    does not keep the server from starting: catching up at start halts that view too."""
+    runtime = make_runtime(tmp_path, None)
+    try:
+        runtime.projections.stop()  # the log moves on without the views
+        pos = tell(runtime, ("p", "d"), lambda r: ReportEvent("e", {}, None, now_ms(), reply=r))
+    finally:
+        runtime.close()
+    _failing_apply(monkeypatch, None, __import__("sqlite3").IntegrityError("UNIQUE constraint failed"))
+    runtime = make_runtime(tmp_path, None)
+    try:
+        assert runtime.projections.position >= pos
+        assert runtime.projections.halted["device_events"].position < pos
+        assert runtime.devices.find("d")[0].device_id == "d"
     finally:
         runtime.close()
