@@ -967,6 +967,20 @@ def test_reads_stop_waiting_for_views_stuck_on_an_event(tmp_path, monkeypatch):
         runtime.close()
 
 
+def test_the_database_failing_again_and_again_halts_no_view(tmp_path, monkeypatch):
+    """A database that is locked (or down) fails every view alike, and is not the view's
+    fault: the batch is tried every second until it goes through, the view is not halted."""
+    runtime = make_runtime(tmp_path, None)
+    try:
+        calls = _failing_apply(monkeypatch, 3, __import__("sqlite3").OperationalError("database is locked"))
+        pos = tell(runtime, ("p", "d"), lambda r: ReportEvent("e", {}, None, now_ms(), reply=r))
+        assert runtime.projections.wait_for(pos, 30)
+        assert len(calls) == 4 and not runtime.projections.halted and not runtime.projections.stuck
+        assert [e.position for e in runtime.device_events.recent("p", "d", 10)] == [pos]
+    finally:
+        runtime.close()
+
+
 def _halts(runtime) -> list[tuple]:
     return runtime.views_db.query("SELECT view, position FROM parley_view_halts WHERE runner = 'views'")
 
