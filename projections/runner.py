@@ -385,7 +385,6 @@ class ProjectionRunner:
         loaded from its tables (at start) and follows those events again (idempotent). The
         owner also applies them, trying the view again: one that gets there rejoins the
         others; one that fails again stays halted where it got to."""
-        self._resume_due = False
         target, owner = self.position, self.owner
         for name, halt in list(self.halted.items()):
             view = next(v for v in self.views if v.name == name)
@@ -403,6 +402,12 @@ class ProjectionRunner:
                     try:
                         self._apply_halted(view, position, last, mine, done)
                         position = last
+                        # Where its tables are now, should this be interrupted (the
+                        # database gone, a mirror failing) and begun again.
+                        if done:
+                            del self.halted[name]
+                        else:
+                            self.halted[name] = Halt(name, position, halt.error, halt.halted_ms)
                     except Exception as exc:
                         if _transient(exc):
                             raise  # the database, not the view: retried as any step is
@@ -417,12 +422,12 @@ class ProjectionRunner:
             if not owner:
                 continue
             if error is None:
-                del self.halted[name]
                 view.tables_at = target
                 log.info("projection.view_resumed", runner=self.name, view=name, from_position=halt.position,
                          position=target)
             else:
                 self.halted[name] = Halt(name, position, repr(error), halt.halted_ms)
+        self._resume_due = False  # (left set if this raised: begun again at the next step)
 
     def _apply_halted(self, view: View, position: int, last: int, events: list[LoggedEvent], done: bool) -> None:
         """Apply a halted view's next `events` (after `position`, up to `last`) in a transaction

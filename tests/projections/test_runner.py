@@ -1065,3 +1065,73 @@ def test_a_view_failing_on_an_event_at_start_is_halted_there(tmp_path, monkeypat
         assert runtime.devices.find("d")[0].device_id == "d"
     finally:
         runtime.close()
+
+
+def test_a_resume_cut_short_by_the_database_goes_on_from_where_it_got(tmp_path, monkeypatch):
+    """Catching a halted view up is batch by batch, each moving its halt in the same
+    transaction: the database failing in the middle (a transient error, raised like any
+    step's) leaves the halt where the tables are, and the next try goes on from there,
+    every event applied once."""
+    import sqlite3
+
+    from eventstore import EventLog, Journal, StoreConfig
+    from actors.device.aggregate import Device
+    from projections.db import ViewDatabase
+    from projections.device_events import DeviceEvents
+    from projections.device_registry import DeviceRegistry
+    from projections.runner import ProjectionRunner
+
+    store = StoreConfig.resolve(tmp_path, None)
+    log, db = EventLog(store), ViewDatabase(store)
+    journal = Journal(log)
+
+    def runner() -> tuple[ProjectionRunner, DeviceEvents]:
+        registry = DeviceRegistry(db)
+        events = DeviceEvents(db, registry)
+        return ProjectionRunner(log, db, [registry, events], batch=5, poll_interval=3600), events
+
+    device = Device(product_id="p", device_id="d")
+
+    def report(n: int) -> list[int]:
+        out = []
+        for i in range(n):
+            device.report_event(f"e{i}", {"i": i}, None, now_ms(), None)
+            out += journal.commit(device.collect_events())
+        return out
+
+    a, _ = runner()
+    try:
+        first = report(1)
+        a.catch_up()
+        _failing_apply(monkeypatch, None, RuntimeError("a view bug"))
+        positions = first + report(12)
+        a.catch_up()
+        assert a.halted["device_events"].position == first[-1] and a.position == positions[-1]
+    finally:
+        a.stop()
+    monkeypatch.undo()
+    b, events_view = runner()
+    real, calls = ProjectionRunner._apply_halted, []
+
+    def apply_halted(self, *args):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise sqlite3.OperationalError("database is locked")
+        return real(self, *args)
+
+    monkeypatch.setattr(ProjectionRunner, "_apply_halted", apply_halted)
+    try:
+        with pytest.raises(sqlite3.OperationalError):
+            b.catch_up()
+        moved = b.halted["device_events"].position
+        assert first[-1] < moved < positions[-1]  # one batch in, and recorded so
+        assert db.query("SELECT position FROM parley_view_halts WHERE view = 'device_events'") == [(moved,)]
+        assert b.catch_up() == positions[-1] and not b.halted
+        assert db.query("SELECT count(*) FROM parley_view_halts") == [(0,)]
+        got = [e.position for e in events_view.recent("p", "d", 100)]
+        assert got == sorted(positions[1:], reverse=True)  # each event once (not the registration)
+    finally:
+        b.stop()
+        journal.close()
+        db.close()
+        log.close()
