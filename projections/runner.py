@@ -362,12 +362,13 @@ class ProjectionRunner:
         "stuck" (the same, outside a view's `apply`: a read, a mirror), or "retry"."""
         view = self._applying
         self._applying = None
+        if repr(exc) != self._failing:  # the traceback once
+            log.exception("projection.apply_failed", runner=self.name, position=self.position,
+                          view=view.name if view is not None else None)
         with self._cond:
             again = repr(exc) == self._failing and self.position == self._failed_at
             self._failed_at = self.position
-            if repr(exc) != self._failing:
-                log.exception("projection.apply_failed", runner=self.name, position=self.position,
-                              view=view.name if view is not None else None)
+            if not again:
                 self._failing, self._failing_logged = repr(exc), time.monotonic()
             if not again or _transient(exc):
                 return "retry"
