@@ -360,6 +360,42 @@ class AggregateActor(pykka.ThreadingActor, ABC):
             return False
         return not self._foldable(head)
 
+    def folds(self, message: Any) -> bool:
+        """Whether `message`, queued right behind a burst nobody is acknowledged on, may be
+        handled at once and commit the burst's events with its own (one commit instead of
+        two). Its handler must commit whatever is pending."""
+        return False
+
+    def _take_folding(self) -> Any | None:
+        """The inbox's next entry, taken out, if `folds` says it may join the burst's commit."""
+        inbox = self.actor_inbox
+        try:
+            head = inbox.queue[0]  # only this thread consumes, so the head stays put
+        except IndexError:
+            return None
+        if head.reply_to is not None or not self.folds(untraced(head.message)):
+            return None
+        try:
+            return inbox.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _fold(self, accepted: list[Any], envelope: Any) -> None:
+        """Handle the folded message (its handler commits the burst's events with its own),
+        then answer the burst: committed, or not. Not if the state was rebuilt from the log
+        meanwhile (a failed commit, a version conflict: a new aggregate, without the
+        burst's events) or the events are still pending (nothing committed them)."""
+        before = self.aggregate
+        self.on_receive(envelope.message)
+        committed = self.aggregate is before and before is not None \
+            and not getattr(before, "_pending_events", None)
+        error = Unavailable(f"not committed: the {self.kind}'s next message failed")
+        for m in accepted:
+            if committed:
+                m.reply.ok(None)
+            else:
+                m.reply.fail(error)
+
     def _handler(self, message: Any) -> Any:
         return getattr(self, "handle_" + type(message).__name__, None)
 
@@ -434,11 +470,18 @@ class AggregateActor(pykka.ThreadingActor, ABC):
                 # (bench.ab, three rounds). More reports queued behind do not count:
                 # their bursts go to the journal as before, grouped with other devices'
                 # (committed here one device at a time, under thousands of reporting
-                # devices the server fell behind in 3 of 5 runs).
+                # devices the server fell behind in 3 of 5 runs). If that message is one
+                # the actor folds in (`folds`: a device's answer to a command a caller here
+                # waits for), it is handled now and its commit takes the burst's events
+                # with its own: one commit, one flush (SDK-like device, bench.ab --device
+                # sdk: -0.470, -0.433, -0.485 ms).
                 acknowledged = any(_acknowledged(m) for m in accepted)
+                folding = None
                 if not wait and not acknowledged and not self._other_message_waits():
                     self._commit_unawaited(accepted)
                     positions = []
+                elif not wait and not acknowledged and (folding := self._take_folding()) is not None:
+                    positions = []  # committed by `folding`'s handler, with its own events
                 else:
                     positions = self.commit(sync=acknowledged)
             except RecordConflictError:
@@ -463,6 +506,9 @@ class AggregateActor(pykka.ThreadingActor, ABC):
                 return
             for m, exc in refused:
                 self.on_refused(m, exc)
+            if folding is not None:
+                self._fold(accepted, folding)
+                return
             position = positions[-1] if positions else None
             for m in accepted:
                 m.reply.ok(position)

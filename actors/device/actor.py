@@ -195,6 +195,12 @@ class DeviceActor(AggregateActor):
         self.aggregate.command_undelivered(request_id, reason)
         self.commit(urgent=True)  # its caller waits
 
+    def folds(self, message: Any) -> bool:
+        # A device's answer to a command this process waits on, right behind the reports the
+        # device sent before answering (the generated SDK sends its state first): one commit.
+        return isinstance(message, DeviceResponded) and self.aggregate is not None \
+            and message.request_id in self.aggregate.pending and message.request_id in self.waiters
+
     def handle_DeviceResponded(self, msg: DeviceResponded) -> None:
         device = self.aggregate
         if device is None or msg.request_id not in device.pending:

@@ -565,6 +565,64 @@ class TestDeviceActor:
         assert wait_until(lambda: handed == [1, 1, 1], 5)
         assert wait_until(lambda: [s["t"] for s in _stored_states(log)] == [1, 2, 3, 4, 5], 5)
 
+    def _answer_behind_reports(self, system, link, gate):
+        """A command in flight; the actor held; two QoS 0 reports and the device's answer
+        queued behind the hold, as an SDK-like device sends them. Returns (the command's
+        reply, the reports' replies, the answer's reply)."""
+        link.answer = None
+        online(system)
+        command = FutureReply()
+        system.tell(DeviceActor, KEY, SendCommand("rq-fold", "set_target_temperature",
+                                                  {"target_temperature": 22}, 5000, reply=command))
+        assert wait_until(lambda: len(link.published) == 1, 5)
+        system.tell(DeviceActor, KEY, Hold(gate))
+        reports = [_Counted(), _Counted()]
+        for t, reply in zip((1, 2), reports):
+            system.tell(DeviceActor, KEY, ReportTelemetry("state", None, {"t": t}, None, now_ms(), reply=reply))
+        acked = FutureReply()
+        system.tell(DeviceActor, KEY, DeviceResponded("rq-fold", 0, "ok", {}, now_ms(), reply=acked))
+        return command, reports, acked
+
+    def test_an_answer_behind_reports_commits_them_with_it(self, parts, monkeypatch):
+        """The reports a device sends before answering a command, and the answer: one
+        commit, in the order they came, flushed before the caller hears."""
+        system, log, link = parts
+        gate = threading.Event()
+        command, reports, acked = self._answer_behind_reports(system, link, gate)
+        appends: list[list[str]] = []
+        append = log.append
+        monkeypatch.setattr(log, "append", lambda events, **kw: (
+            appends.append([type(e).__name__ for e in events]), append(events, **kw))[1])
+        gate.set()
+        assert command.get(5)["code"] == 0 and isinstance(acked.get(5), int)
+        assert appends == [["StateReported", "StateReported", "CommandSucceeded"]]
+        assert [s["t"] for s in _stored_states(log)] == [1, 2]
+        assert not any(r.failed for r in reports)
+
+    def test_reports_folded_into_a_failed_answer_are_counted_lost(self, parts, monkeypatch):
+        """The answer's commit fails (with the reports' events in it): the reports are
+        answered with the failure (QoS 0: counted lost, not tried again), the answer too
+        (QoS 1: its sender tries again), and the state is rebuilt from the log."""
+        system, log, link = parts
+        gate = threading.Event()
+        command, reports, acked = self._answer_behind_reports(system, link, gate)
+        append, failures = log.append, [2]  # the commit, and the journal's one retry of it
+
+        def flaky(events, **kw):
+            if failures[0]:
+                failures[0] -= 1
+                raise OSError("disk I/O error")
+            return append(events, **kw)
+
+        monkeypatch.setattr(log, "append", flaky)
+        gate.set()
+        with pytest.raises(Unavailable):
+            acked.get(5)
+        assert all(len(r.failed) == 1 for r in reports)
+        assert _stored_states(log) == []
+        assert ask(system, lambda r: ReportTelemetry("state", None, {"t": 3}, None, now_ms(), reply=r))
+        assert [s["t"] for s in _stored_states(log)] == [3]
+
     def test_a_report_commit_that_failed_unawaited_is_handled_again(self, parts, monkeypatch):
         """The write of a QoS 0 burst fails (the store hiccupped: its transaction and the
         journal's retry alone): nobody hears of it, but the actor does, before anything
