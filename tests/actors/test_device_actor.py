@@ -606,15 +606,7 @@ class TestDeviceActor:
         system, log, link = parts
         gate = threading.Event()
         command, reports, acked = self._answer_behind_reports(system, link, gate)
-        append, failures = log.append, [2]  # the commit, and the journal's one retry of it
-
-        def flaky(events, **kw):
-            if failures[0]:
-                failures[0] -= 1
-                raise OSError("disk I/O error")
-            return append(events, **kw)
-
-        monkeypatch.setattr(log, "append", flaky)
+        _fail_appends(monkeypatch, log, 2)  # the commit, and the journal's one retry of it
         gate.set()
         with pytest.raises(Unavailable):
             acked.get(5)
@@ -629,16 +621,7 @@ class TestDeviceActor:
         else; it rebuilds its state from the log and handles the burst again."""
         system, log, _ = parts
         online(system)
-        failures = [2]
-        append = log.append
-
-        def flaky(events, **kw):
-            if failures[0]:
-                failures[0] -= 1
-                raise OSError("disk I/O error")
-            return append(events, **kw)
-
-        monkeypatch.setattr(log, "append", flaky)
+        _fail_appends(monkeypatch, log, 2)
         with structlog.testing.capture_logs() as logs:
             system.tell(DeviceActor, KEY, ReportTelemetry("state", None, {"t": 1}, None, now_ms()))
             assert wait_until(lambda: [s.get("t") for s in _stored_states(log)] == [1], 5)
@@ -935,6 +918,19 @@ class _Counted(NoReply):
 
 def _raise(exc: Exception) -> Any:
     raise exc
+
+
+def _fail_appends(monkeypatch: Any, log: EventLog, times: int) -> None:
+    """The log's next `times` appends fail, as a store that hiccups; then it works."""
+    append, left = log.append, [times]
+
+    def flaky(events: Any, **kw: Any) -> Any:
+        if left[0]:
+            left[0] -= 1
+            raise OSError("disk I/O error")
+        return append(events, **kw)
+
+    monkeypatch.setattr(log, "append", flaky)
 
 
 def _report_unawaited(system: ActorSystem, monkeypatch: Any, reply: Any = None) -> None:
