@@ -332,11 +332,8 @@ class AggregateActor(pykka.ThreadingActor, ABC):
         inbox = self.actor_inbox
         out: list[Any] = []
         while have + len(out) < self.max_batch:
-            try:
-                head = inbox.queue[0]  # only this thread consumes, so the head stays put
-            except IndexError:
-                break
-            if not self._foldable(head):
+            head = self._inbox_head()
+            if head is None or not self._foldable(head):
                 break
             try:
                 inbox.get_nowait()
@@ -344,6 +341,14 @@ class AggregateActor(pykka.ThreadingActor, ABC):
                 break
             out.extend(unpacked(untraced(head.message)))
         return out
+
+    def _inbox_head(self) -> Any | None:
+        """The inbox's next entry, left in place (only this thread takes from the inbox, so
+        it stays put), or None."""
+        try:
+            return self.actor_inbox.queue[0]
+        except IndexError:
+            return None
 
     def _foldable(self, envelope: Any) -> bool:
         """Whether an inbox entry may join a burst: a batchable message (or a burst of them)
@@ -354,34 +359,27 @@ class AggregateActor(pykka.ThreadingActor, ABC):
         """Whether the inbox's next entry is a message a burst could not take (a device's
         answer to a command, a command, a stop), whose handling will begin by waiting for
         the burst's commit."""
-        try:
-            head = self.actor_inbox.queue[0]  # only this thread consumes, so the head stays put
-        except IndexError:
-            return False
-        return not self._foldable(head)
+        head = self._inbox_head()
+        return head is not None and not self._foldable(head)
 
-    def folds(self, message: Any) -> bool:
+    def joins_commit(self, message: Any) -> bool:
         """Whether `message`, queued right behind a burst nobody is acknowledged on, may be
-        handled at once and commit the burst's events with its own (one commit instead of
-        two). Its handler must commit whatever is pending."""
+        handled at once, its commit taking the burst's events with its own (one commit
+        instead of two). Its handler must then commit whatever is pending."""
         return False
 
-    def _take_folding(self) -> Any | None:
-        """The inbox's next entry, taken out, if `folds` says it may join the burst's commit."""
-        inbox = self.actor_inbox
-        try:
-            head = inbox.queue[0]  # only this thread consumes, so the head stays put
-        except IndexError:
-            return None
-        if head.reply_to is not None or not self.folds(untraced(head.message)):
+    def _take_joining(self) -> Any | None:
+        """The inbox's next entry, taken out, if `joins_commit` says it may."""
+        head = self._inbox_head()
+        if head is None or head.reply_to is not None or not self.joins_commit(untraced(head.message)):
             return None
         try:
-            return inbox.get_nowait()
+            return self.actor_inbox.get_nowait()
         except queue.Empty:
             return None
 
-    def _fold(self, accepted: list[Any], envelope: Any) -> None:
-        """Handle the folded message (its handler commits the burst's events with its own),
+    def _handle_joining(self, accepted: list[Any], envelope: Any) -> None:
+        """Handle the joining message (its handler commits the burst's events with its own),
         then answer the burst: committed, or not. Not if the state was rebuilt from the log
         meanwhile (a failed commit, a version conflict: a new aggregate, without the
         burst's events) or the events are still pending (nothing committed them)."""
@@ -470,18 +468,19 @@ class AggregateActor(pykka.ThreadingActor, ABC):
                 # (bench.ab, three rounds). More reports queued behind do not count:
                 # their bursts go to the journal as before, grouped with other devices'
                 # (committed here one device at a time, under thousands of reporting
-                # devices the server fell behind in 3 of 5 runs). If that message is one
-                # the actor folds in (`folds`: a device's answer to a command a caller here
-                # waits for), it is handled now and its commit takes the burst's events
+                # devices the server fell behind in 3 of 5 runs). If that message may join
+                # the burst's commit (`joins_commit`: a device's answer to a command a caller
+                # here waits for), it is handled now and its commit takes the burst's events
                 # with its own: one commit, one flush (SDK-like device, bench.ab --device
                 # sdk: -0.470, -0.433, -0.485 ms).
                 acknowledged = any(_acknowledged(m) for m in accepted)
-                folding = None
-                if not wait and not acknowledged and not self._other_message_waits():
+                unawaited = not wait and not acknowledged
+                joining = None
+                if unawaited and not self._other_message_waits():
                     self._commit_unawaited(accepted)
                     positions = []
-                elif not wait and not acknowledged and (folding := self._take_folding()) is not None:
-                    positions = []  # committed by `folding`'s handler, with its own events
+                elif unawaited and (joining := self._take_joining()) is not None:
+                    positions = []  # committed by `joining`'s handler, with its own events
                 else:
                     positions = self.commit(sync=acknowledged)
             except RecordConflictError:
@@ -506,8 +505,8 @@ class AggregateActor(pykka.ThreadingActor, ABC):
                 return
             for m, exc in refused:
                 self.on_refused(m, exc)
-            if folding is not None:
-                self._fold(accepted, folding)
+            if joining is not None:
+                self._handle_joining(accepted, joining)
                 return
             position = positions[-1] if positions else None
             for m in accepted:

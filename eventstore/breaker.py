@@ -85,6 +85,22 @@ def is_database_error(exc: BaseException) -> bool:
         or type(exc).__module__.split(".")[0] in ("psycopg", "psycopg_pool", "sqlite3")
 
 
+def is_data_error(exc: BaseException) -> bool:
+    """An error the database raises about what it was given (a constraint, a value out of a
+    column's range), which the same statement meets again every time; not one about the
+    database itself (down, locked, full)."""
+    import sqlite3
+
+    if isinstance(exc, (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.ProgrammingError)):
+        return True
+    if type(exc).__module__.split(".")[0] != "psycopg" or store_down(exc):
+        return False
+    import psycopg
+
+    return isinstance(exc, (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError,
+                            psycopg.NotSupportedError))
+
+
 class StoreBreaker:
     PROBE_INTERVAL_S = 1.0
     PROBE_TIMEOUT_S = 2  # psycopg's connect_timeout: whole seconds

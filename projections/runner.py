@@ -24,7 +24,6 @@ cause is fixed (a new version), it catches up and rejoins the others.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from collections import deque
@@ -34,7 +33,7 @@ from dataclasses import dataclass
 import structlog
 
 from eventstore import EventLog, LoggedEvent, StoreUnavailable
-from eventstore.breaker import is_database_error, store_down
+from eventstore.breaker import is_data_error, is_database_error
 from projections.db import Cursor, ViewDatabase
 from projections.view import View
 
@@ -59,21 +58,7 @@ class Halt:
 
 def _transient(exc: BaseException) -> bool:
     """A failure of the database itself, which the same batch may get past later."""
-    return is_database_error(exc) and not _data_error(exc)
-
-
-def _data_error(exc: BaseException) -> bool:
-    """An error the database raises about what it was given (a value out of range, a
-    constraint), which the same batch meets again every time; not one about the database
-    itself (down, locked, full)."""
-    if isinstance(exc, (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.ProgrammingError)):
-        return True
-    if type(exc).__module__.split(".")[0] != "psycopg" or store_down(exc):
-        return False
-    import psycopg
-
-    return isinstance(exc, (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError,
-                            psycopg.NotSupportedError))
+    return is_database_error(exc) and not is_data_error(exc)
 
 
 class ProjectionRunner:
@@ -228,8 +213,6 @@ class ProjectionRunner:
         failures = 0
         while True:
             try:
-                if self._resume_due:
-                    self._resume()
                 if not self.step():
                     self._failing = ""
                     return self.position
@@ -244,6 +227,8 @@ class ProjectionRunner:
     def step(self) -> int:
         if not self.owner and time.monotonic() >= self._next_claim:
             self._take_over()
+        if self._resume_due:  # halted views: at start, and after taking the views over
+            self._resume()
         events = self._take_fed()
         if not events:
             events = self.log.read_all(self.position, self.batch)
@@ -484,8 +469,6 @@ class ProjectionRunner:
             self._wake.clear()
             self._urgent.clear()
             try:
-                if self._resume_due:
-                    self._resume()
                 while not self._stopped.is_set() and self.step():
                     pass
             except StoreUnavailable:

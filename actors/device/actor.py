@@ -195,9 +195,11 @@ class DeviceActor(AggregateActor):
         self.aggregate.command_undelivered(request_id, reason)
         self.commit(urgent=True)  # its caller waits
 
-    def folds(self, message: Any) -> bool:
+    def joins_commit(self, message: Any) -> bool:
         # A device's answer to a command this process waits on, right behind the reports the
         # device sent before answering (the generated SDK sends its state first): one commit.
+        # Pending in the log too: an answer the actor does not know would make its handler
+        # catch up with the log, and that reload would drop the reports' pending events.
         return isinstance(message, DeviceResponded) and self.aggregate is not None \
             and message.request_id in self.aggregate.pending and message.request_id in self.waiters
 
