@@ -1,5 +1,5 @@
-"""Two gaps in hypercorn 0.18's HTTP/1.1 server, closed for Parley's HTTP API, and one write
-saved per response.
+"""Two gaps in hypercorn 0.18's HTTP/1.1 server, closed for Parley's HTTP API, and work saved
+per response.
 
 1. A client that stops reading holds its connection forever, and holds up shutdown too.
    hypercorn writes every response shielded from cancellation (`TCPServer.protocol_send`)
@@ -20,15 +20,28 @@ saved per response.
    response whose body came slowly would hold its head until the first chunk; Parley
    serves none.)
 
+4. hypercorn's keep-alive timer is a task it cancels when a request starts and starts anew
+   when the response has gone out: each is a few passes of trio's scheduler and a task,
+   on the connection's path between a request's bytes and the app, and after the response
+   while the client may already send its next request. `IdleDeadline` keeps one task per
+   connection and moves its deadline instead (the same closes: idle for the keep-alive
+   timeout, or idle at shutdown).
+5. Each write took hypercorn's send lock with a pass of the scheduler before the bytes
+   went out, and a sized response's end (no bytes) took the lock and a pass too.
+   `StallBoundedTCPServer` takes a free lock at once and writes nothing for no bytes.
+   With 4., `bench.ab`: -0.03, -0.13, -0.10 ms per command (bench/notes.md).
+
 hypercorn has no hook for any of these, so `install()` puts the two subclasses where hypercorn
 looks them up when a connection starts (`hypercorn.trio.run.TCPServer`,
-`hypercorn.protocol.H11Protocol`). hypercorn is pinned to 0.18 in pyproject.toml for this,
-and tests/gateways/test_hypercorn_fixes.py covers both over real sockets.
+`hypercorn.protocol.H11Protocol`). hypercorn is pinned to 0.18 in pyproject.toml for this;
+tests/gateways/test_hypercorn_fixes.py and (the keep-alive timer)
+tests/gateways/test_http_server.py cover them over real sockets.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from http import HTTPStatus
 from typing import Any
 
@@ -53,12 +66,65 @@ WRITE_STALL_S = 5.0
 WRITE_CHUNK = 64 * 1024
 
 
+class IdleDeadline:
+    """hypercorn's keep-alive timer for one connection (4. above), in place of its
+    `TrioSingleTask`: hypercorn calls `restart` when the connection goes idle and `stop`
+    when a request starts. One task per connection waits under a cancel scope whose
+    deadline these two move, where hypercorn cancelled a task at each request and started
+    a new one after each response. What it does is hypercorn's `TCPServer._idle_timeout`:
+    an idle connection is closed when the keep-alive timeout passes, or at once when the
+    server shuts down."""
+
+    def __init__(self, server: TCPServer) -> None:
+        self.server = server
+        self.scope: trio.CancelScope | None = None
+        self.idle = False
+        self._idle_again: trio.Event | None = None  # waited on only while shutting down
+
+    async def restart(self, task_group: Any, action: Any) -> None:
+        self.idle = True
+        if self.scope is None:
+            self.scope = await task_group._nursery.start(self._watch)
+        self.scope.deadline = trio.current_time() + self.server.config.keep_alive_timeout
+        if self._idle_again is not None:
+            self._idle_again.set()
+
+    async def stop(self) -> None:
+        self.idle = False
+        if self.scope is not None:
+            self.scope.deadline = math.inf
+
+    async def _watch(self, task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as scope:
+            task_status.started(scope)
+            await self.server.context.terminated.wait()
+            # Shutting down in the middle of a request: the end of its response closes the
+            # connection (hypercorn's H11Protocol._maybe_recycle), or it goes idle first.
+            while not self.idle:
+                self._idle_again = trio.Event()
+                await self._idle_again.wait()
+        with trio.CancelScope(shield=True):
+            await self.server._initiate_server_close()
+
+
 class StallBoundedTCPServer(TCPServer):
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.idle_task = IdleDeadline(self)
+
     async def protocol_send(self, event: Event) -> None:
         if not isinstance(event, RawData):
             await super().protocol_send(event)
             return
-        async with self.send_lock:
+        if not event.data:
+            return  # a sized response's end (h11's EndOfMessage) is no bytes: nothing to write
+        # The lock taken without a pass of trio's scheduler when nobody holds it (5. above):
+        # the response goes out now; the write's own checkpoint follows it.
+        try:
+            self.send_lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self.send_lock.acquire()
+        try:
             data = memoryview(event.data)
             try:
                 # Shielded as in hypercorn (a cancelled write would leave half a response
@@ -74,6 +140,8 @@ class StallBoundedTCPServer(TCPServer):
                 await self.protocol.handle(Closed())
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 await self.protocol.handle(Closed())
+        finally:
+            self.send_lock.release()
 
 
 def _peer(stream: object) -> str:

@@ -25,6 +25,11 @@ def make_app() -> QuartTrio:
     async def ping() -> str:
         return "pong"
 
+    @app.route("/slow")
+    async def slow() -> str:  # busier than the keep-alive timeout is long
+        await trio.sleep(KEEP_ALIVE * 2)
+        return "pong"
+
     return app
 
 
@@ -37,9 +42,9 @@ async def port() -> AsyncIterator[int]:
         nursery.cancel_scope.cancel()
 
 
-def request(close: bool) -> bytes:
+def request(close: bool, path: bytes = b"/ping") -> bytes:
     conn = b"Connection: close\r\n" if close else b""
-    return b"GET /ping HTTP/1.1\r\nHost: test\r\n" + conn + b"\r\n"
+    return b"GET " + path + b" HTTP/1.1\r\nHost: test\r\n" + conn + b"\r\n"
 
 
 async def read_response(stream: trio.SocketStream, buf: bytearray) -> bytes:
@@ -94,3 +99,60 @@ async def test_keep_alive_serves_two_requests(port: int) -> None:
             await stream.send_all(request(close=False))
             with trio.fail_after(2):
                 assert await read_response(stream, buf) == b"pong"
+
+
+# The keep-alive timer (gateways/hypercorn_fixes.py, IdleDeadline) counts idleness only:
+# from the connection's start or its last response, never across a request.
+
+async def test_a_connection_that_never_sends_is_closed_after_the_keep_alive_timeout(port: int) -> None:
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        start = trio.current_time()
+        assert await closed_by_server(stream, within=KEEP_ALIVE + 3.0)
+        assert trio.current_time() - start >= KEEP_ALIVE * 0.8
+
+
+async def test_requests_closer_together_than_the_timeout_keep_the_connection(port: int) -> None:
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        buf = bytearray()
+        for _ in range(6):  # 6 x 0.6 of the timeout: longer than it, never idle that long
+            await trio.sleep(KEEP_ALIVE * 0.6)
+            await stream.send_all(request(close=False))
+            with trio.fail_after(2):
+                assert await read_response(stream, buf) == b"pong"
+        assert await closed_by_server(stream, within=KEEP_ALIVE + 3.0)
+
+
+async def test_a_request_busier_than_the_timeout_keeps_its_connection(port: int) -> None:
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        buf = bytearray()
+        for path in (b"/slow", b"/ping"):
+            await stream.send_all(request(close=False, path=path))
+            with trio.fail_after(KEEP_ALIVE * 2 + 2):
+                assert await read_response(stream, buf) == b"pong"
+
+
+async def test_shutdown_closes_an_idle_keep_alive_connection_at_once() -> None:
+    async with trio.open_nursery() as nursery:
+        serve = partial(serve_http, keep_alive_timeout=30.0)
+        port = await nursery.start(serve, make_app(), "127.0.0.1", 0)
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(request(close=False))
+            assert await read_response(stream, bytearray()) == b"pong"
+            start = trio.current_time()
+            nursery.cancel_scope.cancel()  # serve_http's graceful shutdown
+            with trio.CancelScope(shield=True):
+                assert await closed_by_server(stream, within=5.0)
+            assert trio.current_time() - start < 5.0  # not the 30 s keep-alive
+
+
+async def test_shutdown_in_the_middle_of_a_request_answers_it_then_closes() -> None:
+    async with trio.open_nursery() as nursery:
+        serve = partial(serve_http, keep_alive_timeout=30.0)
+        port = await nursery.start(serve, make_app(), "127.0.0.1", 0)
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(request(close=False, path=b"/slow"))
+            await trio.sleep(KEEP_ALIVE / 2)  # the handler is asleep now
+            nursery.cancel_scope.cancel()
+            with trio.CancelScope(shield=True):
+                assert await read_response(stream, bytearray()) == b"pong"
+                assert await closed_by_server(stream, within=5.0)
