@@ -431,6 +431,36 @@ def test_sqlite_flushes_only_the_transactions_that_ask(tmp_path, monkeypatch):
         "PRAGMA synchronous=NORMAL", "INSERT", "PRAGMA synchronous=FULL", "INSERT", "INSERT"]
 
 
+def test_a_locked_sqlite_log_fails_a_commit_in_eventsourcings_terms_and_rolls_it_back(tmp_path):
+    """The recorder writes on the sqlite3 connection itself (recorders.py, _insert_written):
+    a failure still reaches the journal and the breaker as eventsourcing's error class,
+    the transaction is rolled back, and the writer goes on once the lock is gone."""
+    import sqlite3
+
+    from eventsourcing.persistence import OperationalError
+
+    config = StoreConfig.resolve(tmp_path, None)
+    log = EventLog(config)
+    try:
+        ds = log._app.recorder.datastore
+        with ds._writer_lock:
+            ds.writer()._sqlite_conn.execute("PRAGMA busy_timeout=50")  # not the 10 s default
+        c = Counter(name="t")
+        log.append(c.collect_events())
+        other = sqlite3.connect(config.sqlite_path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process writing
+        c.add(1)
+        events = c.collect_events()
+        with pytest.raises(OperationalError, match="locked"):
+            log.append(events)
+        other.execute("ROLLBACK")
+        other.close()
+        assert log.append(events) == [2]  # the failed one left nothing behind
+        assert [le.version for le in log.read_all(0)] == [1, 2]
+    finally:
+        log.close()
+
+
 def test_sqlite_writes_all_go_through_one_connection_whose_cache_survives(tmp_path, monkeypatch):
     """SQLite drops a connection's page cache when another connection wrote since: every
     write (events, snapshots) goes through one connection set aside for it, and readers
