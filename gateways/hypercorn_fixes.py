@@ -25,7 +25,7 @@ per response.
    on the connection's path between a request's bytes and the app, and after the response
    while the client may already send its next request. `IdleDeadline` keeps one task per
    connection and moves its deadline instead (the same closes: idle for the keep-alive
-   timeout, or idle at shutdown).
+   timeout, or idle at shutdown), and ends it when the connection stops reading.
 5. Each write took hypercorn's send lock with a pass of the scheduler before the bytes
    went out, and a sized response's end (no bytes) took the lock and a pass too.
    `StallBoundedTCPServer` takes a free lock at once and writes nothing for no bytes.
@@ -79,6 +79,7 @@ class IdleDeadline:
         self.server = server
         self.scope: trio.CancelScope | None = None
         self.idle = False
+        self.ended = False
         self._idle_again: trio.Event | None = None  # waited on only while shutting down
 
     async def restart(self, task_group: Any, action: Any) -> None:
@@ -94,6 +95,15 @@ class IdleDeadline:
         if self.scope is not None:
             self.scope.deadline = math.inf
 
+    def end(self) -> None:
+        """The connection reads no more (the client or the server closed it): nothing is
+        left to time out, and the connection's task group must not wait for this task.
+        (hypercorn's timer, stopped during a request, never outlived a connection closed
+        then; one left idle kept its connection's task until the timeout.)"""
+        self.ended = True
+        if self.scope is not None:
+            self.scope.cancel()
+
     async def _watch(self, task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.CancelScope() as scope:
             task_status.started(scope)
@@ -103,6 +113,8 @@ class IdleDeadline:
             while not self.idle:
                 self._idle_again = trio.Event()
                 await self._idle_again.wait()
+        if self.ended:
+            return
         with trio.CancelScope(shield=True):
             await self.server._initiate_server_close()
 
@@ -111,6 +123,12 @@ class StallBoundedTCPServer(TCPServer):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.idle_task = IdleDeadline(self)
+
+    async def _read_data(self) -> None:
+        try:
+            await super()._read_data()
+        finally:
+            self.idle_task.end()
 
     async def protocol_send(self, event: Event) -> None:
         if not isinstance(event, RawData):

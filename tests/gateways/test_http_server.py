@@ -156,3 +156,43 @@ async def test_shutdown_in_the_middle_of_a_request_answers_it_then_closes() -> N
             with trio.CancelScope(shield=True):
                 assert await read_response(stream, bytearray()) == b"pong"
                 assert await closed_by_server(stream, within=5.0)
+
+
+def keep_alive_timers() -> int:
+    """Live keep-alive timer tasks (IdleDeadline._watch) in this trio run."""
+    def walk(task: trio.lowlevel.Task) -> int:
+        n = int(task.name.endswith("IdleDeadline._watch"))
+        for nursery in task.child_nurseries:
+            n += sum(walk(child) for child in nursery.child_tasks)
+        return n
+    return walk(trio.lowlevel.current_root_task())
+
+
+async def timers_gone(within: float) -> bool:
+    with trio.move_on_after(within):
+        while keep_alive_timers():
+            await trio.sleep(0.01)
+        return True
+    return False
+
+
+@pytest.mark.parametrize("how", ["connection_close", "client_closes_while_idle", "client_closes_mid_request"])
+async def test_a_closed_connection_leaves_no_keep_alive_timer_behind(how: str) -> None:
+    async with trio.open_nursery() as nursery:
+        serve = partial(serve_http, keep_alive_timeout=30.0)
+        port = await nursery.start(serve, make_app(), "127.0.0.1", 0)
+        for _ in range(3):
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                if how == "connection_close":
+                    await stream.send_all(request(close=True))
+                    assert await read_response(stream, bytearray()) == b"pong"
+                    assert await closed_by_server(stream, within=2.0)
+                elif how == "client_closes_while_idle":
+                    await stream.send_all(request(close=False))
+                    assert await read_response(stream, bytearray()) == b"pong"
+                else:
+                    await stream.send_all(request(close=False, path=b"/slow"))
+                    await trio.sleep(0.05)
+        # Not the 30 s keep-alive, nor forever (a timer set aside for a busy connection).
+        assert await timers_gone(within=KEEP_ALIVE * 2 + 2)
+        nursery.cancel_scope.cancel()
