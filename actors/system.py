@@ -8,6 +8,7 @@ it replaces has stopped.
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -333,8 +334,18 @@ class ActorSystem:
             self._active.clear()
             self._stopping.clear()
         self._stop_sweeper.set()
-        for ref in refs:
-            ref.stop(block=False)
+        # Each stop wakes its actor's thread, and every woken thread wants the GIL: this
+        # loop then got it back only after its turn behind them (the 10,000-actor
+        # benchmark's stop took 2.4-20 s, most of it in this loop). Held for the loop
+        # instead (about 0.5 s for 10,000; nothing else runs by now: HTTP and MQTT have
+        # stopped), then given back: 1.2-1.4 s in all.
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(max(switch, 1.0))
+        try:
+            for ref in refs:
+                ref.stop(block=False)
+        finally:
+            sys.setswitchinterval(switch)
         deadline = time.monotonic() + self.SHUTDOWN_WAIT_S
         left = sum(not ref.actor_stopped.wait(max(0.0, deadline - time.monotonic())) for ref in refs)
         if left:

@@ -397,6 +397,33 @@ def test_tell_many_after_shutdown_is_refused(tmp_path):
         log.close()
 
 
+def test_shutdown_stops_every_actor_and_gives_the_gil_switch_interval_back(tmp_path):
+    """Shutdown holds the GIL through its loop of stop messages (ActorSystem.shutdown) and
+    must leave the interpreter's switch interval as it found it."""
+    import sys
+
+    log = EventLog(StoreConfig.resolve(tmp_path, None))
+    journal = Journal(log)
+    system = ActorSystem(log, journal, SystemSettings(sweep_interval=3600))
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.003)
+    try:
+        replies = [FutureReply() for _ in range(20)]
+        for i, reply in enumerate(replies):
+            system.tell(DeviceActor, ("p", f"d{i}"), ReportTelemetry("status", "online", None, None, now_ms(),
+                                                                    reply=reply))
+        for reply in replies:
+            reply.future.result(10)
+        refs = [e.ref for e in system._active.values()]
+        system.shutdown()
+        assert sys.getswitchinterval() == pytest.approx(0.003)
+        assert len(refs) == 20 and all(ref.actor_stopped.is_set() for ref in refs)
+    finally:
+        sys.setswitchinterval(before)
+        journal.close()
+        log.close()
+
+
 def test_activations_load_one_at_a_time_on_sqlite(tmp_path, monkeypatch):
     """On SQLite a load is CPU under the GIL and loads at once only fight over it (10,000
     activations: 26 s eight at a time, 15 s one at a time)."""
