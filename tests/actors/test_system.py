@@ -397,6 +397,55 @@ def test_tell_many_after_shutdown_is_refused(tmp_path):
         log.close()
 
 
+def _online(reply: FutureReply) -> ReportTelemetry:
+    return ReportTelemetry("status", "online", None, None, now_ms(), reply=reply)
+
+
+def test_a_sweep_tells_idle_actors_to_stop_in_batches_without_holding_the_lock(system, monkeypatch):
+    """Thousands of actors idle at once (a fleet gone silent): the sweep takes them out of
+    the active set under the lock, then tells them to stop in batches with pauses, the lock
+    free meanwhile, so every other tell (the HTTP loop's too) goes on."""
+    replies = [FutureReply() for _ in range(25)]
+    for i, reply in enumerate(replies):
+        system.tell(DeviceActor, ("p", f"d{i}"), _online(reply))
+    for reply in replies:
+        reply.future.result(10)
+    refs = [e.ref for e in system._active.values()]
+    monkeypatch.setattr(ActorSystem, "PASSIVATE_BATCH", 10)
+    lock_free_in_pauses: list[bool] = []
+    real_sleep = time.sleep
+
+    def pause(seconds: float) -> None:  # the sweep's pause between batches, on its thread
+        free = []
+        probe = threading.Thread(target=lambda: free.append(system._lock.acquire(timeout=0)
+                                                             and (system._lock.release() or True)))
+        probe.start()
+        probe.join()
+        lock_free_in_pauses.append(free == [True])
+        real_sleep(seconds)
+
+    monkeypatch.setattr("actors.system.time.sleep", pause)
+    assert system.passivate_idle(now=time.monotonic() + 10_000, wait=True) == 25
+    assert lock_free_in_pauses == [True, True]  # 25 actors: batches of 10, 10 and 5
+    assert all(ref.actor_stopped.is_set() for ref in refs) and system.active_count() == 0
+
+
+def test_an_actor_passivated_but_not_yet_told_to_stop_is_told_by_its_successor(system):
+    """Between the sweep taking an actor out of the active set and telling it to stop, a
+    message for its device starts a new actor, which loads once the old one has stopped:
+    the activation tells the old one at once instead of leaving its successor to wait."""
+    first = FutureReply()
+    system.tell(DeviceActor, ("p", "d"), _online(first))
+    first.future.result(10)
+    k = (DeviceActor, ("p", "d"))
+    with system._lock:
+        old = system._passivate(k, system._active[k], stop=False)  # the sweep's first step
+    second = FutureReply()
+    system.tell(DeviceActor, ("p", "d"), _online(second))
+    second.future.result(5)  # well before the successor's 10 s wait for its predecessor
+    assert old.actor_stopped.is_set()
+
+
 def test_shutdown_stops_every_actor_and_gives_the_gil_switch_interval_back(tmp_path):
     """Shutdown holds the GIL through its loop of stop messages (ActorSystem.shutdown) and
     must leave the interpreter's switch interval as it found it."""
