@@ -244,7 +244,7 @@ class ActorSystem:
             self._evict_lru(len(self._active) - self.settings.max_active)
         return entry
 
-    def _evict_lru(self, count: int) -> None:
+    def _evict_lru(self, count: int, *, stop: bool = True) -> list[pykka.ActorRef]:
         # Only idle actors: one with messages waiting would have to handle them all before
         # it could stop, and the next message would start it again. Evicting busy actors is
         # how a cap of 20 over 200 busy devices left 2,438 threads (evicted before they had
@@ -259,8 +259,7 @@ class ActorSystem:
                 break  # (last_used follows the order, but for receives: close enough)
             if not entry.lease.pins and entry.ref.actor_inbox.empty():
                 victims.append((k, entry))
-        for k, entry in victims:
-            self._passivate(k, entry)
+        return [self._passivate(k, entry, stop=stop) for k, entry in victims]
 
     def _passivate(self, k: tuple[type[AggregateActor], Key], entry: _Entry, *, stop: bool = True) -> pykka.ActorRef:
         # Out of `_active` under the lock, no tell reaches it any more: its stop message,
@@ -279,18 +278,14 @@ class ActorSystem:
         once their threads have ended (benchmarks, tests)."""
         now = time.monotonic() if now is None else now
         idle = self.settings.idle_timeout
-        n = 0
         detached = []
         with self._lock:
             for k, entry in list(self._active.items()):
                 if not entry.lease.pins and now - entry.lease.last_used > idle:
                     detached.append(self._passivate(k, entry, stop=False))
-                    n += 1
             excess = len(self._active) - self.settings.max_active
             if excess > 0:  # left over the cap while they were busy or recently used
-                before = len(self._active)
-                self._evict_lru(excess)
-                n += before - len(self._active)
+                detached += self._evict_lru(excess, stop=False)
                 self._warn_over_cap(now)
             for k, ref in list(self._stopping.items()):
                 if ref.actor_stopped.is_set():
@@ -299,7 +294,7 @@ class ActorSystem:
         self._stop_detached(detached)
         for ref in stopping:
             ref.actor_stopped.wait(10)
-        return n
+        return len(detached)
 
     # A sweep that finds thousands of actors idle (a fleet that went silent together) tells
     # them to stop this many at a time, pausing in between. Each stop wakes a thread that
