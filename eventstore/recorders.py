@@ -148,15 +148,11 @@ class SingleWriterDatastore(SQLiteDatastore):
                 yield conn
             return
         with self._writer_lock:
-            yield self.writer()
-
-    def writer(self) -> SQLiteConnection:
-        """The writer connection, opened on first use; call it holding `_writer_lock`."""
-        if self._writer is None or self._writer.closed:
-            self._writer = self.pool._create_connection()  # noqa: SLF001 - the pool's own factory
-            for pragma in _WRITER_PRAGMAS:
-                self._writer.cursor().execute(pragma)
-        return self._writer
+            if self._writer is None or self._writer.closed:
+                self._writer = self.pool._create_connection()  # noqa: SLF001 - the pool's own factory
+                for pragma in _WRITER_PRAGMAS:
+                    self._writer.cursor().execute(pragma)
+            yield self._writer
 
     def close(self) -> None:
         with self._writer_lock:
@@ -214,12 +210,8 @@ class SQLiteRecorder(SQLiteApplicationRecorder):
 
     def insert_events(self, stored_events: Sequence[StoredEvent], *, sync: bool = True,
                       **kwargs: Any) -> Sequence[int] | None:
-        ds = self.datastore
-        if ds.pool.is_sqlite_memory_mode:
-            with ds.transaction(commit=True) as c:
-                ids = self._insert_events(c, stored_events, **kwargs)
-        else:
-            ids = self._insert_written(stored_events, sync)
+        with self.datastore.get_connection(commit=True) as conn:
+            ids = self._insert_written(conn, stored_events, sync)
         if ids:
             with self._positions:
                 self._committed = max(self._committed, ids[-1])
@@ -227,34 +219,32 @@ class SQLiteRecorder(SQLiteApplicationRecorder):
                     self._durable = max(self._durable, ids[-1])
         return ids
 
-    def _insert_written(self, stored_events: Sequence[StoredEvent], sync: bool) -> Sequence[int]:
-        """One transaction on the writer connection's sqlite3 object itself. eventsourcing's
-        context managers around it (connection, transaction, cursor wrappers) cost a
-        commit 0.04-0.08 ms, and a command waits on two commits (bench/notes.md); their
-        one service, naming sqlite3's errors in eventsourcing's classes, is kept."""
-        ds = self.datastore
-        with ds._writer_lock:
-            conn = ds.writer()
-            raw = conn._sqlite_conn
+    def _insert_written(self, conn: SQLiteConnection, stored_events: Sequence[StoredEvent],
+                        sync: bool) -> Sequence[int]:
+        """One transaction on the connection's sqlite3 object itself. eventsourcing's
+        transaction and cursor wrappers around it cost a commit 0.04-0.08 ms, and a command
+        waits on two commits (bench/notes.md); their one service, naming sqlite3's errors
+        in eventsourcing's classes, is kept."""
+        raw = conn._sqlite_conn
+        try:
+            # A connection-level setting that cannot change inside a transaction: set it
+            # on the writer connection just before this one begins.
+            mode = _SQLITE_MODE[sync]
+            if getattr(conn, "parley_synchronous", None) != mode:
+                raw.execute(f"PRAGMA synchronous={mode}")
+                conn.parley_synchronous = mode  # type: ignore[attr-defined]
+            c = raw.cursor()
+            c.execute("BEGIN")
             try:
-                # A connection-level setting that cannot change inside a transaction: set
-                # it on the writer connection just before this one begins.
-                mode = _SQLITE_MODE[sync]
-                if getattr(conn, "parley_synchronous", None) != mode:
-                    raw.execute(f"PRAGMA synchronous={mode}")
-                    conn.parley_synchronous = mode  # type: ignore[attr-defined]
-                c = raw.cursor()
-                c.execute("BEGIN")
-                try:
-                    ids = self._insert_events(c, stored_events)
-                    raw.commit()
-                except BaseException:
-                    raw.rollback()
-                    raise
-                finally:
-                    c.close()
-            except sqlite3.Error as exc:
-                raise _persistence_error(exc) from exc
+                ids = self._insert_events(c, stored_events)
+                raw.commit()
+            except BaseException:
+                raw.rollback()
+                raise
+            finally:
+                c.close()
+        except sqlite3.Error as exc:
+            raise _persistence_error(exc) from exc
         return ids
 
     # Rows per INSERT statement, largest first: a few distinct statements, which sqlite3

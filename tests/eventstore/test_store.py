@@ -442,9 +442,8 @@ def test_a_locked_sqlite_log_fails_a_commit_in_eventsourcings_terms_and_rolls_it
     config = StoreConfig.resolve(tmp_path, None)
     log = EventLog(config)
     try:
-        ds = log._app.recorder.datastore
-        with ds._writer_lock:
-            ds.writer()._sqlite_conn.execute("PRAGMA busy_timeout=50")  # not the 10 s default
+        with log._app.recorder.datastore.get_connection(commit=True) as writer:
+            writer._sqlite_conn.execute("PRAGMA busy_timeout=50")  # not the 10 s default
         c = Counter(name="t")
         log.append(c.collect_events())
         other = sqlite3.connect(config.sqlite_path, isolation_level=None)
