@@ -27,6 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from actors.device import AnswerRefused, DeviceActor, DeviceResponded, ReportEvent, ReportTelemetry
 from actors.errors import ActorCrashed, HeldBack, Unavailable
+from actors.log_throttle import LogThrottle
 from actors.ports import NoReply
 from eventstore.breaker import store_down
 from eventstore.failures import RepeatedFailures
@@ -38,6 +39,10 @@ from gateways.runtime import Runtime
 log = structlog.get_logger(__name__)
 
 RECONNECT_MAX_DELAY_S = 5  # paho doubles its wait between tries from 1 s up to this
+# A device that sends bad messages, or a product nobody created, is logged the first time,
+# then at most once per this many seconds with how many were left out (`left_out`); the
+# counters count every one.
+DROP_LOG_INTERVAL_S = 60.0
 UNREACHABLE_REPORT_S = 60.0  # while the broker stays unreachable, a line this often
 
 
@@ -118,9 +123,14 @@ class _Unacked(NoReply):
         self.gw.stats["lost" if outcome == "not_committed" else outcome] += 1
 
 
+# A topic in a log line: a device may use one of 64 KiB (a 60,000-character device id
+# made one log line of 60 KB).
+TOPIC_SHOWN = 200
+
+
 def _shown_topic(msg: paho.MQTTMessage) -> str:
     """A topic for the log, whatever its bytes (paho's `topic` raises on non-UTF-8)."""
-    return bytes(msg._topic).decode("utf-8", errors="replace")[:200]
+    return bytes(msg._topic).decode("utf-8", errors="replace")[:TOPIC_SHOWN]
 
 
 def default_client_id(store_url: str) -> str:
@@ -159,7 +169,10 @@ class MqttGateway:
         # Since when (wall clock, s) devices can be heard: connected and subscribed. None
         # while not. The liveness sweep waits on it (Runtime.liveness_paused).
         self.listening_since: float | None = None
-        self._warned_products: set[str] = set()
+        # Drops are logged the first time per device (or topic) and reason, then at most once
+        # a minute with how many were left out; an unknown product likewise, per product.
+        self._drops_logged = LogThrottle(DROP_LOG_INTERVAL_S)
+        self._unknown_logged = LogThrottle(DROP_LOG_INTERVAL_S)
         self.client = BufferedClient(CallbackAPIVersion.VERSION2, client_id=self.client_id,
                                      clean_session=False, protocol=paho.MQTTv311, manual_ack=True)
         if u.username:
@@ -314,13 +327,14 @@ class MqttGateway:
             # paho decodes the topic when asked, and raised out of this callback, which ended
             # its network thread. Mosquitto refuses such a topic; another broker may not.
             self.stats["dropped.bad_topic"] += 1
-            log.warning("mqtt.dropped", topic=_shown_topic(msg), reason="bad_topic", detail="topic is not UTF-8")
+            self._log_dropped(_shown_topic(msg), None, "bad_topic", "topic is not UTF-8")
             self._ack(msg.mid, msg.qos)
             return
         if msg.retain:
             self._ignore_retained(msg)
             return
         obj: dict[str, Any] | None = None
+        route: codec.Route | None = None
         try:
             route = codec.parse_topic(topic)
             obj = codec.decode(msg.payload)
@@ -356,9 +370,7 @@ class MqttGateway:
                 self._urgent = True
         except codec.BadMessage as exc:
             self.stats[f"dropped.{exc.reason}"] += 1
-            # An empty message is what a device clearing its retained message sends: no error.
-            (log.info if exc.reason == "empty" else log.warning)(
-                "mqtt.dropped", topic=topic, reason=exc.reason, detail=exc.detail[:200])
+            self._log_dropped(topic, route, exc.reason, exc.detail[:200])
             self._ack(msg.mid, msg.qos)
             if obj is not None:
                 self._tell_refused(obj, exc.detail[:200])
@@ -367,8 +379,18 @@ class MqttGateway:
             # it (a bug of ours), and unacknowledged it would hold a slot of the broker's
             # in-flight window until the next reconnect, and then come again.
             self.stats["dropped.error"] += 1
-            log.exception("mqtt.message_failed", topic=topic)
+            log.exception("mqtt.message_failed", topic=topic[:TOPIC_SHOWN])
             self._ack(msg.mid, msg.qos)
+
+    def _log_dropped(self, topic: str, route: codec.Route | None, reason: str, detail: str) -> None:
+        """`mqtt.dropped`, throttled per device (per topic if it names none) and reason."""
+        key = (reason, route.product_id, route.device_id) if route is not None else (reason, topic[:TOPIC_SHOWN])
+        fields = self._drops_logged.admit(key)
+        if fields is None:
+            return
+        # An empty message is what a device clearing its retained message sends: no error.
+        (log.info if reason == "empty" else log.warning)(
+            "mqtt.dropped", topic=topic[:TOPIC_SHOWN], reason=reason, detail=detail, **fields)
 
     def _tell_refused(self, obj: dict[str, Any], detail: str) -> None:
         """A dropped answer to a command waiting here: its caller's 504 will say why."""
@@ -536,9 +558,9 @@ class MqttGateway:
                          mid: int | None = None, qos: int | None = None) -> None:
         """Drop `msg` (or the message `mid` of that device, waiting in its line) as unknown."""
         self.stats["dropped.unknown_product"] += 1
-        if route.product_id not in self._warned_products:  # once per product, then count only
-            self._warned_products.add(route.product_id)
-            log.warning("mqtt.unknown_product", product_id=route.product_id, topic=msg.topic)
+        fields = self._unknown_logged.admit(route.product_id)
+        if fields is not None:
+            log.warning("mqtt.unknown_product", product_id=route.product_id, topic=msg.topic[:TOPIC_SHOWN], **fields)
         self._ack(msg.mid if mid is None else mid, msg.qos if qos is None else qos, connection)
 
     # Waits before a message whose commit failed is tried again: a store that is down for a

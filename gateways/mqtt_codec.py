@@ -14,7 +14,9 @@ import orjson
 from gateways import json_input
 
 MAX_PAYLOAD = 256 * 1024
-_ID = re.compile(r"^[^/#+\x00]{1,128}$")
+_DEVICE_ID = re.compile(r"^[^/#+\x00]{1,128}$")
+# A product id is an agent's agent_id, which seed 001 allows 3 to 255 characters long.
+_PRODUCT_ID = re.compile(r"^[^/#+\x00]{1,255}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 SUBSCRIPTIONS = (
@@ -55,7 +57,7 @@ def parse_topic(topic: str) -> Route:
         route = Route("ntp", parts[1], parts[3])
     else:
         raise BadMessage("unknown_topic", topic)
-    if not (_ID.match(route.product_id) and _ID.match(route.device_id)):
+    if not (_PRODUCT_ID.match(route.product_id) and _DEVICE_ID.match(route.device_id)):
         raise BadMessage("bad_topic_id", topic)
     return route
 

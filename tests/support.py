@@ -59,7 +59,7 @@ def agent_config(agent_id: str = "thermostat", spec: dict[str, Any] | None = Non
     from actors.agent import AgentConfig
 
     return AgentConfig.model_validate({
-        "agent_id": agent_id, "name": f"{agent_id} agent", "agent_type": "single", "voice_type": "default",
+        "agent_id": agent_id, "name": f"{agent_id[:240]} agent", "agent_type": "single", "voice_type": "default",
         "is_custom_agent": False, "device_spec": THERMO_SPEC if spec is None else spec,
     }).to_record()
 

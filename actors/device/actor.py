@@ -24,6 +24,7 @@ from actors.device.messages import (
     Wake,
 )
 from actors.errors import CommandTimedOut, DeviceNotFound, DeviceOffline, StateTooLarge, Unavailable
+from actors.log_throttle import LogThrottle
 from actors.ports import Reply
 from actors.scheduler import Timer
 
@@ -35,6 +36,11 @@ def now_ms() -> int:
 def command_result(request_id: str, command: str | None, code: int, msg: str, data: Any) -> dict[str, Any]:
     """What a command's caller gets when the device answered (the HTTP 200 body)."""
     return {"requestId": request_id, "command": command, "code": code, "msg": msg, "data": data}
+
+
+# A request id in a log line: a device may send one of any length (an audit's 200,000
+# characters made one line of 200 KB).
+REQUEST_ID_SHOWN = 200
 
 
 def timed_out(request_id: str, timeout_ms: int, refused: str | None = None) -> CommandTimedOut:
@@ -53,6 +59,10 @@ class DeviceActor(AggregateActor):
     # A device's answer: the MQTT gateway's thread commits it itself when the actor and the
     # journal are idle, and wakes the HTTP caller from there.
     run_here = (DeviceResponded,)
+    # Answers nobody waits for, logged the first time per device, then once a minute with how
+    # many were left out (a device repeating stale answers could fill the log). Shared by
+    # the class: a device's actor may be passivated and started again meanwhile.
+    unmatched_logged = LogThrottle(60.0)
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -211,7 +221,10 @@ class DeviceActor(AggregateActor):
             self.catch_up()
             device = self.aggregate
         if device is None or msg.request_id not in device.pending:
-            self.log.warning("device.response_unmatched", request_id=msg.request_id, code=msg.code)
+            fields = self.unmatched_logged.admit(self.key)
+            if fields is not None:
+                self.log.warning("device.response_unmatched", request_id=msg.request_id[:REQUEST_ID_SHOWN],
+                                 code=msg.code, **fields)
             msg.reply.ok(None)
             return
         command = device.pending[msg.request_id]["command"]

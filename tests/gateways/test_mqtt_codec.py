@@ -29,6 +29,18 @@ def test_unknown_or_bad_topics(topic):
         codec.parse_topic(topic)
 
 
+def test_a_product_id_may_be_as_long_as_an_agent_id():
+    """An agent_id has 3 to 255 characters (seed 001), and it is the topic's productId: a
+    product created with a 200-character id heard none of its devices (ids over 128 were
+    refused as bad_topic_id). Device ids stay at 128."""
+    assert codec.parse_topic(f"v1/{'p' * 255}/{'d' * 128}/telemetry").product_id == "p" * 255
+    for topic in (f"v1/{'p' * 256}/d/telemetry", f"v1/p/{'d' * 129}/telemetry",
+                  f"device-agent/{'p' * 256}/device/d/responses"):
+        with pytest.raises(codec.BadMessage) as exc:
+            codec.parse_topic(topic)
+        assert exc.value.reason == "bad_topic_id"
+
+
 def test_sdk_status_messages():
     bare = codec.parse_telemetry({"type": "status", "ts": 5, "metadata": {"productId": "p"}, "data": {"status": "online"}})
     assert (bare.kind, bare.status, bare.state, bare.ts) == ("status", "online", None, 5)

@@ -396,6 +396,63 @@ def test_ntp(runtime, gateway, device):
     assert runtime.log.max_position() == 1  # the agent's creation: NTP stores nothing
 
 
+def test_one_devices_bad_messages_are_logged_once_then_once_a_minute_with_a_count(runtime, gateway, device):
+    """400 bad messages from one device were 400 warnings: now the first is logged, the rest
+    counted (every one acknowledged), and a reminder after the interval says how many were
+    left out. Another device's, or another reason's, first drop is still logged at once."""
+    import structlog
+
+    create_agent(runtime)
+    with structlog.testing.capture_logs() as logs:
+        mids = [device.send(f"v1/{P}/{D}/telemetry", b"{not json") for _ in range(30)]
+        mids.append(device.send(f"v1/{P}/other-device/telemetry", b"{not json"))
+        mids.append(device.send(f"v1/{P}/{D}/telemetry", {"type": "status", "data": {"status": "Online"}}))
+        mids.append(device.send(f"v1/{P}/{'d' * 300}/telemetry", b"{}"))
+        wait_until(lambda: all(m in device.acked for m in mids))
+    dropped = [(e["reason"], e["topic"], e.get("left_out")) for e in logs if e["event"] == "mqtt.dropped"]
+    assert dropped == [("malformed_json", f"v1/{P}/{D}/telemetry", None),
+                       ("malformed_json", f"v1/{P}/other-device/telemetry", None),
+                       ("bad_field", f"v1/{P}/{D}/telemetry", None),
+                       ("bad_topic_id", f"v1/{P}/{'d' * 300}/telemetry"[:200], None)]
+    assert gateway.stats["dropped.malformed_json"] == 31
+    gateway._drops_logged.interval = 0  # the minute has passed
+    with structlog.testing.capture_logs() as logs:
+        mid = device.send(f"v1/{P}/{D}/telemetry", b"{not json")
+        wait_until(lambda: mid in device.acked)
+    assert [(e["reason"], e["left_out"]) for e in logs if e["event"] == "mqtt.dropped"] == [("malformed_json", 29)]
+
+
+def test_unknown_products_are_logged_once_a_minute_each_and_not_remembered_without_bound(
+        runtime, gateway, device):
+    """`_warned_products` was a set that grew with every product id a device made up, and a
+    product deleted after its first warning was then dropped without a line."""
+    import structlog
+
+    gateway._unknown_logged.max_keys = 5
+    with structlog.testing.capture_logs() as logs:
+        mids = [device.send(f"v1/nobody-{i}/d/telemetry", status()) for i in range(20)]
+        mids += [device.send("v1/nobody-19/d/telemetry", status()) for _ in range(3)]
+        wait_until(lambda: all(m in device.acked for m in mids))
+    warned = [e["product_id"] for e in logs if e["event"] == "mqtt.unknown_product"]
+    assert warned == [f"nobody-{i}" for i in range(20)]
+    assert len(gateway._unknown_logged._keys) == 5 and gateway.stats["dropped.unknown_product"] == 23
+    gateway._unknown_logged.interval = 0
+    with structlog.testing.capture_logs() as logs:
+        mid = device.send("v1/nobody-19/d/telemetry", status())
+        wait_until(lambda: mid in device.acked)
+    assert [(e["product_id"], e["left_out"]) for e in logs if e["event"] == "mqtt.unknown_product"] == [
+        ("nobody-19", 3)]
+
+
+def test_a_product_with_an_agent_id_of_255_characters_hears_its_devices(runtime, gateway, device):
+    """An agent_id may have 255 characters (seed 001); its devices' topics were refused as
+    bad_topic_id past 128, so such a product could be created and never hear a device."""
+    product = "p" * 255
+    create_agent(runtime, product)
+    device.send(f"v1/{product}/{D}/telemetry", status())
+    wait_until(lambda: runtime.devices.find(D) and runtime.devices.find(D)[0].product_id == product)
+
+
 def test_ntp_for_an_unknown_product_is_dropped_like_any_other_topic(runtime, gateway, device):
     """docs/mqtt.md: messages for a product that has no agent are acknowledged, logged once
     per product and counted; that holds for NTP requests too, which get no answer."""
@@ -423,6 +480,7 @@ def test_a_ts_beyond_64_bits_is_dropped_as_bad_input_not_a_crash(runtime, gatewa
     position = runtime.log.max_position()
     bad = [{"type": "status", "ts": ts, "data": {"status": "online"}} for ts in (1e300, -1e19, 1e20, 2**63)]
     bad.append({"type": "event", "ts": 1e300, "data": {"event": "temperature_alert"}})
+    gateway._drops_logged.interval = 0  # a line for each (one device's drops are otherwise throttled)
     with structlog.testing.capture_logs() as logs:
         for payload in bad[:-1]:
             device.send(f"v1/{P}/{D}/telemetry", payload, qos=qos)
@@ -1196,6 +1254,7 @@ def test_a_topic_that_is_not_utf8_is_dropped_and_acknowledged(runtime, mqtt_brok
     gw = MqttGateway(runtime, mqtt_broker.url, client_id=f"parley-test-{time.monotonic_ns()}")
     acks: list[int] = []
     gw.client.ack = lambda mid, qos: acks.append(mid)
+    gw._drops_logged.interval = 0  # a line for each (the same topic's drops are otherwise throttled)
     for mid, retain in ((5, False), (6, True)):
         msg = paho.MQTTMessage(mid=mid, topic=b"v1/p\xff/d/telemetry")
         msg.payload, msg.qos, msg.retain = b"{}", 1, retain
