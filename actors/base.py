@@ -535,7 +535,10 @@ class AggregateActor(pykka.ThreadingActor, ABC):
             error: ParleyError = exc
         else:
             self.log.exception("actor.crashed", message=type(messages[0]).__name__)
-            error = ActorCrashed(f"{self.kind} failed on {type(messages[0]).__name__}: {exc}")
+            # The caller (an HTTP client) hears what failed, not why: that is a bug of ours,
+            # and its details (the exception, the traceback) are in the line above.
+            error = ActorCrashed(f"the {self.kind} actor failed on {type(messages[0]).__name__}; "
+                                 "the server log has the details")
         held = self._failing_reports(messages) if isinstance(exc, Unavailable) else []
         for m in messages:
             getattr(m, "reply", NO_REPLY).fail(error)

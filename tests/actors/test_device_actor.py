@@ -275,6 +275,27 @@ class TestDeviceActor:
         assert loads == []  # it looked for events another process wrote, found none, loaded nothing
         assert log.load(Device.create_id(*KEY)).version == 2
 
+    def test_unmatched_answers_are_logged_once_then_once_a_minute_their_ids_cut(self, parts, monkeypatch):
+        """3,000 answers nobody asked for were 3,000 warnings, and one with a 200,000-character
+        requestId a log line of 200 KB."""
+        import structlog.testing
+
+        from actors.log_throttle import LogThrottle
+
+        system, _, _ = parts
+        online(system)
+        monkeypatch.setattr(DeviceActor, "unmatched_logged", LogThrottle(60.0))
+        with structlog.testing.capture_logs() as logs:
+            for i in range(50):
+                ask(system, lambda r, i=i: DeviceResponded("x" * 100_000 + str(i), 0, "ok", None, now_ms(), reply=r))
+        unmatched = [e for e in logs if e["event"] == "device.response_unmatched"]
+        assert len(unmatched) == 1 and unmatched[0]["request_id"] == "x" * 200
+        DeviceActor.unmatched_logged.interval = 0  # the minute has passed
+        with structlog.testing.capture_logs() as logs:
+            ask(system, lambda r: DeviceResponded("late", 0, "ok", None, now_ms(), reply=r))
+        assert [(e["request_id"], e["left_out"]) for e in logs if e["event"] == "device.response_unmatched"] == [
+            ("late", 49)]
+
     def test_a_late_response_during_a_store_outage_is_unavailable_not_a_crash(self, parts, monkeypatch):
         """Unavailable keeps a QoS 1 answer unacknowledged, to come again; a crash would
         have it acknowledged as poison, and another process's caller would get a 504."""
@@ -310,8 +331,10 @@ class TestDeviceActor:
             raise RuntimeError("bug")
 
         monkeypatch.setattr(DeviceActor, "handle_ReportEvent", boom)
-        with pytest.raises(ActorCrashed):
+        with pytest.raises(ActorCrashed) as crashed:
             ask(system, lambda r: ReportEvent("x", {}, None, now_ms(), reply=r))
+        # What failed, not why: the caller may be an HTTP client; the log has the traceback.
+        assert str(crashed.value) == "the device actor failed on ReportEvent; the server log has the details"
         monkeypatch.undo()
         # The half-applied state is gone; the actor still works.
         ask(system, lambda r: ReportTelemetry("state", None, {"humidity": 50}, None, now_ms(), reply=r))
