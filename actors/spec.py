@@ -25,6 +25,8 @@ from actors.errors import InvalidCommand
 ParamType = Literal["string", "number", "integer", "boolean", "object", "array"]
 # JSON types as they arrive: "required": "yes" is refused, not read as true.
 STRICT = ConfigDict(extra="allow", strict=True)
+# The integers the log can store: msgpack's int64 and uint64 (as gateways/json_input.py).
+INT_MIN, INT_MAX = -(2**63), 2**64 - 1
 # The validation context of stored data (with strict=False): input rules do not apply.
 STORED: dict[str, Any] = {"stored": True}
 
@@ -69,6 +71,9 @@ _PYDANTIC_MESSAGES = {"model_type": "Input should be a JSON object",
 
 def pydantic_message(error: Any) -> str:
     """One of pydantic's `errors()` entries, its message in JSON's words."""
+    if error["type"] == "too_long" and "max_length" in error.get("ctx", {}):
+        # pydantic's says "List should have at most 128 items after validation, not 300"
+        return f"Input should have at most {error['ctx']['max_length']} items, not {error['ctx']['actual_length']}"
     return _PYDANTIC_MESSAGES.get(error["type"], error["msg"])
 
 
@@ -200,6 +205,13 @@ class DeviceSpec(BaseModel):
                 f"{'.'.join(map(str, e.path)) or 'params'}: {schema_message(e)}" for e in errors
             )
             raise InvalidCommand(f"invalid params for {command!r}: {details}")
+        for name, value in params.items():
+            # JSON Schema takes 1e20 as an integer, and `as_sent` sends it as one: beyond
+            # msgpack's 64 bits the log could not store the command (a 500, before this).
+            if isinstance(value, float) and value.is_integer() and not INT_MIN <= value <= INT_MAX \
+                    and self.commands[command].parameters[name].type == "integer":
+                raise InvalidCommand(f"invalid params for {command!r}: {name}: {value:g} is beyond the "
+                                     "64-bit integers a command can carry")
 
     def event_type(self, name: str) -> str:
         event = self.events.get(name)

@@ -11,6 +11,8 @@ from typing import Any
 
 from quart import Blueprint
 
+from actors.agent.config import MAX_ITEMS
+
 bp = Blueprint("openapi", __name__)
 
 
@@ -184,10 +186,11 @@ SCHEMAS: dict[str, Any] = {
             "voice_type": {**STR, "maxLength": 255}, "is_custom_agent": {"type": "boolean"},
             "sys_prompt": {**STR, "maxLength": 2000}, "welcome_message": {**STR, "maxLength": 500},
             "custom_agent_endpoint": {**STR, "pattern": "^wss?://",
-                                      "description": "Required when is_custom_agent is true."},
+                                      "description": "A ws:// or wss:// URL with a host; required when "
+                                                     "is_custom_agent is true."},
             "custom_agent_http_headers": HEADERS, "emqx_config_id": INT, "mqtt_opts": OBJ,
-            "tools": {"type": "array", "items": ref("Tool")},
-            "data_definitions": {"type": "array", "items": ref("DataDefinition")},
+            "tools": {"type": "array", "items": ref("Tool"), "maxItems": MAX_ITEMS},
+            "data_definitions": {"type": "array", "items": ref("DataDefinition"), "maxItems": MAX_ITEMS},
             "device_spec": {"type": ["object", "null"], "description": "Commands, telemetry and events "
                             "of the devices; without one (null) the product accepts no commands."}},
         "description": "On create: agent_id, name, agent_type, voice_type, is_custom_agent are "
@@ -200,11 +203,12 @@ SCHEMAS: dict[str, Any] = {
     "Tool": {"type": "object", "required": ["name", "endpoint"], "properties": {
         "name": {**STR, "minLength": 1, "maxLength": 255}, "description": {**STR, "default": ""},
         "transport": {"enum": ["streamable_http", "sse"], "default": "streamable_http"},
-        "endpoint": {**STR, "minLength": 1}, "http_headers": HEADERS,
+        "endpoint": {**STR, "pattern": "^https?://", "description": "An http:// or https:// URL with a host."},
+        "http_headers": HEADERS,
         "enabled": {"type": "boolean", "default": True}},
         "description": "An MCP tool. name and endpoint must not be blank (whitespace only is "
-                       "422 can't be blank); status, set by the server, is ignored on input; "
-                       "other fields are kept as sent."},
+                       "422 can't be blank); no two tools of an agent share a name; status, set "
+                       "by the server, is ignored on input; other fields are kept as sent."},
     "DataDefinition": {"type": "object", "required": ["topic_filter"], "properties": {
         "topic_filter": {**STR, "minLength": 1}, "description": {**STR, "default": ""},
         "data_prompts": {**STR, "default": ""}, "json_schema": OBJ,

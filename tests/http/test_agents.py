@@ -7,6 +7,8 @@ from typing import Any
 
 import httpx
 import pytest
+import structlog
+import structlog.testing
 
 from gateways.runtime import Runtime
 from tests.http.conftest import SPEC, agent_input, create_agent, set_status
@@ -144,7 +146,12 @@ async def test_an_all_digit_agent_id_is_reached_by_its_id_only(client: httpx.Asy
      "tools.0.http_headers", "the value of 'X' has a control character (CR, LF, ...)"),
     ({"tools": [{"name": "t", "endpoint": "http://a.example/mcp"}, {"name": "t", "endpoint": "http://b.example/mcp"}]},
      "tools", "two tools are named 't'"),
-    ({"device_spec": {"commands": {"": {}}}}, "device_spec", "commands: a command needs a name"),
+    ({"device_spec": {"commands": {"": {}}}}, "device_spec.commands", "a command needs a name"),
+    ({"device_spec": {"commands": {" ": {}}}}, "device_spec.commands", "a command needs a name"),
+    ({"tools": [{"name": f"t{i}", "endpoint": "http://a.example/mcp"} for i in range(129)]}, "tools",
+     "Input should have at most 128 items, not 129"),
+    ({"data_definitions": [{"topic_filter": "a/b"}] * 200}, "data_definitions",
+     "Input should have at most 128 items, not 200"),
     ({"device_spec": {"commands": {"c": {"parameters": {"p": {"enum": []}}}}}},
      "device_spec.commands.c.parameters.p", "enum lists no value: no call could ever pass"),
 ])
@@ -160,6 +167,36 @@ async def test_create_rejects_each_invalid_field(client: httpx.AsyncClient, chan
     assert r.status_code == 422
     assert r.json() == {"success": False, "errors": {field: [message]}}
     assert (await client.get("/api/agents")).json() == {"agents": []}
+
+
+async def test_a_422_names_at_most_twenty_errors_however_many_there_are(client: httpx.AsyncClient) -> None:
+    """100,000 empty tools made a 422 of 8 MB, and a log line as long; 60,000 unknown
+    fields one of 2.6 MB."""
+    for changes in ({"tools": [{}] * 100}, {f"unknown_{i}": 1 for i in range(30_000)}):
+        with structlog.testing.capture_logs() as logs:
+            r = await client.post("/api/agents", json={"agent": {**agent_input(), **changes}})
+        assert r.status_code == 422 and len(r.content) < 4000
+        errors = r.json()["errors"]
+        assert sum(len(messages) for messages in errors.values()) == 21
+        assert errors["agent"][-1].endswith("more errors not shown")
+        refused = [e for e in logs if e["event"] == "http.request_refused"]
+        assert len(refused) == 1 and len(str(refused[0])) < 5000
+
+
+async def test_update_reads_back_nested_defaults_as_create_does(client: httpx.AsyncClient) -> None:
+    """A tool, a data definition or a spec given in a PUT was stored without the defaults
+    inside it (`exclude_unset`), so it read back other than the same one created."""
+    nested = {"tools": [{"name": "t", "endpoint": "http://a.example/mcp"}],
+              "data_definitions": [{"topic_filter": "a/b"}],
+              "device_spec": {"commands": {"go": {"parameters": {"n": {"type": "integer"}}}}}}
+    created = await create_agent(client, agent_id="created", **nested)
+    other = await create_agent(client, agent_id="updated")
+    r = await client.put(f"/api/agents/{other['id']}", json={"agent": nested})
+    assert r.status_code == 200, r.text
+    updated = (await client.get(f"/api/agents/{other['id']}")).json()
+    for field in nested:
+        assert updated[field] == created[field] == r.json()["agent"][field], field
+    assert updated["tools"][0]["transport"] == "streamable_http" and updated["tools"][0]["enabled"] is True
 
 
 async def test_create_without_agent_object_is_422(client: httpx.AsyncClient) -> None:

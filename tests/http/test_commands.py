@@ -292,3 +292,26 @@ async def test_an_integer_given_as_a_whole_float_is_sent_as_an_integer(
     assert (type(params["speed"]), type(params["ratio"])) == (int, float)
     r = await send(client, {"command": "set_speed", "params": {"speed": 2.5}}, device="f-1")
     assert r.status_code == 400 and "2.5 is not of type 'integer'" in r.json()["error"]
+
+
+async def test_an_integer_given_as_a_float_beyond_64_bits_is_400_not_a_crash(
+        client: httpx.AsyncClient, runtime: Runtime, link: FakeLink) -> None:
+    """1e20 is an integer to JSON Schema, and was sent as one: the log could not store the
+    command, its actor crashed, and the caller got a 500 naming msgpack. An enum may even
+    list it."""
+    spec = {"commands": {"set_speed": {"parameters": {"speed": {"type": "integer"}}},
+                         "pick": {"parameters": {"n": {"type": "integer", "enum": [1e20, 1]}}}}}
+    await create_agent(client, "fan", device_spec=spec)
+    await set_status(runtime, "fan", "f-1", "online")
+    with structlog.testing.capture_logs() as logs:
+        for command, params in (("set_speed", {"speed": 1e20}), ("set_speed", {"speed": -1e19}),
+                                ("pick", {"n": 1e20})):
+            r = await send(client, {"command": command, "params": params}, device="f-1")
+            assert r.status_code == 400, r.text
+            name, value = next(iter(params.items()))
+            assert r.json() == {"error": f"invalid params for {command!r}: {name}: {value:g} is beyond the 64-bit "
+                                         "integers a command can carry", "code": "invalid_command"}
+    assert link.published == []
+    assert not [e for e in logs if e["log_level"] == "error"]
+    r = await send(client, {"command": "set_speed", "params": {"speed": 1e19}}, device="f-1")  # fits uint64
+    assert r.status_code == 200 and link.published[0][2]["params"] == {"speed": 10**19}
