@@ -202,8 +202,9 @@ class JsonErrorH11Protocol(H11Protocol):
     async def _send_error_response(self, status_code: int) -> None:
         status = HTTPStatus(status_code)
         code = status.phrase.lower().replace(" ", "_")  # as app.py names Quart's refusals
-        body = json.dumps({"error": f"malformed HTTP request: {status.phrase.lower()}",
-                           "code": code}).encode()
+        # Written as every other answer is (compact, a newline at the end).
+        body = (json.dumps({"error": f"malformed HTTP request: {status.phrase.lower()}", "code": code},
+                           separators=(",", ":")) + "\n").encode()
         trace_id = ids.trace_id()
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "?"
         log.info("http.request_refused", status=status_code, code=code, reason="malformed HTTP",

@@ -172,6 +172,10 @@ def _target_refusal(raw_path: bytes | None, query: bytes) -> tuple[int, str, str
     as `a/commands` (ids never contain `/`: they are MQTT topic levels), and bytes that are
     not UTF-8 would be read as U+FFFD in the path (different ids colliding) or left as the
     literal `%FF` in the query."""
+    if (raw_path is not None and b"#" in raw_path) or b"#" in query:
+        # A fragment is the client's own (RFC 9110, 4.2.4): sent, it would be read as part
+        # of a device id or a query value.
+        return 400, "invalid_request", "the request target has a fragment ('#'), which is not sent to a server"
     if raw_path is not None and b"%" in raw_path:
         if b"%2f" in raw_path.lower():
             return 404, "not_found", "no such route"
@@ -190,7 +194,7 @@ def _target_refusal(raw_path: bytes | None, query: bytes) -> tuple[int, str, str
 class CheckTarget:
     """ASGI middleware: refuse a request target that the routes would misread (see
     `_target_refusal`), before Quart decodes it, with the generic JSON error and a log line.
-    A target with no `%` in it (nearly all) costs two substring tests. Inside TraceIds, so
+    A target with no `%` or `#` in it (nearly all) costs four substring tests. Inside TraceIds, so
     the refusal carries X-Request-Id and its log line the trace_id."""
 
     def __init__(self, app: Any) -> None:
@@ -200,7 +204,7 @@ class CheckTarget:
         if scope["type"] == "http":
             raw_path = scope.get("raw_path")
             query = scope.get("query_string", b"")
-            if (raw_path is not None and b"%" in raw_path) or b"%" in query:
+            if (raw_path is not None and (b"%" in raw_path or b"#" in raw_path)) or b"%" in query or b"#" in query:
                 refusal = _target_refusal(raw_path, query)
                 if refusal is not None:
                     await self._refuse(scope, send, *refusal)

@@ -131,6 +131,7 @@ async def test_malformed_http_is_refused_as_json_and_logged(port: int, raw: byte
     assert headers[b"content-type"] == b"application/json" and headers[b"x-request-id"]
     answer = json.loads(body)
     assert answer["code"] == code and answer["error"].startswith("malformed HTTP request")
+    assert body == json.dumps(answer, separators=(",", ":")).encode() + b"\n"  # as every other answer
     refused = [e for e in logs if e["event"] == "http.request_refused"]
     assert refused and refused[0]["status"] == status and refused[0]["trace_id"] == headers[b"x-request-id"].decode()
 

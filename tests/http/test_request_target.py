@@ -60,6 +60,26 @@ async def test_encoded_slash_in_the_path_is_404_and_does_nothing(
 
 
 @pytest.mark.parametrize("target", [
+    "/api/health#frag", "/api/devices/thermostat-001#x", "/api/devices/thermostat-001/commands#x",
+    "/api/devices/thermostat-001?productId=thermostat#x"])
+async def test_a_fragment_in_the_target_is_400_not_part_of_an_id(
+        client: httpx.AsyncClient, runtime: Runtime, link: FakeLink, target: str) -> None:
+    """A client never sends a fragment (RFC 9110, 4.2.4); read as part of the path it
+    named a device `thermostat-001#x`, or a route that does not exist."""
+    await create_agent(client)
+    await set_status(runtime, "thermostat", "thermostat-001", "online")
+    method, body = ("POST", b'{"command": "reboot"}') if "/commands" in target else ("GET", b"")
+    with capture() as logs:
+        r = await raw_request(client, method, target, body, {"X-Request-Id": b"frag-1"})
+    assert r.status == 400 and r.json() == {
+        "error": "the request target has a fragment ('#'), which is not sent to a server", "code": "invalid_request"}
+    assert r.headers["x-request-id"] == b"frag-1"
+    refused = [e for e in logs if e["event"] == "http.request_refused"]
+    assert [(e["status"], e["trace_id"]) for e in refused] == [(400, "frag-1")]
+    assert link.published == []
+
+
+@pytest.mark.parametrize("target", [
     "/api/devices/a%ff", "/api/devices/a%c0%af", "/api/devices/%ed%a0%80",
     "/api/devices/a%FF/events", "/api%ff/health", "/api/agents/%80"])
 async def test_path_that_is_not_utf8_is_400(client: httpx.AsyncClient, target: str) -> None:
