@@ -10,10 +10,17 @@ if the probe fails, the store is down: every use fails at once with `StoreUnavai
 through. Down and up are one log line each, not one per failed query.
 
 A failure the probe does not confirm (a lock timeout, a query cancelled) changes nothing.
+
+A server process that hangs while its host still answers TCP (stopped, stuck on I/O) makes
+no query fail: its kernel acknowledges what is sent, and the query waits for an answer
+that never comes. So the breaker also watches how long each use has been running: one that
+has run for STALL_S starts the same probe, whose connection gets no answer from such a
+server within its timeout, and the store is down until the server answers again.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -104,6 +111,10 @@ def is_data_error(exc: BaseException) -> bool:
 class StoreBreaker:
     PROBE_INTERVAL_S = 1.0
     PROBE_TIMEOUT_S = 2  # psycopg's connect_timeout: whole seconds
+    # A use of a connection still running after this long starts a probe (see the module
+    # docstring). Parley's own queries take milliseconds; a long one that is only slow
+    # costs a probe that finds the server up, and a log line.
+    STALL_S = 10.0
 
     def __init__(self, connect_kwargs: dict[str, Any], shown: str) -> None:
         self._connect_kwargs = {k: v for k, v in connect_kwargs.items() if v is not None and v != ""}
@@ -119,6 +130,11 @@ class StoreBreaker:
         # Disarmed until the log has opened: a server that is not there at start is the
         # caller's one clear error (StoreUnavailable from EventLog), not an outage.
         self._armed = False
+        # The uses running now: a number each -> when it began (monotonic). Plain dict
+        # operations, atomic under the GIL: no lock on every query's way.
+        self._uses: dict[int, float] = {}
+        self._use_ids = itertools.count()
+        self._watchdog: threading.Thread | None = None
 
     @property
     def down(self) -> bool:
@@ -138,6 +154,8 @@ class StoreBreaker:
         """Around one use of a connection (the log's datastore, the views' pool): fail at
         once while the store is known down, and look when a failure may mean it is."""
         self.check()
+        use = next(self._use_ids)
+        self._uses[use] = time.monotonic()
         try:
             yield
         except CONNECTION_ERRORS as exc:
@@ -153,6 +171,8 @@ class StoreBreaker:
                 except StoreUnavailable as down:
                     raise down from exc
             raise
+        finally:
+            self._uses.pop(use, None)
 
     def _confirmed_down(self, timeout: float) -> bool:
         """Wait up to `timeout` for a running probe's first verdict; True if the store is
@@ -176,6 +196,23 @@ class StoreBreaker:
 
     def arm(self) -> None:
         self._armed = True
+        with self._lock:
+            if self._watchdog is None and not self._closed.is_set():
+                self._watchdog = threading.Thread(target=self._watch, name="store-watchdog", daemon=True)
+                self._watchdog.start()
+
+    def _watch(self) -> None:
+        """Once a second: a use running for STALL_S or more starts a probe (once per use)."""
+        reported = -1  # the newest use reported stalled: an older one is not reported again
+        while not self._closed.wait(1.0):
+            now = time.monotonic()
+            stalled = [(use, began) for use, began in list(self._uses.items())
+                       if now - began >= self.STALL_S and use > reported]
+            if stalled and not self.down:
+                reported = max(use for use, _ in stalled)
+                log.warning("store.query_stalled", store=self._shown, uses=len(stalled),
+                            running_s=round(now - min(began for _, began in stalled), 1))
+                self.suspect()
 
     def suspect(self) -> None:
         """A query failed in a way that may mean the server is gone: probe, once at a time."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -354,7 +355,36 @@ class PrivateServer:
         """`immediate`: the server goes as in a crash (connections cut, no checkpoint)."""
         self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
 
+    def _processes(self) -> list[int]:
+        """The postmaster and every process it started (backends, background workers)."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    # The field after the parenthesised name: state, then the parent's pid.
+                    stat = (entry / "stat").read_text()
+                except OSError:
+                    continue  # gone meanwhile
+                if int(stat.rsplit(")", 1)[1].split()[1]) == postmaster:
+                    children.append(int(entry.name))
+        return [postmaster, *children]
+
+    def freeze(self) -> None:
+        """A server that hangs while its host still answers TCP (SIGSTOP to all its
+        processes): connections open, queries are acknowledged and never answered."""
+        for pid in self._processes():
+            os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        for pid in self._processes():
+            os.kill(pid, signal.SIGCONT)
+
     def destroy(self) -> None:
+        try:
+            self.thaw()
+        except (OSError, ValueError):
+            pass  # not running
         try:
             self.stop("immediate")
         except ServiceUnavailable:

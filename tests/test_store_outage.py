@@ -96,6 +96,93 @@ def test_a_database_outage_is_503_at_once_and_over_when_the_database_is_back(
             server.wait()
 
 
+def test_a_database_that_hangs_is_found_out_and_answered_503_not_waited_for(tmp_path, mqtt_broker, private_postgres):
+    """A server process that hangs while its host answers TCP (here: every process of it
+    stopped with SIGSTOP): no query fails, its kernel acknowledges what is sent. Before,
+    a read waited for good, and with it every later one, /api/health too. Now a query
+    running for the breaker's STALL_S (10 s) starts its probe, which gets no answer within
+    2 s: the store is down, later uses are 503 at once, a read already waiting gives up
+    after STORE_ANSWER_S (15 s), and all is well again once the server answers."""
+    port = free_port()
+    server = start_parley(tmp_path, mqtt_broker.url, port, private_postgres.url, client_id=f"parley-hang-{port}")
+    device = Thermostat(mqtt_broker.port)
+    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    frozen = False
+    try:
+        device.send("telemetry", {"type": "status", "data": {"status": "online", "state": {"temperature": 20}}})
+        assert wait_status(http, "/api/devices/restart-1", 200, 10).json()["online"] is True
+
+        private_postgres.freeze()
+        frozen = True
+        started = time.monotonic()
+        r = http.get("/api/devices/restart-1")  # waits on the hung server, then gives up
+        waited = time.monotonic() - started
+        assert r.status_code == 503 and r.json()["code"] == "unavailable", r.text
+        assert 10 < waited < 15 + 5, waited
+        started = time.monotonic()
+        assert http.get("/api/health").status_code == 503  # found out by now: at once
+        r = http.post("/api/devices/restart-1/commands",
+                      json={"command": "set_target_temperature", "params": {"target_temperature": 21},
+                            "timeoutMs": 30_000})
+        assert r.status_code == 503, r.text  # not a 504 after the command's 30 s
+        assert time.monotonic() - started < 2.0
+
+        private_postgres.thaw()
+        frozen = False
+        r = wait_status(http, "/api/health", 200, ANSWERS_WITHIN_S)
+        assert r.status_code == 200, r.text
+        r = http.post("/api/devices/restart-1/commands",
+                      json={"command": "set_target_temperature", "params": {"target_temperature": 22},
+                            "timeoutMs": 5000})
+        assert r.status_code == 200, r.text
+
+        lines = log_lines(tmp_path)
+        assert len(named(lines, "store.query_stalled")) >= 1
+        assert len(named(lines, "store.down")) == 1 and len(named(lines, "store.up")) == 1
+        assert "Traceback" not in (tmp_path / "server.log").read_text()
+    finally:
+        if frozen:
+            private_postgres.thaw()
+        http.close()
+        device.close()
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def test_sigterm_while_the_database_hangs_stops_the_server_promptly(tmp_path, mqtt_broker, private_postgres):
+    """Threads waiting on a hung server's answers (a report's commit) do not hold the stop:
+    it ends within its bounds (the actors' 10 s, the journal's 10 s: about 20 s measured)
+    and says so last."""
+    port = free_port()
+    server = start_parley(tmp_path, mqtt_broker.url, port, private_postgres.url, client_id=f"parley-hang-{port}",
+                          log_level="info")
+    device = Thermostat(mqtt_broker.port)
+    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    try:
+        device.send("telemetry", {"type": "status", "data": {"status": "online", "state": {"temperature": 20}}})
+        assert wait_status(http, "/api/devices/restart-1", 200, 10).json()["online"] is True
+        private_postgres.freeze()
+        for seq in range(5):  # reports whose commits wait on the hung server
+            device.c.publish("v1/thermostat/restart-1/event", json.dumps(
+                {"type": "event", "data": {"event": "temperature_alert", "seq": seq}}), qos=1)
+        time.sleep(1.0)
+        started = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+        assert time.monotonic() - started < 40  # bounded, not prompt: see the docstring
+        lines = log_lines(tmp_path)
+        assert [line.get("event") for line in lines][-1] == "parley.stopped", lines[-5:]
+        assert "Traceback" not in (tmp_path / "server.log").read_text()
+    finally:
+        private_postgres.thaw()
+        http.close()
+        device.close()
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
 def test_sigterm_during_a_database_outage_stops_the_server_promptly(tmp_path, mqtt_broker, private_postgres):
     port = free_port()
     server = start_parley(tmp_path, mqtt_broker.url, port, private_postgres.url, client_id=f"parley-outage-{port}",

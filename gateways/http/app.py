@@ -261,9 +261,22 @@ def answer_waiting_requests(app: QuartTrio) -> None:
     app.extensions[PENDING_KEY].close("server is shutting down")
 
 
+# How long a request waits for a store query (a view read, the log's position). A
+# PostgreSQL server that hangs while its host answers TCP never answers at all; the breaker
+# finds it out (its STALL_S and probe, some 12 s) and later reads fail at once, but a read
+# that was already waiting would wait with it. Longer than any query of ours takes.
+STORE_ANSWER_S = 15.0
+
+
 async def in_thread(fn: Any, *args: Any) -> Any:
-    """Run a blocking view query off the trio loop (views hit SQLite/PostgreSQL)."""
-    return await trio.to_thread.run_sync(fn, *args)
+    """Run a blocking store query off the trio loop (views hit SQLite/PostgreSQL). Past
+    STORE_ANSWER_S the request gives up with StoreUnavailable (a 503); the query's thread
+    is left to finish, or to fail, whenever the server lets it."""
+    try:
+        with trio.fail_after(STORE_ANSWER_S):
+            return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+    except trio.TooSlowError:
+        raise StoreUnavailable(f"the store did not answer within {STORE_ANSWER_S:g} s") from None
 
 
 # How long a read waits for the views to catch up before it answers from what they hold.
@@ -291,7 +304,7 @@ async def read_view(fn: Any, *args: Any, runtime: Runtime | None = None) -> Any:
                         committed=projections.committed)
         return fn(*args)
 
-    return await trio.to_thread.run_sync(query)
+    return await in_thread(query)
 
 
 async def json_body() -> Any:

@@ -118,3 +118,33 @@ def test_a_failure_the_probe_does_not_confirm_is_passed_on_as_it_was(private_pos
         conn.close()
         killer.close()
         b.close()
+
+
+def test_a_use_that_runs_too_long_starts_the_probe_once(private_postgres, monkeypatch):
+    """A hung server fails no query: a use still running after STALL_S starts the probe
+    (tests/test_store_outage.py runs it against a frozen server). One that is merely slow
+    while the server answers costs a probe and one log line, and changes nothing."""
+    monkeypatch.setattr(StoreBreaker, "STALL_S", 0.3)
+    b = breaker_for(private_postgres)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            with b.guard():
+                time.sleep(2.5)  # the watchdog looks once a second
+            assert wait_for(lambda: b._prober is None)
+        stalled = [e for e in logs if e["event"] == "store.query_stalled"]
+        assert len(stalled) == 1 and stalled[0]["uses"] == 1 and stalled[0]["running_s"] >= 0.3
+        assert not b.down and not [e for e in logs if e["event"] == "store.down"]
+        assert b._uses == {}  # the use is forgotten when it ends
+        with structlog.testing.capture_logs() as logs:
+            private_postgres.freeze()
+            try:
+                with b.guard():
+                    assert wait_for(lambda: b.down, 10)  # the probe got no answer within 2 s
+            finally:
+                private_postgres.thaw()
+        assert [e["event"] for e in logs][:2] == ["store.query_stalled", "store.down"]
+        with pytest.raises(StoreUnavailable):
+            b.check()
+        assert b.wait_up(10)
+    finally:
+        b.close()
