@@ -63,6 +63,8 @@ from amqtt.broker import Broker
 from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
 
+from gateways.config import reachable_mqtt_url
+
 __all__ = ["BuiltinBroker", "BuiltinBrokerError", "PermitAllAuthPlugin"]
 
 log = structlog.get_logger(__name__)
@@ -82,13 +84,19 @@ BACKLOG_CHECK_S = 5.0
 BACKLOG_REPORT_S = 60.0
 
 
-def _drop_startup_traceback(record: logging.LogRecord) -> bool:
-    # amqtt logs "Broker startup failed" with a traceback; start() raises the same cause
-    # as a BuiltinBrokerError with one clear sentence, so the duplicate only scares users.
-    return not record.getMessage().startswith("Broker startup failed")
+# amqtt lines that say nothing an operator can act on:
+# - "Broker startup failed" with a traceback: start() raises the same cause as a
+#   BuiltinBrokerError with one clear sentence, so the duplicate only scares users;
+# - an error and a warning for a TCP connection that closed before sending a packet (a port
+#   scan, a load balancer's health check, `nc -z`): nobody's error.
+_QUIET = ("Broker startup failed", "No data from ", "Failed to initialize client session: No data to decode")
 
 
-logging.getLogger("amqtt.broker").addFilter(_drop_startup_traceback)
+def _drop_quiet_lines(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(_QUIET)
+
+
+logging.getLogger("amqtt.broker").addFilter(_drop_quiet_lines)
 
 
 # The QoS of the PUBLISH amqtt is handling in this task (see _Broker).
@@ -191,7 +199,7 @@ class BuiltinBroker:
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return reachable_mqtt_url(self.host, self.port)
 
     @property
     def running(self) -> bool:
@@ -219,8 +227,7 @@ class BuiltinBroker:
         # broker.start() returned inside the thread, so asyncio.start_server() has
         # bound and is listening.  (No TCP probe: amqtt logs an ERROR for every
         # connection that closes without sending CONNECT.)
-        self._running = True
-        log.info("broker.builtin_listening", url=self.url)
+        self._running = True  # `parley serve` says so (broker.builtin_started), with the URL to use
         return self.port
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gateways.config import Settings, SettingsError, load_settings, shown_url
+from gateways.config import Settings, SettingsError, load_settings, reachable_mqtt_url, shown_url
 from gateways.logs import configure_logging
 
 app = typer.Typer(help="Parley: give every IoT device an LLM agent.", no_args_is_help=True,
@@ -63,6 +63,7 @@ def serve(
     data_dir: DataDirOpt = None,
     demo: Annotated[Optional[bool], typer.Option("--demo", help=_h("Create the thermostat demo agent."))] = None,
     log_format: Annotated[Optional[str], typer.Option(help=_h("auto, console or json [auto]."))] = None,
+    log_level: Annotated[Optional[str], typer.Option(help=_h("debug, info, warning or error [info]."))] = None,
     access_log: Annotated[Optional[bool], typer.Option("--access-log", help=_h(
         "Log every HTTP request (http.request: method, path, status, ms)."))] = None,
     config: ConfigOpt = None,
@@ -75,7 +76,11 @@ def serve(
     settings = _settings(config, host=host, http_port=http_port, voice_port=voice_port, mqtt_url=mqtt_url,
                          mqtt_client_id=mqtt_client_id, mqtt_shared_group=mqtt_shared_group,
                          database_url=database_url, data_dir=data_dir, demo=demo, log_format=log_format,
-                         access_log=access_log)
+                         log_level=log_level, access_log=access_log)
+    if not settings.mqtt_url and settings.http_port and settings.http_port == settings.builtin_broker_port:
+        # Else "port N is taken: choose another with --http-port", taken by our own broker.
+        _fail("invalid settings", f"the HTTP API and the built-in broker would both use port {settings.http_port}: "
+              "choose another --http-port or PARLEY_BUILTIN_BROKER_PORT", 2)
     configure_logging(settings.log_format, settings.log_level)
     try:
         trio.run(main, settings)
@@ -225,15 +230,23 @@ def _existing_store(settings: Settings) -> Any:
     from eventstore import StoreConfig
 
     if settings.database_url:
-        return StoreConfig(settings.database_url, create_tables=False)
-    data_dir = Path(settings.data_dir).expanduser().resolve()
+        store = StoreConfig(settings.database_url, create_tables=False)
+        if store.is_postgres:
+            return store
+        # sqlite:///path: opening it would create an empty file there (sqlite:////abs: "//abs").
+        path = Path("/" + store.sqlite_path.lstrip("/"))
+        where, hint = path, "use --database-url with an existing file, or --data-dir"
+    else:
+        data_dir = Path(settings.data_dir).expanduser().resolve()
+        path, where, hint = data_dir / "events.sqlite", data_dir, "use --data-dir or --database-url"
+        store = StoreConfig(f"sqlite:///{path}", create_tables=False)
     try:
-        found = (data_dir / "events.sqlite").is_file()
+        found = path.is_file()
     except OSError:
         found = False
     if not found:
-        _fail("parley", f"no Parley data in {data_dir} (use --data-dir or --database-url)")
-    return StoreConfig(f"sqlite:///{data_dir / 'events.sqlite'}", create_tables=False)
+        _fail("parley", f"no Parley data in {where} ({hint})")
+    return store
 
 
 def _where(store: Any) -> str:
@@ -462,8 +475,7 @@ def simulate(
 def builtin_broker_url(settings: Settings) -> str:
     """Where `parley serve` with these settings starts its built-in broker, as a client
     reaches it (a wildcard bind address means this machine)."""
-    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)
-    return f"mqtt://[{host}]:{settings.builtin_broker_port}" if ":" in host else f"mqtt://{host}:{settings.builtin_broker_port}"
+    return reachable_mqtt_url(settings.host, settings.builtin_broker_port)
 
 
 def main() -> None:

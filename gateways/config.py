@@ -47,6 +47,14 @@ def check_mqtt_url(url: str) -> str:
     return url
 
 
+def reachable_mqtt_url(host: str, port: int) -> str:
+    """The URL a client on this machine uses for a broker bound to `host`: a wildcard bind
+    address means this machine, and an IPv6 address goes in brackets (`mqtt://::1:1883`
+    is no URL: `parley serve --host ::1` could not reach its own built-in broker)."""
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"mqtt://[{host}]:{port}" if ":" in host else f"mqtt://{host}:{port}"
+
+
 def check_database_url(url: str) -> str:
     if not url.startswith(("postgresql://", "postgres://", "sqlite:///")):
         raise ValueError(f"unsupported database URL {shown_url(url)!r}: use postgresql://user@host:port/database "

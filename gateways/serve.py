@@ -13,7 +13,7 @@ import structlog
 import trio
 
 from gateways.broker import BuiltinBroker, BuiltinBrokerError
-from gateways.config import Settings, shown_url
+from gateways.config import Settings, reachable_mqtt_url, shown_url
 from gateways.demo import ensure_demo_agent
 from gateways.http.app import answer_waiting_requests, create_app
 from gateways.http_server import serve_http
@@ -88,7 +88,7 @@ async def serve(settings: Settings, *, task_status: trio.TaskStatus[Running] = t
         if not mqtt_url:
             broker = BuiltinBroker(settings.host, settings.builtin_broker_port)
             port = await trio.to_thread.run_sync(broker.start)
-            mqtt_url = f"mqtt://{settings.host}:{port}"
+            mqtt_url = reachable_mqtt_url(settings.host, port)
             log.info("broker.builtin_started", url=mqtt_url)
         gateway = MqttGateway(runtime, mqtt_url, client_id=settings.mqtt_client_id,
                               shared_group=settings.mqtt_shared_group)

@@ -4,6 +4,7 @@ to do, a non-zero exit, no traceback; and the settings `simulate` takes its brok
 from __future__ import annotations
 
 import contextlib
+import json
 import errno
 import os
 import socket
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -319,6 +321,17 @@ def test_replay_in_a_directory_without_data_says_so_and_creates_nothing(tmp_path
     assert line == "parley: no Parley data in /proc/xx (use --data-dir or --database-url)"
 
 
+@pytest.mark.parametrize("product", [[], ["--product", "thermostat"]], ids=["", "--product"])
+def test_replay_of_a_sqlite_url_with_no_file_says_so_and_creates_no_file(tmp_path, product):
+    """With --product it created an empty database file there (and said "no Parley data");
+    without, it said "device not found", as if there were data."""
+    missing = tmp_path / "none.db"
+    line = one_sentence(runner.invoke(app, ["replay", "device", "t1", *product, "--database-url",
+                                            f"sqlite:///{missing}"]), 1)
+    assert line == f"parley: no Parley data in {missing} (use --database-url with an existing file, or --data-dir)"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_replay_of_an_empty_sqlite_file_says_so_and_creates_no_table(tmp_path):
     import sqlite3
 
@@ -418,6 +431,46 @@ def test_builtin_broker_url_from_the_bind_address():
     assert builtin_broker_url(Settings(host="0.0.0.0", builtin_broker_port=1900)) == "mqtt://127.0.0.1:1900"
     assert builtin_broker_url(Settings(host="::", builtin_broker_port=1900)) == "mqtt://[::1]:1900"
     assert builtin_broker_url(Settings(host="192.168.1.4")) == "mqtt://192.168.1.4:1883"
+
+
+@pytest.mark.parametrize("host", ["::1", "::"])
+def test_serve_on_an_ipv6_host_reaches_its_own_builtin_broker(tmp_path, host):
+    """`--host ::1` started the built-in broker, then could not connect to it: `mqtt://::1:port`
+    is no URL ("unsupported MQTT URL", a URL the user never typed)."""
+    import urllib.request
+
+    from tests.services import free_port
+
+    try:
+        probe = socket.socket(socket.AF_INET6)
+        probe.bind(("::1", 0))
+        probe.close()
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    environ = {k: v for k, v in os.environ.items() if not k.upper().startswith("PARLEY_")}
+    environ["PARLEY_BUILTIN_BROKER_PORT"] = str(free_port())
+    http_port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateways.cli", "serve", "--host", host, "--http-port", str(http_port),
+         "--data-dir", str(tmp_path), "--log-format", "json"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=environ, cwd=Path(__file__).parents[2])
+    try:
+        deadline = time.monotonic() + 30
+        health = None
+        while time.monotonic() < deadline and proc.poll() is None and health is None:
+            try:
+                with urllib.request.urlopen(f"http://[::1]:{http_port}/api/health", timeout=1) as r:
+                    health = json.loads(r.read())
+            except OSError:
+                time.sleep(0.1)
+        assert health is not None, proc.stderr.read() if proc.poll() is not None else "no answer in 30 s"
+        assert health["mqttConnected"] is True
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    started = [json.loads(line) for line in err.splitlines() if '"broker.builtin_started"' in line]
+    assert [line["url"] for line in started] == [f"mqtt://[::1]:{environ['PARLEY_BUILTIN_BROKER_PORT']}"]
 
 
 def test_simulate_output_to_a_file_has_one_line_each(fake_simulator):
