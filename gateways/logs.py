@@ -4,6 +4,7 @@ console lines at a terminal."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import structlog
@@ -21,7 +22,10 @@ class _Stderr:
 
 def configure_logging(fmt: str = "auto", level: str = "info") -> None:
     json_lines = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
-    renderer = structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer()
+    # Colours only for a terminal, and never with NO_COLOR set (no-color.org): console lines
+    # sent to a file (`--log-format console 2> file`) were full of escape codes.
+    colors = sys.stderr.isatty() and not os.environ.get("NO_COLOR")
+    renderer = structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer(colors=colors)
     shared = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,

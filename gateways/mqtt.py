@@ -228,7 +228,11 @@ class MqttGateway:
         return self._ready.wait(timeout)
 
     def unreachable(self, timeout: float) -> ConnectionError:
-        return ConnectionError(f"MQTT broker at {self.host}:{self.port} not reachable within {timeout} s")
+        # With the last failure's reason (refused, no such host), which was only in an
+        # earlier log line: "not reachable" alone left the user to guess.
+        error = self.connect_failures.error
+        why = f" ({error})" if error else ""
+        return ConnectionError(f"MQTT broker at {self.host}:{self.port} not reachable within {timeout} s{why}")
 
     def stop(self) -> None:
         self._stopping = True

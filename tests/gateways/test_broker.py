@@ -163,6 +163,18 @@ def test_amqtt_logging_is_quiet_by_default(broker):
 # -- what Parley needs --------------------------------------------------------------
 
 
+def test_a_connection_that_sends_nothing_is_not_logged_as_an_error(broker, caplog):
+    """A port scan or a load balancer's health check (connect, close) made amqtt log an
+    error and a warning; it is nobody's error."""
+    import socket
+    import time
+
+    with caplog.at_level(logging.DEBUG, logger="amqtt"):
+        socket.create_connection(("127.0.0.1", broker.port)).close()
+        time.sleep(0.5)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
 def test_qos0_publish_subscribe(clients):
     sub = clients(cid("sub"))
     sub.subscribe("parley/test/qos0", qos=0)

@@ -248,3 +248,30 @@ def test_serve_with_its_broker_down_says_so_at_once_hides_the_password_and_stops
     assert failed["level"] == "warning" and failed["will_retry"] is True
     assert code == 0 and stopped_in < 5, (code, stopped_in, text[-2000:])
     assert any(e["event"] == "parley.stopping" for e in lines) and "s3cret" not in text
+
+
+def test_log_level_has_a_flag_like_log_format(monkeypatch):
+    from tests.support import capture_serve_settings
+
+    seen = capture_serve_settings(monkeypatch)
+    monkeypatch.setenv("PARLEY_LOG_LEVEL", "error")
+    result = runner.invoke(app, ["serve", "--log-level", "warning", "--log-format", "json"])
+    assert result.exit_code == 0, result.output
+    assert seen[0].log_level == "warning"  # the flag beats the variable
+    result = runner.invoke(app, ["serve", "--log-level", "loud"])
+    assert result.exit_code == 2 and result.output == (
+        "invalid settings: --log-level: input should be 'debug', 'info', 'warning' or 'error' (got 'loud')\n")
+
+
+def test_the_http_port_and_the_builtin_brokers_cannot_be_the_same(monkeypatch):
+    from tests.support import capture_serve_settings
+
+    seen = capture_serve_settings(monkeypatch)
+    monkeypatch.setenv("PARLEY_BUILTIN_BROKER_PORT", "18830")
+    result = runner.invoke(app, ["serve", "--http-port", "18830"], terminal_width=300)
+    assert result.exit_code == 2 and seen == []
+    assert " ".join(result.output.split()) == (
+        "invalid settings: the HTTP API and the built-in broker would both use port 18830: choose another "
+        "--http-port or PARLEY_BUILTIN_BROKER_PORT")
+    result = runner.invoke(app, ["serve", "--http-port", "18830", "--mqtt-url", "mqtt://127.0.0.1:1883"])
+    assert result.exit_code == 0 and len(seen) == 1  # no built-in broker: no clash

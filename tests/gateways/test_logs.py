@@ -56,3 +56,15 @@ def test_console_format_is_one_readable_line(capsys):
     logging.getLogger("hypercorn.error").info("Running on %s", "http://127.0.0.1:3000")
     (line,) = _lines(capsys)
     assert "Running on http://127.0.0.1:3000" in line and not line.startswith("{")
+
+
+@pytest.mark.parametrize("tty, no_color, colored", [(False, "", False), (True, "1", False), (True, "", True)],
+                         ids=["to a file", "NO_COLOR", "at a terminal"])
+def test_console_lines_are_coloured_only_at_a_terminal_without_no_color(monkeypatch, capsys, tty, no_color,
+                                                                           colored):
+    monkeypatch.setattr("sys.stderr.isatty", lambda: tty)
+    monkeypatch.setenv("NO_COLOR", no_color)
+    configure_logging("console", "info")
+    structlog.get_logger("parley.test").info("parley.ready")
+    (line,) = _lines(capsys)
+    assert "parley.ready" in line and ("\x1b[" in line) == colored

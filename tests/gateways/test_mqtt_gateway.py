@@ -612,6 +612,22 @@ def test_a_broker_down_for_a_while_is_said_once_then_counted(runtime):
         broker.stop()
 
 
+def test_an_unreachable_broker_is_reported_with_the_last_reason(runtime):
+    """`parley serve`'s last line said only "not reachable within 15.0 s"; the reason
+    (refused, no such host) was in an earlier log line."""
+    from tests.services import free_port
+
+    port = free_port()  # nothing listens there
+    gw = MqttGateway(runtime, f"mqtt://127.0.0.1:{port}", client_id=f"parley-nobody-{time.monotonic_ns()}")
+    gw.begin()
+    try:
+        wait_until(lambda: gw.connect_failures.failing, timeout=10)
+        assert str(gw.unreachable(15.0)) == (
+            f"MQTT broker at 127.0.0.1:{port} not reachable within 15.0 s ([Errno 111] Connection refused)")
+    finally:
+        gw.stop()
+
+
 def test_a_command_while_the_broker_is_down_is_refused_and_never_sent_later(tmp_path):
     """Refused at once with Unavailable (HTTP 503), nothing written, and nothing published
     when the broker is back: a caller that retries must not make the device act twice."""
