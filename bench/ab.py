@@ -7,7 +7,13 @@ the other cannot tell a 0.1 ms change from noise. Here two `parley serve` proces
 once, each on its own copy of the code (this checkout, and REF checked out in a temporary
 git worktree) with its own bare device, and the client alternates between them request by
 request: whatever the machine does meanwhile slows both alike. The result is the median of
-the per-pair differences; two identical servers differ by about 0.01 ms this way.
+the per-pair differences.
+
+Which server starts first matters: on some hosts the one started second is slower by up to
+0.13 ms a command (2026-12-07: two identical servers +0.11 ms with the second one as B,
+-0.07 with it as A), as much as the changes measured. So the rounds take turns: odd rounds
+start A first, even rounds B first (four by default), and the result is the mean of the
+two orders' medians of rounds.
 
 Both servers use this checkout's virtualenv, so REF must run on the same dependencies.
 `--device sdk` answers with a simulated SDK-like thermostat (state, state and an event
@@ -95,7 +101,8 @@ def main() -> None:
     p.add_argument("--base", default="HEAD", help="git ref to compare with (default HEAD: "
                    "this checkout's uncommitted changes against its last commit)")
     p.add_argument("-n", type=int, default=1000, help="request pairs per round (default 1000)")
-    p.add_argument("--rounds", type=int, default=3, help="rounds, each with fresh servers (default 3)")
+    p.add_argument("--rounds", type=int, default=4,
+                   help="rounds, each with fresh servers, taking turns at which starts first (default 4)")
     p.add_argument("--device", choices=("bare", "sdk"), default="bare",
                    help="the device answering: a bare responder (the benchmark's, default) or an SDK-like "
                         "simulated thermostat (state, state and an event before each answer)")
@@ -108,9 +115,9 @@ def main() -> None:
     broker = start_broker(work / "mosquitto", prog="python -m bench.ab")
     table = Table(title=f"command round trip: this checkout (B) against {args.base} (A)")
     # p99 too: a stall every so often leaves the p50 and the paired median untouched.
-    for column in ("round", "A p50 (ms)", "B p50 (ms)", "A p99 (ms)", "B p99 (ms)", "median of B - A per pair (ms)"):
+    for column in ("round", "first", "A p50 (ms)", "B p50 (ms)", "A p99 (ms)", "B p99 (ms)", "median of B - A per pair (ms)"):
         table.add_column(column, justify="right")
-    diffs = []
+    diffs: dict[bool, list[float]] = {True: [], False: []}  # by whether A started first
     try:
         with worktree(args.base) as base_code:
             for r in range(1, args.rounds + 1):
@@ -118,16 +125,30 @@ def main() -> None:
                 round_dir = work / f"round{r}"
                 round_dir.mkdir()
                 sdk = args.device == "sdk"
-                with server(base_code, broker.url, round_dir, "a", sdk) as a, \
-                        server(ROOT, broker.url, round_dir, "b", sdk) as b:
+                a_first = r % 2 == 1
+                with contextlib.ExitStack() as stack:
+                    for label in ("ab" if a_first else "ba"):
+                        started = stack.enter_context(server(base_code if label == "a" else ROOT, broker.url,
+                                                             round_dir, label, sdk))
+                        if label == "a":
+                            a = started
+                        else:
+                            b = started
                     ta, tb = measure(a, b, args.n)
                 d = statistics.median(y - x for x, y in zip(ta, tb))
-                diffs.append(d)
-                table.add_row(str(r), *(f"{pct(t, q) * 1e3:.3f}" for q in (50, 99) for t in (ta, tb)),
+                diffs[a_first].append(d)
+                table.add_row(str(r), "A" if a_first else "B", *(f"{pct(t, q) * 1e3:.3f}" for q in (50, 99) for t in (ta, tb)),
                               f"{d * 1e3:+.3f}")
     finally:
         broker.stop()
-    table.add_row("all", "", "", "", "", f"{statistics.median(diffs) * 1e3:+.3f} (median of rounds)")
+    orders = [statistics.median(d) for d in diffs.values() if d]
+    if len(orders) == 2:
+        # Each order's median, then their mean: the start-order effect cancels.
+        table.add_row("all", "", "", "", "", "", f"{statistics.mean(orders) * 1e3:+.3f} "
+                      f"(A first {orders[0] * 1e3:+.3f}, B first {orders[1] * 1e3:+.3f}: their mean)")
+    else:
+        console.print("[yellow]one round only: the start order's effect is in the result[/yellow]")
+        table.add_row("all", "", "", "", "", "", f"{orders[0] * 1e3:+.3f}")
     console.print(table)
 
 
