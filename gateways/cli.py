@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gateways.config import Settings, SettingsError, load_settings, reachable_mqtt_url, shown_url
+from gateways.config import Settings, SettingsError, load_settings, reachable_mqtt_url, reachable_url, shown_url
 from gateways.logs import configure_logging
 
 app = typer.Typer(help="Parley: give every IoT device an LLM agent.", no_args_is_help=True,
@@ -408,7 +408,7 @@ def simulate(
     from rich.live import Live
 
     from gateways.demo import THERMOSTAT
-    from gateways.simulate import Simulator, fetch_spec
+    from gateways.simulate import Simulator, fetch_spec, lacks_product
 
     # The broker `parley serve` uses, from the same flags, PARLEY_* variables and parley.toml.
     settings = _settings(config, mqtt_url=mqtt_url)
@@ -426,6 +426,15 @@ def simulate(
         spec = THERMOSTAT["device_spec"]
     else:
         _fail("parley", f"no built-in spec for {product!r}: pass --spec-from-server", 2)
+    if not spec_from_server and settings.http_port:
+        # A server without this product drops every message of these devices (a warning in
+        # its log, nothing here): a `parley serve` started without --demo, say. Ask the one
+        # these settings describe, if it runs on this machine.
+        server = reachable_url("http", settings.host, settings.http_port)
+        if lacks_product(server, product):
+            err_console.print(f"[yellow]warning:[/yellow] the Parley at {server} has no agent {product!r}: it "
+                              "drops these devices' messages (start it with --demo, or create the agent: "
+                              "POST /api/agents)")
     sim = Simulator(spec, product, devices=devices, interval=interval, mqtt_url=url,
                     connections=connections)
 

@@ -47,12 +47,16 @@ def check_mqtt_url(url: str) -> str:
     return url
 
 
-def reachable_mqtt_url(host: str, port: int) -> str:
-    """The URL a client on this machine uses for a broker bound to `host`: a wildcard bind
+def reachable_url(scheme: str, host: str, port: int) -> str:
+    """The URL a client on this machine uses for a server bound to `host`: a wildcard bind
     address means this machine, and an IPv6 address goes in brackets (`mqtt://::1:1883`
     is no URL: `parley serve --host ::1` could not reach its own built-in broker)."""
     host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
-    return f"mqtt://[{host}]:{port}" if ":" in host else f"mqtt://{host}:{port}"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def reachable_mqtt_url(host: str, port: int) -> str:
+    return reachable_url("mqtt", host, port)
 
 
 def check_database_url(url: str) -> str:

@@ -74,6 +74,19 @@ def fetch_spec(server: str, product_id: str, timeout: float = 10.0) -> dict[str,
     return spec
 
 
+def lacks_product(server: str, product_id: str, timeout: float = 1.0) -> bool:
+    """True if the Parley at `server` answers that it has no agent `product_id`: its devices'
+    messages would be dropped as an unknown product. False if it has it, or if no Parley
+    answers there (the server may be on another host): then nothing is known."""
+    import httpx
+
+    try:
+        response = httpx.get(server.rstrip("/") + f"/api/agents/{product_id}", timeout=timeout)
+        return response.status_code == 404 and response.json() == {"error": "Agent not found"}
+    except (httpx.HTTPError, ValueError):
+        return False
+
+
 @dataclass
 class VirtualDevice:
     device_id: str

@@ -482,6 +482,35 @@ def test_simulate_output_to_a_file_has_one_line_each(fake_simulator):
     assert "sstopped" not in result.stdout
 
 
+def test_simulate_warns_when_the_server_lacks_the_product(tmp_path, monkeypatch, mqtt_broker, fake_simulator):
+    """A `parley serve` without --demo drops every message of `parley simulate`'s thermostats
+    as an unknown product, a warning in the server's log only: simulate says so itself."""
+    import httpx
+
+    from tests.services import free_port, start_parley, stop_parley
+
+    port = free_port()
+    proc = start_parley(tmp_path, mqtt_broker.url, port)
+    try:
+        monkeypatch.setenv("PARLEY_HTTP_PORT", str(port))
+        result = runner.invoke(app, ["simulate", "--duration", "0"])
+        assert result.exit_code == 0, result.output
+        assert "warning" not in result.stderr  # --demo made the thermostat agent
+
+        assert httpx.delete(f"http://127.0.0.1:{port}/api/agents/thermostat").status_code == 200
+        result = runner.invoke(app, ["simulate", "--duration", "0"])
+        assert result.exit_code == 0, result.output
+        assert " ".join(result.stderr.split()) == (
+            f"warning: the Parley at http://127.0.0.1:{port} has no agent 'thermostat': it drops these "
+            "devices' messages (start it with --demo, or create the agent: POST /api/agents)")
+        assert len(fake_simulator) == 2  # a warning, not a refusal: the server may get the agent later
+    finally:
+        stop_parley(proc)
+    # Nothing answers there now: nothing is known, nothing said.
+    result = runner.invoke(app, ["simulate", "--duration", "0"])
+    assert result.exit_code == 0 and result.stderr == "", result.output
+
+
 def test_simulate_with_a_bad_mqtt_url_is_a_settings_error(monkeypatch, fake_simulator):
     monkeypatch.setenv("PARLEY_MQTT_URL", "localhost:1884")
     line = one_sentence(runner.invoke(app, ["simulate", "--duration", "0"]), 2)
