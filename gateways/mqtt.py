@@ -201,6 +201,9 @@ class MqttGateway:
         # connection, not even one still waiting for its CONNACK.
         self._connection = 0
         self._connected_at = 0.0
+        # Whether the broker answered this connection's CONNECT (accepting or refusing it).
+        # A connection closed before that is a failed connect, not a disconnect.
+        self._connack = False
         self._short_drops: list[float] = []
         self._warned_takeover_at = -60.0
         self._warned_retained = -1  # the connection whose replayed retained messages were logged
@@ -254,6 +257,7 @@ class MqttGateway:
             log.warning("mqtt.stopped_holding", devices=len(lines), qos0_lost=qos0, qos1_left_to_broker=qos1)
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self._connack = True
         if reason.is_failure:
             log.error("mqtt.connect_refused", reason=str(reason))
             return
@@ -300,7 +304,17 @@ class MqttGateway:
         self._ready.clear()
         self.listening_since = None
         self._flush()  # nothing held waits for a reconnect
-        if reason.is_failure:
+        connack, self._connack = self._connack, False
+        if reason.is_failure and not connack:
+            # Something took the TCP connection and closed it without a CONNACK (paho says
+            # "Protocol error" or "Unspecified error", by what came before the close): a TLS or
+            # WebSocket port, another service, a proxy. Counted
+            # with the failed connects: said once, and the reason of `unreachable()`.
+            self.connect_failures.failed(ConnectionError(
+                "the connection was closed before an MQTT broker answered; is this a broker's "
+                "plain MQTT port? mqtts:// and WebSocket ports are not supported"),
+                will_retry=not self._stopping)
+        elif reason.is_failure:
             log.warning("mqtt.disconnected", reason=str(reason), will_retry=True)
             self._note_short_connection()
 

@@ -628,6 +628,47 @@ def test_an_unreachable_broker_is_reported_with_the_last_reason(runtime):
         gw.stop()
 
 
+def test_a_port_that_is_no_mqtt_broker_is_reported_as_such(runtime):
+    """A TCP port that takes the connection and closes it (here: answers like an HTTP server)
+    was "mqtt.disconnected: Protocol error" once a second, and serve's last line gave no
+    reason; it is a failed connect, said once, with what is probably wrong."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    gw = MqttGateway(runtime, f"mqtt://127.0.0.1:{port}", client_id=f"parley-http-{time.monotonic_ns()}")
+    try:
+        with structlog.testing.capture_logs() as logs:
+            gw.begin()
+            wait_until(lambda: gw.connect_failures._total >= 2, timeout=10)
+        reason = ("the connection was closed before an MQTT broker answered; is this a broker's plain MQTT "
+                  "port? mqtts:// and WebSocket ports are not supported")
+        assert str(gw.unreachable(15.0)) == f"MQTT broker at 127.0.0.1:{port} not reachable within 15.0 s ({reason})"
+        events = [e["event"] for e in logs if e["event"].startswith("mqtt.")]
+        assert events.count("mqtt.connect_failed") == 1 and "mqtt.disconnected" not in events, events
+    finally:
+        gw.stop()
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
 def test_a_command_while_the_broker_is_down_is_refused_and_never_sent_later(tmp_path):
     """Refused at once with Unavailable (HTTP 503), nothing written, and nothing published
     when the broker is back: a caller that retries must not make the device act twice."""
