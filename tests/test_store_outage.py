@@ -8,9 +8,12 @@ device on the test broker.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -46,16 +49,33 @@ def wait_status(http: httpx.Client, path: str, status: int, within: float) -> ht
         time.sleep(0.2)
 
 
-def test_a_database_outage_is_503_at_once_and_over_when_the_database_is_back(
-        tmp_path, mqtt_broker, private_postgres):
+@contextlib.contextmanager
+def parley_on(tmp_path: Path, mqtt_broker, private_postgres, name: str,
+              log_level: str = "warning") -> Iterator[tuple[subprocess.Popen, Thermostat, httpx.Client]]:
+    """`parley serve` on the private PostgreSQL, its device `restart-1` online, and an HTTP
+    client; the database thawed and the server killed afterwards, whatever happened."""
     port = free_port()
-    server = start_parley(tmp_path, mqtt_broker.url, port, private_postgres.url, client_id=f"parley-outage-{port}")
+    server = start_parley(tmp_path, mqtt_broker.url, port, private_postgres.url, client_id=f"parley-{name}-{port}",
+                          log_level=log_level)
     device = Thermostat(mqtt_broker.port)
-    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=ANSWERS_WITHIN_S + 30)
+    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=ANSWERS_WITHIN_S + 45)
     try:
         device.send("telemetry", {"type": "status", "data": {"status": "online", "state": {"temperature": 20}}})
         assert wait_status(http, "/api/devices/restart-1", 200, 10).json()["online"] is True
+        yield server, device, http
+    finally:
+        with contextlib.suppress(OSError, ValueError):  # (nothing to do unless frozen)
+            private_postgres.thaw()
+        http.close()
+        device.close()
+        if server.poll() is None:
+            server.kill()
+            server.wait()
 
+
+def test_a_database_outage_is_503_at_once_and_over_when_the_database_is_back(
+        tmp_path, mqtt_broker, private_postgres):
+    with parley_on(tmp_path, mqtt_broker, private_postgres, "outage") as (server, device, http):
         private_postgres.stop("immediate")
         started = time.monotonic()
         r = http.get("/api/health")
@@ -88,12 +108,6 @@ def test_a_database_outage_is_503_at_once_and_over_when_the_database_is_back(
         assert len(named(lines, "store.up")) == 1
         assert not named(lines, "eventlog.listen_failed")[1:]  # at most the first failure
         assert "Traceback" not in (tmp_path / "server.log").read_text()
-    finally:
-        http.close()
-        device.close()
-        if server.poll() is None:
-            server.kill()
-            server.wait()
 
 
 def test_a_database_that_hangs_is_found_out_and_answered_503_not_waited_for(tmp_path, mqtt_broker, private_postgres):
@@ -103,17 +117,8 @@ def test_a_database_that_hangs_is_found_out_and_answered_503_not_waited_for(tmp_
     running for the breaker's STALL_S (10 s) starts its probe, which gets no answer within
     2 s: the store is down, later uses are 503 at once, a read already waiting gives up
     after STORE_ANSWER_S (15 s), and all is well again once the server answers."""
-    port = free_port()
-    server = start_parley(tmp_path, mqtt_broker.url, port, private_postgres.url, client_id=f"parley-hang-{port}")
-    device = Thermostat(mqtt_broker.port)
-    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
-    frozen = False
-    try:
-        device.send("telemetry", {"type": "status", "data": {"status": "online", "state": {"temperature": 20}}})
-        assert wait_status(http, "/api/devices/restart-1", 200, 10).json()["online"] is True
-
+    with parley_on(tmp_path, mqtt_broker, private_postgres, "hang") as (server, device, http):
         private_postgres.freeze()
-        frozen = True
         started = time.monotonic()
         r = http.get("/api/devices/restart-1")  # waits on the hung server, then gives up
         waited = time.monotonic() - started
@@ -128,7 +133,6 @@ def test_a_database_that_hangs_is_found_out_and_answered_503_not_waited_for(tmp_
         assert time.monotonic() - started < 2.0
 
         private_postgres.thaw()
-        frozen = False
         r = wait_status(http, "/api/health", 200, ANSWERS_WITHIN_S)
         assert r.status_code == 200, r.text
         r = http.post("/api/devices/restart-1/commands",
@@ -140,28 +144,13 @@ def test_a_database_that_hangs_is_found_out_and_answered_503_not_waited_for(tmp_
         assert len(named(lines, "store.query_stalled")) >= 1
         assert len(named(lines, "store.down")) == 1 and len(named(lines, "store.up")) == 1
         assert "Traceback" not in (tmp_path / "server.log").read_text()
-    finally:
-        if frozen:
-            private_postgres.thaw()
-        http.close()
-        device.close()
-        if server.poll() is None:
-            server.kill()
-            server.wait()
 
 
 def test_sigterm_while_the_database_hangs_stops_the_server_promptly(tmp_path, mqtt_broker, private_postgres):
     """Threads waiting on a hung server's answers (a report's commit) do not hold the stop:
     it ends within its bounds (the actors' 10 s, the journal's 10 s: about 20 s measured)
     and says so last."""
-    port = free_port()
-    server = start_parley(tmp_path, mqtt_broker.url, port, private_postgres.url, client_id=f"parley-hang-{port}",
-                          log_level="info")
-    device = Thermostat(mqtt_broker.port)
-    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
-    try:
-        device.send("telemetry", {"type": "status", "data": {"status": "online", "state": {"temperature": 20}}})
-        assert wait_status(http, "/api/devices/restart-1", 200, 10).json()["online"] is True
+    with parley_on(tmp_path, mqtt_broker, private_postgres, "hang", log_level="info") as (server, device, http):
         private_postgres.freeze()
         for seq in range(5):  # reports whose commits wait on the hung server
             device.c.publish("v1/thermostat/restart-1/event", json.dumps(
@@ -174,22 +163,10 @@ def test_sigterm_while_the_database_hangs_stops_the_server_promptly(tmp_path, mq
         lines = log_lines(tmp_path)
         assert [line.get("event") for line in lines][-1] == "parley.stopped", lines[-5:]
         assert "Traceback" not in (tmp_path / "server.log").read_text()
-    finally:
-        private_postgres.thaw()
-        http.close()
-        device.close()
-        if server.poll() is None:
-            server.kill()
-            server.wait()
 
 
 def test_sigterm_during_a_database_outage_stops_the_server_promptly(tmp_path, mqtt_broker, private_postgres):
-    port = free_port()
-    server = start_parley(tmp_path, mqtt_broker.url, port, private_postgres.url, client_id=f"parley-outage-{port}",
-                          log_level="info")
-    device = Thermostat(mqtt_broker.port)
-    try:
-        device.send("telemetry", {"type": "status", "data": {"status": "online", "state": {"temperature": 20}}})
+    with parley_on(tmp_path, mqtt_broker, private_postgres, "outage", log_level="info") as (server, device, http):
         private_postgres.stop("immediate")
         # Reports that queue at the device's actor while the store is down.
         for seq in range(20):
@@ -210,11 +187,6 @@ def test_sigterm_during_a_database_outage_stops_the_server_promptly(tmp_path, mq
         assert not named(lines, "mqtt.not_committed")
         assert not named(lines, "actor.load_failed")
         assert "Traceback" not in (tmp_path / "server.log").read_text()
-    finally:
-        device.close()
-        if server.poll() is None:
-            server.kill()
-            server.wait()
 
 
 def test_qos1_reports_held_in_an_outage_are_tried_as_soon_as_the_store_is_back(
