@@ -49,6 +49,19 @@ def wait_status(http: httpx.Client, path: str, status: int, within: float) -> ht
         time.sleep(0.2)
 
 
+def command(http: httpx.Client, target: float, timeout_ms: int) -> httpx.Response:
+    return http.post("/api/devices/restart-1/commands", json={
+        "command": "set_target_temperature", "params": {"target_temperature": target}, "timeoutMs": timeout_ms})
+
+
+def served_again(http: httpx.Client) -> None:
+    """The store is back: /api/health says so within ANSWERS_WITHIN_S, and a command is answered."""
+    r = wait_status(http, "/api/health", 200, ANSWERS_WITHIN_S)
+    assert r.status_code == 200, r.text
+    r = command(http, 22, timeout_ms=5000)
+    assert r.status_code == 200, r.text
+
+
 @contextlib.contextmanager
 def parley_on(tmp_path: Path, mqtt_broker, private_postgres, name: str,
               log_level: str = "warning") -> Iterator[tuple[subprocess.Popen, Thermostat, httpx.Client]]:
@@ -83,9 +96,7 @@ def test_a_database_outage_is_503_at_once_and_over_when_the_database_is_back(
         assert r.json()["code"] == "unavailable"
         assert time.monotonic() - started < ANSWERS_WITHIN_S
         started = time.monotonic()
-        r = http.post("/api/devices/restart-1/commands",
-                      json={"command": "set_target_temperature", "params": {"target_temperature": 21},
-                            "timeoutMs": 30_000})
+        r = command(http, 21, timeout_ms=30_000)
         assert r.status_code == 503, r.text  # not a 504 after the command's 30 s
         assert time.monotonic() - started < ANSWERS_WITHIN_S
         # Reads of the views too (not after waiting for the views to catch up), and QoS 1
@@ -96,12 +107,7 @@ def test_a_database_outage_is_503_at_once_and_over_when_the_database_is_back(
         device.send("event", {"type": "event", "data": {"event": "temperature_alert", "seq": 1}})
 
         private_postgres.start()
-        r = wait_status(http, "/api/health", 200, ANSWERS_WITHIN_S)
-        assert r.status_code == 200, r.text
-        r = http.post("/api/devices/restart-1/commands",
-                      json={"command": "set_target_temperature", "params": {"target_temperature": 22},
-                            "timeoutMs": 5000})
-        assert r.status_code == 200, r.text
+        served_again(http)
 
         lines = log_lines(tmp_path)
         assert len(named(lines, "store.down")) == 1
@@ -126,19 +132,12 @@ def test_a_database_that_hangs_is_found_out_and_answered_503_not_waited_for(tmp_
         assert 10 < waited < 15 + 5, waited
         started = time.monotonic()
         assert http.get("/api/health").status_code == 503  # found out by now: at once
-        r = http.post("/api/devices/restart-1/commands",
-                      json={"command": "set_target_temperature", "params": {"target_temperature": 21},
-                            "timeoutMs": 30_000})
+        r = command(http, 21, timeout_ms=30_000)
         assert r.status_code == 503, r.text  # not a 504 after the command's 30 s
         assert time.monotonic() - started < 2.0
 
         private_postgres.thaw()
-        r = wait_status(http, "/api/health", 200, ANSWERS_WITHIN_S)
-        assert r.status_code == 200, r.text
-        r = http.post("/api/devices/restart-1/commands",
-                      json={"command": "set_target_temperature", "params": {"target_temperature": 22},
-                            "timeoutMs": 5000})
-        assert r.status_code == 200, r.text
+        served_again(http)
 
         lines = log_lines(tmp_path)
         assert len(named(lines, "store.query_stalled")) >= 1
