@@ -4,20 +4,21 @@ An agent is a product: its `agent_id` is the `productId` devices use on MQTT, an
 `device_spec` says what those devices can do. Start/stop, MCP tool connections, data
 definitions and auth arrive later; their fields are already carried here.
 
-Input from the HTTP API is read strictly (`AgentConfig.model_validate`, `AgentPatch`). An
-agent read back from the log or the views is read as written (`STORED`, see actors.spec):
+Input from the HTTP API is read strictly (`AgentConfig.model_validate`, `AgentPatch`), with
+the few conversions the platform's Ecto cast makes (`as_given`). An agent read back from the log or the views is read as written (`STORED`, see actors.spec):
 an older version may have accepted what input no longer may (`"voice_type": ""`).
 """
 
 from __future__ import annotations
 
+import functools
 import re
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from actors.spec import STORED, DeviceSpec, is_stored, pydantic_message
+from actors.spec import INT_MAX, INT_MIN, STORED, DeviceSpec, is_stored, pydantic_message
 
 AGENT_ID = re.compile(r"[A-Za-z0-9_-]+")  # whole string (fullmatch): `$` would let "id\n" in
 # HTTP header names are tokens (RFC 9110 §5.1); values carry no control characters but tab
@@ -31,15 +32,46 @@ OPTIONAL_TEXT = ("sys_prompt", "welcome_message", "custom_agent_endpoint")
 SERVER_SET = ("id", "running", "current_clients", "inserted_at", "updated_at")
 
 
+# Integers as Ecto's cast reads them from a string (Integer.parse, all of it): ASCII only.
+_ECTO_INTEGER = re.compile(r"[+-]?[0-9]+")
+_ECTO_BOOLEAN = {"true": True, "1": True, "false": False, "0": False}
+
+
+@functools.cache
+def field_kinds(model: type[BaseModel]) -> tuple[dict[str, Any], dict[str, type]]:
+    """What `as_given` needs of a model's fields: the defaults of the optional ones that do
+    not take null (null given for them means the default), and the fields that are booleans
+    or integers (cast from a string as Ecto casts)."""
+    defaults: dict[str, Any] = {}
+    casts: dict[str, type] = {}
+    for name, info in model.model_fields.items():
+        types = get_args(info.annotation) or (info.annotation,)
+        if not info.is_required() and type(None) not in types:
+            defaults[name] = info
+        for kind in (bool, int):  # bool first: it is an int too
+            if kind in types:
+                casts[name] = kind
+                break
+    return defaults, casts
+
+
 def as_given(data: Any, required: tuple[str, ...], optional: tuple[str, ...] = (),
-             server_set: tuple[str, ...] = (), stored: bool = False) -> Any:
-    """Read fields the way the platform does (Phoenix/Ecto's changeset casting): in these
-    fields a string that is empty or only whitespace is no value (`null`), and a required
-    field without a value is missing: `"voice_type": ""` and `"name": null` are both
-    "can't be blank", and a built-in agent's `"custom_agent_endpoint": ""` is no endpoint.
-    Stored values keep their blanks (older versions stored them); null is still missing."""
+             server_set: tuple[str, ...] = (), stored: bool = False,
+             model: type[BaseModel] | None = None) -> Any:
+    """Read fields the way the platform does (Phoenix/Ecto's changeset casting):
+    - in these fields a string that is empty or only whitespace is no value (`null`), and a
+      required field without a value is missing: `"voice_type": ""` and `"name": null` are
+      both "can't be blank", and a built-in agent's `"custom_agent_endpoint": ""` is no
+      endpoint;
+    - null for an optional field of `model` is no value too: its default (`"tools": null`
+      is `[]`), where the model's type would refuse null;
+    - a boolean or integer field of `model` given as a string takes what Ecto's cast takes:
+      `"true"`/`"1"` and `"false"`/`"0"`, and whole decimal integers (`"42"`, `"-1"`).
+    Stored values are read as written: they keep their blanks (older versions stored them);
+    null is still missing."""
     if not isinstance(data, dict):
         return data
+    defaults, casts = field_kinds(model) if model is not None and not stored else ({}, {})
     out = {}
     for key, value in data.items():
         if key in server_set:
@@ -49,8 +81,30 @@ def as_given(data: Any, required: tuple[str, ...], optional: tuple[str, ...] = (
             value = None
         if value is None and key in required:
             continue
+        if value is None and key in defaults:
+            value = defaults[key].get_default(call_default_factory=True)
+        elif isinstance(value, str) and key in casts:
+            value = _ecto_cast(value, casts[key])
         out[key] = value
     return out
+
+
+def _ecto_cast(value: str, kind: type) -> Any:
+    """`value` as Ecto casts a string to `kind`, or unchanged (then refused by its type)."""
+    if kind is bool:
+        return _ECTO_BOOLEAN.get(value, value)
+    if _ECTO_INTEGER.fullmatch(value) and len(value) <= 21:  # (no 10,000-digit int())
+        number = int(value)
+        if INT_MIN <= number <= INT_MAX:  # what the log can store, as for a JSON integer
+            return number
+    return value
+
+
+def unknown_fields(data: Any, model: type[BaseModel]) -> list[str]:
+    """The fields of `data` that `model` does not know and ignores (as Ecto's cast does)."""
+    if not isinstance(data, dict):
+        return []
+    return [k for k in data if k not in model.model_fields and k not in SERVER_SET]
 
 
 def check_headers(headers: dict[str, str] | None, info: ValidationInfo) -> dict[str, str] | None:
@@ -90,7 +144,7 @@ class Tool(BaseModel):
     @classmethod
     def _given(cls, data: Any, info: ValidationInfo) -> Any:
         return as_given(data, ("name", "endpoint"), server_set=("status",),  # status: the server's
-                        stored=is_stored(info))
+                        stored=is_stored(info), model=cls)
 
     _headers = field_validator("http_headers")(check_headers)
 
@@ -111,12 +165,14 @@ class DataDefinition(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _given(cls, data: Any, info: ValidationInfo) -> Any:
-        return as_given(data, ("topic_filter",), stored=is_stored(info))
+        return as_given(data, ("topic_filter",), stored=is_stored(info), model=cls)
 
 
 class _Fields(BaseModel):
-    # strict: JSON types as documented; "is_custom_agent": "yes" is refused, not guessed.
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # strict: JSON types as documented; "is_custom_agent": "yes" is refused, not guessed
+    # (as_given casts the strings Ecto would). Unknown fields are ignored, as Ecto's cast
+    # ignores what it is not told to take; the HTTP route logs them.
+    model_config = ConfigDict(extra="ignore", strict=True)
     name: str = Field(min_length=3, max_length=255)
     agent_type: Literal["single", "multi"]
     voice_type: str = Field(max_length=255)
@@ -134,7 +190,7 @@ class _Fields(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _given(cls, data: Any, info: ValidationInfo) -> Any:
-        return as_given(data, REQUIRED, OPTIONAL_TEXT, SERVER_SET, stored=is_stored(info))
+        return as_given(data, REQUIRED, OPTIONAL_TEXT, SERVER_SET, stored=is_stored(info), model=_Fields)
 
     @field_validator("custom_agent_endpoint")
     @classmethod
@@ -195,7 +251,7 @@ class AgentPatch(BaseModel):
     """An update: only the fields given; `agent_id` cannot change. A required field given
     as null or blank stays in the patch, so the merged agent reports it as blank."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True)
     name: str | None = Field(default=None, min_length=3, max_length=255)
     agent_type: Literal["single", "multi"] | None = None
     voice_type: str | None = Field(default=None, max_length=255)
@@ -219,7 +275,7 @@ class AgentPatch(BaseModel):
     @classmethod
     def _given(cls, data: Any) -> Any:
         # Required fields stay when blank (as null): the merged agent reports them.
-        return as_given(data, (), REQUIRED + OPTIONAL_TEXT, SERVER_SET)
+        return as_given(data, (), REQUIRED + OPTIONAL_TEXT, SERVER_SET, model=_Fields)
 
     def changes(self) -> dict[str, Any]:
         # The fields given, each dumped whole: `exclude_unset` would also leave out the

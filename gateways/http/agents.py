@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from quart import Blueprint
 
 from actors.agent import AgentActor, AgentConfig, AgentPatch, CreateAgent, DeleteAgent, UpdateAgent
-from actors.agent.config import validation_errors
+from actors.agent.config import unknown_fields, validation_errors
 from actors.errors import AgentAlreadyExists, AgentNotFound, InvalidAgent, InvalidCommand, ParleyError
 from gateways.bridge import TrioReply
 from gateways.http.app import ApiError, ascii_int, get_pending, get_runtime, in_thread, json_object, read_view
@@ -120,6 +120,19 @@ async def ask(agent_id: str, message_type: Any, *args: Any) -> int:
     return position
 
 
+# At most this many ignored field names in a log line (a body may hold thousands).
+IGNORED_SHOWN = 20
+
+
+def log_ignored(agent: dict[str, Any], model: Any, agent_id: str) -> None:
+    """Fields the agent API does not know are ignored, as the platform's (Ecto) cast ignores
+    them; a line says which, since a misspelt one (`sys_promt`) is a change that never came."""
+    ignored = unknown_fields(agent, model)
+    if ignored:
+        log.info("agents.fields_ignored", agent_id=agent_id, fields=[f[:100] for f in ignored[:IGNORED_SHOWN]],
+                 count=len(ignored))
+
+
 def actor_error(exc: ParleyError) -> ApiError:
     if isinstance(exc, AgentNotFound):
         return not_found()
@@ -146,10 +159,12 @@ async def get_agent(ident: str) -> dict[str, Any]:
 
 @bp.post("/api/agents")
 async def create_agent() -> tuple[dict[str, Any], int]:
+    agent = await agent_body()
     try:
-        config = AgentConfig.model_validate(await agent_body())
+        config = AgentConfig.model_validate(agent)
     except ValidationError as exc:
         raise invalid(validation_errors(exc)) from None
+    log_ignored(agent, AgentConfig, config.agent_id)
     try:
         await ask(config.agent_id, CreateAgent, config.to_record())
     except ParleyError as exc:
@@ -173,6 +188,7 @@ async def update_agent(ident: str) -> dict[str, Any]:
         AgentConfig.updated(record.config, changes, record.agent_id)
     except ValidationError as exc:
         raise invalid(validation_errors(exc)) from None
+    log_ignored(fields, AgentPatch, record.agent_id)
     if changes:  # an empty update would only add a no-op event to the log
         try:
             await ask(record.agent_id, UpdateAgent, changes, record.id)

@@ -60,9 +60,9 @@ AGENT_400 = resp(
 AGENT_404 = resp("No such agent.", "AgentNotFound")
 AGENT_422_RULES = (
     "`agent` missing or not an object, or a field that breaks its rule: a required field "
-    "missing, null or blank, a field of the wrong JSON type (none is converted: \"yes\", 1 "
-    "and \"1\" are no boolean or id), a string too long or short, a header value that is "
-    "not a string, an unknown field, an invalid device_spec; `errors` names each field")
+    "missing, null or blank, a field of the wrong JSON type (converted only as the platform's "
+    "Ecto cast converts: \"yes\" and 1 are no boolean, \"1.0\" is no id), a string too long or "
+    "short, a header value that is not a string, an invalid device_spec; `errors` names each field")
 AGENT_503 = resp("The agent actor did not answer within 10 s, the server is shutting down, or "
                  "the store is down (code unavailable); the write may have been committed, so "
                  "read the agent back.")
@@ -188,18 +188,23 @@ SCHEMAS: dict[str, Any] = {
             "custom_agent_endpoint": {**STR, "pattern": "^wss?://",
                                       "description": "A ws:// or wss:// URL with a host; required when "
                                                      "is_custom_agent is true."},
-            "custom_agent_http_headers": HEADERS, "emqx_config_id": INT, "mqtt_opts": OBJ,
-            "tools": {"type": "array", "items": ref("Tool"), "maxItems": MAX_ITEMS},
-            "data_definitions": {"type": "array", "items": ref("DataDefinition"), "maxItems": MAX_ITEMS},
+            "custom_agent_http_headers": {**HEADERS, "type": ["object", "null"]},
+            "emqx_config_id": {"type": ["integer", "null"]}, "mqtt_opts": {"type": ["object", "null"]},
+            "tools": {"type": ["array", "null"], "items": ref("Tool"), "maxItems": MAX_ITEMS},
+            "data_definitions": {"type": ["array", "null"], "items": ref("DataDefinition"),
+                                 "maxItems": MAX_ITEMS},
             "device_spec": {"type": ["object", "null"], "description": "Commands, telemetry and events "
                             "of the devices; without one (null) the product accepts no commands."}},
         "description": "On create: agent_id, name, agent_type, voice_type, is_custom_agent are "
                        "required. On update: only the fields to change; agent_id cannot change. "
-                       "Every field has exactly its JSON type (nothing is converted). In the "
-                       "text fields an empty or whitespace-only string is no value (a required "
-                       "one is then 422 can't be blank, an optional one stored as null). The "
-                       "fields only the server sets (id, running, current_clients, inserted_at, "
-                       "updated_at) are ignored; other unknown fields are 422."}}},
+                       "Fields are cast as the platform's Ecto cast does: each has its JSON "
+                       "type, except that a boolean may be the string \"true\", \"false\", \"1\" "
+                       "or \"0\" and an integer a string of decimal digits (\"42\"); null for an "
+                       "optional field is its empty value ({}, [] or null). In the text fields "
+                       "an empty or whitespace-only string is no value (a required one is then "
+                       "422 can't be blank, an optional one stored as null). Unknown fields are "
+                       "ignored (the log line agents.fields_ignored names them), as are those "
+                       "only the server sets (id, running, current_clients, inserted_at, updated_at)."}}},
     "Tool": {"type": "object", "required": ["name", "endpoint"], "properties": {
         "name": {**STR, "minLength": 1, "maxLength": 255}, "description": {**STR, "default": ""},
         "transport": {"enum": ["streamable_http", "sse"], "default": "streamable_http"},
