@@ -118,6 +118,12 @@ def redelivering_broker(request, mqtt_broker):
 
 
 @pytest.fixture
+def mqtt5_broker(request, mqtt_broker):
+    """A broker that takes MQTT 5 clients (and delivers between them and MQTT 3.1.1 ones)."""
+    return _mosquitto_only(request, mqtt_broker, "speaks MQTT 3.1.1 only")
+
+
+@pytest.fixture
 def takeover_broker(request, mqtt_broker):
     """A broker that drops a client whose id another client connects with, every time."""
     return _mosquitto_only(request, mqtt_broker, "takes a session over once, then leaves both clients connected")

@@ -175,6 +175,24 @@ def test_a_connection_that_sends_nothing_is_not_logged_as_an_error(broker, caplo
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
+def test_an_mqtt5_client_is_refused_with_a_reason(broker):
+    """docs/mqtt.md and the README: the built-in broker speaks MQTT 3.1.1 only. An MQTT 5
+    client (MQTTX's default) is told so in its CONNACK, not left waiting."""
+    from paho.mqtt.client import MQTTv5
+
+    connacks: queue.Queue = queue.Queue()
+    client = Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=cid("v5"), protocol=MQTTv5)
+    client.on_connect = lambda _c, _u, _flags, rc, _p: connacks.put(rc)
+    client.connect(broker.host, broker.port, keepalive=30)
+    client.loop_start()
+    try:
+        rc = connacks.get(timeout=TIMEOUT)
+        assert rc.is_failure and str(rc) == "Unsupported protocol version", rc
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
 def test_qos0_publish_subscribe(clients):
     sub = clients(cid("sub"))
     sub.subscribe("parley/test/qos0", qos=0)

@@ -26,12 +26,13 @@ P, D = "thermostat", "t-1"
 
 
 class DeviceClient:
-    """A paho client playing a device (MQTT 3.1.1, like the generated SDK)."""
+    """A paho client playing a device (MQTT 3.1.1, like the generated SDK, unless told)."""
 
-    def __init__(self, url_port: int, client_id: str = "dev", max_inflight: int | None = None) -> None:
+    def __init__(self, url_port: int, client_id: str = "dev", max_inflight: int | None = None,
+                 protocol: int = paho.MQTTv311) -> None:
         self.inbox: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
         self.acked: set[int] = set()
-        self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
+        self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
         if max_inflight is not None:
             self.c.max_inflight_messages_set(max_inflight)  # paho's default: 20
         self.c.on_message = lambda c, u, m: self.inbox.put((m.topic, json.loads(m.payload)))
@@ -319,6 +320,28 @@ def test_command_round_trip_over_mqtt(runtime, gateway, device):
                  "metadata": {"productId": P}})
     assert reply.get(5)["data"] == {"target_temperature": 24}
     assert stream(runtime)[-2:] == ["CommandSent", "CommandSucceeded"]
+
+
+def test_an_mqtt5_device_reports_and_answers_commands(runtime, mqtt5_broker):
+    """docs/mqtt.md: devices may speak MQTT 5 on a broker that does (Mosquitto, EMQX), which
+    delivers between them and Parley's MQTT 3.1.1 client."""
+    gw = MqttGateway(runtime, mqtt5_broker.url, client_id=f"parley-v5-{time.monotonic_ns()}")
+    runtime.attach_device_link(gw)
+    gw.start()
+    dev = DeviceClient(mqtt5_broker.port, client_id=f"dev-v5-{time.monotonic_ns()}", protocol=paho.MQTTv5)
+    try:
+        online_for_commands(runtime, dev)
+        reply = FutureReply()
+        runtime.system.tell(DeviceActor, (P, D), SendCommand("req-v5", "set_target_temperature",
+                                                            {"target_temperature": 23}, 5000, reply=reply))
+        _, cmd = dev.inbox.get(timeout=5)
+        assert cmd["requestId"] == "req-v5"
+        dev.send(f"device-agent/{P}/device/{D}/responses", {"code": 0, "msg": "ok", "requestId": "req-v5"})
+        assert reply.get(5)["code"] == 0
+        assert stream(runtime)[-2:] == ["CommandSent", "CommandSucceeded"]
+    finally:
+        dev.close()
+        gw.stop()
 
 
 def test_a_lone_answer_is_handled_on_the_gateways_thread_when_quiet(runtime, gateway, device, monkeypatch):
