@@ -174,6 +174,19 @@ def _sized(response: h11.Response) -> bool:
     return any(name.lower() == b"content-length" for name, _ in response.headers)
 
 
+# "HTTP/1.1 200 OK", not hypercorn's "HTTP/1.1 200 " (an empty reason phrase is allowed,
+# RFC 9112 4, but curl -i and every proxy log show it as if something were missing).
+_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
+
+
+def _with_reason(head: bytes, status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    end = head.find(b"\r\n")
+    if line is None or end < 0 or not head.startswith(b"HTTP/1.1 "):
+        return head
+    return line + head[end + 2:]
+
+
 class JsonErrorH11Protocol(H11Protocol):
     _held_head = b""  # a sized response's head, written with what follows it (3. above)
 
@@ -184,9 +197,12 @@ class JsonErrorH11Protocol(H11Protocol):
             if self.connection.their_state != h11.ERROR:
                 raise
             return
-        if isinstance(event, h11.Response) and _sized(event):
-            self._held_head = data
-            return
+        if isinstance(event, h11.Response):
+            if not event.reason:
+                data = _with_reason(data, event.status_code)
+            if _sized(event):
+                self._held_head = data
+                return
         if self._held_head:
             data, self._held_head = self._held_head + data, b""
         await self.send(RawData(data=data))

@@ -176,7 +176,8 @@ async def create_agent() -> tuple[dict[str, Any], int]:
     return body, 201
 
 
-@bp.put("/api/agents/<ident>")
+# PATCH as well: the platform's Phoenix `resources` routes take both for an update.
+@bp.route("/api/agents/<ident>", methods=["PUT", "PATCH"])
 async def update_agent(ident: str) -> dict[str, Any]:
     record = lookup(ident)
     fields = await agent_body()

@@ -71,6 +71,14 @@ MALFORMED_HEADERS = {
     "X-Request-Id": {"schema": STR, "description": "A new id; the log line carries it as trace_id."}}
 COMPRESSED = resp("A body with a Content-Encoding (code unsupported_media_type): bodies are "
                   "taken uncompressed.")
+AGENT_UPDATE = {
+    "summary": "Update some fields of an agent.", "parameters": [AGENT_ID],
+    "requestBody": body("AgentInput"), "responses": {
+        "200": resp("Updated (message 智能体更新成功).", "AgentSaved"), "400": AGENT_400,
+        "404": AGENT_404, "413": TOO_LARGE, "415": COMPRESSED,
+        "422": resp(f"Validation failed: {AGENT_422_RULES}, also of the merged "
+                    "agent; or a different agent_id (cannot be changed).", "AgentErrors"),
+        "503": AGENT_503}}
 
 
 def malformed(description: str) -> dict[str, Any]:
@@ -302,14 +310,8 @@ PATHS: dict[str, Any] = {
         "get": {"summary": "One agent.", "parameters": [AGENT_ID],
                 "responses": {"200": resp("The agent.", "Agent"), "404": AGENT_404,
                               "503": STORE_503}},
-        "put": {"summary": "Update some fields of an agent.", "parameters": [AGENT_ID],
-                "requestBody": body("AgentInput"), "responses": {
-                    "200": resp("Updated (message 智能体更新成功).", "AgentSaved"), "400": AGENT_400,
-                    "404": AGENT_404, "413": TOO_LARGE, "415": COMPRESSED,
-                    "422": resp(f"Validation failed: {AGENT_422_RULES}, also of the merged "
-                                "agent; or a different agent_id (cannot be changed).",
-                                "AgentErrors"),
-                    "503": AGENT_503}},
+        "put": AGENT_UPDATE,
+        "patch": {**AGENT_UPDATE, "summary": "The same as PUT (Phoenix routes take both)."},
         "delete": {"summary": "Delete an agent.", "parameters": [AGENT_ID], "responses": {
             "200": resp("Deleted.", {"type": "object", "properties": {"success": {"const": True}}}),
             "404": AGENT_404, "503": AGENT_503}}},

@@ -152,6 +152,7 @@ class RawResponse:
     def __init__(self, data: bytes) -> None:
         head, _, self.body = data.partition(b"\r\n\r\n")
         status_line, *lines = head.split(b"\r\n")
+        self.status_line = status_line
         self.status = int(status_line.split()[1])
         self.headers: dict[str, bytes] = {}
         for line in lines:

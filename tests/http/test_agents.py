@@ -224,6 +224,16 @@ async def test_fields_are_cast_as_the_platforms_ecto_casts_them(client: httpx.As
     assert ignored["count"] == 30_000 and len(ignored["fields"]) == 20 and len(str(ignored)) < 2000
 
 
+async def test_patch_updates_as_put_does(client: httpx.AsyncClient) -> None:
+    """The platform's Phoenix `resources` routes take PATCH for an update too."""
+    agent = await create_agent(client)
+    r = await client.patch(f"/api/agents/{agent['id']}", json={"agent": {"name": "Patched agent"}})
+    assert r.status_code == 200, r.text
+    assert r.json()["message"] == "智能体更新成功" and r.json()["agent"]["name"] == "Patched agent"
+    r = await client.patch(f"/api/agents/{agent['id']}", json={"agent": {"name": "ab"}})
+    assert r.status_code == 422
+
+
 async def test_update_reads_back_nested_defaults_as_create_does(client: httpx.AsyncClient) -> None:
     """A tool, a data definition or a spec given in a PUT was stored without the defaults
     inside it (`exclude_unset`), so it read back other than the same one created."""

@@ -13,7 +13,7 @@ from gateways.http import create_app
 from gateways.http.app import MAX_BODY, TEXT_LIMIT
 from gateways.http_server import serve_http
 from gateways.runtime import Runtime
-from tests.http.conftest import RawResponse, agent_input, create_agent
+from tests.http.conftest import RawResponse, agent_input, create_agent, raw_request
 
 
 async def test_health_reports_positions(client: httpx.AsyncClient) -> None:
@@ -48,6 +48,18 @@ async def test_unknown_route_is_json_404(client: httpx.AsyncClient) -> None:
     r = await client.get("/api/nope")
     assert r.status_code == 404
     assert r.json() == {"error": "no such route", "code": "not_found"}
+
+
+async def test_status_lines_carry_their_reason_phrase(client: httpx.AsyncClient) -> None:
+    """hypercorn wrote "HTTP/1.1 200 " (an empty reason, allowed, but read as if something
+    were missing); every answer, the command route's and a refusal's too, names its status."""
+    for method, target, body, line in [
+            ("GET", "/api/health", b"", b"HTTP/1.1 200 OK"),
+            ("GET", "/api/nope", b"", b"HTTP/1.1 404 Not Found"),
+            ("POST", "/api/devices/x/commands", b"{}", b"HTTP/1.1 400 Bad Request"),
+            ("DELETE", "/api/health", b"", b"HTTP/1.1 405 Method Not Allowed")]:
+        r = await raw_request(client, method, target, body)
+        assert r.status_line == line, (target, r.status_line)
 
 
 async def test_wrong_method_is_json_405(client: httpx.AsyncClient) -> None:

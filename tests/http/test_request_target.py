@@ -156,7 +156,7 @@ async def test_a_redirect_would_be_a_json_404(runtime: Runtime) -> None:
 
 @pytest.mark.parametrize("target, allow", [
     ("/api/health", b"GET, HEAD"), ("/api/openapi.json", b"GET, HEAD"),
-    ("/api/agents", b"GET, HEAD, POST"), ("/api/agents/1", b"DELETE, GET, HEAD, PUT"),
+    ("/api/agents", b"GET, HEAD, POST"), ("/api/agents/1", b"DELETE, GET, HEAD, PATCH, PUT"),
     ("/api/products/p/devices", b"GET, HEAD"), ("/api/devices/d", b"GET, HEAD"),
     ("/api/devices/d/commands", b"POST"), ("/api/devices/d/events", b"GET, HEAD")])
 async def test_options_is_a_json_405(client: httpx.AsyncClient, target: str, allow: bytes) -> None:
