@@ -43,6 +43,10 @@ amqtt 0.12 behaviour relevant to Parley (checked by tests/gateways/test_broker.p
   1.5 x its keep-alive), and stop hung for every run with a few subscribers holding
   unacknowledged QoS 1 messages. We abort every client connection first, so each reader
   sees EOF and ends on its own, and we wait for amqtt's shutdown a bounded time only.
+* Worked around: when a connection took over the session of another with the same
+  client id, the old connection's end marked the shared session disconnected, and the new
+  one got nothing more while it looked connected. ``_Broker`` leaves the session to the
+  connection that holds it (tests/gateways/test_broker.py).
 * Worked around: amqtt's default ``AnonymousAuthPlugin`` (allow_anonymous=True)
   marks every session anonymous, and amqtt discards anonymous sessions on
   disconnect and never queues messages for them, i.e. persistent sessions silently
@@ -124,7 +128,27 @@ class _Broker(Broker):
             force_qos = 0  # min(0, the subscription's QoS)
         await super()._broadcast_message(session, topic, data, force_qos)
 
+    async def _handle_disconnect(self, client_session: Session, handler: Any,
+                                 disconnect_waiter: asyncio.Future[Any]) -> None:
+        # A connection whose session a newer one with the same client id took over
+        # (MQTT-3.1.4-2): amqtt 0.12 marked the shared session disconnected when the old
+        # connection ended, and the new one, connected and subscribed, then got nothing:
+        # its messages were queued as for an offline client (a second `parley serve` on the
+        # same data dir, or a reconnect the broker took for a second client, left Parley
+        # deaf while /api/health said connected). The session is the new connection's now.
+        current = self._sessions.get(client_session.client_id)
+        if current is not None and current[1] is not handler:
+            await self._stop_handler(handler)
+            return
+        await super()._handle_disconnect(client_session, handler, disconnect_waiter)
+
     async def _publish_session_retained_messages(self, session: Session) -> None:
+        # Called on every new connection once its handler is the session's: if the old
+        # connection of a takeover ended first (before amqtt made the new one the session's
+        # handler), it marked the session disconnected, and the takeover path does not mark
+        # it connected again. It is connected: this connection is live.
+        if session.transitions.state != "connected":
+            session.transitions.connect()
         # amqtt 0.12's own, but with RETAIN 0: these were queued while the client was away
         # and match its established subscriptions (MQTT-3.3.1-9). A client takes RETAIN 1 as
         # a replayed retained message, which Parley ignores.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import socket
+import time
 import uuid
 
 import pytest
@@ -331,6 +332,45 @@ def test_unacked_qos1_message_is_redelivered_after_reconnect(clients):
     again = clients(client_id, clean_session=False, manual_ack=True)
     m = again.get(timeout=2)
     assert m.payload == b"not-acked"
+
+
+def test_a_session_taken_over_and_back_keeps_delivering(broker, clients):
+    """Two clients with one id (a second `parley serve` on the same data dir) take the
+    session from each other; once the second is gone, the first, reconnected, must get its
+    messages again. amqtt 0.12 marked the session disconnected when the taken-over
+    connection ended, and the client that held it then got nothing while connected."""
+    got: queue.Queue[tuple[str, bytes]] = queue.Queue()
+    made: list[Client] = []
+
+    def client(tag: str) -> Client:
+        c = Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="taken-over",
+                   clean_session=False, protocol=MQTTv311)
+        c.on_connect = lambda cl, _u, _f, rc, _p: cl.subscribe("takeover/#", 1) if not rc.is_failure else None
+        c.on_message = lambda _c, _u, m: got.put((tag, m.payload))
+        c.reconnect_delay_set(0.1, 0.2)
+        c.connect(broker.host, broker.port, keepalive=30)
+        c.loop_start()
+        made.append(c)
+        return c
+
+    device = clients(cid("device"))
+    try:
+        client("A")
+        time.sleep(0.5)
+        second = client("B")
+        time.sleep(2.0)  # they take the session from each other meanwhile
+        second.disconnect()
+        second.loop_stop()
+        time.sleep(1.0)  # A has reconnected, and holds the session alone
+        while not got.empty():
+            got.get()
+        for n in range(3):
+            device.publish("takeover/t", f"m{n}".encode(), qos=1)
+        assert [got.get(timeout=TIMEOUT) for _ in range(3)] == [("A", b"m0"), ("A", b"m1"), ("A", b"m2")]
+    finally:
+        for c in made:
+            c.disconnect()
+            c.loop_stop()
 
 
 def test_offline_queued_messages_arrive_without_the_retain_flag(clients):
