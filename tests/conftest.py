@@ -124,12 +124,6 @@ def mqtt5_broker(request, mqtt_broker):
 
 
 @pytest.fixture
-def takeover_broker(request, mqtt_broker):
-    """A broker that drops a client whose id another client connects with, every time."""
-    return _mosquitto_only(request, mqtt_broker, "takes a session over once, then leaves both clients connected")
-
-
-@pytest.fixture
 def sharing_broker(request, mqtt_broker):
     """A broker with shared subscriptions (`$share/group/topic`)."""
     return _mosquitto_only(request, mqtt_broker, "has no shared subscriptions")

@@ -1177,14 +1177,14 @@ def test_the_default_client_id_is_per_host_and_store(runtime, tmp_path):
     assert default_client_id("sqlite:////elsewhere/events.sqlite") != gw.client_id  # another checkout
 
 
-def test_a_client_id_used_by_two_processes_is_reported(runtime, takeover_broker):
+def test_a_client_id_used_by_two_processes_is_reported(runtime, mqtt_broker):
     """Two gateways with one client id take the session from each other about once a
     second, forever; MQTT 3.1.1 says nothing about why, so Parley says what is likely."""
     import structlog
 
     client_id = f"parley-twice-{time.monotonic_ns()}"
-    first = MqttGateway(runtime, takeover_broker.url, client_id=client_id)
-    second = MqttGateway(runtime, takeover_broker.url, client_id=client_id)
+    first = MqttGateway(runtime, mqtt_broker.url, client_id=client_id)
+    second = MqttGateway(runtime, mqtt_broker.url, client_id=client_id)
     with structlog.testing.capture_logs() as logs:
         first.start()
         try:
