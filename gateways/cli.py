@@ -183,12 +183,29 @@ def _startup_problem(exc: BaseException, settings: Settings) -> str | None:
             return f"{e.strerror}: {path}"
         if type(e).__module__.startswith(("psycopg", "eventsourcing", "sqlite3")):
             if settings.database_url:
+                folder = _missing_sqlite_folder(settings.database_url)
+                if folder is not None:
+                    return (f"the event store at {_store_where(settings)} is not usable: the directory "
+                            f"{folder} does not exist (SQLite creates the file, not its directory)")
                 return f"the event store at {_store_where(settings)} is not usable: {e}"
+            if not any((data_dir / name).exists() for name in ("events.sqlite", "views.sqlite")):
+                return (f"cannot create the data in {data_dir}: {e}; check that the directory is "
+                        f"writable, or choose another with --data-dir or PARLEY_DATA_DIR")
             # SQLite's errors do not say which file: the log or the views.
             return (f"the data in {data_dir} (events.sqlite, views.sqlite) is not usable: {e}; check "
                     f"that the directory is writable (SQLite writes its shared-memory files there, "
                     f"also to read) and that the files are whole")
     return None
+
+
+def _missing_sqlite_folder(url: str) -> Path | None:
+    """The directory of a sqlite:/// URL's file, if it does not exist."""
+    from eventstore import StoreConfig
+
+    if not url.startswith("sqlite:///"):
+        return None
+    folder = Path("/" + StoreConfig(url).sqlite_path.lstrip("/")).parent  # sqlite:////abs: path "//abs"
+    return None if folder.is_dir() else folder
 
 
 def _ms(value: int | None) -> str:
@@ -221,6 +238,11 @@ def replay_device(
         problem = _startup_problem(exc, settings)
         if problem is None:
             raise
+        # The store's hint for a database that does not exist is serve's (it creates the
+        # tables, not the database); replay only reads, and a new one would hold nothing.
+        start = problem.find(" (create it: ")
+        if start >= 0:
+            problem = problem[:start] + problem[problem.find(")", start) + 1:]
         _fail("parley could not read the log", problem)
 
 
@@ -305,7 +327,7 @@ def _replay(store: Any, device_id: str, product: str | None, at: int | None) -> 
                 # event's JSON over 5-10 lines. Each event's header line, its data below.
                 if not version:
                     console.print(f"[bold]{product}/{device_id}: timeline[/bold] "
-                                  f"({', '.join(TIMELINE_COLUMNS[:-1])}; data below each)")
+                                  f"({', '.join(TIMELINE_COLUMNS[:-1])}; data below each)", highlight=False)
                 for position, v, at_time, kind, data in rows:
                     console.print(f"[bold]{position}[/bold]  v{v}  {at_time}  [cyan]{kind}[/cyan]", highlight=False)
                     # Not folded by rich: the terminal wraps it, and a copy of it stays one line.
@@ -458,7 +480,8 @@ def simulate(
     stopping = threading.Event()
     before = {signum: signal.signal(signum, lambda *_: stopping.set())
               for signum in (signal.SIGTERM, signal.SIGINT)}
-    console.print(f"simulating {devices} {product!r} devices on {shown_url(url)}", soft_wrap=True)
+    console.print(f"simulating {devices} {product!r} device{'s' if devices != 1 else ''} on {shown_url(url)}",
+                  soft_wrap=True)
 
     def running() -> bool:
         return not stopping.wait(0.25) and (deadline is None or time.monotonic() < deadline)

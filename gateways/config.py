@@ -42,7 +42,10 @@ def check_mqtt_url(url: str) -> str:
         port = u.port
     except ValueError:  # not a number, or beyond 65535
         port = -1
-    if u.scheme not in ("mqtt", "tcp") or not u.hostname or port == -1:
+    if u.scheme in ("mqtt", "tcp") and u.hostname and port == -1:
+        raise ValueError(f"the MQTT URL {shown_url(url)!r} has no valid port: use mqtt://host:port with a port "
+                         "from 1 to 65535")
+    if u.scheme not in ("mqtt", "tcp") or not u.hostname:
         raise ValueError(f"unsupported MQTT URL {shown_url(url)!r}: use mqtt://host:port")
     return url
 
@@ -62,7 +65,7 @@ def reachable_mqtt_url(host: str, port: int) -> str:
 def check_database_url(url: str) -> str:
     if not url.startswith(("postgresql://", "postgres://", "sqlite:///")):
         raise ValueError(f"unsupported database URL {shown_url(url)!r}: use postgresql://user@host:port/database "
-                         "(or leave it out for SQLite under the data directory)")
+                         "or sqlite:///path/to/file.db (or leave it out for SQLite under the data directory)")
     try:
         urlparse(url).port  # a port that is not a number, or beyond 65535, raises here
     except ValueError:

@@ -65,13 +65,23 @@ def fetch_spec(server: str, product_id: str, timeout: float = 10.0) -> dict[str,
 
     url = server.rstrip("/") + f"/api/agents/{product_id}"
     response = httpx.get(url, timeout=timeout)
-    if response.status_code == 404:
+    if response.status_code == 404 and _json(response) == {"error": "Agent not found"}:
         raise LookupError(f"product {product_id!r} not found at {server}")
+    if response.status_code == 404:  # not Parley's answer for a missing agent: a wrong URL
+        raise LookupError(f"no Parley API at {server} (GET {url} is 404): give the server's base URL, "
+                          "such as http://127.0.0.1:3000")
     response.raise_for_status()
     spec = response.json().get("device_spec")
     if not spec:
         raise LookupError(f"product {product_id!r} at {server} has no device_spec")
     return spec
+
+
+def _json(response: Any) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
 
 
 def lacks_product(server: str, product_id: str, timeout: float = 1.0) -> bool:
@@ -82,9 +92,9 @@ def lacks_product(server: str, product_id: str, timeout: float = 1.0) -> bool:
 
     try:
         response = httpx.get(server.rstrip("/") + f"/api/agents/{product_id}", timeout=timeout)
-        return response.status_code == 404 and response.json() == {"error": "Agent not found"}
-    except (httpx.HTTPError, ValueError):
+    except httpx.HTTPError:
         return False
+    return response.status_code == 404 and _json(response) == {"error": "Agent not found"}
 
 
 @dataclass

@@ -118,17 +118,25 @@ def test_port_0_means_any_free_port_and_is_accepted(monkeypatch):
     assert (seen[0].http_port, seen[0].builtin_broker_port) == (0, 0)
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:1883", "localhost:1884", "127.0.0.1:1884", "mqtt://127.0.0.1:99999",
-                                 "mqtt://:1883"])
+@pytest.mark.parametrize("url", ["http://127.0.0.1:1883", "localhost:1884", "127.0.0.1:1884", "mqtt://:1883"])
 def test_an_mqtt_url_parley_cannot_use_is_a_settings_error(url):
     line = one_sentence(runner.invoke(app, ["serve", "--mqtt-url", url]), 2)
     assert line == f"invalid settings: --mqtt-url: unsupported MQTT URL {url!r}: use mqtt://host:port"
 
 
+@pytest.mark.parametrize("url", ["mqtt://127.0.0.1:99999", "mqtt://127.0.0.1:x"])
+def test_an_mqtt_url_with_a_bad_port_says_so(url):
+    line = one_sentence(runner.invoke(app, ["serve", "--mqtt-url", url]), 2)
+    assert line == (f"invalid settings: --mqtt-url: the MQTT URL {url!r} has no valid port: use mqtt://host:port "
+                    "with a port from 1 to 65535")
+
+
 @pytest.mark.parametrize("url", ["mysql://u@h/db", "notaurl"])
 def test_a_database_url_parley_cannot_use_is_a_settings_error(url):
     line = one_sentence(runner.invoke(app, ["replay", "device", "x", "--database-url", url]), 2)
-    assert line.startswith(f"invalid settings: --database-url: unsupported database URL {url!r}: use postgresql://")
+    assert line == (f"invalid settings: --database-url: unsupported database URL {url!r}: use "
+                    "postgresql://user@host:port/database or sqlite:///path/to/file.db (or leave it out for "
+                    "SQLite under the data directory)")
 
 
 @pytest.mark.parametrize("command", [["serve"], ["replay", "device", "x"]])
@@ -219,6 +227,19 @@ def test_a_data_directory_that_cannot_be_created_names_it(tmp_path, monkeypatch,
                     f"({tmp_path / 'locked'}); choose another with --data-dir or PARLEY_DATA_DIR")
 
 
+def test_an_empty_data_directory_sqlite_cannot_write_says_so_not_that_its_files_are_damaged(tmp_path, monkeypatch):
+    """No events.sqlite or views.sqlite there yet: the line said to check "that the files
+    are whole", files that did not exist."""
+    import sqlite3
+
+    data = tmp_path / "data"
+    data.mkdir()
+    line = one_sentence(_serve_failing_with(monkeypatch, sqlite3.OperationalError("unable to open database file"),
+                                            "--data-dir", str(data)), 1)
+    assert line == (f"parley could not start: cannot create the data in {data}: unable to open database file; "
+                    "check that the directory is writable, or choose another with --data-dir or PARLEY_DATA_DIR")
+
+
 def _run_parley(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if not k.upper().startswith("PARLEY_")}
     return subprocess.run([sys.executable, "-m", "gateways.cli", *args], capture_output=True, text=True,
@@ -266,6 +287,18 @@ def test_serve_with_its_data_dir_under_a_regular_file_says_so(tmp_path):
     assert _problem_line(proc).startswith(f"parley could not start: cannot use the data directory {tmp_path / 'file' / 'data'}: ")
 
 
+def test_serve_with_a_sqlite_url_in_a_missing_directory_names_the_directory(tmp_path):
+    """SQLite said only "unable to open database file"; a --data-dir is created, the
+    directory of a sqlite:/// file is not."""
+    url = f"sqlite:///{tmp_path}/missing/x.db"
+    proc = _run_parley("serve", "--mqtt-url", "mqtt://127.0.0.1:1", "--database-url", url,
+                       "--data-dir", str(tmp_path / "data"))
+    assert proc.returncode == 1
+    assert _problem_line(proc) == (f"parley could not start: the event store at {url} is not usable: the "
+                                   f"directory {tmp_path}/missing does not exist (SQLite creates the file, "
+                                   "not its directory)")
+
+
 def test_serve_on_an_address_of_another_machine_says_so(tmp_path):
     # 192.0.2.1 (TEST-NET-1) is on no machine's interface; port 0: the built-in broker's bind fails
     for extra in ([], ["--http-port", "0"]):
@@ -304,7 +337,8 @@ def test_missing_postgresql_database_or_role_is_named(pg_url):
     missing_db = u._replace(path=f"/parley_missing_{uuid.uuid4().hex[:8]}").geturl()
     line = one_sentence(runner.invoke(app, ["replay", "device", "x", "--database-url", missing_db]), 1)
     name = missing_db.rsplit("/", 1)[1]
-    assert f'database "{name}" does not exist (create it: createdb -h {u.hostname}' in line
+    # (serve's hint to create it is left out: replay only reads, and a new database is empty)
+    assert line.endswith(f'database "{name}" does not exist') and "createdb" not in line, line
     role = f"nobody_{uuid.uuid4().hex[:8]}"
     missing_role = u._replace(netloc=f"{role}@{u.hostname}:{u.port or 5432}").geturl()
     line = one_sentence(runner.invoke(app, ["replay", "device", "x", "--database-url", missing_role]), 1)
@@ -487,6 +521,7 @@ def test_simulate_warns_when_the_server_lacks_the_product(tmp_path, monkeypatch,
     as an unknown product, a warning in the server's log only: simulate says so itself."""
     import httpx
 
+    from gateways.simulate import fetch_spec
     from tests.services import free_port, start_parley, stop_parley
 
     port = free_port()
@@ -496,8 +531,17 @@ def test_simulate_warns_when_the_server_lacks_the_product(tmp_path, monkeypatch,
         result = runner.invoke(app, ["simulate", "--duration", "0"])
         assert result.exit_code == 0, result.output
         assert "warning" not in result.stderr  # --demo made the thermostat agent
+        # --spec-from-server: the spec; a wrong base URL is said to be one, not a missing product
+        server = f"http://127.0.0.1:{port}"
+        assert "set_target_temperature" in fetch_spec(server, "thermostat")["commands"]
+        with pytest.raises(LookupError) as wrong:
+            fetch_spec(server + "/api", "thermostat")
+        assert str(wrong.value) == (f"no Parley API at {server}/api (GET {server}/api/api/agents/thermostat is "
+                                    "404): give the server's base URL, such as http://127.0.0.1:3000")
 
         assert httpx.delete(f"http://127.0.0.1:{port}/api/agents/thermostat").status_code == 200
+        with pytest.raises(LookupError, match=f"product 'thermostat' not found at {server}$"):
+            fetch_spec(server, "thermostat")
         result = runner.invoke(app, ["simulate", "--duration", "0"])
         assert result.exit_code == 0, result.output
         assert " ".join(result.stderr.split()) == (
