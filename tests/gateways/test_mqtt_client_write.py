@@ -11,7 +11,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import paho.mqtt.client as paho
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.exception import MalformedPacket
 
 from gateways.mqtt_client import BufferedClient
 from tests.support import wait_until
@@ -220,3 +222,25 @@ def test_withdraw_knows_a_message_by_more_than_its_mid(mqtt_broker) -> None:
             other.mid = held.mid
             assert c.withdraw(other) is False and held.mid in c._out_messages
         wait_until(lambda: sub.got == [b"one", b"two"], timeout=5)
+
+
+def test_pubacks_free_the_in_flight_window_and_reach_on_publish(mqtt_broker) -> None:
+    """An MQTT 3.1.1 PUBACK is decoded here (its mid only), not by paho: each must still
+    reach on_publish with a success code and free its slot of the in-flight window."""
+    with publisher_and_subscriber(mqtt_broker, max_inflight=3) as (c, sub, topic):
+        acked: list[tuple[int, bool]] = []
+        c.on_publish = lambda _c, _u, mid, rc, _props: acked.append((mid, rc.is_failure))
+        infos = [c.publish(topic, b"m%d" % i, qos=1) for i in range(40)]  # 37 wait for a slot
+        for info in infos:
+            info.wait_for_publish(5)
+            assert info.is_published()
+        assert sorted(acked) == sorted((info.mid, False) for info in infos)
+        assert c._inflight_messages == 0 and not c._out_messages
+        assert wait_until(lambda: len(sub.got) == 40, 5)
+
+
+def test_a_puback_that_is_not_two_bytes_is_left_to_paho() -> None:
+    c = BufferedClient(CallbackAPIVersion.VERSION2, client_id="puback-bad")
+    c._in_packet = {"command": 0x40, "packet": b"\x00\x01\x00"}
+    with pytest.raises(MalformedPacket):  # paho's own refusal, as before
+        c._handle_pubackcomp("PUBACK")
