@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import socket
 from datetime import datetime, timezone
 from pathlib import Path
@@ -13,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from gateways.config import Settings, SettingsError, load_settings, reachable_mqtt_url, reachable_url, shown_url
 from gateways.logs import configure_logging
@@ -271,6 +273,27 @@ def _existing_store(settings: Settings) -> Any:
     return store
 
 
+# Characters a terminal acts on (a newline, a tab, ESC starting a sequence that retitles or
+# recolours it); a device chooses its id, state keys and values.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+_C1 = re.compile(r"[\x7f-\x9f]")
+
+
+def _json(value: Any, **kw: Any) -> str:
+    """JSON for the terminal: non-ASCII text as it is, every control character escaped
+    (json escapes those below 0x20 only; 0x9b is a terminal's CSI too)."""
+    text = json.dumps(value, default=str, ensure_ascii=False, **kw)
+    return _C1.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def _shown(text: str) -> str:
+    """A device's string for the terminal or a tab-separated line: as it is, or JSON-quoted
+    (escapes visible) if it holds control characters."""
+    return _json(text) if _CONTROL.search(text) else text
+
+
 def _where(store: Any) -> str:
     """The store, as the user named it: the data directory or the URL (no password)."""
     if store.is_postgres:
@@ -286,6 +309,7 @@ def _replay(store: Any, device_id: str, product: str | None, at: int | None) -> 
     try:
         product = product or _find_product(log, device_id)
         stream = Device.create_id(product, device_id)
+        shown = _shown(f"{product}/{device_id}")
         no_events = f"no events for device {device_id!r} in product {product!r} in {_where(store)}"
         if at is not None:
             # A version past any stream's is still only "past the end" (SQLite would
@@ -299,16 +323,17 @@ def _replay(store: Any, device_id: str, product: str | None, at: int | None) -> 
             # Values as JSON spells them (true, "auto"), like the timeline's data.
             fields = [("version", str(device.version)), ("online", json.dumps(device.online)),
                       ("last seen", _ms(device.last_seen_ms))]
-            fields += [(f"state.{k}", json.dumps(v, default=str, ensure_ascii=False))
+            fields += [(f"state.{_shown(k)}", _json(v))
                        for k, v in sorted(device.state.items())]
-            fields += [(f"pending {rid}", f"{p['command']} (timeout {p['timeout_ms']} ms)")
+            fields += [(f"pending {_shown(rid)}", f"{_shown(p['command'])} (timeout {p['timeout_ms']} ms)")
                        for rid, p in device.pending.items()]
             if console.is_terminal:
-                table = Table(title=f"{product}/{device_id} at version {device.version}")
+                # Text, not markup: a device's "[/]" crashed rich, its "[link=…]" made a link.
+                table = Table(title=Text(f"{shown} at version {device.version}"))
                 table.add_column("field")
                 table.add_column("value", overflow="fold")
                 for row in fields:
-                    table.add_row(*row)
+                    table.add_row(*map(Text, row))
                 console.print(table)
             else:  # piped: one tab-separated line per field, as the timeline's rows
                 print("field\tvalue")
@@ -326,14 +351,14 @@ def _replay(store: Any, device_id: str, product: str | None, at: int | None) -> 
                 # Narrow: a table left the data some 10 columns at 80, and folded each
                 # event's JSON over 5-10 lines. Each event's header line, its data below.
                 if not version:
-                    console.print(f"[bold]{product}/{device_id}: timeline[/bold] "
-                                  f"({', '.join(TIMELINE_COLUMNS[:-1])}; data below each)", highlight=False)
+                    console.print(Text.assemble((f"{shown}: timeline", "bold"),
+                                                f" ({', '.join(TIMELINE_COLUMNS[:-1])}; data below each)"))
                 for position, v, at_time, kind, data in rows:
-                    console.print(f"[bold]{position}[/bold]  v{v}  {at_time}  [cyan]{kind}[/cyan]", highlight=False)
+                    console.print(Text.assemble((position, "bold"), f"  v{v}  {at_time}  ", (kind, "cyan")))
                     # Not folded by rich: the terminal wraps it, and a copy of it stays one line.
                     console.print(f"    {data}", markup=False, highlight=False, soft_wrap=True)
             elif console.is_terminal:
-                table = Table(title=f"{product}/{device_id}: timeline" if not version else None,
+                table = Table(title=Text(f"{shown}: timeline") if not version else None,
                               show_header=not version)
                 # Position, version, time and type stay on one line each; the data takes
                 # what width is left.
@@ -341,7 +366,7 @@ def _replay(store: Any, device_id: str, product: str | None, at: int | None) -> 
                     table.add_column(col, no_wrap=True)
                 table.add_column(TIMELINE_COLUMNS[-1], overflow="fold")
                 for row in rows:
-                    table.add_row(*row)
+                    table.add_row(*map(Text, row))
                 console.print(table)
             else:
                 # Piped or redirected: one line per event, tab-separated, whole (a table
@@ -373,7 +398,7 @@ def _timeline_row(logged: Any) -> tuple[str, ...]:
     return (str(logged.position), str(logged.version),
             event.timestamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             type(event).__name__,
-            json.dumps(data, default=str, ensure_ascii=False, separators=(",", ":")))
+            _json(data, separators=(",", ":")))
 
 
 REPLAY_PAGE = 1000  # events read and printed at a time

@@ -256,7 +256,10 @@ class DeviceRegistry(View):
         if online is not None:
             sql += " AND online = ?"
             params.append(int(online))
-        return [self._to_row(r) for r in self.db.query(sql + " ORDER BY device_id", params)]
+        # By code point, as SQLite orders: PostgreSQL's own order follows the database's
+        # collation (an ICU or en_US database put "a_b" before "a-b", "Zeta" last).
+        order = ' ORDER BY device_id COLLATE "C"' if self.db.is_postgres else " ORDER BY device_id"
+        return [self._to_row(r) for r in self.db.query(sql + order, params)]
 
     def find(self, device_id: str, product_id: str | None = None) -> list[DeviceRow]:
         """Devices with this id (one per product), most recently seen first."""

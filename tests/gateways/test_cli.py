@@ -275,3 +275,43 @@ def test_the_http_port_and_the_builtin_brokers_cannot_be_the_same(monkeypatch):
         "--http-port or PARLEY_BUILTIN_BROKER_PORT")
     result = runner.invoke(app, ["serve", "--http-port", "18830", "--mqtt-url", "mqtt://127.0.0.1:1883"])
     assert result.exit_code == 0 and len(seen) == 1  # no built-in broker: no clash
+
+
+def test_replay_shows_what_a_device_sent_as_text_whatever_it_holds(tmp_path, monkeypatch):
+    """A device chooses its data and state keys: rich read "[/]" in them as markup (a
+    MarkupError traceback), "[link=…]" made a terminal link, and --at wrote a key's newline,
+    tab or escape sequence raw (an audit of the read side)."""
+    import gateways.cli as cli
+    from actors.device import ReportEvent
+
+    rt = make_runtime(tmp_path)
+    try:
+        key = ("thermostat", "mk-1")
+        state = {"label": "[b]hot[/b]", "line\nbreak": 1, "tab\tkey": 2, "\x1b]0;PWNED\x07red": "[link=http://x]y"}
+        r = FutureReply()
+        rt.system.tell(DeviceActor, key, ReportTelemetry("status", "online", state, None, now_ms(), reply=r))
+        r.get(5)
+        r = FutureReply()
+        rt.system.tell(DeviceActor, key, ReportEvent("note", {"text": "see [/] here", "c1": "\x9b31m"}, None,
+                                                    now_ms(), reply=r))
+        assert rt.projections.wait_for(r.get(5), 5)
+    finally:
+        rt.close()
+    for width in (200, 80):
+        monkeypatch.setattr(cli, "console", Console(force_terminal=True, width=width, color_system=None))
+        for extra in ([], ["--at", "2"]):
+            with cli.console.capture() as captured:
+                result = runner.invoke(app, ["replay", "device", "mk-1", "--data-dir", str(tmp_path), *extra])
+            assert result.exit_code == 0, (width, extra, result.output)
+            shown = captured.get()
+            assert "\x1b" not in shown and "\x9b" not in shown and "\x07" not in shown, repr(shown)
+            if extra:
+                assert "[b]hot[/b]" in shown and "state.\"\\u001b]0;PWNED\\u0007red\"" in shown
+            else:
+                assert "see [/] here" in shown and "\\u009b31m" in shown
+    # Piped --at: one line per field, the key's tab and newline escaped, not raw
+    monkeypatch.setattr(cli, "console", Console(force_terminal=False))
+    result = runner.invoke(app, ["replay", "device", "mk-1", "--data-dir", str(tmp_path), "--at", "2"])
+    fields = [line.split("\t") for line in result.output.splitlines()[1:]]
+    assert all(len(f) == 2 for f in fields), result.output
+    assert ["state.\"line\\nbreak\"", "1"] in fields and ["state.\"tab\\tkey\"", "2"] in fields

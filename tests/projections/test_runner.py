@@ -50,6 +50,17 @@ class TestViews:
             assert runtime.projections.read_back < runtime.projections.applied
         assert (ev.name, ev.data, ev.device_ts, ev.position) == ("temperature_alert", {"t": 40}, 7, pos)
 
+    IDS = ["10", "9", "A", "Zeta", "a b", "a-b", "a.b", "a_b", "alpha", "café", "ü-x"]  # code point order
+
+    def test_devices_are_listed_in_code_point_order(self, runtime):
+        """docs/http-api.md: devices are ordered by deviceId, alike on every store and
+        whatever a PostgreSQL database's collation (TestDeviceOrderOnAnIcuDatabase)."""
+        for device_id in reversed(self.IDS):
+            pos = tell(runtime, ("thermostat", device_id),
+                       lambda r: ReportTelemetry("status", "online", None, None, now_ms(), reply=r))
+        assert runtime.projections.wait_for(pos, 5)
+        assert [d.device_id for d in runtime.devices.list_devices("thermostat")] == self.IDS == sorted(self.IDS)
+
     def test_an_event_name_with_nul_does_not_stop_the_views(self, runtime):
         """The MQTT gateway refuses such names; a log written before it did still has them,
         and PostgreSQL text cannot hold NUL: the view stores U+FFFD instead and goes on."""
@@ -145,6 +156,38 @@ class TestViewsPostgres(TestViews):
     @pytest.fixture
     def database_url(self, pg_database):
         return pg_database
+
+
+@pytest.fixture
+def icu_database(pg_url):
+    """A fresh database whose collation is ICU's en-US (a database made with the cluster's
+    en_US.UTF-8 locale orders alike): not code point order."""
+    from psycopg import sql
+
+    from tests import services
+
+    admin = services.pg_admin_url()
+    url = services.create_database(admin)
+    name = url.rsplit("/", 1)[1]
+    with services._admin_connect(admin) as conn:
+        conn.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(name)))
+        try:
+            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'")
+                         .format(sql.Identifier(name)))
+        except Exception as exc:  # noqa: BLE001 - a server built without ICU
+            pytest.skip(f"no ICU collation on this PostgreSQL: {exc}")
+    try:
+        yield url
+    finally:
+        services.drop_database(admin, url)
+
+
+def test_devices_are_listed_in_code_point_order_on_an_icu_database(tmp_path, icu_database):
+    rt = make_runtime(tmp_path, icu_database)
+    try:
+        TestViews.test_devices_are_listed_in_code_point_order(TestViews(), rt)
+    finally:
+        rt.close()
 
 
 def test_postgres_notify_wakes_a_runner_for_another_processes_commits(pg_database):
