@@ -126,15 +126,11 @@ def main() -> None:
                 round_dir.mkdir()
                 sdk = args.device == "sdk"
                 a_first = r % 2 == 1
+                order = [("a", base_code), ("b", ROOT)][::1 if a_first else -1]
                 with contextlib.ExitStack() as stack:
-                    for label in ("ab" if a_first else "ba"):
-                        started = stack.enter_context(server(base_code if label == "a" else ROOT, broker.url,
-                                                             round_dir, label, sdk))
-                        if label == "a":
-                            a = started
-                        else:
-                            b = started
-                    ta, tb = measure(a, b, args.n)
+                    up = {label: stack.enter_context(server(code, broker.url, round_dir, label, sdk))
+                          for label, code in order}  # started in this order
+                    ta, tb = measure(up["a"], up["b"], args.n)
                 d = statistics.median(y - x for x, y in zip(ta, tb))
                 diffs[a_first].append(d)
                 table.add_row(str(r), "A" if a_first else "B", *(f"{pct(t, q) * 1e3:.3f}" for q in (50, 99) for t in (ta, tb)),

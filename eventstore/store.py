@@ -162,7 +162,9 @@ def _postgres_problem(config: StoreConfig) -> str | None:
         # "x" does not exist': the server is in the URL we print, so keep what follows.
         reason = "; ".join(" ".join(line.split()) for line in str(exc).splitlines() if line.strip())
         reason = reason.rsplit(" failed: ", 1)[-1].removeprefix("FATAL: ").strip()
-        if f'database "{env["POSTGRES_DBNAME"]}" does not exist' in reason:
+        if f'database "{env["POSTGRES_DBNAME"]}" does not exist' in reason and config.create_tables:
+            # (serve's hint: it makes the tables, not the database; a reader such as replay
+            # would find a new database empty all the same)
             reason += (f" (create it: createdb -h {env['POSTGRES_HOST']} -p {env['POSTGRES_PORT']}"
                        f" -U {env['POSTGRES_USER']} {env['POSTGRES_DBNAME']})")
         return reason or type(exc).__name__

@@ -240,11 +240,6 @@ def replay_device(
         problem = _startup_problem(exc, settings)
         if problem is None:
             raise
-        # The store's hint for a database that does not exist is serve's (it creates the
-        # tables, not the database); replay only reads, and a new one would hold nothing.
-        start = problem.find(" (create it: ")
-        if start >= 0:
-            problem = problem[:start] + problem[problem.find(")", start) + 1:]
         _fail("parley could not read the log", problem)
 
 
@@ -274,18 +269,16 @@ def _existing_store(settings: Settings) -> Any:
 
 
 # Characters a terminal acts on (a newline, a tab, ESC starting a sequence that retitles or
-# recolours it); a device chooses its id, state keys and values.
+# recolours it); a device chooses its id, state keys and values. json escapes those below
+# 0x20 itself, not DEL and the C1 range (0x9b is a terminal's CSI too).
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-_C1 = re.compile(r"[\x7f-\x9f]")
+_NOT_ESCAPED_BY_JSON = re.compile(r"[\x7f-\x9f]")
 
 
 def _json(value: Any, **kw: Any) -> str:
-    """JSON for the terminal: non-ASCII text as it is, every control character escaped
-    (json escapes those below 0x20 only; 0x9b is a terminal's CSI too)."""
+    """JSON for the terminal: non-ASCII text as it is, every control character escaped."""
     text = json.dumps(value, default=str, ensure_ascii=False, **kw)
-    return _C1.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return _NOT_ESCAPED_BY_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def _shown(text: str) -> str:

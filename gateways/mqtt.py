@@ -307,9 +307,9 @@ class MqttGateway:
         connack, self._connack = self._connack, False
         if reason.is_failure and not connack:
             # Something took the TCP connection and closed it without a CONNACK (paho says
-            # "Protocol error" or "Unspecified error", by what came before the close): a TLS or
-            # WebSocket port, another service, a proxy. Counted
-            # with the failed connects: said once, and the reason of `unreachable()`.
+            # "Protocol error" or "Unspecified error", by what came before the close): a TLS
+            # or WebSocket port, another service, a proxy. Counted with the failed connects:
+            # said once, and the reason `unreachable()` gives.
             self.connect_failures.failed(ConnectionError(
                 "the connection was closed before an MQTT broker answered; is this a broker's "
                 "plain MQTT port? mqtts:// and WebSocket ports are not supported"),

@@ -61,11 +61,8 @@ def encode(obj: dict[str, Any]) -> bytes:
 
 def fetch_spec(server: str, product_id: str, timeout: float = 10.0) -> dict[str, Any]:
     """The product's device_spec from a running Parley (`GET /api/agents/<product>`)."""
-    import httpx
-
-    url = server.rstrip("/") + f"/api/agents/{product_id}"
-    response = httpx.get(url, timeout=timeout)
-    if response.status_code == 404 and _json(response) == {"error": "Agent not found"}:
+    url, response = _get_agent(server, product_id, timeout)
+    if _agent_not_found(response):
         raise LookupError(f"product {product_id!r} not found at {server}")
     if response.status_code == 404:  # not Parley's answer for a missing agent: a wrong URL
         raise LookupError(f"no Parley API at {server} (GET {url} is 404): give the server's base URL, "
@@ -77,11 +74,19 @@ def fetch_spec(server: str, product_id: str, timeout: float = 10.0) -> dict[str,
     return spec
 
 
-def _json(response: Any) -> Any:
+def _get_agent(server: str, product_id: str, timeout: float) -> tuple[str, Any]:
+    import httpx
+
+    url = server.rstrip("/") + f"/api/agents/{product_id}"
+    return url, httpx.get(url, timeout=timeout)
+
+
+def _agent_not_found(response: Any) -> bool:
+    """Parley's own 404 for a missing agent (docs/http-api.md), not any 404 (a wrong URL)."""
     try:
-        return response.json()
+        return response.status_code == 404 and response.json() == {"error": "Agent not found"}
     except ValueError:
-        return None
+        return False
 
 
 def lacks_product(server: str, product_id: str, timeout: float = 1.0) -> bool:
@@ -91,10 +96,10 @@ def lacks_product(server: str, product_id: str, timeout: float = 1.0) -> bool:
     import httpx
 
     try:
-        response = httpx.get(server.rstrip("/") + f"/api/agents/{product_id}", timeout=timeout)
+        _, response = _get_agent(server, product_id, timeout)
     except httpx.HTTPError:
         return False
-    return response.status_code == 404 and _json(response) == {"error": "Agent not found"}
+    return _agent_not_found(response)
 
 
 @dataclass

@@ -281,14 +281,19 @@ def _admin_connect(admin_url: str, connect_timeout: int = 5):
         raise ServiceUnavailable(f"PostgreSQL not reachable at {redact_url(admin_url)}: {msg}") from exc
 
 
-def create_database(admin_url: str | None = None, prefix: str = "parley_test_") -> str:
-    """CREATE DATABASE <prefix><8 hex> and return its URL (same server/credentials as admin_url)."""
+def create_database(admin_url: str | None = None, prefix: str = "parley_test_", *,
+                    icu_locale: str | None = None) -> str:
+    """CREATE DATABASE <prefix><8 hex> and return its URL (same server/credentials as admin_url).
+    `icu_locale`: its collation is that ICU locale's (PostgreSQL 15+ built with ICU)."""
     from psycopg import sql
 
     admin_url = admin_url or pg_admin_url()
     name = f"{prefix}{secrets.token_hex(4)}"
+    statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+    if icu_locale is not None:
+        statement += sql.SQL(" TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE {}").format(sql.Literal(icu_locale))
     with _admin_connect(admin_url) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        conn.execute(statement)
     return _database_url(admin_url, name)
 
 

@@ -5,8 +5,9 @@ An agent is a product: its `agent_id` is the `productId` devices use on MQTT, an
 definitions and auth arrive later; their fields are already carried here.
 
 Input from the HTTP API is read strictly (`AgentConfig.model_validate`, `AgentPatch`), with
-the few conversions the platform's Ecto cast makes (`as_given`). An agent read back from the log or the views is read as written (`STORED`, see actors.spec):
-an older version may have accepted what input no longer may (`"voice_type": ""`).
+the few conversions the platform's Ecto cast makes (`as_given`). An agent read back from the
+log or the views is read as written (`STORED`, see actors.spec): an older version may have
+accepted what input no longer may (`"voice_type": ""`).
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ _ECTO_BOOLEAN = {"true": True, "1": True, "false": False, "0": False}
 
 @functools.cache
 def field_kinds(model: type[BaseModel]) -> tuple[dict[str, Any], dict[str, type]]:
-    """What `as_given` needs of a model's fields: the defaults of the optional ones that do
-    not take null (null given for them means the default), and the fields that are booleans
-    or integers (cast from a string as Ecto casts)."""
+    """What `as_given` needs of a model's fields: the optional ones that do not take null,
+    each with its FieldInfo (null given for them means its default), and the fields that are
+    booleans or integers (cast from a string as Ecto casts)."""
     defaults: dict[str, Any] = {}
     casts: dict[str, type] = {}
     for name, info in model.model_fields.items():
@@ -190,7 +191,7 @@ class _Fields(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _given(cls, data: Any, info: ValidationInfo) -> Any:
-        return as_given(data, REQUIRED, OPTIONAL_TEXT, SERVER_SET, stored=is_stored(info), model=_Fields)
+        return as_given(data, REQUIRED, OPTIONAL_TEXT, SERVER_SET, stored=is_stored(info), model=cls)
 
     @field_validator("custom_agent_endpoint")
     @classmethod

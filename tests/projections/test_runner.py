@@ -162,20 +162,15 @@ class TestViewsPostgres(TestViews):
 def icu_database(pg_url):
     """A fresh database whose collation is ICU's en-US (a database made with the cluster's
     en_US.UTF-8 locale orders alike): not code point order."""
-    from psycopg import sql
-
     from tests import services
 
     admin = services.pg_admin_url()
-    url = services.create_database(admin)
-    name = url.rsplit("/", 1)[1]
-    with services._admin_connect(admin) as conn:
-        conn.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(name)))
-        try:
-            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'")
-                         .format(sql.Identifier(name)))
-        except Exception as exc:  # noqa: BLE001 - a server built without ICU
-            pytest.skip(f"no ICU collation on this PostgreSQL: {exc}")
+    try:
+        url = services.create_database(admin, icu_locale="en-US")
+    except Exception as exc:  # noqa: BLE001 - a server built without ICU
+        if services.require_services():
+            pytest.fail(f"PARLEY_REQUIRE_SERVICES=1: no ICU collation on this PostgreSQL: {exc}", pytrace=False)
+        pytest.skip(f"no ICU collation on this PostgreSQL: {exc}")
     try:
         yield url
     finally:
