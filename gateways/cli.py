@@ -216,11 +216,21 @@ def _ms(value: int | None) -> str:
     return datetime.fromtimestamp(value / 1000, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _version_arg(raw: str) -> int:
+    """--at: a version of the device's stream, 1 or more ("'abc' is not a valid int range"
+    was click's word for a non-number)."""
+    text = raw.strip()
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise typer.BadParameter(f"takes a version of the device's stream, an integer from 1 (the timeline's "
+                                 f"'version' column), not {raw!r}")
+    return int(text)
+
+
 @replay_app.command("device")
 def replay_device(
     device_id: Annotated[str, typer.Argument(help=_h("The device id."))],
     product: Annotated[Optional[str], typer.Option("--product", help=_h("Product (agent) id, if ambiguous."))] = None,
-    at: Annotated[Optional[int], typer.Option("--at", min=1, help=_h(
+    at: Annotated[Optional[int], typer.Option("--at", parser=_version_arg, metavar="VERSION", help=_h(
         "Show the device's state at this version (1 is its first event; the timeline lists them)."))] = None,
     data_dir: DataDirOpt = None,
     database_url: DbOpt = None,

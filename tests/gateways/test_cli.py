@@ -98,7 +98,8 @@ def test_replay_device_timeline_and_state_at_version(tmp_path, monkeypatch):
         assert result.output.startswith("field\tvalue\n")
         assert (fields["version"], fields["online"], fields["state.temperature"]) == ("2", "true", "20")
         # A version the stream does not have is named as such, not shown as another one.
-        for at, exit_code, words in (("99", 2, "has versions 1 to 5, not 99"), ("0", 2, "0 is not in the range x>=1"),
+        for at, exit_code, words in (("99", 2, "has versions 1 to 5, not 99"), ("0", 2, "(the timeline's 'version' column), not '0'"),
+                                     ("abc", 2, "(the timeline's 'version' column), not 'abc'"),
                                      ("9" * 20, 2, f"has versions 1 to 5, not {'9' * 20}")):
             result = runner.invoke(app, ["replay", "device", "t-9", "--data-dir", str(tmp_path), "--at", at],
                                    terminal_width=200)
