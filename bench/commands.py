@@ -162,7 +162,8 @@ def parley(opts: Options, n: int, sdk_device: bool) -> list[float]:
 ROUNDS = 5
 
 
-def paired(opts: Options, n: int, probes: dict[str, list[float]]) -> tuple[list[float], list[float], list[float], list[float]]:
+def paired(opts: Options, n: int,
+           probes: dict[str, list[float]]) -> tuple[list[float], list[float], list[float], list[float]]:
     """The bare round trip and Parley's, both up at once with their own bare device:
     ROUNDS rounds of a block of each (which goes first alternates), then request by request.
     Returns the blocks' (bare, Parley) samples and the alternating pairs' (bare, Parley)."""
@@ -237,8 +238,8 @@ def run(opts: Options) -> Result:
     r.add("Parley HTTP round trip p50 / p99 (the same kind of bare device)", f"{ms(pct(par, 50))} / {ms(pct(par, 99))}")
     d50, d99 = pct(par, 50) - pct(base, 50), pct(par, 99) - pct(base, 99)
     r.add("difference p50 / p99", f"{ms(d50)} / {ms(d99)}")
-    r.add("for reference: the same as two phases one after the other (the method before 2026-12-07): bare p50, "
-          "Parley p50, difference p50 / p99",
+    r.add("for reference: the same as two phases one after the other (the method until the twelfth session, "
+          "bench/notes.md): bare p50, Parley p50, difference p50 / p99",
           f"{ms(pct(phase_base, 50))}, {ms(pct(phase_par, 50))}, {ms(pct(phase_par, 50) - pct(phase_base, 50))} / "
           f"{ms(pct(phase_par, 99) - pct(phase_base, 99))}")
     r.add("for reference: Parley HTTP round trip p50 / p99 with an SDK-like device (status+state, state, event, "
