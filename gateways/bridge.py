@@ -62,12 +62,9 @@ class TrioReply:
                 self._task = None  # timed out or cancelled: an answer after this wakes nobody
                 return trio.lowlevel.Abort.SUCCEEDED
 
-            # A plain scope, not fail_after: its generator is a few µs on every command.
-            with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
+            with trio.fail_after(timeout):
                 self._task = trio.lowlevel.current_task()
                 await trio.lowlevel.wait_task_rescheduled(abort)
-            if scope.cancelled_caught:
-                raise trio.TooSlowError
         if self._error is not None:
             raise self._error
         return self._value
