@@ -426,12 +426,15 @@ def test_one_devices_bad_messages_are_logged_once_then_once_a_minute_with_a_coun
     import structlog
 
     create_agent(runtime)
+    acked = gateway.stats["acked"]
     with structlog.testing.capture_logs() as logs:
         mids = [device.send(f"v1/{P}/{D}/telemetry", b"{not json") for _ in range(30)]
         mids.append(device.send(f"v1/{P}/other-device/telemetry", b"{not json"))
         mids.append(device.send(f"v1/{P}/{D}/telemetry", {"type": "status", "data": {"status": "Online"}}))
         mids.append(device.send(f"v1/{P}/{'d' * 300}/telemetry", b"{}"))
         wait_until(lambda: all(m in device.acked for m in mids))
+        # The broker's PUBACK says nothing of the gateway, which acknowledges a drop last.
+        wait_until(lambda: gateway.stats["acked"] == acked + len(mids))
     dropped = [(e["reason"], e["topic"], e.get("left_out")) for e in logs if e["event"] == "mqtt.dropped"]
     assert dropped == [("malformed_json", f"v1/{P}/{D}/telemetry", None),
                        ("malformed_json", f"v1/{P}/other-device/telemetry", None),
@@ -442,6 +445,7 @@ def test_one_devices_bad_messages_are_logged_once_then_once_a_minute_with_a_coun
     with structlog.testing.capture_logs() as logs:
         mid = device.send(f"v1/{P}/{D}/telemetry", b"{not json")
         wait_until(lambda: mid in device.acked)
+        wait_until(lambda: gateway.stats["acked"] == acked + len(mids) + 1)
     assert [(e["reason"], e["left_out"]) for e in logs if e["event"] == "mqtt.dropped"] == [("malformed_json", 29)]
 
 
@@ -452,10 +456,14 @@ def test_unknown_products_are_logged_once_a_minute_each_and_not_remembered_witho
     import structlog
 
     gateway._unknown_logged.max_keys = 5
+    acked = gateway.stats["acked"]
     with structlog.testing.capture_logs() as logs:
         mids = [device.send(f"v1/nobody-{i}/d/telemetry", status()) for i in range(20)]
         mids += [device.send("v1/nobody-19/d/telemetry", status()) for _ in range(3)]
         wait_until(lambda: all(m in device.acked for m in mids))
+        # The broker's PUBACK to the device says nothing of the gateway, which acknowledges
+        # a drop last (after counting and logging it): wait for its acks.
+        wait_until(lambda: gateway.stats["acked"] == acked + 23)
     warned = [e["product_id"] for e in logs if e["event"] == "mqtt.unknown_product"]
     assert warned == [f"nobody-{i}" for i in range(20)]
     assert len(gateway._unknown_logged._keys) == 5 and gateway.stats["dropped.unknown_product"] == 23
@@ -463,6 +471,7 @@ def test_unknown_products_are_logged_once_a_minute_each_and_not_remembered_witho
     with structlog.testing.capture_logs() as logs:
         mid = device.send("v1/nobody-19/d/telemetry", status())
         wait_until(lambda: mid in device.acked)
+        wait_until(lambda: gateway.stats["acked"] == acked + 24)
     assert [(e["product_id"], e["left_out"]) for e in logs if e["event"] == "mqtt.unknown_product"] == [
         ("nobody-19", 3)]
 
@@ -1349,9 +1358,11 @@ def test_a_message_that_fails_in_the_gateway_itself_is_acknowledged(runtime, gat
     (unacknowledged, it held a slot of the broker's in-flight window until a reconnect)."""
     create_agent(runtime)
     monkeypatch.setattr(MqttGateway, "_message", staticmethod(lambda *a: 1 / 0))
+    acked = gateway.stats["acked"]
     with structlog.testing.capture_logs() as logs:
         mid = device.send(f"v1/{P}/{D}/telemetry", status())
         wait_until(lambda: mid in device.acked, 5)
+        wait_until(lambda: gateway.stats["acked"] == acked + 1, 5)  # (the gateway's own ack)
     assert gateway.stats["dropped.error"] == 1
     assert [e["event"] for e in logs if e["log_level"] == "error"] == ["mqtt.message_failed"]
 
