@@ -101,8 +101,9 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def rss_kib() -> int:
-    with open("/proc/self/status") as f:
+def rss_kib(pid: int | str = "self") -> int:
+    """The resident set size of a process (this one by default), from /proc."""
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])

@@ -22,15 +22,13 @@ import os
 import statistics
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any
 
 from rich.table import Table
 
 from bench.commands import COMMAND, HttpClient
-from bench.common import check_services, console, quiet_logging, start_broker
+from bench.common import check_services, console, quiet_logging, rss_kib, start_broker
 from bench.processes import ResponderProcess, SimulatorProcess
 from tests.services import create_database, drop_database, free_port, start_parley, stop_parley
 
@@ -41,15 +39,7 @@ PROBE = "soak-probe-1"
 
 def process_usage(pid: int) -> tuple[int, int, int]:
     """(RSS in MiB, threads, open file descriptors) of a process, from /proc."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    rss_kib = int(status.split("VmRSS:")[1].split()[0])
-    threads = int(status.split("Threads:")[1].split()[0])
-    return rss_kib // 1024, threads, len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def health(port: int) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=10) as response:
-        return json.load(response)
+    return rss_kib(pid) // 1024, len(os.listdir(f"/proc/{pid}/task")), len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def main() -> None:
@@ -111,7 +101,7 @@ def main() -> None:
                     client = HttpClient(port)
                 if now - last_row >= SAMPLE_S:
                     last_row = now
-                    h = health(port)
+                    _, h = client.request("GET", "/api/health")
                     rss, threads, fds = process_usage(server.pid)
                     minute = (now - start) / 60
                     rss_by_minute.append((minute, rss))

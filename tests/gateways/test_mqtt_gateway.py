@@ -83,6 +83,15 @@ def stream(runtime, product=P, device_id=D) -> list[str]:
     return [type(e).__name__ for e in runtime.log.read_stream(Device.create_id(product, device_id))]
 
 
+def wait_handled(device: DeviceClient, gateway: MqttGateway, mids: list[int], acked: int,
+                 timeout: float = 10.0) -> None:
+    """Wait until the broker has the device's messages `mids` and the gateway has handled
+    them: its ack count reaches `acked`. The broker's PUBACK to the device says nothing of
+    the gateway, which acknowledges a message last (after counting and logging a drop)."""
+    wait_until(lambda: all(m in device.acked for m in mids), timeout)
+    wait_until(lambda: gateway.stats["acked"] == acked, timeout)
+
+
 def status(state: dict | None = None, status: str = "online") -> dict[str, Any]:
     data: dict[str, Any] = {"status": status}
     if state is not None:
@@ -432,9 +441,7 @@ def test_one_devices_bad_messages_are_logged_once_then_once_a_minute_with_a_coun
         mids.append(device.send(f"v1/{P}/other-device/telemetry", b"{not json"))
         mids.append(device.send(f"v1/{P}/{D}/telemetry", {"type": "status", "data": {"status": "Online"}}))
         mids.append(device.send(f"v1/{P}/{'d' * 300}/telemetry", b"{}"))
-        wait_until(lambda: all(m in device.acked for m in mids))
-        # The broker's PUBACK says nothing of the gateway, which acknowledges a drop last.
-        wait_until(lambda: gateway.stats["acked"] == acked + len(mids))
+        wait_handled(device, gateway, mids, acked + len(mids))
     dropped = [(e["reason"], e["topic"], e.get("left_out")) for e in logs if e["event"] == "mqtt.dropped"]
     assert dropped == [("malformed_json", f"v1/{P}/{D}/telemetry", None),
                        ("malformed_json", f"v1/{P}/other-device/telemetry", None),
@@ -444,8 +451,7 @@ def test_one_devices_bad_messages_are_logged_once_then_once_a_minute_with_a_coun
     gateway._drops_logged.interval = 0  # the minute has passed
     with structlog.testing.capture_logs() as logs:
         mid = device.send(f"v1/{P}/{D}/telemetry", b"{not json")
-        wait_until(lambda: mid in device.acked)
-        wait_until(lambda: gateway.stats["acked"] == acked + len(mids) + 1)
+        wait_handled(device, gateway, [mid], acked + len(mids) + 1)
     assert [(e["reason"], e["left_out"]) for e in logs if e["event"] == "mqtt.dropped"] == [("malformed_json", 29)]
 
 
@@ -460,18 +466,14 @@ def test_unknown_products_are_logged_once_a_minute_each_and_not_remembered_witho
     with structlog.testing.capture_logs() as logs:
         mids = [device.send(f"v1/nobody-{i}/d/telemetry", status()) for i in range(20)]
         mids += [device.send("v1/nobody-19/d/telemetry", status()) for _ in range(3)]
-        wait_until(lambda: all(m in device.acked for m in mids))
-        # The broker's PUBACK to the device says nothing of the gateway, which acknowledges
-        # a drop last (after counting and logging it): wait for its acks.
-        wait_until(lambda: gateway.stats["acked"] == acked + 23)
+        wait_handled(device, gateway, mids, acked + 23)
     warned = [e["product_id"] for e in logs if e["event"] == "mqtt.unknown_product"]
     assert warned == [f"nobody-{i}" for i in range(20)]
     assert len(gateway._unknown_logged._keys) == 5 and gateway.stats["dropped.unknown_product"] == 23
     gateway._unknown_logged.interval = 0
     with structlog.testing.capture_logs() as logs:
         mid = device.send("v1/nobody-19/d/telemetry", status())
-        wait_until(lambda: mid in device.acked)
-        wait_until(lambda: gateway.stats["acked"] == acked + 24)
+        wait_handled(device, gateway, [mid], acked + 24)
     assert [(e["product_id"], e["left_out"]) for e in logs if e["event"] == "mqtt.unknown_product"] == [
         ("nobody-19", 3)]
 
@@ -1361,8 +1363,7 @@ def test_a_message_that_fails_in_the_gateway_itself_is_acknowledged(runtime, gat
     acked = gateway.stats["acked"]
     with structlog.testing.capture_logs() as logs:
         mid = device.send(f"v1/{P}/{D}/telemetry", status())
-        wait_until(lambda: mid in device.acked, 5)
-        wait_until(lambda: gateway.stats["acked"] == acked + 1, 5)  # (the gateway's own ack)
+        wait_handled(device, gateway, [mid], acked + 1, 5)
     assert gateway.stats["dropped.error"] == 1
     assert [e["event"] for e in logs if e["log_level"] == "error"] == ["mqtt.message_failed"]
 
